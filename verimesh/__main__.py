@@ -1,0 +1,3 @@
+from verimesh._cli import main
+
+main()

@@ -1,0 +1,343 @@
+"""The ``verimesh`` command line: parse, call one library function, render.
+
+Exit codes (every command): 0 accepted / success, 1 rejected, 2 usage, 3 invalid or corrupt
+input, 4 a backend or dependency missing. Errors are one line on stderr; ``--json`` prints one
+JSON object on stdout. This module is the single place where exceptions become exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from verimesh import __version__
+from verimesh.errors import EXIT_INVALID_INPUT, EXIT_REJECTED, InvalidInputError, VerimeshError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  accepted / success
+  1  rejected (verification failed, or evidence does not prove fraud)
+  2  usage error
+  3  invalid or corrupt input (missing file, bad shape/dtype, NaN, corrupt bundle, digest mismatch)
+  4  backend or dependency missing (e.g. --device cuda without onnxruntime-gpu)
+"""
+
+
+class _Boundary(click.Group):
+    """Turns verimesh errors (and OS errors on user files) into one line and the documented code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VerimeshError as exc:
+            click.echo(f"verimesh: {exc.one_line()}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"verimesh: error[io-error]: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(EXIT_INVALID_INPUT)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
+
+
+def force_option(f: F) -> F:
+    return click.option("--force", is_flag=True, help="Overwrite existing output files.")(f)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else human)
+
+
+def _passphrase(*, confirm: bool) -> str:
+    env = os.environ.get("VERIMESH_PASSPHRASE")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise InvalidInputError(
+            "a passphrase is needed and there is no terminal to ask on",
+            code="passphrase-required",
+            hint="set VERIMESH_PASSPHRASE",
+        )
+    value: str = click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    return value
+
+
+def _progress(label: str, enabled: bool) -> Any:
+    """A rich progress bar on stderr when it is a terminal, else a no-op callback."""
+    if not enabled or not sys.stderr.isatty():
+        return None, lambda done, total: None
+    from rich.console import Console
+    from rich.progress import Progress
+
+    progress = Progress(console=Console(stderr=True), transient=True)
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+@click.group(cls=_Boundary, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="verimesh")
+@click.option("--verbose", is_flag=True, help="Show onnxruntime's own log output.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Verify untrusted ONNX model execution with spot-check proofs."""
+    ctx.obj = {"verbose": verbose}
+
+
+def _init_runtime(ctx: click.Context) -> None:
+    from verimesh import runtime
+
+    runtime.set_verbose(bool(ctx.obj and ctx.obj.get("verbose")))
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def keys() -> None:
+    """Node identity: BLS12-381 key pairs."""
+
+
+@keys.command("new", epilog=EXIT_CODES_HELP)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Secret key file to write.")
+@click.option("--encrypt", is_flag=True, help="Encrypt the secret (scrypt + AES-256-GCM); passphrase from VERIMESH_PASSPHRASE or a prompt.")
+@force_option
+@json_option
+def keys_new(out: Path, encrypt: bool, force: bool, as_json: bool) -> None:
+    """Write OUT (secret, mode 0600) and OUT.pub (public key + proof of possession)."""
+    from verimesh.keys import generate_key, write_key_pair
+
+    passphrase = _passphrase(confirm=True) if encrypt else None
+    key = generate_key()
+    pub = write_key_pair(out, key, passphrase=passphrase, overwrite=force)
+    payload = {"node_id": key.node_id, "secret_key": str(out), "public_key": str(pub), "encrypted": encrypt}
+    _emit(as_json, payload, f"{key.node_id}\nwrote {out} (secret, 0600) and {pub}")
+
+
+@keys.command("show", epilog=EXIT_CODES_HELP)
+@click.argument("key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--check-pop", is_flag=True, help="Also verify the proof of possession (about 1 s).")
+@json_option
+def keys_show(key_file: Path, check_pop: bool, as_json: bool) -> None:
+    """Show a key file's node id and public key (never the secret)."""
+    from verimesh.keys import SUITE, key_is_encrypted, load_public_key
+
+    public = load_public_key(key_file)
+    payload: dict[str, Any] = {"node_id": public.node_id, "public_key": public.key.hex(), "suite": SUITE}
+    if key_file.suffix != ".pub":
+        payload["secret_encrypted"] = key_is_encrypted(key_file)
+    if check_pop:
+        payload["proof_of_possession_valid"] = public.check_possession()
+    lines = [f"node id     {public.node_id}", f"public key  {public.key.hex()}", f"suite       {SUITE}"]
+    if check_pop:
+        lines.append(f"possession  {'valid' if payload['proof_of_possession_valid'] else 'INVALID'}")
+    _emit(as_json, payload, "\n".join(lines))
+    if check_pop and not payload["proof_of_possession_valid"]:
+        click.get_current_context().exit(EXIT_REJECTED)
+
+
+# --- plan and jobs ----------------------------------------------------------------------------
+
+
+def _steps_option(f: F) -> F:
+    return click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of steps (default: automatic).")(f)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_steps_option
+@click.option("--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), help="Input file for exact costs.")
+@json_option
+def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool) -> None:
+    """Show how MODEL would be cut into steps."""
+    from verimesh.plan import build_step_models, describe_steps, load_model, model_io, plan_model
+    from verimesh.tensors import load_input_file
+
+    onnx_model, data = load_model(model)
+    shapes = None
+    if input_file is not None:
+        tensors = load_input_file(input_file, model_io(onnx_model)[0])
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    planned = build_step_models(onnx_model, data, plan_model(onnx_model, steps=steps, input_shapes=shapes))
+    rows = describe_steps(planned)
+    payload = {"model": str(model), "whole_model": planned.plan.whole_model, "total_cost": planned.plan.total_cost, "steps": rows}
+    if as_json:
+        _emit(True, payload, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name}: {len(rows)} step(s), est. {planned.plan.total_cost / 1e6:.3g} MFLOP")
+    for col in ("step", "nodes", "est. MFLOP", "boundary tensors", "digest"):
+        table.add_column(col)
+    for r in rows:
+        outs = ", ".join(r["outputs"])  # type: ignore[arg-type]
+        table.add_row(str(r["index"]), str(r["nodes"]), f"{int(r['cost']) / 1e6:.3g}", outs[:60], str(r["digest"])[:19] + "…")  # type: ignore[call-overload]
+    Console(width=160).print(table)
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def job() -> None:
+    """Create and inspect jobs."""
+
+
+@job.command("new", epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Input tensors: .npy, .npz or .json.")
+@click.option("--mode", type=click.Choice(["spot"]), default="spot", show_default=True)
+@_steps_option
+@click.option("--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Steps checked beside the last one.")
+@click.option("--precision", type=click.Choice(["fp32-strict", "tf32"]), default="fp32-strict", show_default=True)
+@click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="extended",
+              show_default=True, help="onnxruntime graph optimization level pinned on both sides.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Job file to write.")
+@force_option
+@json_option
+def job_new(model: Path, input_file: Path, mode: str, steps: int | None, samples: int, precision: str,
+            optimization: str, out: Path, force: bool, as_json: bool) -> None:
+    """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
+    from verimesh.job import new_job
+
+    j = new_job(model, input_file, out, mode=mode, steps=steps, samples=samples, precision=precision,
+                optimization=optimization, overwrite=force)
+    payload = {"job": str(out), "job_id": j.job_id, "steps": len(j.steps), "mode": j.mode, "model_digest": j.model_digest,
+               "input_digest": j.input_digest}
+    _emit(as_json, payload, f"{j.job_id}\nwrote {out} ({len(j.steps)} steps, mode {mode}) and {out.stem}.files/")
+
+
+@job.command("show", epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def job_show(job_file: Path, as_json: bool) -> None:
+    """Check a job file's integrity and show what it pins."""
+    from verimesh.job import load_job
+
+    j = load_job(job_file)
+    doc = {**j.document(), "job_id": j.job_id}
+    lines = [f"job id     {j.job_id}", f"mode       {j.mode}", f"model      {j.model_digest} ({j.model_path})",
+             f"input      {j.input_digest}", f"policy     samples={j.policy.samples} precision={j.policy.precision} "
+             f"optimization={j.policy.optimization}"]
+    lines += [f"step {s.index:<4}  {s.digest}  {s.nodes} nodes -> {', '.join(s.outputs)[:50]}" for s in j.steps]
+    _emit(as_json, doc, "\n".join(lines))
+
+
+# --- prove / verify / evidence ----------------------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Node secret key file.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bundle to write (.vmb).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--model", "model_file", type=click.Path(dir_okay=False, path_type=Path), help="Model file, if not where the job says.")
+@json_option
+@click.pass_context
+def prove(ctx: click.Context, job_file: Path, key_file: Path, out: Path, device: str, model_file: Path | None, as_json: bool) -> None:
+    """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
+    from verimesh.keys import key_is_encrypted, load_secret_key
+    from verimesh.workflows import prove as run_prove
+
+    _init_runtime(ctx)
+    passphrase = _passphrase(confirm=False) if key_is_encrypted(key_file) else None
+    key = load_secret_key(key_file, passphrase=passphrase)
+    bar, update = _progress("proving", not as_json)
+    if bar:
+        bar.start()
+    try:
+        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update)
+    finally:
+        if bar:
+            bar.stop()
+    human = (f"wrote {out} ({result.bytes_written} bytes) in {result.seconds:.2f}s on {result.provider}\n"
+             f"commitment root {result.root}")
+    _emit(as_json, result.to_json(), human)
+
+
+class _SamplesType(click.ParamType):
+    name = "K|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or value == "all":
+            return value
+        try:
+            k = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+        if k < 0:
+            self.fail("must be 0 or more", param, ctx)
+        return k
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--node-key", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The node's public key file.")
+@click.option("--samples", type=_SamplesType(), default=None, help="Steps checked beside the last (default: the job's policy).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed, for reproducible audits.")
+@click.option("--evidence-out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write evidence on a reject.")
+@click.option("--max-bundle-size", type=click.IntRange(min=1), default=None, help="Refuse bundles larger than this (bytes).")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, bundle: Path, job_file: Path, node_key: Path, samples: Any, seed: int | None,
+           evidence_out: Path | None, max_bundle_size: int | None, as_json: bool) -> None:
+    """Verify a worker's BUNDLE against the job and the node key; exit 0 accept, 1 reject."""
+    from verimesh.container import DEFAULT_LIMITS, Limits
+    from verimesh.workflows import verify as run_verify
+
+    _init_runtime(ctx)
+    limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
+    verdict = run_verify(bundle, job=job_file, node_key=node_key, samples=samples, seed=seed,
+                         evidence_out=evidence_out, limits=limits)
+    if as_json:
+        _emit(True, verdict.to_json(), "")
+    else:
+        click.echo(f"{verdict.status.upper()}: {verdict.reason}")
+        for check in verdict.checks:
+            mark = "ok  " if check.ok else "FAIL"
+            extra = f" (expected {check.expected}, got {check.got})" if not check.ok and check.expected else ""
+            click.echo(f"  {mark} {check.name:<16} {check.detail}{extra}")
+        if verdict.evidence:
+            click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
+    if verdict.status == "error":
+        ctx.exit(EXIT_INVALID_INPUT)
+    if verdict.status == "reject":
+        ctx.exit(EXIT_REJECTED)
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def evidence() -> None:
+    """Evidence files written on a reject."""
+
+
+@evidence.command("check", epilog=EXIT_CODES_HELP)
+@click.argument("evidence_file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@click.pass_context
+def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> None:
+    """Re-check EVIDENCE_FILE from scratch; exit 0 if it proves fraud, 1 if it does not."""
+    from verimesh.evidence import check_evidence
+
+    _init_runtime(ctx)
+    result = check_evidence(evidence_file)
+    word = "FRAUD PROVEN" if result.proves_fraud else "NOT PROVEN"
+    _emit(as_json, result.to_json(), f"{word} ({result.kind}) node {result.node_id}: {result.reason}")
+    if not result.proves_fraud:
+        ctx.exit(EXIT_REJECTED)
+
+
+def main() -> None:
+    cli(prog_name="verimesh")

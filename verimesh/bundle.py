@@ -1,0 +1,111 @@
+"""Bundles: the one file a worker hands back (docs/format.md §5).
+
+A canonical verimesh container (see ``container``) with members, in this order::
+
+    envelope.json          DSSE envelope, canonical JSON
+    trace.json             {"version": 1, "tensors": [{name, dtype, shape, digest}, ...]} canonical JSON,
+                           tensors in trace (leaf) order
+    tensors/000000.bin ... raw little-endian C-order data of the i-th trace tensor
+
+Parsing is bounded and structural only: it never trusts a digest; the verifier recomputes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verimesh.canonical import canonical_json, parse_canonical_json
+from verimesh.container import DEFAULT_LIMITS, Limits, read_container_file, write_container
+from verimesh.digest import little_endian_c, parse_digest
+from verimesh.envelope import Envelope
+from verimesh.errors import InvalidInputError
+from verimesh.tensors import DTYPES
+
+MAX_RANK = 16
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    envelope: Envelope
+    trace: tuple[TraceEntry, ...]
+    trace_bytes: bytes
+    tensors: dict[str, np.ndarray]  # read-only views into the file's bytes
+
+
+def trace_document(entries: tuple[TraceEntry, ...]) -> bytes:
+    return canonical_json({"version": 1, "tensors": [e.to_json() for e in entries]})
+
+
+def tensor_member(index: int) -> str:
+    return f"tensors/{index:06d}.bin"
+
+
+def write_bundle(path: Path, envelope: Envelope, entries: tuple[TraceEntry, ...], tensors: dict[str, np.ndarray]) -> int:
+    members: list[tuple[str, bytes | memoryview]] = [("envelope.json", envelope.to_bytes()), ("trace.json", trace_document(entries))]
+    for i, entry in enumerate(entries):
+        arr = little_endian_c(tensors[entry.name])
+        members.append((tensor_member(i), memoryview(arr.reshape(-1)).cast("B")))
+    return write_container(path, members)
+
+
+def parse_trace_entry(doc: Any) -> TraceEntry:
+    if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape", "digest"}:
+        raise InvalidInputError("trace entry must have exactly name, dtype, shape, digest")
+    name, dtype, shape = doc["name"], doc["dtype"], doc["shape"]
+    if not isinstance(name, str) or not name or dtype not in DTYPES:
+        raise InvalidInputError("trace entry has a bad name or an unsupported dtype")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise InvalidInputError(f"trace entry {name!r} has a bad shape")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+        raise InvalidInputError(f"trace entry {name!r} has a bad shape")
+    parse_digest(doc["digest"], what=f"digest of {name!r}")
+    return TraceEntry(name, dtype, tuple(shape), doc["digest"])
+
+
+def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
+    """Parse a bundle within ``limits``; any structural inconsistency rejects the whole file."""
+    members = read_container_file(path, what=f"bundle {path}", limits=limits)
+    names = list(members)
+    if names[:2] != ["envelope.json", "trace.json"]:
+        raise InvalidInputError(f"bundle {path} must start with envelope.json and trace.json")
+    envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="bundle envelope")
+    trace_bytes = bytes(members["trace.json"])
+    doc = parse_canonical_json(trace_bytes, what="bundle trace.json")
+    if not isinstance(doc, dict) or set(doc) != {"version", "tensors"} or doc["version"] != 1:
+        raise InvalidInputError("bundle trace.json must be {version: 1, tensors: [...]}")
+    if not isinstance(doc["tensors"], list):
+        raise InvalidInputError("bundle trace.json tensors must be a list")
+    entries = tuple(parse_trace_entry(e) for e in doc["tensors"])
+    if len({e.name for e in entries}) != len(entries):
+        raise InvalidInputError("bundle trace names a tensor twice")
+    if names[2:] != [tensor_member(i) for i in range(len(entries))]:
+        raise InvalidInputError("bundle tensor members do not match trace.json one for one")
+    tensors = {e.name: decode_tensor(e, members[tensor_member(i)], what="bundle") for i, e in enumerate(entries)}
+    return Bundle(envelope, entries, trace_bytes, tensors)
+
+
+def decode_tensor(entry: TraceEntry, data: memoryview, *, what: str) -> np.ndarray:
+    """A read-only array over ``data`` (no copy); the byte count must match dtype and shape exactly."""
+    dtype = np.dtype(entry.dtype).newbyteorder("<")
+    count = int(np.prod(entry.shape, dtype=np.int64)) if entry.shape else 1
+    if count * dtype.itemsize != data.nbytes:
+        raise InvalidInputError(f"{what} tensor {entry.name!r}: {data.nbytes} bytes for {entry.dtype}{list(entry.shape)}")
+    arr = np.frombuffer(data, dtype=dtype, count=count).reshape(entry.shape)
+    if entry.dtype == "bool" and arr.size and np.frombuffer(data, dtype=np.uint8).max() > 1:
+        raise InvalidInputError(f"{what} tensor {entry.name!r}: bool bytes other than 0 and 1")
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)

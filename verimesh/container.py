@@ -1,0 +1,168 @@
+"""The verimesh container: a strict, canonical subset of ZIP used for bundles and evidence files.
+
+Any ZIP tool can list and extract it, yet every byte of it is determined by its members: entries
+are STORED (no compression, so nothing can decompress beyond a limit), timestamps are fixed at
+1980-01-01 00:00, there are no extra fields or comments, the central directory mirrors the local
+headers exactly and nothing may follow the end record. ``read_container`` checks every field
+against that canonical form (docs/format.md §5), so a flipped, inserted or removed byte anywhere
+in the file is refused before any member is interpreted.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from verimesh.errors import InvalidInputError
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # sig, need, flags, method, time, date, crc, csize, usize, nlen, xlen
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_END = struct.Struct("<IHHHHIIH")
+_LOCAL_SIG, _CENTRAL_SIG, _END_SIG = 0x04034B50, 0x02014B50, 0x06054B50
+_VERSION = 20
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01
+_DOS_TIME = 0
+_EXTERNAL_ATTR = 0o100644 << 16
+_MADE_BY = (3 << 8) | _VERSION  # unix, 2.0
+
+# Member names: relative, lowercase, no "..", no leading "/", no backslashes, short.
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}(/[a-z0-9][a-z0-9_.-]{0,63}){0,2}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard bounds applied before anything is read into memory."""
+
+    max_file_bytes: int = 4 * 1024**3 - 1
+    max_members: int = 10_000
+    max_member_bytes: int = 2 * 1024**3
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _check_name(name: str) -> bytes:
+    if not _NAME_RE.match(name) or ".." in name.split("/"):
+        raise InvalidInputError(f"member name {name[:80]!r} is not allowed (path escape or bad characters)")
+    return name.encode("ascii")
+
+
+def write_container(path: Path, members: Sequence[tuple[str, bytes | memoryview]]) -> int:
+    """Write members in the given order; returns the file size. Written to a temp file, then renamed."""
+    names = [m[0] for m in members]
+    if len(set(names)) != len(names):
+        raise InvalidInputError("duplicate member names")
+    tmp = path.with_name(path.name + ".partial")
+    central: list[bytes] = []
+    offset = 0
+    with tmp.open("wb") as fh:
+        for name, data in members:
+            name_b = _check_name(name)
+            size = len(data) if isinstance(data, bytes) else data.nbytes
+            if size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF:
+                raise InvalidInputError("container over 4 GiB (ZIP64 is not part of the format)")
+            crc = zlib.crc32(data) & 0xFFFFFFFF
+            header = _LOCAL.pack(_LOCAL_SIG, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, size, size, len(name_b), 0)
+            fh.write(header + name_b)
+            fh.write(data)
+            central.append(
+                _CENTRAL.pack(
+                    _CENTRAL_SIG, _MADE_BY, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, size, size,
+                    len(name_b), 0, 0, 0, 0, _EXTERNAL_ATTR, offset,
+                )
+                + name_b
+            )
+            offset += len(header) + len(name_b) + size
+        cd = b"".join(central)
+        if offset + len(cd) >= 0xFFFFFFFF or len(members) > 0xFFFF:
+            raise InvalidInputError("container over 4 GiB or 65535 members")
+        fh.write(cd)
+        fh.write(_END.pack(_END_SIG, 0, 0, len(members), len(members), len(cd), offset, 0))
+        total = fh.tell()
+    tmp.replace(path)
+    return total
+
+
+def read_container_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if size > limits.max_file_bytes:
+        raise InvalidInputError(f"{what} {path} is {size} bytes, over the {limits.max_file_bytes}-byte limit")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    return read_container(data, what=what, limits=limits)
+
+
+def read_container(data: bytes, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
+    """Parse a canonical container; returns name -> zero-copy view of the member's bytes."""
+    if len(data) > limits.max_file_bytes:
+        raise InvalidInputError(f"{what} is over the {limits.max_file_bytes}-byte limit")
+    view = memoryview(data)
+
+    def bad(reason: str) -> InvalidInputError:
+        return InvalidInputError(f"{what} is corrupt or not a verimesh container: {reason}")
+
+    # 1. End record: fixed size, at the very end, no comment.
+    if len(data) < _END.size:
+        raise bad("too short")
+    sig, disk, cd_disk, n_here, n_total, cd_size, cd_offset, comment = _END.unpack_from(data, len(data) - _END.size)
+    if sig != _END_SIG or disk or cd_disk or n_here != n_total or comment:
+        raise bad("no canonical end-of-archive record at the end of the file")
+    if n_total > limits.max_members:
+        raise bad(f"{n_total} members, over the limit of {limits.max_members}")
+    if cd_offset + cd_size != len(data) - _END.size:
+        raise bad("central directory does not end where the end record begins")
+    # 2. Local entries, in order, from offset 0 up to the central directory.
+    members: dict[str, memoryview] = {}
+    expected_central: list[bytes] = []
+    pos = 0
+    for _ in range(n_total):
+        if pos + _LOCAL.size > cd_offset:
+            raise bad("local header runs into the central directory")
+        sig, need, flags, method, time_, date, crc, csize, usize, nlen, xlen = _LOCAL.unpack_from(data, pos)
+        if sig != _LOCAL_SIG:
+            raise bad(f"no local header at offset {pos}")
+        if method != 0:
+            raise bad("compressed members are not allowed (members must be stored)")
+        if (need, flags, time_, date, xlen) != (_VERSION, 0, _DOS_TIME, _DOS_DATE, 0) or csize != usize:
+            raise bad(f"non-canonical local header at offset {pos}")
+        if usize > limits.max_member_bytes:
+            raise bad(f"a member declares {usize} bytes, over the {limits.max_member_bytes}-byte limit")
+        name_start = pos + _LOCAL.size
+        data_start = name_start + nlen
+        data_end = data_start + usize
+        if data_end > cd_offset:
+            raise bad("member data runs past the central directory (truncated?)")
+        try:
+            name = bytes(view[name_start:data_start]).decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise bad("member name is not ASCII") from exc
+        name_b = _check_name(name)
+        if name in members:
+            raise bad(f"duplicate member {name!r}")
+        payload = view[data_start:data_end]
+        if zlib.crc32(payload) & 0xFFFFFFFF != crc:
+            raise bad(f"CRC mismatch in member {name!r}")
+        members[name] = payload
+        expected_central.append(
+            _CENTRAL.pack(
+                _CENTRAL_SIG, _MADE_BY, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, usize, usize,
+                nlen, 0, 0, 0, 0, _EXTERNAL_ATTR, pos,
+            )
+            + name_b
+        )
+        pos = data_end
+    if pos != cd_offset:
+        raise bad("unexpected bytes between the last member and the central directory")
+    # 3. The central directory must be exactly the one the local headers imply.
+    if view[cd_offset : cd_offset + cd_size] != b"".join(expected_central):
+        raise bad("central directory does not match the local headers")
+    return members

@@ -1,0 +1,85 @@
+"""Digests: ``sha256:<hex>`` strings over domain-separated canonical bytes.
+
+A tensor's canonical bytes (docs/format.md §2)::
+
+    "verimesh.tensor.v1" 0x00 | u16be len(name) | name (UTF-8) | u8 len(dtype) | dtype (ASCII)
+    | u8 ndim | u64be dim * ndim | data (little-endian, C-contiguous)
+
+A set of named tensors: ``"verimesh.tensor-set.v1" 0x00`` followed by the 32 raw bytes of each
+tensor digest, tensors in ascending name order. A file (model, step): SHA-256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from verimesh.errors import InvalidInputError
+
+PREFIX = "sha256:"
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+TENSOR_TAG = b"verimesh.tensor.v1\x00"
+TENSOR_SET_TAG = b"verimesh.tensor-set.v1\x00"
+
+
+def format_digest(raw: bytes) -> str:
+    return PREFIX + raw.hex()
+
+
+def parse_digest(text: object, *, what: str = "digest") -> bytes:
+    """The 32 raw bytes of a ``sha256:<64 lowercase hex>`` string."""
+    if not isinstance(text, str) or not _DIGEST_RE.match(text):
+        raise InvalidInputError(f"{what} must look like sha256:<64 lowercase hex>, got {text!r:.80}")
+    return bytes.fromhex(text[len(PREFIX) :])
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return format_digest(hashlib.sha256(data).digest())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return format_digest(h.digest())
+
+
+def tensor_header(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    name_b = name.encode("utf-8")
+    dtype_b = dtype.encode("ascii")
+    if len(name_b) > 0xFFFF or len(dtype_b) > 0xFF or len(shape) > 0xFF:
+        raise InvalidInputError(f"tensor {name[:40]!r}: name, dtype or rank too long to encode")
+    parts = [TENSOR_TAG, struct.pack(">H", len(name_b)), name_b, bytes([len(dtype_b)]), dtype_b]
+    parts.append(bytes([len(shape)]))
+    parts.extend(struct.pack(">Q", d) for d in shape)
+    return b"".join(parts)
+
+
+def little_endian_c(array: np.ndarray) -> np.ndarray:
+    """The array as little-endian C-contiguous data (no copy when it already is)."""
+    dt = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    return np.ascontiguousarray(array, dtype=dt)
+
+
+def tensor_digest_raw(name: str, array: np.ndarray) -> bytes:
+    arr = little_endian_c(array)
+    h = hashlib.sha256(tensor_header(name, arr.dtype.name, tuple(arr.shape)))
+    h.update(memoryview(arr).cast("B"))
+    return h.digest()
+
+
+def tensor_digest(name: str, array: np.ndarray) -> str:
+    return format_digest(tensor_digest_raw(name, array))
+
+
+def tensor_set_digest(digests: Mapping[str, str]) -> str:
+    h = hashlib.sha256(TENSOR_SET_TAG)
+    for name in sorted(digests):
+        h.update(parse_digest(digests[name], what=f"digest of {name!r}"))
+    return format_digest(h.digest())

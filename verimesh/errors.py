@@ -1,0 +1,67 @@
+"""The one exception hierarchy of verimesh.
+
+Every error carries a stable kebab-case ``code``, a ``hint`` saying what to do next, and the
+process exit code the CLI maps it to. Library code raises these; only the CLI turns them into
+exit codes (see ``verimesh._cli``).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_INVALID_INPUT = 3
+EXIT_BACKEND_MISSING = 4
+
+
+class VerimeshError(Exception):
+    """Base class. ``code`` is stable and documented; ``hint`` is one sentence."""
+
+    exit_code: int = EXIT_INVALID_INPUT
+    default_code: str = "verimesh-error"
+
+    def __init__(self, message: str, *, code: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = f"error[{self.code}]: {self.message}"
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return " ".join(text.split())
+
+
+class InvalidInputError(VerimeshError):
+    """A file or value given to verimesh is missing, malformed, oversized or inconsistent."""
+
+    exit_code = EXIT_INVALID_INPUT
+    default_code = "invalid-input"
+
+
+class IntegrityError(InvalidInputError):
+    """An artefact does not match the digest that pins it (edited job, swapped step file, ...)."""
+
+    default_code = "integrity-broken"
+
+
+class VerificationFailedError(VerimeshError):
+    """Raised only on request (``Verdict.raise_for_reject``): the work was rejected."""
+
+    exit_code = EXIT_REJECTED
+    default_code = "verification-failed"
+
+
+class BackendUnavailableError(VerimeshError):
+    """A backend or optional dependency (CUDA provider, ezkl, ...) is not available here."""
+
+    exit_code = EXIT_BACKEND_MISSING
+    default_code = "backend-unavailable"
+
+
+class ConfigurationError(VerimeshError):
+    """Options that contradict each other or a setting that is not usable."""
+
+    exit_code = EXIT_USAGE
+    default_code = "bad-configuration"

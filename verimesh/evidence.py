@@ -1,0 +1,231 @@
+"""Evidence files: self-contained proof that a node signed a wrong result (docs/format.md §6).
+
+A canonical container with members, in this order::
+
+    evidence.json        canonical JSON: type, version, kind, step, field, tensors (name, dtype,
+                         shape, digest, leaf index, inclusion proof), reason
+    envelope.json        the node's signed DSSE envelope
+    node.pub.json        the node's public key (its id is the digest of this key)
+    job.json             the job, canonical JSON (its job_id is recomputed)
+    step.onnx            kind "step-mismatch": the disputed step model
+    tensors/000000.bin   the committed tensors named in evidence.json
+
+Kinds: ``step-mismatch`` (re-running the step on its committed inputs does not give its
+committed outputs) and ``binding`` (the signed statement or a committed input tensor contradicts
+the job the node claims to have run). ``check_evidence`` recomputes everything from the file;
+nothing it says is taken on trust.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verimesh import merkle
+from verimesh.bundle import TraceEntry, decode_tensor, parse_trace_entry, tensor_member
+from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
+from verimesh.container import read_container_file, write_container
+from verimesh.digest import little_endian_c, parse_digest, sha256_bytes, tensor_digest
+from verimesh.envelope import Envelope
+from verimesh.errors import InvalidInputError
+from verimesh.job import Job, job_from_bytes
+from verimesh.keys import PublicKey
+
+EVIDENCE_TYPE = "verimesh/evidence"
+KINDS = ("step-mismatch", "binding")
+BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor")
+
+
+@dataclass(frozen=True)
+class EvidenceResult:
+    """``proves_fraud`` is True only when every check in the file was recomputed and holds."""
+
+    proves_fraud: bool
+    kind: str
+    node_id: str
+    job_id: str
+    reason: str
+    digest: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "proves_fraud": self.proves_fraud, "kind": self.kind, "node_id": self.node_id, "job_id": self.job_id,
+            "reason": self.reason, "evidence_digest": self.digest, "details": self.details,
+        }
+
+
+def _tensor_records(
+    names: Sequence[str], job: Job, tensors: dict[str, np.ndarray], leaf_hashes: Sequence[bytes]
+) -> tuple[list[dict[str, Any]], list[tuple[str, bytes | memoryview]]]:
+    order = job.trace_names
+    records, members = [], []
+    for i, name in enumerate(names):
+        arr = little_endian_c(tensors[name])
+        index = order.index(name)
+        proof = merkle.inclusion_proof(leaf_hashes, index)
+        records.append({
+            "name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "digest": tensor_digest(name, arr),
+            "leaf_index": index, "inclusion_proof": [b64encode(p) for p in proof],
+        })
+        members.append((tensor_member(i), memoryview(arr.reshape(-1)).cast("B")))
+    return records, members
+
+
+def write_evidence(
+    path: Path,
+    *,
+    kind: str,
+    job: Job,
+    envelope: Envelope,
+    public: PublicKey,
+    reason: str,
+    tensors: dict[str, np.ndarray],
+    tensor_names: Sequence[str],
+    leaf_hashes: Sequence[bytes],
+    step: int | None = None,
+    step_model: bytes | None = None,
+    binding_field: str | None = None,
+) -> str:
+    """Write an evidence file; returns its digest (what a slash cites)."""
+    records, tensor_members = _tensor_records(tensor_names, job, tensors, leaf_hashes)
+    doc = {
+        "type": EVIDENCE_TYPE, "version": 1, "kind": kind, "step": step, "field": binding_field,
+        "tensors": records, "reason": reason[:2000],
+    }
+    members: list[tuple[str, bytes | memoryview]] = [
+        ("evidence.json", canonical_json(doc)),
+        ("envelope.json", envelope.to_bytes()),
+        ("node.pub.json", canonical_json(public.to_json())),
+        ("job.json", job.canonical_bytes()),
+    ]
+    if step_model is not None:
+        members.append(("step.onnx", step_model))
+    members.extend(tensor_members)
+    write_container(path, members)
+    return sha256_bytes(path.read_bytes())
+
+
+def check_evidence(path: Path) -> EvidenceResult:
+    """Re-check an evidence file from scratch.
+
+    1. Parse the container and evidence.json (canonical, bounded).
+    2. Recompute the job id from job.json and the node id from node.pub.json.
+    3. Check the envelope's signature by that node, and that its statement names this job and node.
+    4. Check each tensor's digest and its inclusion proof against the signed commitment root.
+    5. step-mismatch: check the step model's digest against the job, re-run it on the committed
+       inputs and compare with the committed outputs under the job's tolerance.
+       binding: compare the signed claim (or committed input tensor) with the job.
+    """
+    from verimesh.canonical import parse_json
+
+    # 1.
+    raw = path.read_bytes() if path.is_file() else b""
+    if not raw:
+        raise InvalidInputError(f"evidence file {path} not found or empty")
+    members = read_container_file(path, what=f"evidence {path}")
+    digest = sha256_bytes(raw)
+    names = list(members)
+    if names[:4] != ["evidence.json", "envelope.json", "node.pub.json", "job.json"]:
+        raise InvalidInputError(f"evidence {path} does not have the evidence members in order")
+    doc = parse_canonical_json(bytes(members["evidence.json"]), what="evidence.json")
+    expected = {"type", "version", "kind", "step", "field", "tensors", "reason"}
+    if not isinstance(doc, dict) or set(doc) != expected or doc["type"] != EVIDENCE_TYPE or doc["version"] != 1:
+        raise InvalidInputError("evidence.json is not verimesh evidence v1")
+    kind = doc["kind"]
+    if kind not in KINDS:
+        raise InvalidInputError(f"evidence kind {kind!r} is unknown")
+    # 2.
+    job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
+    pub_doc = parse_json(bytes(members["node.pub.json"]), what="evidence node.pub.json")
+    try:
+        public = PublicKey(bytes.fromhex(pub_doc["public_key"]), bytes.fromhex(pub_doc["proof_of_possession"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError("evidence node.pub.json is malformed") from exc
+    envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
+
+    def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:
+        return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details)
+
+    # 3.
+    if not envelope.signed_by(public):
+        return result(False, "the envelope is not signed by the node key in the evidence")
+    statement = envelope.statement()
+    pred = statement["predicate"]
+    if pred.get("job_id") != job.job_id or pred.get("node_id") != public.node_id:
+        return result(False, "the signed statement is for another job or node")
+    commitment = pred.get("commitment")
+    if not isinstance(commitment, dict):
+        return result(False, "the signed statement has no commitment")
+    root = parse_digest(commitment.get("root"), what="commitment root")
+    tree_size = commitment.get("leaves")
+    if tree_size != len(job.trace_names):
+        return result(False, "the signed commitment does not cover the job's trace")
+    # 4.
+    tensors: dict[str, np.ndarray] = {}
+    if not isinstance(doc["tensors"], list) or names[4 + (kind == "step-mismatch"):] != [
+        tensor_member(i) for i in range(len(doc["tensors"]))
+    ]:
+        raise InvalidInputError("evidence tensors do not match their members")
+    for i, rec in enumerate(doc["tensors"]):
+        entry, index, proof = _evidence_tensor(rec)
+        data = members[tensor_member(i)]
+        arr = decode_tensor(entry, data, what="evidence")
+        if tensor_digest(entry.name, arr) != entry.digest:
+            return result(False, f"tensor {entry.name!r} does not match its digest")
+        if index >= len(job.trace_names) or job.trace_names[index] != entry.name:
+            return result(False, f"tensor {entry.name!r} is not at leaf {index} of the job's trace")
+        if not merkle.verify_inclusion(merkle.leaf_hash(parse_digest(entry.digest)), index, tree_size, proof, root):
+            return result(False, f"tensor {entry.name!r} is not included under the signed root")
+        tensors[entry.name] = arr
+    # 5.
+    if kind == "binding":
+        return _check_binding(doc["field"], pred, job, tensors, result)
+    step = doc["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < len(job.steps):
+        raise InvalidInputError("evidence step index is out of range")
+    model = bytes(members.get("step.onnx", b""))
+    if sha256_bytes(model) != job.steps[step].digest:
+        return result(False, f"step model does not match step {step} of the job")
+    needed = set(job.steps[step].inputs) | set(job.steps[step].outputs)
+    if set(tensors) != needed:
+        return result(False, f"evidence must carry exactly step {step}'s committed inputs and outputs")
+    from verimesh.runtime import StepRunner
+    from verimesh.spot import recheck_step
+
+    runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+    check = recheck_step(job, step, model, tensors, runner, job.policy.tolerance)
+    metrics = {n: c.metrics for n, c in zip(job.steps[step].outputs, check.comparisons, strict=True)}
+    if check.ok:
+        return result(False, f"re-running step {step} matches the committed outputs; no fraud shown")
+    return result(True, f"step {step} outputs do not follow from its committed inputs: {check.reason}", metrics=metrics)
+
+
+def _check_binding(field_name: object, pred: dict[str, Any], job: Job, tensors: dict[str, np.ndarray], result: Any) -> EvidenceResult:
+    if field_name in ("model_digest", "input_digest"):
+        claimed = pred.get(str(field_name))
+        pinned = job.model_digest if field_name == "model_digest" else job.input_digest
+        if claimed == pinned:
+            return result(False, f"the signed {field_name} equals the job's")  # type: ignore[no-any-return]
+        return result(True, f"the node signed {field_name} {claimed} for a job that pins {pinned}")  # type: ignore[no-any-return]
+    if field_name == "input-tensor":
+        pinned = {t.name: t.digest for t in job.input_tensors}
+        for name, arr in tensors.items():
+            if name in pinned and tensor_digest(name, arr) != pinned[name]:
+                return result(True, f"the node committed input {name!r} that differs from the job's")  # type: ignore[no-any-return]
+        return result(False, "the committed input tensors equal the job's")  # type: ignore[no-any-return]
+    raise InvalidInputError(f"binding evidence field {field_name!r} is unknown")
+
+
+def _evidence_tensor(rec: Any) -> tuple[TraceEntry, int, list[bytes]]:
+    if not isinstance(rec, dict) or set(rec) != {"name", "dtype", "shape", "digest", "leaf_index", "inclusion_proof"}:
+        raise InvalidInputError("evidence tensor record is malformed")
+    entry = parse_trace_entry({k: rec[k] for k in ("name", "dtype", "shape", "digest")})
+    index, proof = rec["leaf_index"], rec["inclusion_proof"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(proof, list) or len(proof) > 64:
+        raise InvalidInputError("evidence tensor leaf index or proof is malformed")
+    return entry, index, [b64decode_strict(p, what="inclusion proof") for p in proof]

@@ -1,0 +1,386 @@
+"""Jobs: the job owner's statement of what must be computed (DESIGN §1, docs/format.md §3).
+
+``job new`` writes ``NAME.json`` and a sibling folder ``NAME.files/`` holding the step models
+and the input tensors. Paths in the job are relative to the job file's folder. ``job_id`` is the
+digest of the canonical job document without its ``job_id`` field, so any edit is detected.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from verimesh.canonical import canonical_json, parse_json
+from verimesh.digest import parse_digest, sha256_bytes, tensor_digest, tensor_set_digest
+from verimesh.errors import IntegrityError, InvalidInputError
+from verimesh.tensors import DTYPES, TensorSpec, check_tensor
+from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance
+
+JOB_TYPE = "verimesh/job"
+MODES = ("spot",)
+MAX_JOB_BYTES = 8 * 1024 * 1024
+MAX_STEPS = 4096
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class StepRef:
+    index: int
+    path: str
+    digest: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    cost: int
+    nodes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "path": self.path, "digest": self.digest, "inputs": list(self.inputs),
+            "outputs": list(self.outputs), "cost": self.cost, "nodes": self.nodes,
+        }
+
+
+@dataclass(frozen=True)
+class Policy:
+    samples: int
+    precision: str
+    optimization: str
+    tolerance: Tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples, "precision": self.precision, "optimization": self.optimization,
+            "tolerance": self.tolerance.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    nonce: str
+    created: str
+    mode: str
+    model_digest: str
+    model_path: str
+    model_inputs: tuple[TensorSpec, ...]
+    model_outputs: tuple[TensorSpec, ...]
+    input_digest: str
+    input_path: str
+    input_tensors: tuple[TensorRef, ...]
+    steps: tuple[StepRef, ...]
+    policy: Policy
+    base_dir: Path
+
+    @property
+    def trace_names(self) -> tuple[str, ...]:
+        names = [s.name for s in self.model_inputs]
+        for step in self.steps:
+            names.extend(step.outputs)
+        return tuple(names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.model_outputs)
+
+    def document(self) -> dict[str, Any]:
+        """The job document without ``job_id`` (what ``job_id`` is the digest of)."""
+        return {
+            "type": JOB_TYPE,
+            "version": 1,
+            "nonce": self.nonce,
+            "created": self.created,
+            "mode": self.mode,
+            "model": {
+                "digest": self.model_digest,
+                "path": self.model_path,
+                "inputs": [_spec_json(s) for s in self.model_inputs],
+                "outputs": [_spec_json(s) for s in self.model_outputs],
+            },
+            "input": {
+                "digest": self.input_digest,
+                "path": self.input_path,
+                "tensors": [t.to_json() for t in self.input_tensors],
+            },
+            "steps": [s.to_json() for s in self.steps],
+            "policy": self.policy.to_json(),
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json({**self.document(), "job_id": self.job_id})
+
+    def resolve(self, relative: str) -> Path:
+        return self.base_dir / relative
+
+    def read_step_models(self) -> tuple[bytes, ...]:
+        """Each step file, checked against the digest the job pins (IntegrityError otherwise)."""
+        out = []
+        for step in self.steps:
+            path = self.resolve(step.path)
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise InvalidInputError(
+                    f"step file {path} is missing", hint="keep the job's .files folder beside the job file"
+                ) from exc
+            if sha256_bytes(data) != step.digest:
+                raise IntegrityError(f"step file {path} does not match the digest pinned by the job")
+            out.append(data)
+        return tuple(out)
+
+    def read_input(self) -> dict[str, np.ndarray]:
+        """The job's input tensors, checked against their pinned digests."""
+        path = self.resolve(self.input_path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(f"job input {path} is missing") from exc
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                tensors = {name: npz[name] for name in npz.files}
+        except (ValueError, OSError, EOFError) as exc:
+            raise InvalidInputError(f"job input {path} is not a readable .npz") from exc
+        expected = {t.name: t for t in self.input_tensors}
+        if set(tensors) != set(expected):
+            raise IntegrityError(f"job input {path} holds {sorted(tensors)}, the job pins {sorted(expected)}")
+        for name, array in tensors.items():
+            check_tensor(name, array, what="job input")
+            if tensor_digest(name, array) != expected[name].digest:
+                raise IntegrityError(f"job input tensor {name!r} does not match the digest pinned by the job")
+        return tensors
+
+    def check_model_file(self, path: Path | None = None) -> None:
+        model = path or self.resolve(self.model_path)
+        from verimesh.digest import sha256_file
+
+        try:
+            digest = sha256_file(model)
+        except OSError as exc:
+            raise InvalidInputError(f"model file {model} not found", hint="pass --model PATH") from exc
+        if digest != self.model_digest:
+            raise IntegrityError(f"model file {model} does not match the job's model digest {self.model_digest[:19]}…")
+
+
+def _spec_json(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "dtype": spec.dtype, "shape": None if spec.shape is None else list(spec.shape)}
+
+
+def _spec_from(doc: Any, what: str) -> TensorSpec:
+    if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape"}:
+        raise InvalidInputError(f"job {what} spec is malformed")
+    shape = doc["shape"]
+    if not isinstance(doc["name"], str) or doc["dtype"] not in DTYPES:
+        raise InvalidInputError(f"job {what} spec has a bad name or dtype")
+    if shape is not None and (not isinstance(shape, list) or not all(d is None or isinstance(d, (int, str)) for d in shape)):
+        raise InvalidInputError(f"job {what} spec has a bad shape")
+    return TensorSpec(doc["name"], doc["dtype"], None if shape is None else tuple(shape))
+
+
+def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
+    if not isinstance(value, str) or not value or value.startswith("/") or "\\" in value or "\x00" in value:
+        raise InvalidInputError(f"job {what} path must be a relative POSIX path")
+    if not allow_parent and ".." in PurePosixPath(value).parts:
+        raise InvalidInputError(f"job {what} path {value!r} escapes the job folder")
+    return value
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidInputError(f"job {what} must be a list of tensor names")
+    return tuple(value)
+
+
+def job_from_bytes(data: bytes, base_dir: Path, *, what: str = "job") -> Job:
+    """Parse and check a job document; any edit since ``job new`` breaks ``job_id``."""
+    doc = parse_json(data, what=what, max_bytes=MAX_JOB_BYTES)
+    try:
+        return _job_from_doc(doc, base_dir, what)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} is malformed: missing or bad field {exc}") from exc
+
+
+def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
+    if not isinstance(doc, dict) or doc.get("type") != JOB_TYPE:
+        raise InvalidInputError(f"{what} is not a verimesh job (type {JOB_TYPE})")
+    if doc.get("version") != 1:
+        raise InvalidInputError(f"{what} has unsupported version {doc.get('version')!r}")
+    expected_keys = {"type", "version", "job_id", "nonce", "created", "mode", "model", "input", "steps", "policy"}
+    if set(doc) != expected_keys:
+        raise InvalidInputError(f"{what} fields differ from the format: {sorted(set(doc) ^ expected_keys)}")
+    if doc["mode"] not in MODES:
+        raise InvalidInputError(f"{what} mode {doc['mode']!r} is not supported here", hint=f"modes: {MODES}")
+    model, inp, pol = doc["model"], doc["input"], doc["policy"]
+    tensors = []
+    for t in inp["tensors"]:
+        if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape", "digest"} or t["dtype"] not in DTYPES:
+            raise InvalidInputError(f"{what} input tensor entry is malformed")
+        if not isinstance(t["shape"], list) or not all(isinstance(d, int) and d >= 0 for d in t["shape"]):
+            raise InvalidInputError(f"{what} input tensor shape is malformed")
+        parse_digest(t["digest"], what="input tensor digest")
+        tensors.append(TensorRef(str(t["name"]), t["dtype"], tuple(t["shape"]), t["digest"]))
+    steps = []
+    if not isinstance(doc["steps"], list) or not 1 <= len(doc["steps"]) <= MAX_STEPS:
+        raise InvalidInputError(f"{what} must have 1..{MAX_STEPS} steps")
+    for i, s in enumerate(doc["steps"]):
+        if not isinstance(s, dict) or s.get("index") != i:
+            raise InvalidInputError(f"{what} step {i} is malformed or out of order")
+        if not all(isinstance(s[k], int) and s[k] >= 0 for k in ("cost", "nodes")):
+            raise InvalidInputError(f"{what} step {i} cost/nodes must be non-negative integers")
+        parse_digest(s["digest"], what=f"step {i} digest")
+        steps.append(
+            StepRef(i, _relative_path(s["path"], f"step {i}"), s["digest"], _names(s["inputs"], f"step {i} inputs"),
+                    _names(s["outputs"], f"step {i} outputs"), s["cost"], s["nodes"])
+        )
+    samples = pol["samples"]
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise InvalidInputError(f"{what} policy samples must be a non-negative integer")
+    if pol["precision"] not in DEFAULT_TOLERANCES:
+        raise InvalidInputError(f"{what} precision {pol['precision']!r} is unknown")
+    from verimesh.runtime import OPT_LEVELS
+
+    if pol["optimization"] not in OPT_LEVELS:
+        raise InvalidInputError(f"{what} optimization level {pol['optimization']!r} is unknown")
+    for key in ("digest",):
+        parse_digest(model[key], what="model digest")
+        parse_digest(inp[key], what="input digest")
+    job = Job(
+        job_id=doc["job_id"],
+        nonce=str(doc["nonce"]),
+        created=str(doc["created"]),
+        mode=doc["mode"],
+        model_digest=model["digest"],
+        model_path=_relative_path(model["path"], "model", allow_parent=True),
+        model_inputs=tuple(_spec_from(s, "model input") for s in model["inputs"]),
+        model_outputs=tuple(_spec_from(s, "model output") for s in model["outputs"]),
+        input_digest=inp["digest"],
+        input_path=_relative_path(inp["path"], "input"),
+        input_tensors=tuple(tensors),
+        steps=tuple(steps),
+        policy=Policy(samples, pol["precision"], pol["optimization"], Tolerance.from_json(pol["tolerance"])),
+        base_dir=base_dir,
+    )
+    _check_consistency(job, what)
+    if compute_job_id(job.document()) != job.job_id:
+        raise IntegrityError(f"{what} was edited after it was created: its job_id no longer matches its content")
+    return job
+
+
+def _check_consistency(job: Job, what: str) -> None:
+    """The trace must be well formed: every step input available, every name produced once."""
+    available = [s.name for s in job.model_inputs]
+    if [t.name for t in job.input_tensors] != available:
+        raise InvalidInputError(f"{what}: input tensors do not match the model inputs")
+    if tensor_set_digest({t.name: t.digest for t in job.input_tensors}) != job.input_digest:
+        raise IntegrityError(f"{what}: input digest does not match its tensors")
+    seen = set(available)
+    for step in job.steps:
+        missing = [n for n in step.inputs if n not in seen]
+        if missing:
+            raise InvalidInputError(f"{what}: step {step.index} needs {missing} before they are produced")
+        dup = [n for n in step.outputs if n in seen]
+        if dup or not step.outputs:
+            raise InvalidInputError(f"{what}: step {step.index} outputs {dup or 'nothing'} already produced")
+        seen.update(step.outputs)
+    absent = [s.name for s in job.model_outputs if s.name not in seen]
+    if absent:
+        raise InvalidInputError(f"{what}: model outputs {absent} are produced by no step")
+
+
+def compute_job_id(document: dict[str, Any]) -> str:
+    return sha256_bytes(b"verimesh.job.v1\x00" + canonical_json(document))
+
+
+def load_job(path: Path) -> Job:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InvalidInputError(f"job file {path} not found") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read job file {path}: {exc.strerror}") from exc
+    return job_from_bytes(data, path.resolve().parent, what=f"job {path}")
+
+
+def new_job(
+    model_path: Path,
+    input_path: Path,
+    out: Path,
+    *,
+    mode: str = "spot",
+    steps: int | None = None,
+    samples: int = 1,
+    precision: str = "fp32-strict",
+    optimization: str = "extended",
+    tolerance: Tolerance | None = None,
+    overwrite: bool = False,
+) -> Job:
+    """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder."""
+    import os
+
+    from verimesh.plan import build_step_models, load_model, model_io, plan_model
+    from verimesh.tensors import load_input_file
+
+    if mode not in MODES:
+        raise InvalidInputError(f"mode {mode!r} is not available", hint=f"available modes: {', '.join(MODES)}")
+    if precision not in DEFAULT_TOLERANCES:
+        raise InvalidInputError(f"unknown precision class {precision!r}", hint="use fp32-strict or tf32")
+    if samples < 0:
+        raise InvalidInputError("--samples must be 0 or more")
+    if out.exists() and not overwrite:
+        raise InvalidInputError(f"{out} already exists", hint="pass --force to overwrite it")
+    model, model_bytes = load_model(model_path)
+    specs_in, specs_out = model_io(model)
+    tensors = load_input_file(input_path, specs_in)
+    plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in tensors.items()})
+    planned = build_step_models(model, model_bytes, plan)
+    base = out.resolve().parent
+    files = out.with_name(out.stem + ".files")
+    files.mkdir(parents=True, exist_ok=True)
+    step_refs = []
+    for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
+        name = f"step-{step.index:03d}.onnx"
+        (files / name).write_bytes(blob)
+        step_refs.append(
+            StepRef(step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count)
+        )
+    buf = io.BytesIO()
+    np.savez(buf, **tensors)
+    (files / "input.npz").write_bytes(buf.getvalue())
+    refs = tuple(
+        TensorRef(s.name, tensors[s.name].dtype.name, tuple(tensors[s.name].shape), tensor_digest(s.name, tensors[s.name]))
+        for s in specs_in
+    )
+    job = Job(
+        job_id="",
+        nonce=secrets.token_hex(16),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        mode=mode,
+        model_digest=sha256_bytes(model_bytes),
+        model_path=os.path.relpath(model_path.resolve(), base),
+        model_inputs=specs_in,
+        model_outputs=specs_out,
+        input_digest=tensor_set_digest({r.name: r.digest for r in refs}),
+        input_path=f"{files.name}/input.npz",
+        input_tensors=refs,
+        steps=tuple(step_refs),
+        policy=Policy(samples, precision, optimization, tolerance or DEFAULT_TOLERANCES[precision]),
+        base_dir=base,
+    )
+    job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
+    out.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")
+    return job

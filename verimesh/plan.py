@@ -1,0 +1,423 @@
+"""Step planning: cut an ONNX model into self-contained step sub-models (DESIGN §1).
+
+Nodes are taken in topological order and a step is a contiguous run of them. At a cut, the
+boundary is the set of tensors produced before it (graph inputs included) and still needed after
+it; initializers and Constant nodes are not boundary tensors, each step carries its own copy.
+Cut points are chosen near the cost-balanced targets (estimated FLOPs), preferring the cut with
+the fewest boundary bytes inside a window around each target. Models with control flow
+(subgraph attributes) or untyped intermediate tensors that cannot be cut run as one step, whose
+step file is then the model file itself.
+
+Trace order (the order of the commitment's leaves): the model inputs in model order, then each
+step's outputs in order. Each tensor appears once, however many cuts it crosses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from verimesh.digest import format_digest
+from verimesh.errors import InvalidInputError
+from verimesh.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
+
+MAX_MODEL_BYTES = 2 * 1024**3 - 1
+MAX_AUTO_STEPS = 8
+_WINDOW = 0.25  # fraction of a step's target cost within which the smallest boundary wins
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    first_node: int
+    node_count: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    cost: int
+    boundary_bytes: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[Step, ...]
+    whole_model: bool  # True: one step whose file is the model itself
+
+    @property
+    def trace_names(self) -> tuple[str, ...]:
+        names = [s.name for s in self.inputs]
+        for step in self.steps:
+            names.extend(step.outputs)
+        return tuple(names)
+
+    @property
+    def total_cost(self) -> int:
+        return sum(s.cost for s in self.steps)
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """A plan together with the serialized step models, ready to be written or run."""
+
+    plan: StepPlan
+    step_bytes: tuple[bytes, ...]
+
+    @property
+    def step_digests(self) -> tuple[str, ...]:
+        return tuple(format_digest(hashlib.sha256(b).digest()) for b in self.step_bytes)
+
+
+def load_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
+    """Read and check an ONNX file; the bytes are returned too, since they are what is digested."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise InvalidInputError(f"model file {path} not found") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read model {path}: {exc.strerror}") from exc
+    if size > MAX_MODEL_BYTES:
+        raise InvalidInputError(f"model {path} is over 2 GiB; external-data models are not supported")
+    data = path.read_bytes()
+    return parse_model(data, what=f"model {path}"), data
+
+
+def parse_model(data: bytes, *, what: str) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends, undocumented
+        raise InvalidInputError(f"{what} is not an ONNX model ({type(exc).__name__})") from exc
+    if not model.graph.node:
+        raise InvalidInputError(f"{what} is not an ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+        raise InvalidInputError(f"{what} fails the ONNX checker: {first}") from exc
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InvalidInputError(f"{what} uses external data files, which verimesh does not load")
+    return model
+
+
+def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        inferred = model
+    out: dict[str, onnx.ValueInfoProto] = {}
+    for t in inferred.graph.initializer:
+        out[t.name] = helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = vi
+    return out
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = ONNX_TO_DTYPE.get(tt.elem_type)
+    if dtype is None:
+        raise InvalidInputError(
+            f"tensor {vi.name!r} has ONNX type {onnx.TensorProto.DataType.Name(tt.elem_type)}, "
+            "which verimesh cannot commit to"
+        )
+    if not tt.HasField("shape"):
+        return TensorSpec(vi.name, dtype, None)
+    dims: list[Dim] = []
+    for d in tt.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return TensorSpec(vi.name, dtype, tuple(dims))
+
+
+def model_io(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    init = {t.name for t in model.graph.initializer}
+    inputs = tuple(_spec(vi) for vi in model.graph.input if vi.name not in init)
+    outputs = tuple(_spec(vi) for vi in model.graph.output)
+    return inputs, outputs
+
+
+def _light_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy for shape inference without large initializer data (their dims stay known as typed
+    inputs; small ones, such as Reshape targets, are kept for data propagation). With ``shapes``,
+    model inputs get concrete dims (symbolic ones become 1), for cost estimates."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    init_names = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        new = g.input.add()
+        new.CopyFrom(vi)
+        if shapes is None or vi.name in init_names or not vi.type.HasField("tensor_type"):
+            continue
+        concrete = shapes.get(vi.name)
+        for i, d in enumerate(new.type.tensor_type.shape.dim):
+            if concrete is not None and i < len(concrete):
+                d.Clear()
+                d.dim_value = concrete[i]
+            elif not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = 1
+    declared = {vi.name for vi in g.input}
+    for t in model.graph.initializer:
+        if int(np.prod(t.dims)) <= 4096:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _numel(vi: onnx.ValueInfoProto | None) -> int | None:
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return None
+    n = 1
+    for d in vi.type.tensor_type.shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        n *= d.dim_value
+    return n
+
+
+def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, onnx.ValueInfoProto]) -> int:
+    out = _numel(shapes.get(node.output[0])) if node.output else None
+    out = out or 1
+    if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv") and len(node.input) > 1:
+        w = shapes.get(node.input[1])
+        if w is not None and w.type.tensor_type.HasField("shape"):
+            dims = [d.dim_value for d in w.type.tensor_type.shape.dim]
+            if node.op_type == "ConvTranspose":  # W is [C_in, C_out/group, k...]
+                return 2 * (_numel(shapes.get(node.input[0])) or 1) * int(np.prod(dims[1:] or [1]))
+            return 2 * out * int(np.prod(dims[1:] or [1]))
+    if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul") and node.input:
+        a = shapes.get(node.input[0])
+        if a is not None and a.type.tensor_type.HasField("shape") and a.type.tensor_type.shape.dim:
+            dims = a.type.tensor_type.shape.dim
+            transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
+            k = dims[0] if transposed else dims[-1]
+            if k.HasField("dim_value"):
+                return 2 * out * k.dim_value
+    return out
+
+
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(
+        at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for at in node.attribute
+    )
+
+
+def _topological(model: onnx.ModelProto, available: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in a topological order: the file's own order when it is one (the ONNX rule), else Kahn's."""
+    nodes = list(model.graph.node)
+    have = set(available)
+    pending = nodes
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i == "" or i in have for i in node.input):
+                ordered.append(node)
+                have.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i and i not in have})[:3]
+            raise InvalidInputError(f"model graph has a cycle or inputs nothing produces: {missing}")
+        pending = rest
+    return ordered
+
+
+def plan_model(
+    model: onnx.ModelProto,
+    *,
+    steps: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> StepPlan:
+    """Choose the step plan. ``steps=None`` picks min(8, cuttable nodes); 1 means no cut."""
+    if steps is not None and steps < 1:
+        raise InvalidInputError("--steps must be at least 1")
+    inputs, outputs = model_io(model)
+    init_names = {t.name for t in model.graph.initializer}
+    graph_inputs = [s.name for s in inputs]
+    free = set(init_names)
+    compute: list[onnx.NodeProto] = []
+    ordered = _topological(model, set(graph_inputs) | init_names)
+    for node in ordered:
+        if node.op_type == "Constant" and not node.input and node.domain in ("", "ai.onnx"):
+            free.update(node.output)
+        else:
+            compute.append(node)
+    n = len(compute)
+    types = _value_infos(_light_copy(model))
+    sized = _value_infos(_light_copy(model, input_shapes or {}))
+    costs = [_node_cost(node, sized) for node in compute]
+
+    def whole() -> StepPlan:
+        step = Step(0, 0, n, tuple(graph_inputs), tuple(s.name for s in outputs), sum(costs), 0)
+        return StepPlan(inputs, outputs, (step,), True)
+
+    if n == 0:
+        raise InvalidInputError("model has no compute nodes to run")
+    if _has_subgraphs(model) or (steps is not None and steps == 1):
+        return whole()
+
+    # Live ranges: tensor t is live at cut c (between node c-1 and c) when producer(t) < c <= last_use(t).
+    producer = {name: -1 for name in graph_inputs}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(compute):
+        for name in node.input:
+            if name and name not in free:
+                last_use[name] = i
+        for name in node.output:
+            if name:
+                producer[name] = i
+    for spec in outputs:
+        last_use[spec.name] = n
+    live_bytes = np.zeros(n + 2, dtype=np.int64)
+    blocked = np.zeros(n + 2, dtype=np.int64)  # cuts where a live tensor has no known dtype
+    for name, p in producer.items():
+        u = last_use.get(name)
+        if u is None or u <= p:
+            continue
+        vi = sized.get(name)
+        nbytes = (_numel(vi) or 1024) * np.dtype(ONNX_TO_DTYPE.get(vi.type.tensor_type.elem_type, "float32")).itemsize if vi else 4096
+        live_bytes[p + 1] += nbytes
+        live_bytes[u + 1] -= nbytes
+        if name not in types or types[name].type.tensor_type.elem_type not in ONNX_TO_DTYPE:
+            blocked[p + 1] += 1
+            blocked[u + 1] -= 1
+    live = np.cumsum(live_bytes)
+    cuttable = np.cumsum(blocked) == 0
+    candidates = [c for c in range(1, n) if cuttable[c]]
+    wanted = min(MAX_AUTO_STEPS, n) if steps is None else steps
+    if wanted > len(candidates) + 1:
+        if steps is not None and steps > 1 and not candidates:
+            return whole()
+        wanted = len(candidates) + 1
+    if wanted <= 1:
+        return whole()
+    prefix = np.concatenate([[0], np.cumsum(costs)])
+    total = float(prefix[-1]) or 1.0
+    cuts: list[int] = []
+    for j in range(1, wanted):
+        target = total * j / wanted
+        window = _WINDOW * total / wanted
+        lo = cuts[-1] if cuts else 0
+        remaining = wanted - j  # steps still to place after this cut
+        pool = [c for c in candidates if c > lo and sum(1 for d in candidates if d > c) >= remaining - 1]
+        if not pool:
+            break
+        near = [c for c in pool if abs(prefix[c] - target) <= window]
+        if near:
+            best = min(near, key=lambda c: (int(live[c]), abs(float(prefix[c]) - target), c))
+        else:
+            best = min(pool, key=lambda c: (abs(float(prefix[c]) - target), int(live[c]), c))
+        cuts.append(best)
+    bounds = [0, *cuts, n]
+    plan_steps: list[Step] = []
+    for k in range(len(bounds) - 1):
+        a, b = bounds[k], bounds[k + 1]
+        produced_here: set[str] = set()
+        step_inputs: list[str] = []
+        for node in compute[a:b]:
+            for name in node.input:
+                if name and name not in free and name not in produced_here and name not in step_inputs:
+                    step_inputs.append(name)
+            produced_here.update(o for o in node.output if o)
+        step_outputs = [
+            o for node in compute[a:b] for o in node.output if o and last_use.get(o, -1) >= b
+        ]
+        plan_steps.append(
+            Step(k, a, b - a, tuple(step_inputs), tuple(step_outputs), int(prefix[b] - prefix[a]), int(live[b]) if b < n else 0)
+        )
+    # Graph outputs that are graph inputs (pass-through) need no step; everything else is produced.
+    return StepPlan(inputs, outputs, tuple(plan_steps), False)
+
+
+def build_step_models(model: onnx.ModelProto, model_bytes: bytes, plan: StepPlan) -> PlannedModel:
+    """Serialize each step as a self-contained model (deterministic bytes for a given input)."""
+    if plan.whole_model:
+        return PlannedModel(plan, (model_bytes,))
+    init = {t.name: t for t in model.graph.initializer}
+    constants = {}
+    compute: list[onnx.NodeProto] = []
+    for node in _topological(model, {s.name for s in plan.inputs} | set(init)):
+        if node.op_type == "Constant" and not node.input and node.domain in ("", "ai.onnx"):
+            for o in node.output:
+                constants[o] = node
+        else:
+            compute.append(node)
+    types = _value_infos(_light_copy(model))
+    blobs = []
+    for step in plan.steps:
+        nodes = compute[step.first_node : step.first_node + step.node_count]
+        used = {name for node in nodes for name in node.input if name}
+        const_nodes = []
+        for name in sorted(used & set(constants)):
+            if constants[name] not in const_nodes:
+                const_nodes.append(constants[name])
+        graph = helper.make_graph(
+            [*const_nodes, *nodes],
+            f"verimesh_step_{step.index}",
+            [_io_info(name, types) for name in step.inputs],
+            [_io_info(name, types) for name in step.outputs],
+            initializer=[init[name] for name in sorted(used & set(init))],
+        )
+        sub = helper.make_model(
+            graph,
+            opset_imports=list(model.opset_import),
+            ir_version=model.ir_version,
+            producer_name="verimesh-step",
+            functions=list(model.functions),
+        )
+        blobs.append(sub.SerializeToString(deterministic=True))
+    return PlannedModel(plan, tuple(blobs))
+
+
+def _io_info(name: str, types: Mapping[str, onnx.ValueInfoProto]) -> onnx.ValueInfoProto:
+    vi = types.get(name)
+    if vi is None:
+        raise InvalidInputError(f"tensor {name!r} at a step boundary has no known type")
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(vi)
+    return out
+
+
+def plan_and_build(
+    model_path: Path,
+    *,
+    steps: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[PlannedModel, str]:
+    """Load, plan and build; returns the planned model and the model digest."""
+    model, data = load_model(model_path)
+    plan = plan_model(model, steps=steps, input_shapes=input_shapes)
+    digest = format_digest(hashlib.sha256(data).digest())
+    return build_step_models(model, data, plan), digest
+
+
+def describe_steps(planned: PlannedModel) -> Sequence[dict[str, object]]:
+    return [
+        {
+            "index": s.index,
+            "nodes": s.node_count,
+            "cost": s.cost,
+            "inputs": list(s.inputs),
+            "outputs": list(s.outputs),
+            "boundary_bytes": s.boundary_bytes,
+            "digest": d,
+        }
+        for s, d in zip(planned.plan.steps, planned.step_digests, strict=True)
+    ]

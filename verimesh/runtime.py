@@ -1,0 +1,119 @@
+"""onnxruntime sessions for step models: the only module (with zk) that imports onnxruntime.
+
+Sessions are created once per step file and reused. The graph optimization level is pinned
+(both sides of a job use the job's level), onnxruntime's log noise is hidden unless verbose, and
+under the ``fp32-strict`` precision class the CUDA provider runs with TF32 disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from verimesh.errors import BackendUnavailableError, ConfigurationError, InvalidInputError
+
+PRECISIONS = ("fp32-strict", "tf32")
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+DEVICES = ("auto", "cpu", "cuda")
+
+_log = logging.getLogger(__name__)
+_verbose = False
+
+
+def set_verbose(flag: bool) -> None:
+    global _verbose
+    _verbose = flag
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(0 if flag else 3)
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when the CUDA provider is available, else cpu. Asking for cuda without it fails."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ConfigurationError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise BackendUnavailableError(
+            "the CUDA execution provider is not available",
+            code="cuda-unavailable",
+            hint="install onnxruntime-gpu (pip install 'verimesh[gpu]') on a machine with a GPU, or use --device cpu",
+        )
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return device
+
+
+@dataclass
+class StepRunner:
+    """Runs step models with a pinned configuration; one session per step digest, reused."""
+
+    device: str = "cpu"
+    precision: str = "fp32-strict"
+    optimization: str = "extended"
+    threads: int = 0
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigurationError(f"unknown precision class {self.precision!r}", hint=f"use one of {PRECISIONS}")
+        if self.optimization not in OPT_LEVELS:
+            raise ConfigurationError(f"unknown optimization level {self.optimization!r}")
+        self.device = resolve_device(self.device)
+
+    @property
+    def provider(self) -> str:
+        return "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
+
+    def _providers(self) -> list[Any]:
+        if self.device == "cuda":
+            options = {"use_tf32": "0" if self.precision == "fp32-strict" else "1"}
+            return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def session(self, digest: str, model_bytes: bytes) -> Any:
+        import onnxruntime as ort
+
+        cached = self._sessions.get(digest)
+        if cached is not None:
+            return cached
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        opts.log_severity_level = 0 if _verbose else 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        try:
+            sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=self._providers())
+        except (RuntimeError, ValueError) as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInputError(f"onnxruntime cannot load step {digest[:19]}: {first[:300]}") from exc
+        self._sessions[digest] = sess
+        return sess
+
+    def run(
+        self, digest: str, model_bytes: bytes, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        sess = self.session(digest, model_bytes)
+        try:
+            results = sess.run(list(outputs), dict(inputs))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidInputError(f"onnxruntime failed running step {digest[:19]}: {first[:300]}") from exc
+        return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}

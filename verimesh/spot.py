@@ -1,0 +1,140 @@
+"""Spot-check mechanism (DESIGN §3): run steps, commit to the trace, sample, recheck.
+
+These are the building blocks; ``workflows`` composes them into ``prove`` and ``verify``.
+The commitment is an RFC 9162 Merkle tree whose i-th leaf is the 32 raw bytes of the i-th trace
+tensor's digest (trace order: model inputs, then each step's outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from verimesh import merkle
+from verimesh.bundle import TraceEntry
+from verimesh.digest import format_digest, parse_digest, tensor_digest
+from verimesh.job import Job
+from verimesh.runtime import StepRunner
+from verimesh.tolerance import Comparison, Tolerance, compare_tensors
+
+PREDICATE_TYPE = "https://verimesh.dev/spot-check/v1"
+COMMITMENT_ALGORITHM = "rfc9162-sha256/tensor-digest-leaves"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Commitment:
+    entries: tuple[TraceEntry, ...]
+    leaf_hashes: tuple[bytes, ...]
+    root: bytes
+
+    @property
+    def root_digest(self) -> str:
+        return format_digest(self.root)
+
+
+def run_steps(
+    job: Job,
+    step_models: Sequence[bytes],
+    inputs: Mapping[str, np.ndarray],
+    runner: StepRunner,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Run every step in order from the job input; returns every trace tensor by name."""
+    trace: dict[str, np.ndarray] = dict(inputs)
+    for step, blob in zip(job.steps, step_models, strict=True):
+        trace.update(runner.run(step.digest, blob, {n: trace[n] for n in step.inputs}, step.outputs))
+        if progress:
+            progress(step.index + 1, len(job.steps))
+    return trace
+
+
+def commit_trace(names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Commitment:
+    entries = []
+    leaves = []
+    for name in names:
+        arr = tensors[name]
+        digest = tensor_digest(name, arr)
+        entries.append(TraceEntry(name, arr.dtype.name, tuple(int(d) for d in arr.shape), digest))
+        leaves.append(merkle.leaf_hash(parse_digest(digest)))
+    return Commitment(tuple(entries), tuple(leaves), merkle.root_from_leaf_hashes(leaves))
+
+
+def spot_predicate(job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str) -> dict[str, object]:
+    from verimesh.runtime import onnxruntime_version
+
+    return {
+        "job_id": job.job_id,
+        "mode": "spot",
+        "node_id": node_id,
+        "model_digest": job.model_digest,
+        "input_digest": job.input_digest,
+        "step_range": [0, len(job.steps)],
+        "runtime": {
+            "onnxruntime": onnxruntime_version(),
+            "provider": runner.provider,
+            "precision": runner.precision,
+            "optimization": runner.optimization,
+        },
+        "commitment": {
+            "algorithm": COMMITMENT_ALGORITHM,
+            "root": commitment.root_digest,
+            "leaves": len(commitment.leaf_hashes),
+        },
+        "proof_digest": proof_digest,
+    }
+
+
+def sample_steps(job: Job, samples: int | None, rng: random.Random) -> tuple[int, ...]:
+    """The last step always, plus ``samples`` more drawn without replacement, weighted by cost.
+
+    ``None`` means every step. Weighted sampling without replacement uses the Efraimidis-Spirakis
+    keys u^(1/w); the randomness is the verifier's alone (``rng``), never the worker's.
+    """
+    last = len(job.steps) - 1
+    if samples is None or samples >= last:
+        return tuple(range(len(job.steps)))
+    keyed = []
+    for step in job.steps[:-1]:
+        weight = max(step.cost, 1)
+        keyed.append((rng.random() ** (1.0 / weight), step.index))
+    chosen = sorted(index for _, index in sorted(keyed, reverse=True)[:samples])
+    return (*chosen, last)
+
+
+def seeded_rng(seed: int) -> random.Random:
+    """Mersenne Twister seeded from SHA-256 of the seed, so audits replay on any platform."""
+    material = hashlib.sha256(b"verimesh.sample.v1\x00" + str(seed).encode()).digest()
+    return random.Random(int.from_bytes(material, "big"))
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    index: int
+    ok: bool
+    comparisons: tuple[Comparison, ...]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(c.reason for c in self.comparisons if not c.ok)
+
+
+def recheck_step(
+    job: Job,
+    index: int,
+    step_model: bytes,
+    trace: Mapping[str, np.ndarray],
+    runner: StepRunner,
+    tolerance: Tolerance,
+) -> StepCheck:
+    """Re-run one step from its committed inputs and compare with its committed outputs."""
+    step = job.steps[index]
+    recomputed = runner.run(step.digest, step_model, {n: trace[n] for n in step.inputs}, step.outputs)
+    comparisons = tuple(compare_tensors(n, trace[n], recomputed[n], tolerance) for n in step.outputs)
+    return StepCheck(index, all(c.ok for c in comparisons), comparisons)

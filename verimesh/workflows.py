@@ -1,0 +1,287 @@
+"""The workflows a user runs: ``prove`` (node operator) and ``verify`` (job owner).
+
+Both take their I/O as arguments and return values; neither prints nor exits. ``seal_trace`` is
+public so that a worker with its own execution loop (or a red-team cheat) can commit to and sign
+a trace with exactly the code honest workers use.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from verimesh.bundle import Bundle, read_bundle, trace_document, write_bundle
+from verimesh.container import DEFAULT_LIMITS, Limits
+from verimesh.digest import parse_digest, sha256_bytes, tensor_digest
+from verimesh.envelope import Envelope, make_statement, sign_statement
+from verimesh.errors import InvalidInputError
+from verimesh.evidence import write_evidence
+from verimesh.job import Job, load_job
+from verimesh.keys import PublicKey, SecretKey, load_public_key
+from verimesh.runtime import StepRunner
+from verimesh.spot import (
+    COMMITMENT_ALGORITHM,
+    PREDICATE_TYPE,
+    Progress,
+    commit_trace,
+    recheck_step,
+    run_steps,
+    sample_steps,
+    seeded_rng,
+    spot_predicate,
+)
+from verimesh.tensors import DTYPES
+from verimesh.verdict import Check, Verdict
+
+Samples = int | Literal["all"] | None
+
+
+@dataclass(frozen=True)
+class ProveResult:
+    bundle: Path
+    job_id: str
+    node_id: str
+    root: str
+    outputs: dict[str, str]
+    provider: str
+    bytes_written: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bundle": str(self.bundle), "job_id": self.job_id, "node_id": self.node_id, "commitment_root": self.root,
+            "outputs": self.outputs, "provider": self.provider, "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _as_job(job: Job | Path) -> Job:
+    return job if isinstance(job, Job) else load_job(job)
+
+
+def seal_trace(
+    job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path
+) -> tuple[Envelope, int, str]:
+    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, root)."""
+    missing = [n for n in job.trace_names if n not in trace]
+    if missing:
+        raise InvalidInputError(f"trace lacks tensors {missing[:5]}")
+    for name in job.trace_names:
+        if trace[name].dtype.name not in DTYPES:
+            raise InvalidInputError(f"step output {name!r} has dtype {trace[name].dtype}, which cannot be committed")
+    commitment = commit_trace(job.trace_names, trace)
+    trace_bytes = trace_document(commitment.entries)
+    predicate = spot_predicate(
+        job, node_id=key.node_id, runner=runner, commitment=commitment, proof_digest=sha256_bytes(trace_bytes)
+    )
+    by_name = {e.name: e.digest for e in commitment.entries}
+    statement = make_statement({n: by_name[n] for n in job.output_names}, PREDICATE_TYPE, predicate)
+    envelope = sign_statement(statement, key)
+    size = write_bundle(out, envelope, commitment.entries, dict(trace))
+    return envelope, size, commitment.root_digest
+
+
+def prove(
+    job: Job | Path,
+    *,
+    key: SecretKey,
+    out: Path,
+    device: str = "auto",
+    model: Path | None = None,
+    runner: StepRunner | None = None,
+    progress: Progress | None = None,
+) -> ProveResult:
+    """Run a spot-mode job and write its bundle.
+
+    1. Check the model, the step files and the input against the job's digests (refuse otherwise).
+    2. Run the steps in order with onnxruntime, keeping every boundary tensor.
+    3. Commit to the trace (RFC 9162 root over tensor digests), sign the statement, write the bundle.
+    """
+    started = time.perf_counter()
+    job = _as_job(job)
+    # 1.
+    job.check_model_file(model)
+    step_models = job.read_step_models()
+    inputs = job.read_input()
+    runner = runner or StepRunner(device=device, precision=job.policy.precision, optimization=job.policy.optimization)
+    if (runner.precision, runner.optimization) != (job.policy.precision, job.policy.optimization):
+        raise InvalidInputError("the runner's precision/optimization differ from the job's policy")
+    # 2.
+    trace = run_steps(job, step_models, inputs, runner, progress=progress)
+    # 3.
+    envelope, size, root = seal_trace(job, trace, key=key, runner=runner, out=out)
+    outputs = {n: tensor_digest(n, trace[n]) for n in job.output_names}
+    return ProveResult(out, job.job_id, key.node_id, root, outputs, runner.provider, size, time.perf_counter() - started)
+
+
+class _Rejected(Exception):
+    """Internal: stops verification at the first failed check (never escapes ``verify``)."""
+
+    def __init__(self, check: Check, evidence: dict[str, Any] | None = None) -> None:
+        super().__init__(check.name)
+        self.check = check
+        self.evidence = evidence
+
+
+def verify(
+    bundle: Path,
+    *,
+    job: Job | Path,
+    node_key: PublicKey | Path,
+    samples: Samples = None,
+    seed: int | None = None,
+    evidence_out: Path | None = None,
+    runner: StepRunner | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Verdict:
+    """Verify a spot-check bundle against the job and the node key the job owner expects.
+
+    ``samples``: extra steps checked beside the last (``None``: the job's policy; ``"all"``: every
+    step). ``seed``: makes the sample reproducible (it is recorded in the verdict either way).
+
+    1. Parse the bundle within limits (a malformed bundle is an ``error`` verdict).
+    2. Check the envelope signature against the pinned node key.
+    3. Check the statement's bindings: job id, node id, model and input digests, step range,
+       precision and commitment parameters.
+    4. Check the trace: names and order are the job's, every tensor matches its digest, the digests
+       give the signed root, the committed input is the job's input, the outputs are the subjects.
+    5. Sample steps with verifier-side randomness: the last one, plus ``samples`` more by cost.
+    6. Re-run each sampled step from its committed inputs and compare under the job's tolerance.
+    7. Return the verdict; on a reject that the node's own signature proves, write evidence.
+    """
+    job = _as_job(job)
+    public = node_key if isinstance(node_key, PublicKey) else load_public_key(node_key)
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big")
+    checks: list[Check] = []
+    sampled: tuple[int, ...] = ()
+    outputs: dict[str, str] = {}
+
+    def verdict(status: Literal["accept", "reject", "error"], evidence: str | None = None) -> Verdict:
+        return Verdict(status, tuple(checks), job.job_id, public.node_id, seed, sampled, evidence, outputs)
+
+    # 1.
+    try:
+        parsed = read_bundle(bundle, limits=limits)
+    except InvalidInputError as exc:
+        checks.append(Check("bundle-format", False, exc.message))
+        return verdict("error")
+    checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors"))
+    try:
+        # 2.-4.
+        leaf_hashes = _check_envelope_and_trace(parsed, job, public, checks)
+        outputs.update({n: t.digest for n in job.output_names for t in parsed.trace if t.name == n})
+        # 5.
+        k = len(job.steps) if samples == "all" else job.policy.samples if samples is None else samples
+        if not isinstance(k, int) or k < 0:
+            raise InvalidInputError("samples must be a non-negative integer or 'all'")
+        sampled = sample_steps(job, k, seeded_rng(seed))
+        checks.append(Check("sampling", True, f"seed {seed}: steps {list(sampled)} of {len(job.steps)}"))
+        # 6.
+        step_models = job.read_step_models()
+        runner = runner or StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+        for index in sampled:
+            result = recheck_step(job, index, step_models[index], parsed.tensors, runner, job.policy.tolerance)
+            metrics = {n: c.metrics for n, c in zip(job.steps[index].outputs, result.comparisons, strict=True)}
+            check = Check(f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance", metrics=metrics)
+            if not result.ok:
+                step = job.steps[index]
+                raise _Rejected(check, {
+                    "kind": "step-mismatch", "step": index, "step_model": step_models[index],
+                    "tensor_names": [*step.inputs, *step.outputs], "leaf_hashes": leaf_hashes,
+                })
+            checks.append(check)
+    except _Rejected as rejected:
+        checks.append(rejected.check)
+        evidence_path = None
+        if rejected.evidence is not None:
+            evidence_path = evidence_out or bundle.with_name(bundle.stem + ".evidence.vme")
+            ev = rejected.evidence
+            write_evidence(
+                evidence_path, kind=ev["kind"], job=job, envelope=parsed.envelope, public=public,
+                reason=rejected.check.detail, tensors=parsed.tensors, tensor_names=ev["tensor_names"],
+                leaf_hashes=ev["leaf_hashes"], step=ev.get("step"), step_model=ev.get("step_model"),
+                binding_field=ev.get("field"),
+            )
+        return verdict("reject", str(evidence_path) if evidence_path else None)
+    # 7.
+    return verdict("accept")
+
+
+def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check]) -> tuple[bytes, ...]:
+    """Steps 2-4 of ``verify``; appends passed checks, raises ``_Rejected`` at the first failure."""
+    from verimesh import merkle
+
+    # 2.
+    if not parsed.envelope.signed_by(public):
+        keyids = [s.keyid for s in parsed.envelope.signatures]
+        raise _Rejected(Check("signature", False, "no valid signature by the pinned node key", public.node_id, ", ".join(keyids)))
+    checks.append(Check("signature", True, f"signed by {public.node_id}"))
+    # 3.
+    try:
+        statement = parsed.envelope.statement()
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    pred = statement["predicate"]
+    if statement["predicateType"] != PREDICATE_TYPE:
+        raise _Rejected(Check("statement", False, "wrong predicate type", PREDICATE_TYPE, str(statement["predicateType"])))
+    if pred.get("job_id") != job.job_id:
+        raise _Rejected(Check("job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))))
+    if pred.get("node_id") != public.node_id:
+        raise _Rejected(Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id"))))
+    for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
+        if pred.get(field_name) != pinned:
+            detail = f"signed {field_name} differs from the job's"
+            raise _Rejected(Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name))),
+                            {"kind": "binding", "field": field_name, "tensor_names": [], "leaf_hashes": ()})
+    runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
+    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
+    expected = {
+        "mode": ("spot", pred.get("mode")),
+        "step_range": ([0, len(job.steps)], pred.get("step_range")),
+        "precision": (job.policy.precision, runtime.get("precision")),
+        "optimization": (job.policy.optimization, runtime.get("optimization")),
+        "commitment algorithm": (COMMITMENT_ALGORITHM, commitment.get("algorithm")),
+        "commitment leaves": (len(job.trace_names), commitment.get("leaves")),
+    }
+    for what, (want, got) in expected.items():
+        if want != got:
+            raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
+    try:
+        root = parse_digest(commitment.get("root"), what="commitment root")
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    checks.append(Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}"))
+    # 4.
+    if sha256_bytes(parsed.trace_bytes) != pred.get("proof_digest"):
+        raise _Rejected(Check("trace", False, "trace.json is not the one the statement signs"))
+    names = tuple(e.name for e in parsed.trace)
+    if names != job.trace_names:
+        raise _Rejected(Check("trace", False, "trace tensors differ from the job's step boundaries",
+                              ", ".join(job.trace_names)[:200], ", ".join(names)[:200]))
+    leaf_hashes = []
+    for entry in parsed.trace:
+        actual = tensor_digest(entry.name, parsed.tensors[entry.name])
+        if actual != entry.digest:
+            raise _Rejected(Check("trace", False, f"tensor {entry.name!r} does not match its digest", entry.digest, actual))
+        leaf_hashes.append(merkle.leaf_hash(parse_digest(actual)))
+    computed_root = merkle.root_from_leaf_hashes(leaf_hashes)
+    if computed_root != root:
+        raise _Rejected(Check("commitment", False, "tensor digests do not give the signed root", root.hex(), computed_root.hex()))
+    checks.append(Check("commitment", True, f"{len(leaf_hashes)} leaves under the signed root"))
+    by_name = {e.name: e.digest for e in parsed.trace}
+    for ref in job.input_tensors:
+        if by_name[ref.name] != ref.digest:
+            raise _Rejected(Check("input-binding", False, f"committed input {ref.name!r} is not the job's input", ref.digest, by_name[ref.name]),
+                            {"kind": "binding", "field": "input-tensor", "tensor_names": [ref.name], "leaf_hashes": tuple(leaf_hashes)})
+    subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in parsed.envelope.statement()["subject"]}
+    claimed = {n: by_name[n] for n in job.output_names}
+    if subjects != claimed:
+        raise _Rejected(Check("output-binding", False, "statement subjects are not the committed outputs", str(claimed), str(subjects)))
+    checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
+    return tuple(leaf_hashes)
