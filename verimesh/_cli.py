@@ -304,7 +304,7 @@ def verify(ctx: click.Context, bundle: Path, job_file: Path, node_key: Path, sam
                          evidence_out=evidence_out, limits=limits)
     if as_json:
         _emit(True, verdict.to_json(), "")
-    else:
+    elif verdict.status != "error":
         click.echo(f"{verdict.status.upper()}: {verdict.reason}")
         for check in verdict.checks:
             mark = "ok  " if check.ok else "FAIL"
@@ -313,6 +313,7 @@ def verify(ctx: click.Context, bundle: Path, job_file: Path, node_key: Path, sam
         if verdict.evidence:
             click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
     if verdict.status == "error":
+        click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
         ctx.exit(EXIT_INVALID_INPUT)
     if verdict.status == "reject":
         ctx.exit(EXIT_REJECTED)

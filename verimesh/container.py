@@ -132,20 +132,22 @@ def read_container(data: bytes, *, what: str, limits: Limits = DEFAULT_LIMITS) -
             raise bad(f"no local header at offset {pos}")
         if method != 0:
             raise bad("compressed members are not allowed (members must be stored)")
-        if (need, flags, time_, date, xlen) != (_VERSION, 0, _DOS_TIME, _DOS_DATE, 0) or csize != usize:
-            raise bad(f"non-canonical local header at offset {pos}")
-        if usize > limits.max_member_bytes:
-            raise bad(f"a member declares {usize} bytes, over the {limits.max_member_bytes}-byte limit")
         name_start = pos + _LOCAL.size
         data_start = name_start + nlen
-        data_end = data_start + usize
-        if data_end > cd_offset:
-            raise bad("member data runs past the central directory (truncated?)")
+        if data_start > cd_offset:
+            raise bad("member name runs into the central directory")
         try:
             name = bytes(view[name_start:data_start]).decode("ascii")
         except UnicodeDecodeError as exc:
             raise bad("member name is not ASCII") from exc
         name_b = _check_name(name)
+        if (need, flags, time_, date, xlen) != (_VERSION, 0, _DOS_TIME, _DOS_DATE, 0) or csize != usize:
+            raise bad(f"non-canonical local header at offset {pos}")
+        if usize > limits.max_member_bytes:
+            raise bad(f"a member declares {usize} bytes, over the {limits.max_member_bytes}-byte limit")
+        data_end = data_start + usize
+        if data_end > cd_offset:
+            raise bad("member data runs past the central directory (truncated?)")
         if name in members:
             raise bad(f"duplicate member {name!r}")
         payload = view[data_start:data_end]

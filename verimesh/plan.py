@@ -211,11 +211,7 @@ def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, onnx.ValueInfoProto]) 
 
 
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(
-        at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for node in model.graph.node
-        for at in node.attribute
-    )
+    return any(_node_has_subgraph(node) for node in model.graph.node)
 
 
 def _topological(model: onnx.ModelProto, available: set[str]) -> list[onnx.NodeProto]:
@@ -239,6 +235,39 @@ def _topological(model: onnx.ModelProto, available: set[str]) -> list[onnx.NodeP
     return ordered
 
 
+@dataclass(frozen=True)
+class _Split:
+    """Compute nodes in topological order, and the constant-only nodes every step may carry."""
+
+    compute: tuple[onnx.NodeProto, ...]
+    free_names: frozenset[str]  # initializers and outputs of constant-only nodes
+    free_nodes: tuple[onnx.NodeProto, ...]  # constant-only nodes, topological order
+
+
+def _split(model: onnx.ModelProto, graph_inputs: Sequence[str]) -> _Split:
+    """Constant nodes, and nodes whose inputs are all initializers or constants (torch's Identity
+    over a shared weight, a Transpose of a weight), are not work to check: each step that needs
+    their outputs carries its own copy, so they never become boundary tensors."""
+    init_names = {t.name for t in model.graph.initializer}
+    free = set(init_names)
+    free_nodes: list[onnx.NodeProto] = []
+    compute: list[onnx.NodeProto] = []
+    for node in _topological(model, set(graph_inputs) | init_names):
+        standard = node.domain in ("", "ai.onnx")
+        is_constant = node.op_type == "Constant" and not node.input
+        inputs = [i for i in node.input if i]
+        if standard and (is_constant or (inputs and all(i in free for i in inputs))) and not _node_has_subgraph(node):
+            free.update(o for o in node.output if o)
+            free_nodes.append(node)
+        else:
+            compute.append(node)
+    return _Split(tuple(compute), frozenset(free), tuple(free_nodes))
+
+
+def _node_has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute)
+
+
 def plan_model(
     model: onnx.ModelProto,
     *,
@@ -249,16 +278,9 @@ def plan_model(
     if steps is not None and steps < 1:
         raise InvalidInputError("--steps must be at least 1")
     inputs, outputs = model_io(model)
-    init_names = {t.name for t in model.graph.initializer}
     graph_inputs = [s.name for s in inputs]
-    free = set(init_names)
-    compute: list[onnx.NodeProto] = []
-    ordered = _topological(model, set(graph_inputs) | init_names)
-    for node in ordered:
-        if node.op_type == "Constant" and not node.input and node.domain in ("", "ai.onnx"):
-            free.update(node.output)
-        else:
-            compute.append(node)
+    split = _split(model, graph_inputs)
+    compute, free = split.compute, split.free_names
     n = len(compute)
     types = _value_infos(_light_copy(model))
     sized = _value_infos(_light_copy(model, input_shapes or {}))
@@ -351,23 +373,23 @@ def build_step_models(model: onnx.ModelProto, model_bytes: bytes, plan: StepPlan
     if plan.whole_model:
         return PlannedModel(plan, (model_bytes,))
     init = {t.name: t for t in model.graph.initializer}
-    constants = {}
-    compute: list[onnx.NodeProto] = []
-    for node in _topological(model, {s.name for s in plan.inputs} | set(init)):
-        if node.op_type == "Constant" and not node.input and node.domain in ("", "ai.onnx"):
-            for o in node.output:
-                constants[o] = node
-        else:
-            compute.append(node)
+    split = _split(model, [s.name for s in plan.inputs])
+    compute = split.compute
+    producer_of = {o: node for node in split.free_nodes for o in node.output if o}
     types = _value_infos(_light_copy(model))
     blobs = []
     for step in plan.steps:
         nodes = compute[step.first_node : step.first_node + step.node_count]
-        used = {name for node in nodes for name in node.input if name}
-        const_nodes = []
-        for name in sorted(used & set(constants)):
-            if constants[name] not in const_nodes:
-                const_nodes.append(constants[name])
+        # The constant-only nodes this step needs, transitively, kept in topological order.
+        needed: set[int] = set()
+        stack = [name for node in nodes for name in node.input if name in producer_of]
+        while stack:
+            node = producer_of[stack.pop()]
+            if id(node) not in needed:
+                needed.add(id(node))
+                stack.extend(i for i in node.input if i in producer_of)
+        const_nodes = [node for node in split.free_nodes if id(node) in needed]
+        used = {name for node in [*const_nodes, *nodes] for name in node.input if name}
         graph = helper.make_graph(
             [*const_nodes, *nodes],
             f"verimesh_step_{step.index}",
