@@ -23,6 +23,7 @@ _EXPORTS = {
     "verify": "verimesh.workflows",
     "seal_trace": "verimesh.workflows",
     "ProveResult": "verimesh.workflows",
+    "Worker": "verimesh.workflows",
     "new_job": "verimesh.job",
     "load_job": "verimesh.job",
     "Job": "verimesh.job",

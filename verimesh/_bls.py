@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Protocol
 
-from py_ecc.bls import G2ProofOfPossession as _ref
+from py_ecc.bls import G2ProofOfPossession as _ref  # type: ignore[attr-defined]
 
 from verimesh.errors import ConfigurationError
 
@@ -45,22 +45,22 @@ class PyEccBackend:
 
     def verify(self, pk: bytes, message: bytes, signature: bytes) -> bool:
         try:
-            return bool(_ref.Verify(pk, message, signature))
+            return bool(_ref.Verify(pk, message, signature))  # type: ignore[arg-type]
         except (ValueError, TypeError, AssertionError):
             return False
 
     def aggregate(self, signatures: Sequence[bytes]) -> bytes:
-        return bytes(_ref.Aggregate(list(signatures)))
+        return bytes(_ref.Aggregate(list(signatures)))  # type: ignore[arg-type]
 
     def fast_aggregate_verify(self, pks: Sequence[bytes], message: bytes, signature: bytes) -> bool:
         try:
-            return bool(_ref.FastAggregateVerify(list(pks), message, signature))
+            return bool(_ref.FastAggregateVerify(list(pks), message, signature))  # type: ignore[arg-type]
         except (ValueError, TypeError, AssertionError):
             return False
 
     def aggregate_verify(self, pks: Sequence[bytes], messages: Sequence[bytes], signature: bytes) -> bool:
         try:
-            return bool(_ref.AggregateVerify(list(pks), list(messages), signature))
+            return bool(_ref.AggregateVerify(list(pks), list(messages), signature))  # type: ignore[arg-type]
         except (ValueError, TypeError, AssertionError):
             return False
 
@@ -131,6 +131,6 @@ def pop_prove(sk: int) -> bytes:
 
 def pop_verify(pk: bytes, proof: bytes) -> bool:
     try:
-        return bool(_ref.PopVerify(pk, proof))
+        return bool(_ref.PopVerify(pk, proof))  # type: ignore[arg-type]
     except (ValueError, TypeError, AssertionError):
         return False

@@ -112,8 +112,14 @@ def keys() -> None:
 
 
 @keys.command("new", epilog=EXIT_CODES_HELP)
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Secret key file to write.")
-@click.option("--encrypt", is_flag=True, help="Encrypt the secret (scrypt + AES-256-GCM); passphrase from VERIMESH_PASSPHRASE or a prompt.")
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Secret key file to write."
+)
+@click.option(
+    "--encrypt",
+    is_flag=True,
+    help="Encrypt the secret (scrypt + AES-256-GCM); passphrase from VERIMESH_PASSPHRASE or a prompt.",
+)
 @force_option
 @json_option
 def keys_new(out: Path, encrypt: bool, force: bool, as_json: bool) -> None:
@@ -153,13 +159,17 @@ def keys_show(key_file: Path, check_pop: bool, as_json: bool) -> None:
 
 
 def _steps_option(f: F) -> F:
-    return click.option("--steps", type=click.IntRange(min=1), default=None, help="Number of steps (default: automatic).")(f)
+    return click.option(
+        "--steps", type=click.IntRange(min=1), default=None, help="Number of steps (default: automatic)."
+    )(f)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_steps_option
-@click.option("--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), help="Input file for exact costs.")
+@click.option(
+    "--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), help="Input file for exact costs."
+)
 @json_option
 def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool) -> None:
     """Show how MODEL would be cut into steps."""
@@ -173,7 +183,12 @@ def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     planned = build_step_models(onnx_model, data, plan_model(onnx_model, steps=steps, input_shapes=shapes))
     rows = describe_steps(planned)
-    payload = {"model": str(model), "whole_model": planned.plan.whole_model, "total_cost": planned.plan.total_cost, "steps": rows}
+    payload = {
+        "model": str(model),
+        "whole_model": planned.plan.whole_model,
+        "total_cost": planned.plan.total_cost,
+        "steps": rows,
+    }
     if as_json:
         _emit(True, payload, "")
         return
@@ -184,8 +199,8 @@ def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool)
     for col in ("step", "nodes", "est. MFLOP", "boundary tensors", "digest"):
         table.add_column(col)
     for r in rows:
-        outs = ", ".join(r["outputs"])  # type: ignore[arg-type]
-        table.add_row(str(r["index"]), str(r["nodes"]), f"{int(r['cost']) / 1e6:.3g}", outs[:60], str(r["digest"])[:19] + "…")  # type: ignore[call-overload]
+        outs = ", ".join(r["outputs"])
+        table.add_row(str(r["index"]), str(r["nodes"]), f"{r['cost'] / 1e6:.3g}", outs[:60], r["digest"][:19] + "…")
     Console(width=160).print(table)
 
 
@@ -196,26 +211,63 @@ def job() -> None:
 
 @job.command("new", epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Input tensors: .npy, .npz or .json.")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Input tensors: .npy, .npz or .json.",
+)
 @click.option("--mode", type=click.Choice(["spot"]), default="spot", show_default=True)
 @_steps_option
-@click.option("--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Steps checked beside the last one.")
+@click.option(
+    "--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Steps checked beside the last one."
+)
 @click.option("--precision", type=click.Choice(["fp32-strict", "tf32"]), default="fp32-strict", show_default=True)
-@click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="extended",
-              show_default=True, help="onnxruntime graph optimization level pinned on both sides.")
+@click.option(
+    "--optimization",
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    default="extended",
+    show_default=True,
+    help="onnxruntime graph optimization level pinned on both sides.",
+)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Job file to write.")
 @force_option
 @json_option
-def job_new(model: Path, input_file: Path, mode: str, steps: int | None, samples: int, precision: str,
-            optimization: str, out: Path, force: bool, as_json: bool) -> None:
+def job_new(
+    model: Path,
+    input_file: Path,
+    mode: str,
+    steps: int | None,
+    samples: int,
+    precision: str,
+    optimization: str,
+    out: Path,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
     from verimesh.job import new_job
 
-    j = new_job(model, input_file, out, mode=mode, steps=steps, samples=samples, precision=precision,
-                optimization=optimization, overwrite=force)
-    payload = {"job": str(out), "job_id": j.job_id, "steps": len(j.steps), "mode": j.mode, "model_digest": j.model_digest,
-               "input_digest": j.input_digest}
+    j = new_job(
+        model,
+        input_file,
+        out,
+        mode=mode,
+        steps=steps,
+        samples=samples,
+        precision=precision,
+        optimization=optimization,
+        overwrite=force,
+    )
+    payload = {
+        "job": str(out),
+        "job_id": j.job_id,
+        "steps": len(j.steps),
+        "mode": j.mode,
+        "model_digest": j.model_digest,
+        "input_digest": j.input_digest,
+    }
     _emit(as_json, payload, f"{j.job_id}\nwrote {out} ({len(j.steps)} steps, mode {mode}) and {out.stem}.files/")
 
 
@@ -228,9 +280,13 @@ def job_show(job_file: Path, as_json: bool) -> None:
 
     j = load_job(job_file)
     doc = {**j.document(), "job_id": j.job_id}
-    lines = [f"job id     {j.job_id}", f"mode       {j.mode}", f"model      {j.model_digest} ({j.model_path})",
-             f"input      {j.input_digest}", f"policy     samples={j.policy.samples} precision={j.policy.precision} "
-             f"optimization={j.policy.optimization}"]
+    lines = [
+        f"job id     {j.job_id}",
+        f"mode       {j.mode}",
+        f"model      {j.model_digest} ({j.model_path})",
+        f"input      {j.input_digest}",
+        f"policy     samples={j.policy.samples} precision={j.policy.precision} optimization={j.policy.optimization}",
+    ]
     lines += [f"step {s.index:<4}  {s.digest}  {s.nodes} nodes -> {', '.join(s.outputs)[:50]}" for s in j.steps]
     _emit(as_json, doc, "\n".join(lines))
 
@@ -240,13 +296,24 @@ def job_show(job_file: Path, as_json: bool) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Node secret key file.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bundle to write (.vmb).")
+@click.option(
+    "--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Node secret key file."
+)
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bundle to write (.vmb)."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--model", "model_file", type=click.Path(dir_okay=False, path_type=Path), help="Model file, if not where the job says.")
+@click.option(
+    "--model",
+    "model_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model file, if not where the job says.",
+)
 @json_option
 @click.pass_context
-def prove(ctx: click.Context, job_file: Path, key_file: Path, out: Path, device: str, model_file: Path | None, as_json: bool) -> None:
+def prove(
+    ctx: click.Context, job_file: Path, key_file: Path, out: Path, device: str, model_file: Path | None, as_json: bool
+) -> None:
     """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
     from verimesh.keys import key_is_encrypted, load_secret_key
     from verimesh.workflows import prove as run_prove
@@ -262,12 +329,14 @@ def prove(ctx: click.Context, job_file: Path, key_file: Path, out: Path, device:
     finally:
         if bar:
             bar.stop()
-    human = (f"wrote {out} ({result.bytes_written} bytes) in {result.seconds:.2f}s on {result.provider}\n"
-             f"commitment root {result.root}")
+    human = (
+        f"wrote {out} ({result.bytes_written} bytes) in {result.seconds:.2f}s on {result.provider}\n"
+        f"commitment root {result.root}"
+    )
     _emit(as_json, result.to_json(), human)
 
 
-class _SamplesType(click.ParamType):
+class _SamplesType(click.ParamType):  # type: ignore[type-arg]
     name = "K|all"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
@@ -285,23 +354,41 @@ class _SamplesType(click.ParamType):
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--node-key", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The node's public key file.")
-@click.option("--samples", type=_SamplesType(), default=None, help="Steps checked beside the last (default: the job's policy).")
+@click.option(
+    "--node-key", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The node's public key file."
+)
+@click.option(
+    "--samples", type=_SamplesType(), default=None, help="Steps checked beside the last (default: the job's policy)."
+)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed, for reproducible audits.")
-@click.option("--evidence-out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write evidence on a reject.")
-@click.option("--max-bundle-size", type=click.IntRange(min=1), default=None, help="Refuse bundles larger than this (bytes).")
+@click.option(
+    "--evidence-out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write evidence on a reject."
+)
+@click.option(
+    "--max-bundle-size", type=click.IntRange(min=1), default=None, help="Refuse bundles larger than this (bytes)."
+)
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, bundle: Path, job_file: Path, node_key: Path, samples: Any, seed: int | None,
-           evidence_out: Path | None, max_bundle_size: int | None, as_json: bool) -> None:
+def verify(
+    ctx: click.Context,
+    bundle: Path,
+    job_file: Path,
+    node_key: Path,
+    samples: Any,
+    seed: int | None,
+    evidence_out: Path | None,
+    max_bundle_size: int | None,
+    as_json: bool,
+) -> None:
     """Verify a worker's BUNDLE against the job and the node key; exit 0 accept, 1 reject."""
     from verimesh.container import DEFAULT_LIMITS, Limits
     from verimesh.workflows import verify as run_verify
 
     _init_runtime(ctx)
     limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
-    verdict = run_verify(bundle, job=job_file, node_key=node_key, samples=samples, seed=seed,
-                         evidence_out=evidence_out, limits=limits)
+    verdict = run_verify(
+        bundle, job=job_file, node_key=node_key, samples=samples, seed=seed, evidence_out=evidence_out, limits=limits
+    )
     if as_json:
         _emit(True, verdict.to_json(), "")
     elif verdict.status != "error":

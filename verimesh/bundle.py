@@ -20,7 +20,7 @@ import numpy as np
 
 from verimesh.canonical import canonical_json, parse_canonical_json
 from verimesh.container import DEFAULT_LIMITS, Limits, read_container_file, write_container
-from verimesh.digest import little_endian_c, parse_digest
+from verimesh.digest import parse_digest, tensor_bytes
 from verimesh.envelope import Envelope
 from verimesh.errors import InvalidInputError
 from verimesh.tensors import DTYPES
@@ -55,11 +55,15 @@ def tensor_member(index: int) -> str:
     return f"tensors/{index:06d}.bin"
 
 
-def write_bundle(path: Path, envelope: Envelope, entries: tuple[TraceEntry, ...], tensors: dict[str, np.ndarray]) -> int:
-    members: list[tuple[str, bytes | memoryview]] = [("envelope.json", envelope.to_bytes()), ("trace.json", trace_document(entries))]
+def write_bundle(
+    path: Path, envelope: Envelope, entries: tuple[TraceEntry, ...], tensors: dict[str, np.ndarray]
+) -> int:
+    members: list[tuple[str, bytes | memoryview]] = [
+        ("envelope.json", envelope.to_bytes()),
+        ("trace.json", trace_document(entries)),
+    ]
     for i, entry in enumerate(entries):
-        arr = little_endian_c(tensors[entry.name])
-        members.append((tensor_member(i), memoryview(arr.reshape(-1)).cast("B")))
+        members.append((tensor_member(i), tensor_bytes(tensors[entry.name])))
     return write_container(path, members)
 
 
@@ -104,7 +108,9 @@ def decode_tensor(entry: TraceEntry, data: memoryview, *, what: str) -> np.ndarr
     dtype = np.dtype(entry.dtype).newbyteorder("<")
     count = int(np.prod(entry.shape, dtype=np.int64)) if entry.shape else 1
     if count * dtype.itemsize != data.nbytes:
-        raise InvalidInputError(f"{what} tensor {entry.name!r}: {data.nbytes} bytes for {entry.dtype}{list(entry.shape)}")
+        raise InvalidInputError(
+            f"{what} tensor {entry.name!r}: {data.nbytes} bytes for {entry.dtype}{list(entry.shape)}"
+        )
     arr = np.frombuffer(data, dtype=dtype, count=count).reshape(entry.shape)
     if entry.dtype == "bool" and arr.size and np.frombuffer(data, dtype=np.uint8).max() > 1:
         raise InvalidInputError(f"{what} tensor {entry.name!r}: bool bytes other than 0 and 1")

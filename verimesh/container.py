@@ -71,8 +71,23 @@ def write_container(path: Path, members: Sequence[tuple[str, bytes | memoryview]
             fh.write(data)
             central.append(
                 _CENTRAL.pack(
-                    _CENTRAL_SIG, _MADE_BY, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, size, size,
-                    len(name_b), 0, 0, 0, 0, _EXTERNAL_ATTR, offset,
+                    _CENTRAL_SIG,
+                    _MADE_BY,
+                    _VERSION,
+                    0,
+                    0,
+                    _DOS_TIME,
+                    _DOS_DATE,
+                    crc,
+                    size,
+                    size,
+                    len(name_b),
+                    0,
+                    0,
+                    0,
+                    0,
+                    _EXTERNAL_ATTR,
+                    offset,
                 )
                 + name_b
             )
@@ -156,8 +171,23 @@ def read_container(data: bytes, *, what: str, limits: Limits = DEFAULT_LIMITS) -
         members[name] = payload
         expected_central.append(
             _CENTRAL.pack(
-                _CENTRAL_SIG, _MADE_BY, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, usize, usize,
-                nlen, 0, 0, 0, 0, _EXTERNAL_ATTR, pos,
+                _CENTRAL_SIG,
+                _MADE_BY,
+                _VERSION,
+                0,
+                0,
+                _DOS_TIME,
+                _DOS_DATE,
+                crc,
+                usize,
+                usize,
+                nlen,
+                0,
+                0,
+                0,
+                0,
+                _EXTERNAL_ATTR,
+                pos,
             )
             + name_b
         )

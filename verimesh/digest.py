@@ -67,10 +67,15 @@ def little_endian_c(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dt)
 
 
-def tensor_digest_raw(name: str, array: np.ndarray) -> bytes:
+def tensor_bytes(array: np.ndarray) -> memoryview:
+    """The tensor's data as canonical bytes (little-endian, C order), without a copy when possible."""
     arr = little_endian_c(array)
-    h = hashlib.sha256(tensor_header(name, arr.dtype.name, tuple(arr.shape)))
-    h.update(memoryview(arr).cast("B"))
+    return memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs lack Buffer
+
+
+def tensor_digest_raw(name: str, array: np.ndarray) -> bytes:
+    h = hashlib.sha256(tensor_header(name, array.dtype.name, tuple(int(d) for d in array.shape)))
+    h.update(tensor_bytes(array))
     return h.digest()
 
 

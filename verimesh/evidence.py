@@ -18,7 +18,7 @@ nothing it says is taken on trust.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from verimesh import merkle
 from verimesh.bundle import TraceEntry, decode_tensor, parse_trace_entry, tensor_member
 from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
 from verimesh.container import read_container_file, write_container
-from verimesh.digest import little_endian_c, parse_digest, sha256_bytes, tensor_digest
+from verimesh.digest import parse_digest, sha256_bytes, tensor_bytes, tensor_digest
 from verimesh.envelope import Envelope
 from verimesh.errors import InvalidInputError
 from verimesh.job import Job, job_from_bytes
@@ -54,8 +54,13 @@ class EvidenceResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "proves_fraud": self.proves_fraud, "kind": self.kind, "node_id": self.node_id, "job_id": self.job_id,
-            "reason": self.reason, "evidence_digest": self.digest, "details": self.details,
+            "proves_fraud": self.proves_fraud,
+            "kind": self.kind,
+            "node_id": self.node_id,
+            "job_id": self.job_id,
+            "reason": self.reason,
+            "evidence_digest": self.digest,
+            "details": self.details,
         }
 
 
@@ -63,16 +68,23 @@ def _tensor_records(
     names: Sequence[str], job: Job, tensors: dict[str, np.ndarray], leaf_hashes: Sequence[bytes]
 ) -> tuple[list[dict[str, Any]], list[tuple[str, bytes | memoryview]]]:
     order = job.trace_names
-    records, members = [], []
+    records: list[dict[str, Any]] = []
+    members: list[tuple[str, bytes | memoryview]] = []
     for i, name in enumerate(names):
-        arr = little_endian_c(tensors[name])
+        arr = tensors[name]
         index = order.index(name)
         proof = merkle.inclusion_proof(leaf_hashes, index)
-        records.append({
-            "name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "digest": tensor_digest(name, arr),
-            "leaf_index": index, "inclusion_proof": [b64encode(p) for p in proof],
-        })
-        members.append((tensor_member(i), memoryview(arr.reshape(-1)).cast("B")))
+        records.append(
+            {
+                "name": name,
+                "dtype": arr.dtype.name,
+                "shape": list(arr.shape),
+                "digest": tensor_digest(name, arr),
+                "leaf_index": index,
+                "inclusion_proof": [b64encode(p) for p in proof],
+            }
+        )
+        members.append((tensor_member(i), tensor_bytes(arr)))
     return records, members
 
 
@@ -94,8 +106,13 @@ def write_evidence(
     """Write an evidence file; returns its digest (what a slash cites)."""
     records, tensor_members = _tensor_records(tensor_names, job, tensors, leaf_hashes)
     doc = {
-        "type": EVIDENCE_TYPE, "version": 1, "kind": kind, "step": step, "field": binding_field,
-        "tensors": records, "reason": reason[:2000],
+        "type": EVIDENCE_TYPE,
+        "version": 1,
+        "kind": kind,
+        "step": step,
+        "field": binding_field,
+        "tensors": records,
+        "reason": reason[:2000],
     }
     members: list[tuple[str, bytes | memoryview]] = [
         ("evidence.json", canonical_json(doc)),
@@ -167,7 +184,7 @@ def check_evidence(path: Path) -> EvidenceResult:
         return result(False, "the signed commitment does not cover the job's trace")
     # 4.
     tensors: dict[str, np.ndarray] = {}
-    if not isinstance(doc["tensors"], list) or names[4 + (kind == "step-mismatch"):] != [
+    if not isinstance(doc["tensors"], list) or names[4 + (kind == "step-mismatch") :] != [
         tensor_member(i) for i in range(len(doc["tensors"]))
     ]:
         raise InvalidInputError("evidence tensors do not match their members")
@@ -205,19 +222,25 @@ def check_evidence(path: Path) -> EvidenceResult:
     return result(True, f"step {step} outputs do not follow from its committed inputs: {check.reason}", metrics=metrics)
 
 
-def _check_binding(field_name: object, pred: dict[str, Any], job: Job, tensors: dict[str, np.ndarray], result: Any) -> EvidenceResult:
+def _check_binding(
+    field_name: object,
+    pred: dict[str, Any],
+    job: Job,
+    tensors: dict[str, np.ndarray],
+    result: Callable[..., EvidenceResult],
+) -> EvidenceResult:
     if field_name in ("model_digest", "input_digest"):
         claimed = pred.get(str(field_name))
         pinned = job.model_digest if field_name == "model_digest" else job.input_digest
         if claimed == pinned:
-            return result(False, f"the signed {field_name} equals the job's")  # type: ignore[no-any-return]
-        return result(True, f"the node signed {field_name} {claimed} for a job that pins {pinned}")  # type: ignore[no-any-return]
+            return result(False, f"the signed {field_name} equals the job's")
+        return result(True, f"the node signed {field_name} {claimed} for a job that pins {pinned}")
     if field_name == "input-tensor":
-        pinned = {t.name: t.digest for t in job.input_tensors}
+        pinned_inputs = {t.name: t.digest for t in job.input_tensors}
         for name, arr in tensors.items():
-            if name in pinned and tensor_digest(name, arr) != pinned[name]:
-                return result(True, f"the node committed input {name!r} that differs from the job's")  # type: ignore[no-any-return]
-        return result(False, "the committed input tensors equal the job's")  # type: ignore[no-any-return]
+            if name in pinned_inputs and tensor_digest(name, arr) != pinned_inputs[name]:
+                return result(True, f"the node committed input {name!r} that differs from the job's")
+        return result(False, "the committed input tensors equal the job's")
     raise InvalidInputError(f"binding evidence field {field_name!r} is unknown")
 
 
@@ -226,6 +249,12 @@ def _evidence_tensor(rec: Any) -> tuple[TraceEntry, int, list[bytes]]:
         raise InvalidInputError("evidence tensor record is malformed")
     entry = parse_trace_entry({k: rec[k] for k in ("name", "dtype", "shape", "digest")})
     index, proof = rec["leaf_index"], rec["inclusion_proof"]
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(proof, list) or len(proof) > 64:
+    if (
+        not isinstance(index, int)
+        or isinstance(index, bool)
+        or index < 0
+        or not isinstance(proof, list)
+        or len(proof) > 64
+    ):
         raise InvalidInputError("evidence tensor leaf index or proof is malformed")
     return entry, index, [b64decode_strict(p, what="inclusion proof") for p in proof]

@@ -11,6 +11,7 @@ import io
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,8 +53,13 @@ class StepRef:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "index": self.index, "path": self.path, "digest": self.digest, "inputs": list(self.inputs),
-            "outputs": list(self.outputs), "cost": self.cost, "nodes": self.nodes,
+            "index": self.index,
+            "path": self.path,
+            "digest": self.digest,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "cost": self.cost,
+            "nodes": self.nodes,
         }
 
 
@@ -66,7 +72,9 @@ class Policy:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "samples": self.samples, "precision": self.precision, "optimization": self.optimization,
+            "samples": self.samples,
+            "precision": self.precision,
+            "optimization": self.optimization,
             "tolerance": self.tolerance.to_json(),
         }
 
@@ -128,21 +136,22 @@ class Job:
     def resolve(self, relative: str) -> Path:
         return self.base_dir / relative
 
+    def read_step_model(self, index: int) -> bytes:
+        """One step file, checked against the digest the job pins (IntegrityError otherwise)."""
+        step = self.steps[index]
+        path = self.resolve(step.path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(
+                f"step file {path} is missing", hint="keep the job's .files folder beside the job file"
+            ) from exc
+        if sha256_bytes(data) != step.digest:
+            raise IntegrityError(f"step file {path} does not match the digest pinned by the job")
+        return data
+
     def read_step_models(self) -> tuple[bytes, ...]:
-        """Each step file, checked against the digest the job pins (IntegrityError otherwise)."""
-        out = []
-        for step in self.steps:
-            path = self.resolve(step.path)
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise InvalidInputError(
-                    f"step file {path} is missing", hint="keep the job's .files folder beside the job file"
-                ) from exc
-            if sha256_bytes(data) != step.digest:
-                raise IntegrityError(f"step file {path} does not match the digest pinned by the job")
-            out.append(data)
-        return tuple(out)
+        return tuple(self.read_step_model(i) for i in range(len(self.steps)))
 
     def read_input(self) -> dict[str, np.ndarray]:
         """The job's input tensors, checked against their pinned digests."""
@@ -165,12 +174,13 @@ class Job:
                 raise IntegrityError(f"job input tensor {name!r} does not match the digest pinned by the job")
         return tensors
 
-    def check_model_file(self, path: Path | None = None) -> None:
-        model = path or self.resolve(self.model_path)
+    def check_model_file(self, path: Path | None = None, *, digest_of: Callable[[Path], str] | None = None) -> None:
+        """Refuse a model file whose digest is not the job's (``digest_of`` may cache digests)."""
         from verimesh.digest import sha256_file
 
+        model = path or self.resolve(self.model_path)
         try:
-            digest = sha256_file(model)
+            digest = (digest_of or sha256_file)(model)
         except OSError as exc:
             raise InvalidInputError(f"model file {model} not found", hint="pass --model PATH") from exc
         if digest != self.model_digest:
@@ -187,7 +197,9 @@ def _spec_from(doc: Any, what: str) -> TensorSpec:
     shape = doc["shape"]
     if not isinstance(doc["name"], str) or doc["dtype"] not in DTYPES:
         raise InvalidInputError(f"job {what} spec has a bad name or dtype")
-    if shape is not None and (not isinstance(shape, list) or not all(d is None or isinstance(d, (int, str)) for d in shape)):
+    if shape is not None and (
+        not isinstance(shape, list) or not all(d is None or isinstance(d, (int, str)) for d in shape)
+    ):
         raise InvalidInputError(f"job {what} spec has a bad shape")
     return TensorSpec(doc["name"], doc["dtype"], None if shape is None else tuple(shape))
 
@@ -244,8 +256,15 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
             raise InvalidInputError(f"{what} step {i} cost/nodes must be non-negative integers")
         parse_digest(s["digest"], what=f"step {i} digest")
         steps.append(
-            StepRef(i, _relative_path(s["path"], f"step {i}"), s["digest"], _names(s["inputs"], f"step {i} inputs"),
-                    _names(s["outputs"], f"step {i} outputs"), s["cost"], s["nodes"])
+            StepRef(
+                i,
+                _relative_path(s["path"], f"step {i}"),
+                s["digest"],
+                _names(s["inputs"], f"step {i} inputs"),
+                _names(s["outputs"], f"step {i} outputs"),
+                s["cost"],
+                s["nodes"],
+            )
         )
     samples = pol["samples"]
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
@@ -359,10 +378,12 @@ def new_job(
             StepRef(step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count)
         )
     buf = io.BytesIO()
-    np.savez(buf, **tensors)
+    np.savez(buf, **tensors)  # type: ignore[arg-type]
     (files / "input.npz").write_bytes(buf.getvalue())
     refs = tuple(
-        TensorRef(s.name, tensors[s.name].dtype.name, tuple(tensors[s.name].shape), tensor_digest(s.name, tensors[s.name]))
+        TensorRef(
+            s.name, tensors[s.name].dtype.name, tuple(tensors[s.name].shape), tensor_digest(s.name, tensors[s.name])
+        )
         for s in specs_in
     )
     job = Job(

@@ -119,10 +119,17 @@ def _decrypt(blob: dict[str, Any], passphrase: str, path: Path) -> bytes:
         if kdf["n"] > 2**20 or kdf["r"] > 16 or kdf["p"] > 4 or kdf["dklen"] != 32:
             raise InvalidInputError(f"{path}: scrypt parameters out of bounds")
         key = hashlib.scrypt(
-            passphrase.encode("utf-8"), salt=bytes.fromhex(kdf["salt"]), n=kdf["n"], r=kdf["r"], p=kdf["p"],
-            dklen=32, maxmem=2**28,
+            passphrase.encode("utf-8"),
+            salt=bytes.fromhex(kdf["salt"]),
+            n=kdf["n"],
+            r=kdf["r"],
+            p=kdf["p"],
+            dklen=32,
+            maxmem=2**28,
         )
-        return AESGCM(key).decrypt(bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]), SECRET_TYPE.encode())
+        return AESGCM(key).decrypt(
+            bytes.fromhex(blob["nonce"]), bytes.fromhex(blob["ciphertext"]), SECRET_TYPE.encode()
+        )
     except InvalidTag as exc:
         raise InvalidInputError(f"wrong passphrase for {path}", code="bad-passphrase") from exc
     except (KeyError, TypeError, ValueError) as exc:

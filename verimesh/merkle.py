@@ -52,9 +52,7 @@ def inclusion_proof(hashes: Sequence[bytes], index: int) -> list[bytes]:
     return inclusion_proof(hashes[k:], index - k) + [root_from_leaf_hashes(hashes[:k])]
 
 
-def verify_inclusion(
-    leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
-) -> bool:
+def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes) -> bool:
     """RFC 9162 §2.1.3.2: does ``leaf`` (a leaf *hash*) sit at ``index`` under ``root``?"""
     # 1. leaf_index must be below tree_size.
     if not 0 <= index < tree_size or len(leaf) != 32 or len(root) != 32:
@@ -98,9 +96,7 @@ def _subproof(hashes: Sequence[bytes], m: int, complete: bool) -> list[bytes]:
     return _subproof(hashes[k:], m - k, False) + [root_from_leaf_hashes(hashes[:k])]
 
 
-def verify_consistency(
-    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
-) -> bool:
+def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]) -> bool:
     """RFC 9162 §2.1.4.2: is the tree of ``new_size`` an append-only extension of ``old_size``?"""
     # A proof from the empty tree proves nothing; callers must not ask for one.
     if not 0 < old_size <= new_size:

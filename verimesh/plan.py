@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -91,7 +92,7 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
 def parse_model(data: bytes, *, what: str) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends, undocumented
+    except Exception as exc:
         raise InvalidInputError(f"{what} is not an ONNX model ({type(exc).__name__})") from exc
     if not model.graph.node:
         raise InvalidInputError(f"{what} is not an ONNX model (no graph nodes)")
@@ -206,7 +207,7 @@ def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, onnx.ValueInfoProto]) 
             transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
             k = dims[0] if transposed else dims[-1]
             if k.HasField("dim_value"):
-                return 2 * out * k.dim_value
+                return 2 * out * int(k.dim_value)
     return out
 
 
@@ -314,7 +315,11 @@ def plan_model(
         if u is None or u <= p:
             continue
         vi = sized.get(name)
-        nbytes = (_numel(vi) or 1024) * np.dtype(ONNX_TO_DTYPE.get(vi.type.tensor_type.elem_type, "float32")).itemsize if vi else 4096
+        nbytes = (
+            (_numel(vi) or 1024) * np.dtype(ONNX_TO_DTYPE.get(vi.type.tensor_type.elem_type, "float32")).itemsize
+            if vi
+            else 4096
+        )
         live_bytes[p + 1] += nbytes
         live_bytes[u + 1] -= nbytes
         if name not in types or types[name].type.tensor_type.elem_type not in ONNX_TO_DTYPE:
@@ -358,11 +363,17 @@ def plan_model(
                 if name and name not in free and name not in produced_here and name not in step_inputs:
                     step_inputs.append(name)
             produced_here.update(o for o in node.output if o)
-        step_outputs = [
-            o for node in compute[a:b] for o in node.output if o and last_use.get(o, -1) >= b
-        ]
+        step_outputs = [o for node in compute[a:b] for o in node.output if o and last_use.get(o, -1) >= b]
         plan_steps.append(
-            Step(k, a, b - a, tuple(step_inputs), tuple(step_outputs), int(prefix[b] - prefix[a]), int(live[b]) if b < n else 0)
+            Step(
+                k,
+                a,
+                b - a,
+                tuple(step_inputs),
+                tuple(step_outputs),
+                int(prefix[b] - prefix[a]),
+                int(live[b]) if b < n else 0,
+            )
         )
     # Graph outputs that are graph inputs (pass-through) need no step; everything else is produced.
     return StepPlan(inputs, outputs, tuple(plan_steps), False)
@@ -430,7 +441,7 @@ def plan_and_build(
     return build_step_models(model, data, plan), digest
 
 
-def describe_steps(planned: PlannedModel) -> Sequence[dict[str, object]]:
+def describe_steps(planned: PlannedModel) -> list[dict[str, Any]]:
     return [
         {
             "index": s.index,

@@ -8,7 +8,7 @@ under the ``fp32-strict`` precision class the CUDA provider runs with TF32 disab
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,12 +83,18 @@ class StepRunner:
             return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def session(self, digest: str, model_bytes: bytes) -> Any:
+    def has_session(self, digest: str) -> bool:
+        return digest in self._sessions
+
+    def session(self, digest: str, model_bytes: bytes | Callable[[], bytes]) -> Any:
+        """The session for a step; ``model_bytes`` may be a loader, called only on a cache miss."""
         import onnxruntime as ort
 
         cached = self._sessions.get(digest)
         if cached is not None:
             return cached
+        if callable(model_bytes):
+            model_bytes = model_bytes()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -108,7 +114,11 @@ class StepRunner:
         return sess
 
     def run(
-        self, digest: str, model_bytes: bytes, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        digest: str,
+        model_bytes: bytes | Callable[[], bytes],
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
     ) -> dict[str, np.ndarray]:
         sess = self.session(digest, model_bytes)
         try:

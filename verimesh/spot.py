@@ -40,15 +40,21 @@ class Commitment:
 
 def run_steps(
     job: Job,
-    step_models: Sequence[bytes],
+    step_models: Sequence[bytes] | None,
     inputs: Mapping[str, np.ndarray],
     runner: StepRunner,
     *,
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run every step in order from the job input; returns every trace tensor by name."""
+    """Run every step in order from the job input; returns every trace tensor by name.
+
+    ``step_models=None`` reads (and digest-checks) a step file only when ``runner`` has no
+    session for that step's digest yet."""
     trace: dict[str, np.ndarray] = dict(inputs)
-    for step, blob in zip(job.steps, step_models, strict=True):
+    for step in job.steps:
+        blob: bytes | Callable[[], bytes] = (
+            step_models[step.index] if step_models is not None else (lambda i=step.index: job.read_step_model(i))
+        )
         trace.update(runner.run(step.digest, blob, {n: trace[n] for n in step.inputs}, step.outputs))
         if progress:
             progress(step.index + 1, len(job.steps))
@@ -66,7 +72,9 @@ def commit_trace(names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Com
     return Commitment(tuple(entries), tuple(leaves), merkle.root_from_leaf_hashes(leaves))
 
 
-def spot_predicate(job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str) -> dict[str, object]:
+def spot_predicate(
+    job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str
+) -> dict[str, object]:
     from verimesh.runtime import onnxruntime_version
 
     return {
@@ -128,7 +136,7 @@ class StepCheck:
 def recheck_step(
     job: Job,
     index: int,
-    step_model: bytes,
+    step_model: bytes | Callable[[], bytes],
     trace: Mapping[str, np.ndarray],
     runner: StepRunner,
     tolerance: Tolerance,

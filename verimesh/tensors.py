@@ -21,8 +21,18 @@ from verimesh.errors import InvalidInputError
 
 # ONNX TensorProto elem types verimesh can commit to, and their numpy names.
 ONNX_TO_DTYPE: dict[int, str] = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
 }
 DTYPES = frozenset(ONNX_TO_DTYPE.values())
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
@@ -66,9 +76,7 @@ def check_tensor(name: str, array: np.ndarray, spec: TensorSpec | None = None, *
         raise InvalidInputError(f"{what} {name!r} contains NaN or Inf")
 
 
-def check_tensor_set(
-    tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], *, what: str = "input"
-) -> None:
+def check_tensor_set(tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSpec], *, what: str = "input") -> None:
     expected = {s.name for s in specs}
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
@@ -156,7 +164,9 @@ def _load_json(data: bytes, path: Path, specs: Sequence[TensorSpec]) -> dict[str
             array = _json_array(values, spec, path).reshape(-1)
             out[spec.name] = array.reshape(_concrete_shape(spec, array.size, path))
         return out
-    return {name: _json_array(value, by_name[name], path) if name in by_name else np.array(0) for name, value in doc.items()}
+    return {
+        name: _json_array(value, by_name[name], path) if name in by_name else np.array(0) for name, value in doc.items()
+    }
 
 
 def _concrete_shape(spec: TensorSpec, size: int, path: Path) -> tuple[int, ...]:

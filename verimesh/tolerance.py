@@ -45,7 +45,9 @@ class Tolerance:
 # fp32-strict: CPU-vs-CPU and CPU-vs-CUDA(TF32 off) fp32 stay well inside these, while fp16
 # weights (~1e-3 relative) and TF32 (~1e-3) land outside the Frobenius bound.
 DEFAULT_TOLERANCES = {
-    "fp32-strict": Tolerance(rtol=1e-3, atol=1e-4, max_outside_fraction=0.0, max_rel_frobenius=1e-4, argmax_margin=1e-3),
+    "fp32-strict": Tolerance(
+        rtol=1e-3, atol=1e-4, max_outside_fraction=0.0, max_rel_frobenius=1e-4, argmax_margin=1e-3
+    ),
     "tf32": Tolerance(rtol=2e-2, atol=2e-3, max_outside_fraction=1e-3, max_rel_frobenius=5e-3, argmax_margin=2e-2),
 }
 
@@ -60,16 +62,24 @@ class Comparison:
 def compare_tensors(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Comparison:
     """Compare a committed tensor (``got``) with the verifier's recomputation (``ref``)."""
     if got.shape != ref.shape or got.dtype != ref.dtype:
-        return Comparison(False, f"{name}: shape/dtype {got.dtype}{list(got.shape)} != recomputed {ref.dtype}{list(ref.shape)}", {})
+        return Comparison(
+            False, f"{name}: shape/dtype {got.dtype}{list(got.shape)} != recomputed {ref.dtype}{list(ref.shape)}", {}
+        )
     if got.dtype.kind in "biu":
         diff = int(np.count_nonzero(got != ref))
-        return Comparison(diff == 0, f"{name}: {diff} of {got.size} elements differ" if diff else "", {"mismatched": diff})
+        return Comparison(
+            diff == 0, f"{name}: {diff} of {got.size} elements differ" if diff else "", {"mismatched": diff}
+        )
     g = got.astype(np.float64, copy=False)
     r = ref.astype(np.float64, copy=False)
     ref_finite = np.isfinite(r)
     bad_nonfinite = int(np.count_nonzero(~np.isfinite(g) & ref_finite))
     if bad_nonfinite or not np.array_equal(np.isfinite(g), ref_finite):
-        return Comparison(False, f"{name}: {bad_nonfinite} NaN/Inf values where the recomputation is finite", {"nonfinite": bad_nonfinite})
+        return Comparison(
+            False,
+            f"{name}: {bad_nonfinite} NaN/Inf values where the recomputation is finite",
+            {"nonfinite": bad_nonfinite},
+        )
     gf, rf = np.where(ref_finite, g, 0.0), np.where(ref_finite, r, 0.0)
     diff = np.abs(gf - rf)
     ref_norm = float(np.linalg.norm(rf))

@@ -28,6 +28,7 @@ from verimesh.runtime import StepRunner
 from verimesh.spot import (
     COMMITMENT_ALGORITHM,
     PREDICATE_TYPE,
+    Commitment,
     Progress,
     commit_trace,
     recheck_step,
@@ -55,8 +56,13 @@ class ProveResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "bundle": str(self.bundle), "job_id": self.job_id, "node_id": self.node_id, "commitment_root": self.root,
-            "outputs": self.outputs, "provider": self.provider, "bytes": self.bytes_written,
+            "bundle": str(self.bundle),
+            "job_id": self.job_id,
+            "node_id": self.node_id,
+            "commitment_root": self.root,
+            "outputs": self.outputs,
+            "provider": self.provider,
+            "bytes": self.bytes_written,
             "seconds": round(self.seconds, 4),
         }
 
@@ -67,8 +73,8 @@ def _as_job(job: Job | Path) -> Job:
 
 def seal_trace(
     job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path
-) -> tuple[Envelope, int, str]:
-    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, root)."""
+) -> tuple[Envelope, int, Commitment]:
+    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, commitment)."""
     missing = [n for n in job.trace_names if n not in trace]
     if missing:
         raise InvalidInputError(f"trace lacks tensors {missing[:5]}")
@@ -84,7 +90,65 @@ def seal_trace(
     statement = make_statement({n: by_name[n] for n in job.output_names}, PREDICATE_TYPE, predicate)
     envelope = sign_statement(statement, key)
     size = write_bundle(out, envelope, commitment.entries, dict(trace))
-    return envelope, size, commitment.root_digest
+    return envelope, size, commitment
+
+
+class Worker:
+    """A node operator's prover for a serving loop: one key, sessions and file digests reused.
+
+    Step sessions are cached per step digest (a step file is read and digest-checked only the
+    first time), and a model file's digest is cached by (path, size, mtime).
+    """
+
+    def __init__(self, key: SecretKey, *, device: str = "auto", threads: int = 0) -> None:
+        self.key = key
+        self.device = device
+        self.threads = threads
+        self._runners: dict[tuple[str, str], StepRunner] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def runner(self, job: Job) -> StepRunner:
+        config = (job.policy.precision, job.policy.optimization)
+        if config not in self._runners:
+            self._runners[config] = StepRunner(
+                device=self.device, precision=config[0], optimization=config[1], threads=self.threads
+            )
+        return self._runners[config]
+
+    def _file_digest(self, path: Path) -> str:
+        from verimesh.digest import sha256_file
+
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = sha256_file(path)
+        return self._digests[key]
+
+    def prove(
+        self, job: Job | Path, *, out: Path, model: Path | None = None, progress: Progress | None = None
+    ) -> ProveResult:
+        """Run a spot-mode job and write its bundle.
+
+        1. Check the model, the step files and the input against the job's digests (refuse otherwise).
+        2. Run the steps in order with onnxruntime, keeping every boundary tensor.
+        3. Commit to the trace (RFC 9162 root over tensor digests), sign the statement, write the bundle.
+        """
+        started = time.perf_counter()
+        job = _as_job(job)
+        # 1. (step files are checked when their session is first created, in run_steps)
+        job.check_model_file(model, digest_of=self._file_digest)
+        inputs = job.read_input()
+        runner = self.runner(job)
+        # 2.
+        trace = run_steps(job, None, inputs, runner, progress=progress)
+        # 3.
+        _, size, commitment = seal_trace(job, trace, key=self.key, runner=runner, out=out)
+        digests = {e.name: e.digest for e in commitment.entries}
+        outputs = {n: digests[n] for n in job.output_names}
+        elapsed = time.perf_counter() - started
+        return ProveResult(
+            out, job.job_id, self.key.node_id, commitment.root_digest, outputs, runner.provider, size, elapsed
+        )
 
 
 def prove(
@@ -94,30 +158,10 @@ def prove(
     out: Path,
     device: str = "auto",
     model: Path | None = None,
-    runner: StepRunner | None = None,
     progress: Progress | None = None,
 ) -> ProveResult:
-    """Run a spot-mode job and write its bundle.
-
-    1. Check the model, the step files and the input against the job's digests (refuse otherwise).
-    2. Run the steps in order with onnxruntime, keeping every boundary tensor.
-    3. Commit to the trace (RFC 9162 root over tensor digests), sign the statement, write the bundle.
-    """
-    started = time.perf_counter()
-    job = _as_job(job)
-    # 1.
-    job.check_model_file(model)
-    step_models = job.read_step_models()
-    inputs = job.read_input()
-    runner = runner or StepRunner(device=device, precision=job.policy.precision, optimization=job.policy.optimization)
-    if (runner.precision, runner.optimization) != (job.policy.precision, job.policy.optimization):
-        raise InvalidInputError("the runner's precision/optimization differ from the job's policy")
-    # 2.
-    trace = run_steps(job, step_models, inputs, runner, progress=progress)
-    # 3.
-    envelope, size, root = seal_trace(job, trace, key=key, runner=runner, out=out)
-    outputs = {n: tensor_digest(n, trace[n]) for n in job.output_names}
-    return ProveResult(out, job.job_id, key.node_id, root, outputs, runner.provider, size, time.perf_counter() - started)
+    """One-shot ``Worker(key, device=device).prove(job, out=out)``; see ``Worker.prove``."""
+    return Worker(key, device=device).prove(job, out=out, model=model, progress=progress)
 
 
 class _Rejected(Exception):
@@ -183,18 +227,29 @@ def verify(
         sampled = sample_steps(job, k, seeded_rng(seed))
         checks.append(Check("sampling", True, f"seed {seed}: steps {list(sampled)} of {len(job.steps)}"))
         # 6.
-        step_models = job.read_step_models()
-        runner = runner or StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+        runner = runner or StepRunner(
+            device="cpu", precision=job.policy.precision, optimization=job.policy.optimization
+        )
         for index in sampled:
-            result = recheck_step(job, index, step_models[index], parsed.tensors, runner, job.policy.tolerance)
+            # The step file is read and digest-checked only if the runner has no session for it yet.
+            load = lambda i=index: job.read_step_model(i)  # noqa: E731
+            result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance)
             metrics = {n: c.metrics for n, c in zip(job.steps[index].outputs, result.comparisons, strict=True)}
-            check = Check(f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance", metrics=metrics)
+            check = Check(
+                f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance", metrics=metrics
+            )
             if not result.ok:
                 step = job.steps[index]
-                raise _Rejected(check, {
-                    "kind": "step-mismatch", "step": index, "step_model": step_models[index],
-                    "tensor_names": [*step.inputs, *step.outputs], "leaf_hashes": leaf_hashes,
-                })
+                raise _Rejected(
+                    check,
+                    {
+                        "kind": "step-mismatch",
+                        "step": index,
+                        "step_model": job.read_step_model(index),
+                        "tensor_names": [*step.inputs, *step.outputs],
+                        "leaf_hashes": leaf_hashes,
+                    },
+                )
             checks.append(check)
     except _Rejected as rejected:
         checks.append(rejected.check)
@@ -203,9 +258,17 @@ def verify(
             evidence_path = evidence_out or bundle.with_name(bundle.stem + ".evidence.vme")
             ev = rejected.evidence
             write_evidence(
-                evidence_path, kind=ev["kind"], job=job, envelope=parsed.envelope, public=public,
-                reason=rejected.check.detail, tensors=parsed.tensors, tensor_names=ev["tensor_names"],
-                leaf_hashes=ev["leaf_hashes"], step=ev.get("step"), step_model=ev.get("step_model"),
+                evidence_path,
+                kind=ev["kind"],
+                job=job,
+                envelope=parsed.envelope,
+                public=public,
+                reason=rejected.check.detail,
+                tensors=parsed.tensors,
+                tensor_names=ev["tensor_names"],
+                leaf_hashes=ev["leaf_hashes"],
+                step=ev.get("step"),
+                step_model=ev.get("step_model"),
                 binding_field=ev.get("field"),
             )
         return verdict("reject", str(evidence_path) if evidence_path else None)
@@ -220,7 +283,9 @@ def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, check
     # 2.
     if not parsed.envelope.signed_by(public):
         keyids = [s.keyid for s in parsed.envelope.signatures]
-        raise _Rejected(Check("signature", False, "no valid signature by the pinned node key", public.node_id, ", ".join(keyids)))
+        raise _Rejected(
+            Check("signature", False, "no valid signature by the pinned node key", public.node_id, ", ".join(keyids))
+        )
     checks.append(Check("signature", True, f"signed by {public.node_id}"))
     # 3.
     try:
@@ -229,16 +294,26 @@ def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, check
         raise _Rejected(Check("statement", False, exc.message)) from exc
     pred = statement["predicate"]
     if statement["predicateType"] != PREDICATE_TYPE:
-        raise _Rejected(Check("statement", False, "wrong predicate type", PREDICATE_TYPE, str(statement["predicateType"])))
+        raise _Rejected(
+            Check("statement", False, "wrong predicate type", PREDICATE_TYPE, str(statement["predicateType"]))
+        )
     if pred.get("job_id") != job.job_id:
-        raise _Rejected(Check("job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))))
+        raise _Rejected(
+            Check(
+                "job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))
+            )
+        )
     if pred.get("node_id") != public.node_id:
-        raise _Rejected(Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id"))))
+        raise _Rejected(
+            Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id")))
+        )
     for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
         if pred.get(field_name) != pinned:
             detail = f"signed {field_name} differs from the job's"
-            raise _Rejected(Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name))),
-                            {"kind": "binding", "field": field_name, "tensor_names": [], "leaf_hashes": ()})
+            raise _Rejected(
+                Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name))),
+                {"kind": "binding", "field": field_name, "tensor_names": [], "leaf_hashes": ()},
+            )
     runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
     commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
     expected = {
@@ -256,32 +331,62 @@ def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, check
         root = parse_digest(commitment.get("root"), what="commitment root")
     except InvalidInputError as exc:
         raise _Rejected(Check("statement", False, exc.message)) from exc
-    checks.append(Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}"))
+    checks.append(
+        Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}")
+    )
     # 4.
     if sha256_bytes(parsed.trace_bytes) != pred.get("proof_digest"):
         raise _Rejected(Check("trace", False, "trace.json is not the one the statement signs"))
     names = tuple(e.name for e in parsed.trace)
     if names != job.trace_names:
-        raise _Rejected(Check("trace", False, "trace tensors differ from the job's step boundaries",
-                              ", ".join(job.trace_names)[:200], ", ".join(names)[:200]))
+        raise _Rejected(
+            Check(
+                "trace",
+                False,
+                "trace tensors differ from the job's step boundaries",
+                ", ".join(job.trace_names)[:200],
+                ", ".join(names)[:200],
+            )
+        )
     leaf_hashes = []
     for entry in parsed.trace:
         actual = tensor_digest(entry.name, parsed.tensors[entry.name])
         if actual != entry.digest:
-            raise _Rejected(Check("trace", False, f"tensor {entry.name!r} does not match its digest", entry.digest, actual))
+            raise _Rejected(
+                Check("trace", False, f"tensor {entry.name!r} does not match its digest", entry.digest, actual)
+            )
         leaf_hashes.append(merkle.leaf_hash(parse_digest(actual)))
     computed_root = merkle.root_from_leaf_hashes(leaf_hashes)
     if computed_root != root:
-        raise _Rejected(Check("commitment", False, "tensor digests do not give the signed root", root.hex(), computed_root.hex()))
+        raise _Rejected(
+            Check("commitment", False, "tensor digests do not give the signed root", root.hex(), computed_root.hex())
+        )
     checks.append(Check("commitment", True, f"{len(leaf_hashes)} leaves under the signed root"))
     by_name = {e.name: e.digest for e in parsed.trace}
     for ref in job.input_tensors:
         if by_name[ref.name] != ref.digest:
-            raise _Rejected(Check("input-binding", False, f"committed input {ref.name!r} is not the job's input", ref.digest, by_name[ref.name]),
-                            {"kind": "binding", "field": "input-tensor", "tensor_names": [ref.name], "leaf_hashes": tuple(leaf_hashes)})
+            raise _Rejected(
+                Check(
+                    "input-binding",
+                    False,
+                    f"committed input {ref.name!r} is not the job's input",
+                    ref.digest,
+                    by_name[ref.name],
+                ),
+                {
+                    "kind": "binding",
+                    "field": "input-tensor",
+                    "tensor_names": [ref.name],
+                    "leaf_hashes": tuple(leaf_hashes),
+                },
+            )
     subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in parsed.envelope.statement()["subject"]}
     claimed = {n: by_name[n] for n in job.output_names}
     if subjects != claimed:
-        raise _Rejected(Check("output-binding", False, "statement subjects are not the committed outputs", str(claimed), str(subjects)))
+        raise _Rejected(
+            Check(
+                "output-binding", False, "statement subjects are not the committed outputs", str(claimed), str(subjects)
+            )
+        )
     checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
     return tuple(leaf_hashes)

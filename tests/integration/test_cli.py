@@ -40,7 +40,11 @@ def test_keys_new_and_show(workdir: Path) -> None:
     assert payload["node_id"].startswith("vm-")
     assert stat.S_IMODE((workdir / "node.key").stat().st_mode) == 0o600
     shown = run("keys", "show", "node.key.pub", "--json", "--check-pop")
-    assert json.loads(shown.stdout) == {**json.loads(shown.stdout), "node_id": payload["node_id"], "proof_of_possession_valid": True}
+    assert json.loads(shown.stdout) == {
+        **json.loads(shown.stdout),
+        "node_id": payload["node_id"],
+        "proof_of_possession_valid": True,
+    }
     assert (workdir / "node.key").read_text() not in shown.stdout
     assert run("keys", "new", "-o", "node.key").exit_code == 3  # refuses to overwrite
 
@@ -50,7 +54,9 @@ def test_encrypted_key_needs_passphrase(workdir: Path, job_file: Path) -> None:
     assert run("keys", "new", "-o", "enc.key", "--encrypt", env=env).exit_code == 0
     assert "scrypt" in (workdir / "enc.key").read_text()
     assert run("prove", job_file, "--key", "enc.key", "-o", "r.vmb", env=env).exit_code == 0
-    assert_one_line_error(run("prove", job_file, "--key", "enc.key", "-o", "r.vmb", env={"VERIMESH_PASSPHRASE": "wrong"}), 3)
+    assert_one_line_error(
+        run("prove", job_file, "--key", "enc.key", "-o", "r.vmb", env={"VERIMESH_PASSPHRASE": "wrong"}), 3
+    )
     assert_one_line_error(run("prove", job_file, "--key", "enc.key", "-o", "r.vmb", env={"VERIMESH_PASSPHRASE": ""}), 3)
 
 
@@ -80,8 +86,12 @@ def test_prove_verify_roundtrip(model: str, workdir: Path, keys: Keys) -> None:
 
 def test_verify_with_seed_is_reproducible(job_file: Path, keys: Keys) -> None:
     assert run("prove", job_file, "--key", keys.node_file, "-o", "r.vmb").exit_code == 0
-    a = json.loads(run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--seed", "7", "--json").stdout)
-    b = json.loads(run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--seed", "7", "--json").stdout)
+    a = json.loads(
+        run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--seed", "7", "--json").stdout
+    )
+    b = json.loads(
+        run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--seed", "7", "--json").stdout
+    )
     assert a["sampled_steps"] == b["sampled_steps"] and a["seed"] == 7
 
 
@@ -93,15 +103,17 @@ def test_verify_reject_exit_code_and_evidence(job_file: Path, keys: Keys, workdi
 
 
 def test_evidence_check_cli(job_file: Path, keys: Keys, workdir: Path) -> None:
-    from tests.integration.test_tamper import honest_trace, seal
     from tests.conftest import perturbed
+    from tests.integration.test_tamper import honest_trace, seal
     from verimesh.job import load_job
 
     job = load_job(job_file)
     trace = honest_trace(job)
     trace["logits"] = perturbed(trace["logits"])
     seal(job, trace, keys.node, workdir / "bad.vmb")
-    result = run("verify", "bad.vmb", "--job", job_file, "--node-key", keys.node_pub, "--evidence-out", "ev.vme", "--json")
+    result = run(
+        "verify", "bad.vmb", "--job", job_file, "--node-key", keys.node_pub, "--evidence-out", "ev.vme", "--json"
+    )
     assert result.exit_code == 1 and json.loads(result.stdout)["evidence"] == "ev.vme"
     checked = run("evidence", "check", "ev.vme", "--json")
     assert checked.exit_code == 0, checked.output
@@ -198,7 +210,10 @@ def test_cuda_requested_without_provider(job_file: Path, keys: Keys) -> None:
 def test_usage_errors_exit_2(job_file: Path, keys: Keys) -> None:
     assert run("verify").exit_code == 2
     assert run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--samples", "some").exit_code == 2
-    assert run("job", "new", model_path("mlp"), "--input", input_path("mlp"), "-o", "j.json", "--steps", "0").exit_code == 2
+    assert (
+        run("job", "new", model_path("mlp"), "--input", input_path("mlp"), "-o", "j.json", "--steps", "0").exit_code
+        == 2
+    )
 
 
 def _hostile_zip(path: Path, name: str, data: bytes, compress: int) -> None:
@@ -215,7 +230,9 @@ def _hostile_zip(path: Path, name: str, data: bytes, compress: int) -> None:
         ("envelope.json", b"{}", zipfile.ZIP_STORED, "non-canonical"),
     ],
 )
-def test_hostile_archives(name: str, data: bytes, compress: int, needle: str, job_file: Path, keys: Keys, workdir: Path) -> None:
+def test_hostile_archives(
+    name: str, data: bytes, compress: int, needle: str, job_file: Path, keys: Keys, workdir: Path
+) -> None:
     _hostile_zip(workdir / "evil.vmb", name, data, compress)
     result = run("verify", "evil.vmb", "--job", job_file, "--node-key", keys.node_pub)
     assert_one_line_error(result, 3)

@@ -44,7 +44,9 @@ def seal(job: Job, trace: dict[str, np.ndarray], key: object, path: Path) -> Pat
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("samples", [None, "all"])
-def test_honest_bundle_is_accepted(model: str, samples: object, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+def test_honest_bundle_is_accepted(
+    model: str, samples: object, jobs: dict[str, Job], keys: Keys, tmp_path: Path
+) -> None:
     job = jobs[model]
     result = prove(job, key=keys.node, out=tmp_path / "r.vmb", device="cpu")
     verdict = verify(result.bundle, job=job, node_key=keys.node_pub, samples=samples)  # type: ignore[arg-type]
@@ -56,7 +58,9 @@ def test_honest_bundle_is_accepted(model: str, samples: object, jobs: dict[str, 
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_final_output_perturbed_is_rejected_with_evidence(model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+def test_final_output_perturbed_is_rejected_with_evidence(
+    model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path
+) -> None:
     job = jobs[model]
     trace = honest_trace(job)
     out = job.output_names[0]
@@ -72,7 +76,9 @@ def test_final_output_perturbed_is_rejected_with_evidence(model: str, jobs: dict
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_intermediate_step_perturbed_then_recomputed_honestly(model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+def test_intermediate_step_perturbed_then_recomputed_honestly(
+    model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path
+) -> None:
     job = jobs[model]
     assert len(job.steps) >= 3
     k = len(job.steps) // 2
@@ -111,7 +117,9 @@ def _reweighted(name: str, tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_same_architecture_different_weights_is_rejected(model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+def test_same_architecture_different_weights_is_rejected(
+    model: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path
+) -> None:
     job = jobs[model]
     other = onnx.load(_reweighted(model, tmp_path))
     plan = plan_model(other, steps=len(job.steps))
@@ -151,8 +159,11 @@ def test_skipped_step_is_rejected(model: str, jobs: dict[str, Job], keys: Keys, 
     job = jobs[model]
     trace = honest_trace(job)
     skippable = [
-        s for s in job.steps
-        if any(trace[i].shape == trace[o].shape and trace[i].dtype == trace[o].dtype for i in s.inputs for o in s.outputs)
+        s
+        for s in job.steps
+        if any(
+            trace[i].shape == trace[o].shape and trace[i].dtype == trace[o].dtype for i in s.inputs for o in s.outputs
+        )
     ]
     assert skippable, "fixture has no step whose input could stand in for its output"
     step = skippable[0]
@@ -194,17 +205,37 @@ def test_tampered_evidence_does_not_prove_fraud(jobs: dict[str, Job], keys: Keys
     leaves = [merkle.leaf_hash(parse_digest(e.digest)) for e in parsed.trace]
     step = job.steps[-1]
     path = tmp_path / "fake.vme"
-    write_evidence(path, kind="step-mismatch", job=job, envelope=parsed.envelope, public=keys.node.public,
-                   reason="made up", tensors=dict(parsed.tensors), tensor_names=[*step.inputs, *step.outputs],
-                   leaf_hashes=leaves, step=step.index, step_model=job.read_step_models()[step.index])
+    write_evidence(
+        path,
+        kind="step-mismatch",
+        job=job,
+        envelope=parsed.envelope,
+        public=keys.node.public,
+        reason="made up",
+        tensors=dict(parsed.tensors),
+        tensor_names=[*step.inputs, *step.outputs],
+        leaf_hashes=leaves,
+        step=step.index,
+        step_model=job.read_step_models()[step.index],
+    )
     result = check_evidence(path)
     assert not result.proves_fraud
     assert "matches the committed outputs" in result.reason
     # And evidence whose tensors are not under the signed root is refused too.
     tensors = dict(parsed.tensors)
     tensors[step.outputs[0]] = perturbed(tensors[step.outputs[0]])
-    write_evidence(path, kind="step-mismatch", job=job, envelope=parsed.envelope, public=keys.node.public,
-                   reason="forged", tensors=tensors, tensor_names=[*step.inputs, *step.outputs],
-                   leaf_hashes=leaves, step=step.index, step_model=job.read_step_models()[step.index])
+    write_evidence(
+        path,
+        kind="step-mismatch",
+        job=job,
+        envelope=parsed.envelope,
+        public=keys.node.public,
+        reason="forged",
+        tensors=tensors,
+        tensor_names=[*step.inputs, *step.outputs],
+        leaf_hashes=leaves,
+        step=step.index,
+        step_model=job.read_step_models()[step.index],
+    )
     result = check_evidence(path)
     assert not result.proves_fraud and "not included under the signed root" in result.reason

@@ -34,7 +34,9 @@ def _verdict_for(data: bytes, job: Job, keys: Keys, tmp_path: Path) -> str:
 
 @SETTINGS
 @given(data=st.data())
-def test_any_flipped_byte_is_refused(data: st.DataObject, honest: tuple[Job, bytes], keys: Keys, tmp_path: Path) -> None:
+def test_any_flipped_byte_is_refused(
+    data: st.DataObject, honest: tuple[Job, bytes], keys: Keys, tmp_path: Path
+) -> None:
     job, raw = honest
     index = data.draw(st.integers(0, len(raw) - 1), label="offset")
     mask = data.draw(st.integers(1, 255), label="xor")

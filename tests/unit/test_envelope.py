@@ -13,7 +13,10 @@ DIGEST = "sha256:" + "ab" * 32
 
 
 def test_pae_matches_the_dsse_spec_example() -> None:
-    assert pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    assert (
+        pae("http://example.com/HelloWorld", b"hello world")
+        == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
 
 
 def test_sign_and_verify_and_cosign() -> None:
@@ -30,9 +33,18 @@ def test_tampered_payload_or_keyid_fails() -> None:
     key = generate_key()
     env = sign_statement(make_statement({"out": DIGEST}, "t", {"k": 1}), key)
     doc = env.to_json()
-    other = Envelope.from_bytes(canonical_json({**doc, "payload": Envelope(env.payload_type, env.payload.replace(b'"k":1', b'"k":2'), ()).to_json()["payload"]}))
+    other = Envelope.from_bytes(
+        canonical_json(
+            {
+                **doc,
+                "payload": Envelope(env.payload_type, env.payload.replace(b'"k":1', b'"k":2'), ()).to_json()["payload"],
+            }
+        )
+    )
     assert not other.signed_by(key.public)
-    renamed = Envelope.from_bytes(canonical_json({**doc, "signatures": [{"keyid": "vm-x", "sig": doc["signatures"][0]["sig"]}]}))
+    renamed = Envelope.from_bytes(
+        canonical_json({**doc, "signatures": [{"keyid": "vm-x", "sig": doc["signatures"][0]["sig"]}]})
+    )
     assert not renamed.signed_by(key.public)
 
 

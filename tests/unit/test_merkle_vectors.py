@@ -28,9 +28,7 @@ def _cases(kind: str) -> list[Path]:
 def test_inclusion_vector(path: Path) -> None:
     case = json.loads(path.read_text())
     proof = [_b64(p) for p in case.get("proof") or []]
-    ok = merkle.verify_inclusion(
-        _b64(case["leafHash"]), case["leafIdx"], case["treeSize"], proof, _b64(case["root"])
-    )
+    ok = merkle.verify_inclusion(_b64(case["leafHash"]), case["leafIdx"], case["treeSize"], proof, _b64(case["root"]))
     assert ok is (not case["wantErr"]), case["desc"]
 
 
@@ -38,9 +36,7 @@ def test_inclusion_vector(path: Path) -> None:
 def test_consistency_vector(path: Path) -> None:
     case = json.loads(path.read_text())
     proof = [_b64(p) for p in case.get("proof") or []]
-    ok = merkle.verify_consistency(
-        case["size1"], case["size2"], _b64(case["root1"]), _b64(case["root2"]), proof
-    )
+    ok = merkle.verify_consistency(case["size1"], case["size2"], _b64(case["root1"]), _b64(case["root2"]), proof)
     assert ok is (not case["wantErr"]), case["desc"]
 
 

@@ -14,7 +14,9 @@ from verimesh.errors import InvalidInputError
 from verimesh.plan import build_step_models, load_model, parse_model, plan_model
 
 
-def run_chain(model: onnx.ModelProto, steps: int | None, feeds: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+def run_chain(
+    model: onnx.ModelProto, steps: int | None, feeds: dict[str, np.ndarray]
+) -> tuple[int, dict[str, np.ndarray]]:
     data = model.SerializeToString()
     plan = plan_model(model, steps=steps)
     planned = build_step_models(model, data, plan)
@@ -44,16 +46,27 @@ def branchy(opset: int) -> onnx.ModelProto:
         helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
         helper.make_node("Mul", ["cat", "two"], ["scaled"]),
         helper.make_node("Shape", ["a"], ["shape_a"]),
-        helper.make_node("ConstantOfShape", ["shape_a"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node(
+            "ConstantOfShape", ["shape_a"], ["ones"], value=numpy_helper.from_array(np.array([1.0], np.float32))
+        ),
         helper.make_node("Add", ["a", "ones"], ["a1"]),
         helper.make_node("Tanh", ["scaled"], ["t"]),
-        helper.make_node("ReduceSum" if opset < 13 else "Identity", ["t"], ["out_main"], **({"keepdims": 1} if opset < 13 else {})),
+        helper.make_node(
+            "ReduceSum" if opset < 13 else "Identity", ["t"], ["out_main"], **({"keepdims": 1} if opset < 13 else {})
+        ),
         helper.make_node("Add", ["a1", "left"], ["out_side"]),
     ]
     graph = helper.make_graph(
-        nodes, "branchy",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("out_main", TensorProto.FLOAT, ["d0", "d1"]), helper.make_tensor_value_info("out_side", TensorProto.FLOAT, [2, 4])],
+        nodes,
+        "branchy",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("out_main", TensorProto.FLOAT, ["d0", "d1"]),
+            helper.make_tensor_value_info("out_side", TensorProto.FLOAT, [2, 4]),
+        ],
         initializer=[w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -94,12 +107,28 @@ def test_constants_never_cross_a_boundary() -> None:
 
 
 def test_control_flow_runs_as_one_step() -> None:
-    then = helper.make_graph([helper.make_node("Neg", ["x"], ["y_then"])], "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [2])])
-    other = helper.make_graph([helper.make_node("Abs", ["x"], ["y_else"])], "else", [], [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [2])])
+    then = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["y_then"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [2])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [2])],
+    )
     graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c"]),
-         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other), helper.make_node("Relu", ["y"], ["z"])],
-        "iffy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+            helper.make_node("Relu", ["y"], ["z"]),
+        ],
+        "iffy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
         initializer=[numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
