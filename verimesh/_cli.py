@@ -427,5 +427,33 @@ def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> No
         ctx.exit(EXIT_REJECTED)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed runs per measurement.")
+@click.option("--quick", is_flag=True, help="3 repeats.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown table.")
+@click.pass_context
+def bench(
+    ctx: click.Context, models: tuple[Path, ...], repeats: int, quick: bool, json_out: Path | None, md_out: Path | None
+) -> None:
+    """Measure spot prove overhead and verify cost (default: ./fixtures/*.onnx); prints a table."""
+    from verimesh.bench import bench_spot, machine, markdown_table
+
+    _init_runtime(ctx)
+    if not models:
+        models = tuple(sorted(Path("fixtures").glob("*.onnx")))
+        if not models:
+            raise InvalidInputError("no models given and no ./fixtures/*.onnx found")
+    results = [bench_spot(m, repeats=3 if quick else repeats) for m in models]
+    info = machine()
+    table = markdown_table(results, info)
+    click.echo(table)
+    if json_out:
+        json_out.write_text(json.dumps({"machine": info, "spot": [r.to_json() for r in results]}, indent=2) + "\n")
+    if md_out:
+        md_out.write_text(table)
+
+
 def main() -> None:
     cli(prog_name="verimesh")

@@ -2,16 +2,20 @@
 
 A canonical verimesh container (see ``container``) with members, in this order::
 
-    envelope.json          DSSE envelope, canonical JSON
+    tensors/000000.bin ... raw little-endian C-order data of the i-th trace tensor
     trace.json             {"version": 1, "tensors": [{name, dtype, shape, digest}, ...]} canonical JSON,
                            tensors in trace (leaf) order
-    tensors/000000.bin ... raw little-endian C-order data of the i-th trace tensor
+    envelope.json          DSSE envelope, canonical JSON
+
+Tensors come first so that a worker can stream each step's outputs to disk while the next step
+runs; the envelope, which signs the root over all of them, comes last.
 
 Parsing is bounded and structural only: it never trusts a digest; the verifier recomputes them.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from verimesh.canonical import canonical_json, parse_canonical_json
-from verimesh.container import DEFAULT_LIMITS, Limits, read_container_file, write_container
-from verimesh.digest import parse_digest, tensor_bytes
+from verimesh.container import DEFAULT_LIMITS, ContainerWriter, Limits, read_container_file, write_container
+from verimesh.digest import parse_digest, tensor_bytes, tensor_digest
 from verimesh.envelope import Envelope
 from verimesh.errors import InvalidInputError
 from verimesh.tensors import DTYPES
@@ -55,15 +59,53 @@ def tensor_member(index: int) -> str:
     return f"tensors/{index:06d}.bin"
 
 
+class BundleWriter:
+    """Streams trace tensors into a bundle from a background thread while the caller computes.
+
+    ``add_tensor`` returns at once; digesting, CRC and writing happen on one worker thread
+    (hashlib and zlib release the GIL, so this overlaps with onnxruntime). ``entries`` waits for
+    them; ``finish`` appends trace.json and the envelope and moves the file into place.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._writer = ContainerWriter(path)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verimesh-bundle")
+        self._pending: list[Future[TraceEntry]] = []
+
+    def add_tensor(self, name: str, array: np.ndarray) -> None:
+        self._pending.append(self._pool.submit(self._write_tensor, len(self._pending), name, array))
+
+    def _write_tensor(self, index: int, name: str, array: np.ndarray) -> TraceEntry:
+        data = tensor_bytes(array)
+        entry = TraceEntry(name, array.dtype.name, tuple(int(d) for d in array.shape), tensor_digest(name, array))
+        self._writer.add(tensor_member(index), data)
+        return entry
+
+    def entries(self) -> tuple[TraceEntry, ...]:
+        return tuple(f.result() for f in self._pending)
+
+    def finish(self, envelope: Envelope) -> int:
+        entries = self.entries()
+        self._pool.shutdown()
+        self._writer.add("trace.json", trace_document(entries))
+        self._writer.add("envelope.json", envelope.to_bytes())
+        return self._writer.close()
+
+    def abort(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        self._writer.abort()
+
+
 def write_bundle(
     path: Path, envelope: Envelope, entries: tuple[TraceEntry, ...], tensors: dict[str, np.ndarray]
 ) -> int:
+    """Write a bundle in one go (used for re-packing; ``BundleWriter`` streams)."""
     members: list[tuple[str, bytes | memoryview]] = [
-        ("envelope.json", envelope.to_bytes()),
-        ("trace.json", trace_document(entries)),
+        (tensor_member(i), tensor_bytes(tensors[e.name])) for i, e in enumerate(entries)
     ]
-    for i, entry in enumerate(entries):
-        members.append((tensor_member(i), tensor_bytes(tensors[entry.name])))
+    members += [("trace.json", trace_document(entries)), ("envelope.json", envelope.to_bytes())]
     return write_container(path, members)
 
 
@@ -85,8 +127,8 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
     """Parse a bundle within ``limits``; any structural inconsistency rejects the whole file."""
     members = read_container_file(path, what=f"bundle {path}", limits=limits)
     names = list(members)
-    if names[:2] != ["envelope.json", "trace.json"]:
-        raise InvalidInputError(f"bundle {path} must start with envelope.json and trace.json")
+    if names[-2:] != ["trace.json", "envelope.json"]:
+        raise InvalidInputError(f"bundle {path} must end with trace.json and envelope.json")
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="bundle envelope")
     trace_bytes = bytes(members["trace.json"])
     doc = parse_canonical_json(trace_bytes, what="bundle trace.json")
@@ -97,7 +139,7 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
     entries = tuple(parse_trace_entry(e) for e in doc["tensors"])
     if len({e.name for e in entries}) != len(entries):
         raise InvalidInputError("bundle trace names a tensor twice")
-    if names[2:] != [tensor_member(i) for i in range(len(entries))]:
+    if names[:-2] != [tensor_member(i) for i in range(len(entries))]:
         raise InvalidInputError("bundle tensor members do not match trace.json one for one")
     tensors = {e.name: decode_tensor(e, members[tensor_member(i)], what="bundle") for i, e in enumerate(entries)}
     return Bundle(envelope, entries, trace_bytes, tensors)

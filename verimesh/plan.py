@@ -29,7 +29,11 @@ from verimesh.errors import InvalidInputError
 from verimesh.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1
+# Automatic step count: more steps make each spot check cheaper (a verifier re-runs a smaller
+# share) and cost the worker more boundary tensors to hash. Large models get 16, small ones 8.
 MAX_AUTO_STEPS = 8
+MAX_AUTO_STEPS_LARGE = 16
+LARGE_MODEL_FLOPS = 1e9
 _WINDOW = 0.25  # fraction of a step's target cost within which the smallest boundary wins
 
 
@@ -275,7 +279,8 @@ def plan_model(
     steps: int | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> StepPlan:
-    """Choose the step plan. ``steps=None`` picks min(8, cuttable nodes); 1 means no cut."""
+    """Choose the step plan. ``steps=None`` picks 8 steps (16 from 1 GFLOP up), fewer when the
+    model has fewer places to cut; 1 means no cut."""
     if steps is not None and steps < 1:
         raise InvalidInputError("--steps must be at least 1")
     inputs, outputs = model_io(model)
@@ -328,7 +333,8 @@ def plan_model(
     live = np.cumsum(live_bytes)
     cuttable = np.cumsum(blocked) == 0
     candidates = [c for c in range(1, n) if cuttable[c]]
-    wanted = min(MAX_AUTO_STEPS, n) if steps is None else steps
+    auto = MAX_AUTO_STEPS_LARGE if sum(costs) >= LARGE_MODEL_FLOPS else MAX_AUTO_STEPS
+    wanted = min(auto, n) if steps is None else steps
     if wanted > len(candidates) + 1:
         if steps is not None and steps > 1 and not candidates:
             return whole()

@@ -103,6 +103,11 @@ class StepRunner:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization]
         opts.log_severity_level = 0 if _verbose else 3
+        # Each step has its own session and thread pool; idle pools that spin-wait steal the cores
+        # from the step that runs next. Measured on ResNet-50 (8 steps, 2 cores): 185 ms chained
+        # with spinning vs 62 ms without, against 59 ms for the whole model in one session.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.threads:
             opts.intra_op_num_threads = self.threads
         try:

@@ -45,31 +45,43 @@ def run_steps(
     runner: StepRunner,
     *,
     progress: Progress | None = None,
+    on_tensor: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run every step in order from the job input; returns every trace tensor by name.
 
     ``step_models=None`` reads (and digest-checks) a step file only when ``runner`` has no
-    session for that step's digest yet."""
+    session for that step's digest yet. ``on_tensor`` sees each trace tensor in trace order as
+    soon as it exists (the worker streams them into the bundle)."""
     trace: dict[str, np.ndarray] = dict(inputs)
+    if on_tensor:
+        for spec in job.model_inputs:
+            on_tensor(spec.name, trace[spec.name])
     for step in job.steps:
         blob: bytes | Callable[[], bytes] = (
             step_models[step.index] if step_models is not None else (lambda i=step.index: job.read_step_model(i))
         )
-        trace.update(runner.run(step.digest, blob, {n: trace[n] for n in step.inputs}, step.outputs))
+        produced = runner.run(step.digest, blob, {n: trace[n] for n in step.inputs}, step.outputs)
+        trace.update(produced)
+        if on_tensor:
+            for name in step.outputs:
+                on_tensor(name, produced[name])
         if progress:
             progress(step.index + 1, len(job.steps))
     return trace
 
 
+def commit_entries(entries: Sequence[TraceEntry]) -> Commitment:
+    """The commitment over already-digested trace entries (in trace order)."""
+    leaves = tuple(merkle.leaf_hash(parse_digest(e.digest)) for e in entries)
+    return Commitment(tuple(entries), leaves, merkle.root_from_leaf_hashes(leaves))
+
+
 def commit_trace(names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Commitment:
     entries = []
-    leaves = []
     for name in names:
         arr = tensors[name]
-        digest = tensor_digest(name, arr)
-        entries.append(TraceEntry(name, arr.dtype.name, tuple(int(d) for d in arr.shape), digest))
-        leaves.append(merkle.leaf_hash(parse_digest(digest)))
-    return Commitment(tuple(entries), tuple(leaves), merkle.root_from_leaf_hashes(leaves))
+        entries.append(TraceEntry(name, arr.dtype.name, tuple(int(d) for d in arr.shape), tensor_digest(name, arr)))
+    return commit_entries(entries)
 
 
 def spot_predicate(
@@ -144,5 +156,8 @@ def recheck_step(
     """Re-run one step from its committed inputs and compare with its committed outputs."""
     step = job.steps[index]
     recomputed = runner.run(step.digest, step_model, {n: trace[n] for n in step.inputs}, step.outputs)
-    comparisons = tuple(compare_tensors(n, trace[n], recomputed[n], tolerance) for n in step.outputs)
+    outputs = set(job.output_names)
+    comparisons = tuple(
+        compare_tensors(n, trace[n], recomputed[n], tolerance, discrete=n in outputs) for n in step.outputs
+    )
     return StepCheck(index, all(c.ok for c in comparisons), comparisons)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from verimesh.bundle import Bundle, read_bundle, trace_document, write_bundle
+from verimesh.bundle import Bundle, BundleWriter, read_bundle, trace_document
 from verimesh.container import DEFAULT_LIMITS, Limits
 from verimesh.digest import parse_digest, sha256_bytes, tensor_digest
 from verimesh.envelope import Envelope, make_statement, sign_statement
@@ -30,7 +30,7 @@ from verimesh.spot import (
     PREDICATE_TYPE,
     Commitment,
     Progress,
-    commit_trace,
+    commit_entries,
     recheck_step,
     run_steps,
     sample_steps,
@@ -71,17 +71,21 @@ def _as_job(job: Job | Path) -> Job:
     return job if isinstance(job, Job) else load_job(job)
 
 
-def seal_trace(
-    job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path
-) -> tuple[Envelope, int, Commitment]:
-    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, commitment)."""
+def _check_trace_dtypes(job: Job, trace: Mapping[str, np.ndarray]) -> None:
     missing = [n for n in job.trace_names if n not in trace]
     if missing:
         raise InvalidInputError(f"trace lacks tensors {missing[:5]}")
     for name in job.trace_names:
         if trace[name].dtype.name not in DTYPES:
             raise InvalidInputError(f"step output {name!r} has dtype {trace[name].dtype}, which cannot be committed")
-    commitment = commit_trace(job.trace_names, trace)
+
+
+def _sign_and_finish(
+    job: Job, writer: BundleWriter, *, key: SecretKey, runner: StepRunner
+) -> tuple[Envelope, int, Commitment]:
+    commitment = commit_entries(writer.entries())
+    if tuple(e.name for e in commitment.entries) != job.trace_names:
+        raise InvalidInputError("trace tensors were not written in the job's trace order")
     trace_bytes = trace_document(commitment.entries)
     predicate = spot_predicate(
         job, node_id=key.node_id, runner=runner, commitment=commitment, proof_digest=sha256_bytes(trace_bytes)
@@ -89,8 +93,22 @@ def seal_trace(
     by_name = {e.name: e.digest for e in commitment.entries}
     statement = make_statement({n: by_name[n] for n in job.output_names}, PREDICATE_TYPE, predicate)
     envelope = sign_statement(statement, key)
-    size = write_bundle(out, envelope, commitment.entries, dict(trace))
-    return envelope, size, commitment
+    return envelope, writer.finish(envelope), commitment
+
+
+def seal_trace(
+    job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path
+) -> tuple[Envelope, int, Commitment]:
+    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, commitment)."""
+    _check_trace_dtypes(job, trace)
+    writer = BundleWriter(out)
+    try:
+        for name in job.trace_names:
+            writer.add_tensor(name, trace[name])
+        return _sign_and_finish(job, writer, key=key, runner=runner)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class Worker:
@@ -139,10 +157,15 @@ class Worker:
         job.check_model_file(model, digest_of=self._file_digest)
         inputs = job.read_input()
         runner = self.runner(job)
-        # 2.
-        trace = run_steps(job, None, inputs, runner, progress=progress)
-        # 3.
-        _, size, commitment = seal_trace(job, trace, key=self.key, runner=runner, out=out)
+        # 2. and 3. overlap: each step's outputs are digested and written while the next step runs.
+        writer = BundleWriter(out)
+        try:
+            trace = run_steps(job, None, inputs, runner, progress=progress, on_tensor=writer.add_tensor)
+            _check_trace_dtypes(job, trace)
+            _, size, commitment = _sign_and_finish(job, writer, key=self.key, runner=runner)
+        except BaseException:
+            writer.abort()
+            raise
         digests = {e.name: e.digest for e in commitment.entries}
         outputs = {n: digests[n] for n in job.output_names}
         elapsed = time.perf_counter() - started
@@ -183,20 +206,26 @@ def verify(
     evidence_out: Path | None = None,
     runner: StepRunner | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    check_all_digests: bool = False,
 ) -> Verdict:
     """Verify a spot-check bundle against the job and the node key the job owner expects.
 
     ``samples``: extra steps checked beside the last (``None``: the job's policy; ``"all"``: every
     step). ``seed``: makes the sample reproducible (it is recorded in the verdict either way).
+    ``check_all_digests``: hash every shipped tensor, not only those the verdict rests on (the job
+    input, the outputs and the sampled steps' tensors); the others are bound by the Merkle root
+    over their declared digests and by the container's CRCs either way (docs/format.md §7).
 
     1. Parse the bundle within limits (a malformed bundle is an ``error`` verdict).
     2. Check the envelope signature against the pinned node key.
     3. Check the statement's bindings: job id, node id, model and input digests, step range,
        precision and commitment parameters.
-    4. Check the trace: names and order are the job's, every tensor matches its digest, the digests
-       give the signed root, the committed input is the job's input, the outputs are the subjects.
+    4. Check the trace: names and order are the job's, the declared digests give the signed root,
+       the committed input is the job's input, the outputs are the subjects, and the input and
+       output tensors match their digests.
     5. Sample steps with verifier-side randomness: the last one, plus ``samples`` more by cost.
-    6. Re-run each sampled step from its committed inputs and compare under the job's tolerance.
+    6. For each sampled step, check its tensors against their digests, re-run it from its
+       committed inputs and compare under the job's tolerance.
     7. Return the verdict; on a reject that the node's own signature proves, write evidence.
     """
     job = _as_job(job)
@@ -218,7 +247,11 @@ def verify(
     checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors"))
     try:
         # 2.-4.
-        leaf_hashes = _check_envelope_and_trace(parsed, job, public, checks)
+        digests = _DigestCheck(parsed)
+        leaf_hashes = _check_envelope_and_trace(parsed, job, public, checks, digests)
+        if check_all_digests:
+            digests.require(job.trace_names)
+            checks.append(Check("all-digests", True, f"every one of {len(job.trace_names)} tensors hashed"))
         outputs.update({n: t.digest for n in job.output_names for t in parsed.trace if t.name == n})
         # 5.
         k = len(job.steps) if samples == "all" else job.policy.samples if samples is None else samples
@@ -231,6 +264,7 @@ def verify(
             device="cpu", precision=job.policy.precision, optimization=job.policy.optimization
         )
         for index in sampled:
+            digests.require([*job.steps[index].inputs, *job.steps[index].outputs])
             # The step file is read and digest-checked only if the runner has no session for it yet.
             load = lambda i=index: job.read_step_model(i)  # noqa: E731
             result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance)
@@ -276,7 +310,28 @@ def verify(
     return verdict("accept")
 
 
-def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check]) -> tuple[bytes, ...]:
+class _DigestCheck:
+    """Hashes shipped tensors on demand, each once, and rejects one that is not its declared digest."""
+
+    def __init__(self, parsed: Bundle) -> None:
+        self._parsed = parsed
+        self._declared = {e.name: e.digest for e in parsed.trace}
+        self._done: set[str] = set()
+
+    def require(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name in self._done:
+                continue
+            actual = tensor_digest(name, self._parsed.tensors[name])
+            if actual != self._declared[name]:
+                detail = f"tensor {name!r} does not match its digest"
+                raise _Rejected(Check("trace", False, detail, self._declared[name], actual))
+            self._done.add(name)
+
+
+def _check_envelope_and_trace(
+    parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], digests: _DigestCheck
+) -> tuple[bytes, ...]:
     """Steps 2-4 of ``verify``; appends passed checks, raises ``_Rejected`` at the first failure."""
     from verimesh import merkle
 
@@ -348,14 +403,8 @@ def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, check
                 ", ".join(names)[:200],
             )
         )
-    leaf_hashes = []
-    for entry in parsed.trace:
-        actual = tensor_digest(entry.name, parsed.tensors[entry.name])
-        if actual != entry.digest:
-            raise _Rejected(
-                Check("trace", False, f"tensor {entry.name!r} does not match its digest", entry.digest, actual)
-            )
-        leaf_hashes.append(merkle.leaf_hash(parse_digest(actual)))
+    # The root binds every declared digest; tensors are hashed where the verdict rests on them.
+    leaf_hashes = [merkle.leaf_hash(parse_digest(e.digest)) for e in parsed.trace]
     computed_root = merkle.root_from_leaf_hashes(leaf_hashes)
     if computed_root != root:
         raise _Rejected(
@@ -363,6 +412,7 @@ def _check_envelope_and_trace(parsed: Bundle, job: Job, public: PublicKey, check
         )
     checks.append(Check("commitment", True, f"{len(leaf_hashes)} leaves under the signed root"))
     by_name = {e.name: e.digest for e in parsed.trace}
+    digests.require([*(t.name for t in job.input_tensors), *job.output_names])
     for ref in job.input_tensors:
         if by_name[ref.name] != ref.digest:
             raise _Rejected(

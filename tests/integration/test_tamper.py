@@ -187,9 +187,17 @@ def test_tensor_swapped_after_signing_is_rejected(jobs: dict[str, Job], keys: Ke
     name = job.steps[1].outputs[0]
     tensors[name] = perturbed(tensors[name])
     write_bundle(tmp_path / "forged.vmb", parsed.envelope, parsed.trace, tensors)
-    verdict = verify(tmp_path / "forged.vmb", job=job, node_key=keys.node_pub)
-    assert verdict.status == "reject"
-    assert verdict.reason.startswith("trace: tensor"), verdict.reason
+    # Caught whenever the swapped tensor is one the verdict rests on, and always in a full audit.
+    for kwargs in ({"samples": "all"}, {"check_all_digests": True}):
+        verdict = verify(tmp_path / "forged.vmb", job=job, node_key=keys.node_pub, **kwargs)  # type: ignore[arg-type]
+        assert verdict.status == "reject"
+        assert verdict.reason.startswith("trace: tensor"), verdict.reason
+    # The output is always hashed, whatever is sampled.
+    tensors = dict(parsed.tensors)
+    tensors["logits"] = perturbed(tensors["logits"])
+    write_bundle(tmp_path / "forged.vmb", parsed.envelope, parsed.trace, tensors)
+    verdict = verify(tmp_path / "forged.vmb", job=job, node_key=keys.node_pub, samples=0)
+    assert verdict.status == "reject" and verdict.reason.startswith("trace: tensor 'logits'"), verdict.reason
 
 
 def test_tampered_evidence_does_not_prove_fraud(jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:

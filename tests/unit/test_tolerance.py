@@ -39,8 +39,9 @@ def test_argmax_flip_is_caught_even_when_small() -> None:
     ref = np.array([[1.0, 0.5, 0.2]], np.float32)
     got = np.array([[1.0, 1.01, 0.2]], np.float32)
     loose = Tolerance(rtol=1.0, atol=1.0, max_outside_fraction=1.0, max_rel_frobenius=1.0, argmax_margin=1e-3)
-    result = compare_tensors("t", got, ref, loose)
+    result = compare_tensors("t", got, ref, loose, discrete=True)
     assert not result.ok and "argmax" in result.reason
+    assert compare_tensors("t", got, ref, loose).ok  # not a model output: no argmax metric
 
 
 def test_integers_must_match_exactly_and_shapes_too() -> None:
@@ -56,3 +57,17 @@ def test_tolerance_json_round_trip_and_validation() -> None:
         Tolerance.from_json({**STRICT.to_json(), "rtol": "nan"})
     with pytest.raises(InvalidInputError):
         Tolerance.from_json({**STRICT.to_json(), "rtol": 0.1})
+
+
+def test_huge_values_do_not_overflow_into_a_pass() -> None:
+    ref = np.full(1000, 1e30, np.float32)
+    got = ref * np.float32(1.01)
+    result = compare_tensors("t", got, ref, STRICT)
+    assert not result.ok and np.isfinite(result.metrics["rel_frobenius"])
+    assert compare_tensors("t", ref, ref.copy(), STRICT).ok
+
+
+def test_matching_non_finite_patterns_compare_the_rest() -> None:
+    ref = np.array([np.inf, 1.0, 2.0], np.float32)
+    assert compare_tensors("t", ref.copy(), ref, STRICT).ok
+    assert not compare_tensors("t", np.array([np.inf, 1.0, 2.5], np.float32), ref, STRICT).ok
