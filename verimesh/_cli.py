@@ -431,11 +431,18 @@ def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> No
 @click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed runs per measurement.")
 @click.option("--quick", is_flag=True, help="3 repeats.")
+@_steps_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown table.")
 @click.pass_context
 def bench(
-    ctx: click.Context, models: tuple[Path, ...], repeats: int, quick: bool, json_out: Path | None, md_out: Path | None
+    ctx: click.Context,
+    models: tuple[Path, ...],
+    repeats: int,
+    quick: bool,
+    steps: int | None,
+    json_out: Path | None,
+    md_out: Path | None,
 ) -> None:
     """Measure spot prove overhead and verify cost (default: ./fixtures/*.onnx); prints a table."""
     from verimesh.bench import bench_spot, machine, markdown_table
@@ -445,7 +452,7 @@ def bench(
         models = tuple(sorted(Path("fixtures").glob("*.onnx")))
         if not models:
             raise InvalidInputError("no models given and no ./fixtures/*.onnx found")
-    results = [bench_spot(m, repeats=3 if quick else repeats) for m in models]
+    results = [bench_spot(m, repeats=3 if quick else repeats, steps=steps) for m in models]
     info = machine()
     table = markdown_table(results, info)
     click.echo(table)

@@ -1,0 +1,46 @@
+# verimesh developer commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test test-fast demo lint format bench fixtures clean
+
+install: $(VENV)/.installed
+
+# torch is pinned (==2.13.0) in the dev extra: that takes the CPU wheel; a range pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q -n 2
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo.sh
+
+lint: install
+	$(BIN)/ruff check verimesh tests fixtures
+	$(BIN)/ruff format --check verimesh tests fixtures
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format verimesh tests fixtures
+	$(BIN)/ruff check --fix verimesh tests fixtures
+
+fixtures: install
+	$(BIN)/python fixtures/make_fixtures.py
+
+# The ResNet-50-size model is built locally (100 MB, not committed); results go to docs/.
+bench: install
+	$(BIN)/python fixtures/make_fixtures.py --resnet50 bench-out
+	$(BIN)/verimesh bench fixtures/mlp.onnx fixtures/rescnn.onnx fixtures/transformer.onnx bench-out/resnet50.onnx \
+		--repeats 11 --json bench-out/spot.json --markdown docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) bench-out demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis
