@@ -18,40 +18,26 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from verimesh.canonical import canonical_json, parse_canonical_json
 from verimesh.container import DEFAULT_LIMITS, ContainerWriter, Limits, read_container_file, write_container
-from verimesh.digest import parse_digest, tensor_bytes, tensor_digest
+from verimesh.digest import tensor_bytes
 from verimesh.envelope import Envelope
 from verimesh.errors import InvalidInputError
-from verimesh.tensors import DTYPES
-
-MAX_RANK = 16
-
-
-@dataclass(frozen=True)
-class TraceEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    digest: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
+from verimesh.tensors import TensorRef
 
 
 @dataclass(frozen=True)
 class Bundle:
     envelope: Envelope
-    trace: tuple[TraceEntry, ...]
+    trace: tuple[TensorRef, ...]
     trace_bytes: bytes
     tensors: dict[str, np.ndarray]  # read-only views into the file's bytes
 
 
-def trace_document(entries: tuple[TraceEntry, ...]) -> bytes:
+def trace_document(entries: tuple[TensorRef, ...]) -> bytes:
     return canonical_json({"version": 1, "tensors": [e.to_json() for e in entries]})
 
 
@@ -70,18 +56,18 @@ class BundleWriter:
     def __init__(self, path: Path) -> None:
         self._writer = ContainerWriter(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verimesh-bundle")
-        self._pending: list[Future[TraceEntry]] = []
+        self._pending: list[Future[TensorRef]] = []
 
     def add_tensor(self, name: str, array: np.ndarray) -> None:
         self._pending.append(self._pool.submit(self._write_tensor, len(self._pending), name, array))
 
-    def _write_tensor(self, index: int, name: str, array: np.ndarray) -> TraceEntry:
+    def _write_tensor(self, index: int, name: str, array: np.ndarray) -> TensorRef:
         data = tensor_bytes(array)
-        entry = TraceEntry(name, array.dtype.name, tuple(int(d) for d in array.shape), tensor_digest(name, array))
+        entry = TensorRef.of(name, array)
         self._writer.add(tensor_member(index), data)
         return entry
 
-    def entries(self) -> tuple[TraceEntry, ...]:
+    def entries(self) -> tuple[TensorRef, ...]:
         return tuple(f.result() for f in self._pending)
 
     def finish(self, envelope: Envelope) -> int:
@@ -98,29 +84,13 @@ class BundleWriter:
         self._writer.abort()
 
 
-def write_bundle(
-    path: Path, envelope: Envelope, entries: tuple[TraceEntry, ...], tensors: dict[str, np.ndarray]
-) -> int:
+def write_bundle(path: Path, envelope: Envelope, entries: tuple[TensorRef, ...], tensors: dict[str, np.ndarray]) -> int:
     """Write a bundle in one go (used for re-packing; ``BundleWriter`` streams)."""
     members: list[tuple[str, bytes | memoryview]] = [
         (tensor_member(i), tensor_bytes(tensors[e.name])) for i, e in enumerate(entries)
     ]
     members += [("trace.json", trace_document(entries)), ("envelope.json", envelope.to_bytes())]
     return write_container(path, members)
-
-
-def parse_trace_entry(doc: Any) -> TraceEntry:
-    if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape", "digest"}:
-        raise InvalidInputError("trace entry must have exactly name, dtype, shape, digest")
-    name, dtype, shape = doc["name"], doc["dtype"], doc["shape"]
-    if not isinstance(name, str) or not name or dtype not in DTYPES:
-        raise InvalidInputError("trace entry has a bad name or an unsupported dtype")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        raise InvalidInputError(f"trace entry {name!r} has a bad shape")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
-        raise InvalidInputError(f"trace entry {name!r} has a bad shape")
-    parse_digest(doc["digest"], what=f"digest of {name!r}")
-    return TraceEntry(name, dtype, tuple(shape), doc["digest"])
 
 
 def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
@@ -136,7 +106,7 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
         raise InvalidInputError("bundle trace.json must be {version: 1, tensors: [...]}")
     if not isinstance(doc["tensors"], list):
         raise InvalidInputError("bundle trace.json tensors must be a list")
-    entries = tuple(parse_trace_entry(e) for e in doc["tensors"])
+    entries = tuple(TensorRef.from_json(e, what="bundle trace") for e in doc["tensors"])
     if len({e.name for e in entries}) != len(entries):
         raise InvalidInputError("bundle trace names a tensor twice")
     if names[:-2] != [tensor_member(i) for i in range(len(entries))]:
@@ -145,7 +115,7 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
     return Bundle(envelope, entries, trace_bytes, tensors)
 
 
-def decode_tensor(entry: TraceEntry, data: memoryview, *, what: str) -> np.ndarray:
+def decode_tensor(entry: TensorRef, data: memoryview, *, what: str) -> np.ndarray:
     """A read-only array over ``data`` (no copy); the byte count must match dtype and shape exactly."""
     dtype = np.dtype(entry.dtype).newbyteorder("<")
     count = int(np.prod(entry.shape, dtype=np.int64)) if entry.shape else 1

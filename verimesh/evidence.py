@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 
 from verimesh import merkle
-from verimesh.bundle import TraceEntry, decode_tensor, parse_trace_entry, tensor_member
+from verimesh.bundle import decode_tensor, tensor_member
 from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
 from verimesh.container import read_container_file, write_container
-from verimesh.digest import parse_digest, sha256_bytes, tensor_bytes, tensor_digest
+from verimesh.digest import parse_digest, sha256_bytes, sha256_file, tensor_bytes, tensor_digest
 from verimesh.envelope import Envelope
 from verimesh.errors import InvalidInputError
 from verimesh.job import Job, job_from_bytes
 from verimesh.keys import PublicKey
+from verimesh.tensors import TensorRef
 
 EVIDENCE_TYPE = "verimesh/evidence"
 KINDS = ("step-mismatch", "binding")
@@ -141,11 +142,8 @@ def check_evidence(path: Path) -> EvidenceResult:
     from verimesh.canonical import parse_json
 
     # 1.
-    raw = path.read_bytes() if path.is_file() else b""
-    if not raw:
-        raise InvalidInputError(f"evidence file {path} not found or empty")
     members = read_container_file(path, what=f"evidence {path}")
-    digest = sha256_bytes(raw)
+    digest = sha256_file(path)
     names = list(members)
     if names[:4] != ["evidence.json", "envelope.json", "node.pub.json", "job.json"]:
         raise InvalidInputError(f"evidence {path} does not have the evidence members in order")
@@ -244,10 +242,10 @@ def _check_binding(
     raise InvalidInputError(f"binding evidence field {field_name!r} is unknown")
 
 
-def _evidence_tensor(rec: Any) -> tuple[TraceEntry, int, list[bytes]]:
+def _evidence_tensor(rec: Any) -> tuple[TensorRef, int, list[bytes]]:
     if not isinstance(rec, dict) or set(rec) != {"name", "dtype", "shape", "digest", "leaf_index", "inclusion_proof"}:
         raise InvalidInputError("evidence tensor record is malformed")
-    entry = parse_trace_entry({k: rec[k] for k in ("name", "dtype", "shape", "digest")})
+    entry = TensorRef.from_json({k: rec[k] for k in ("name", "dtype", "shape", "digest")}, what="evidence tensor")
     index, proof = rec["leaf_index"], rec["inclusion_proof"]
     if (
         not isinstance(index, int)

@@ -21,24 +21,14 @@ import numpy as np
 from verimesh.canonical import canonical_json, parse_json
 from verimesh.digest import parse_digest, sha256_bytes, tensor_digest, tensor_set_digest
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.tensors import DTYPES, TensorSpec, check_tensor
+from verimesh.files import read_user_file
+from verimesh.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
 from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 JOB_TYPE = "verimesh/job"
 MODES = ("spot",)
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_STEPS = 4096
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    digest: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
 
 
 @dataclass(frozen=True)
@@ -240,12 +230,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     model, inp, pol = doc["model"], doc["input"], doc["policy"]
     tensors = []
     for t in inp["tensors"]:
-        if not isinstance(t, dict) or set(t) != {"name", "dtype", "shape", "digest"} or t["dtype"] not in DTYPES:
-            raise InvalidInputError(f"{what} input tensor entry is malformed")
-        if not isinstance(t["shape"], list) or not all(isinstance(d, int) and d >= 0 for d in t["shape"]):
-            raise InvalidInputError(f"{what} input tensor shape is malformed")
-        parse_digest(t["digest"], what="input tensor digest")
-        tensors.append(TensorRef(str(t["name"]), t["dtype"], tuple(t["shape"]), t["digest"]))
+        tensors.append(TensorRef.from_json(t, what=f"{what} input tensor"))
     steps = []
     if not isinstance(doc["steps"], list) or not 1 <= len(doc["steps"]) <= MAX_STEPS:
         raise InvalidInputError(f"{what} must have 1..{MAX_STEPS} steps")
@@ -326,12 +311,7 @@ def compute_job_id(document: dict[str, Any]) -> str:
 
 
 def load_job(path: Path) -> Job:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise InvalidInputError(f"job file {path} not found") from exc
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read job file {path}: {exc.strerror}") from exc
+    data = read_user_file(path, what="job file", max_bytes=MAX_JOB_BYTES)
     return job_from_bytes(data, path.resolve().parent, what=f"job {path}")
 
 
@@ -380,12 +360,7 @@ def new_job(
     buf = io.BytesIO()
     np.savez(buf, **tensors)  # type: ignore[arg-type]
     (files / "input.npz").write_bytes(buf.getvalue())
-    refs = tuple(
-        TensorRef(
-            s.name, tensors[s.name].dtype.name, tuple(tensors[s.name].shape), tensor_digest(s.name, tensors[s.name])
-        )
-        for s in specs_in
-    )
+    refs = tuple(TensorRef.of(s.name, tensors[s.name]) for s in specs_in)
     job = Job(
         job_id="",
         nonce=secrets.token_hex(16),

@@ -23,6 +23,7 @@ from typing import Any
 from verimesh import _bls
 from verimesh.canonical import parse_json
 from verimesh.errors import InvalidInputError
+from verimesh.files import read_user_file
 
 SUITE = "BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_"
 SECRET_TYPE = "verimesh/bls-secret-key"
@@ -158,12 +159,7 @@ def write_public_key(path: Path, public: PublicKey, *, overwrite: bool = False) 
 
 
 def _read_key_doc(path: Path) -> dict[str, Any]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise InvalidInputError(f"key file {path} not found") from exc
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read key file {path}: {exc.strerror}") from exc
+    data = read_user_file(path, what="key file", max_bytes=MAX_KEY_FILE_BYTES)
     doc = parse_json(data, what=f"key file {path}", max_bytes=MAX_KEY_FILE_BYTES)
     if not isinstance(doc, dict) or doc.get("type") not in (SECRET_TYPE, PUBLIC_TYPE):
         raise InvalidInputError(f"{path} is not a verimesh key file")

@@ -26,6 +26,7 @@ from onnx import helper, shape_inference
 
 from verimesh.digest import format_digest
 from verimesh.errors import InvalidInputError
+from verimesh.files import read_user_file
 from verimesh.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1
@@ -81,15 +82,7 @@ class PlannedModel:
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
     """Read and check an ONNX file; the bytes are returned too, since they are what is digested."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise InvalidInputError(f"model file {path} not found") from exc
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read model {path}: {exc.strerror}") from exc
-    if size > MAX_MODEL_BYTES:
-        raise InvalidInputError(f"model {path} is over 2 GiB; external-data models are not supported")
-    data = path.read_bytes()
+    data = read_user_file(path, what="model file", max_bytes=MAX_MODEL_BYTES)
     return parse_model(data, what=f"model {path}"), data
 
 

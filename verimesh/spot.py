@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from verimesh import merkle
-from verimesh.bundle import TraceEntry
-from verimesh.digest import format_digest, parse_digest, tensor_digest
+from verimesh.digest import format_digest, parse_digest
 from verimesh.job import Job
 from verimesh.runtime import StepRunner
+from verimesh.tensors import TensorRef
 from verimesh.tolerance import Comparison, Tolerance, compare_tensors
 
 PREDICATE_TYPE = "https://verimesh.dev/spot-check/v1"
@@ -29,7 +29,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Commitment:
-    entries: tuple[TraceEntry, ...]
+    entries: tuple[TensorRef, ...]
     leaf_hashes: tuple[bytes, ...]
     root: bytes
 
@@ -70,7 +70,7 @@ def run_steps(
     return trace
 
 
-def commit_entries(entries: Sequence[TraceEntry]) -> Commitment:
+def commit_entries(entries: Sequence[TensorRef]) -> Commitment:
     """The commitment over already-digested trace entries (in trace order)."""
     leaves = tuple(merkle.leaf_hash(parse_digest(e.digest)) for e in entries)
     return Commitment(tuple(entries), leaves, merkle.root_from_leaf_hashes(leaves))
@@ -80,7 +80,7 @@ def commit_trace(names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Com
     entries = []
     for name in names:
         arr = tensors[name]
-        entries.append(TraceEntry(name, arr.dtype.name, tuple(int(d) for d in arr.shape), tensor_digest(name, arr)))
+        entries.append(TensorRef.of(name, arr))
     return commit_entries(entries)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from verimesh.canonical import parse_json
 from verimesh.errors import InvalidInputError
+from verimesh.files import read_user_file
 
 # ONNX TensorProto elem types verimesh can commit to, and their numpy names.
 ONNX_TO_DTYPE: dict[int, str] = {
@@ -39,6 +40,42 @@ FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 MAX_INPUT_BYTES = 1024**3
 
 Dim = int | str | None
+MAX_RANK = 16
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A concrete tensor named by content: name, dtype, shape and tensor digest (docs/format.md §2)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray) -> TensorRef:
+        from verimesh.digest import tensor_digest
+
+        return cls(name, array.dtype.name, tuple(int(d) for d in array.shape), tensor_digest(name, array))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "digest": self.digest}
+
+    @classmethod
+    def from_json(cls, doc: Any, *, what: str = "tensor") -> TensorRef:
+        from verimesh.digest import parse_digest
+
+        if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape", "digest"}:
+            raise InvalidInputError(f"{what} entry must have exactly name, dtype, shape, digest")
+        name, dtype, shape = doc["name"], doc["dtype"], doc["shape"]
+        if not isinstance(name, str) or not name or dtype not in DTYPES:
+            raise InvalidInputError(f"{what} entry has a bad name or an unsupported dtype")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK:
+            raise InvalidInputError(f"{what} {name!r} has a bad shape")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+            raise InvalidInputError(f"{what} {name!r} has a bad shape")
+        parse_digest(doc["digest"], what=f"digest of {name!r}")
+        return cls(name, dtype, tuple(shape), doc["digest"])
 
 
 @dataclass(frozen=True)
@@ -90,14 +127,8 @@ def check_tensor_set(tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSp
 
 def load_input_file(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Load and validate an input file against the model's input specs."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as exc:
-        raise InvalidInputError(f"input file {path} not found") from exc
-    if size > MAX_INPUT_BYTES:
-        raise InvalidInputError(f"input file {path} is {size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
     suffix = path.suffix.lower()
-    data = path.read_bytes()
+    data = read_user_file(path, what="input file", max_bytes=MAX_INPUT_BYTES)
     if suffix == ".npy":
         if len(specs) != 1:
             raise InvalidInputError(

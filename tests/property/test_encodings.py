@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from verimesh import merkle
-from verimesh.bundle import TraceEntry, decode_tensor
+from verimesh.bundle import decode_tensor
 from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
 from verimesh.container import read_container, write_container
 from verimesh.digest import little_endian_c, tensor_digest
+from verimesh.tensors import TensorRef
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=20),
@@ -43,7 +44,7 @@ def test_tensor_encoding_round_trips(data: st.DataObject) -> None:
     dtype = data.draw(dtypes)
     array = data.draw(hnp.arrays(np.dtype(dtype), hnp.array_shapes(min_dims=0, max_dims=4, max_side=5)))
     raw = memoryview(little_endian_c(array).reshape(-1)).cast("B")
-    entry = TraceEntry("t", dtype, tuple(array.shape), tensor_digest("t", array))
+    entry = TensorRef("t", dtype, tuple(array.shape), tensor_digest("t", array))
     back = decode_tensor(entry, raw, what="test")
     assert back.dtype == array.dtype and back.shape == array.shape
     assert np.array_equal(back, array, equal_nan=array.dtype.kind == "f")
