@@ -166,3 +166,44 @@ def markdown_table(results: list[SpotBench], info: dict[str, Any]) -> str:
             f"{r.verify_ratio:.2f} (≤ {VERIFY_TARGET}) | {r.verify_all_s * 1e3:.2f} | {r.bundle_bytes / 1024:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
+    """Append ``entries`` register-sized events in batches to a fresh SQLite ledger, then time a
+    root, inclusion and consistency proofs (medians of 200) at that size, and a full verify."""
+    import random
+
+    from verimesh.keys import generate_key
+    from verimesh.ledger import Ledger, verify_ledger
+
+    with tempfile.TemporaryDirectory(prefix="verimesh-ledger-bench-") as tmp:
+        ledger = Ledger.create(str(Path(tmp) / "bench.db"), generate_key())
+        start = time.perf_counter()
+        for first in range(0, entries, batch):
+            ledger.append(
+                [{"kind": "verdict", "node_id": f"vm-{i % 97:020x}", "job_id": f"sha256:{i:064x}", "status": "accept"}
+                 for i in range(first, min(entries, first + batch))]
+            )  # fmt: skip
+        appends = entries / (time.perf_counter() - start)
+        rng = random.Random(0)
+
+        def median_ms(fn: Callable[[], object]) -> float:
+            times = []
+            for _ in range(200):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return statistics.median(times) * 1e3
+
+        root_ms = median_ms(lambda: ledger.root(rng.randrange(1, entries + 1)))
+        inclusion_ms = median_ms(lambda: ledger.inclusion_proof(rng.randrange(entries), entries))
+        consistency_ms = median_ms(lambda: ledger.consistency_proof(rng.randrange(1, entries), entries))
+        start = time.perf_counter()
+        report = verify_ledger(ledger)
+        verify_s = time.perf_counter() - start
+        if not report.ok:
+            raise RuntimeError(f"benchmark ledger does not verify: {report.problems[:1]}")
+    return {
+        "entries": entries, "batch": batch, "appends_per_s": appends, "root_ms": root_ms,
+        "inclusion_ms": inclusion_ms, "consistency_ms": consistency_ms, "verify_s": verify_s, "machine": machine(),
+    }  # fmt: skip

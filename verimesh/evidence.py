@@ -11,8 +11,10 @@ A canonical container with members, in this order::
     tensors/000000.bin   the committed tensors named in evidence.json
 
 Kinds: ``step-mismatch`` (re-running the step on its committed inputs does not give its
-committed outputs) and ``binding`` (the signed statement or a committed input tensor contradicts
-the job the node claims to have run). ``check_evidence`` recomputes everything from the file;
+committed outputs), ``binding`` (the signed statement or a committed input tensor contradicts
+the job the node claims to have run) and ``equivocation`` (members evidence.json, envelope.json,
+node.pub.json, second.envelope.json: two statements signed by the node for the same job and
+step range with different outputs). ``check_evidence`` recomputes everything from the file;
 nothing it says is taken on trust.
 """
 
@@ -37,7 +39,7 @@ from verimesh.keys import PublicKey
 from verimesh.tensors import TensorRef
 
 EVIDENCE_TYPE = "verimesh/evidence"
-KINDS = ("step-mismatch", "binding")
+KINDS = ("step-mismatch", "binding", "equivocation")
 BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor")
 
 
@@ -128,6 +130,40 @@ def write_evidence(
     return sha256_bytes(path.read_bytes())
 
 
+def write_equivocation_evidence(path: Path, *, first: Envelope, second: Envelope, public: PublicKey) -> str:
+    """Two envelopes by one node for one job and step range with different outputs; returns the digest."""
+    doc = {
+        "type": EVIDENCE_TYPE, "version": 1, "kind": "equivocation", "step": None, "field": None, "tensors": [],
+        "reason": "two signed statements for the same job and step range with different outputs",
+    }  # fmt: skip
+    members: list[tuple[str, bytes | memoryview]] = [
+        ("evidence.json", canonical_json(doc)),
+        ("envelope.json", first.to_bytes()),
+        ("node.pub.json", canonical_json(public.to_json())),
+        ("second.envelope.json", second.to_bytes()),
+    ]
+    write_container(path, members)
+    return sha256_file(path)
+
+
+def _check_equivocation(first: Envelope, second: Envelope, public: PublicKey, digest: str) -> EvidenceResult:
+    def result(ok: bool, reason: str, job_id: str = "") -> EvidenceResult:
+        return EvidenceResult(ok, "equivocation", public.node_id, job_id, reason, digest)
+
+    if not (first.signed_by(public) and second.signed_by(public)):
+        return result(False, "both envelopes must be signed by the node key in the evidence")
+    a, b = first.statement(), second.statement()
+    pa, pb = a["predicate"], b["predicate"]
+    job_id = str(pa.get("job_id"))
+    if pa.get("node_id") != public.node_id or pb.get("node_id") != public.node_id:
+        return result(False, "a statement names another node", job_id)
+    if pa.get("job_id") != pb.get("job_id") or pa.get("step_range") != pb.get("step_range"):
+        return result(False, "the statements are for different jobs or step ranges", job_id)
+    if a["subject"] == b["subject"]:
+        return result(False, "both statements claim the same outputs", job_id)
+    return result(True, f"node signed two different outputs for job {job_id} steps {pa.get('step_range')}", job_id)
+
+
 def check_evidence(path: Path) -> EvidenceResult:
     """Re-check an evidence file from scratch.
 
@@ -145,7 +181,7 @@ def check_evidence(path: Path) -> EvidenceResult:
     members = read_container_file(path, what=f"evidence {path}")
     digest = sha256_file(path)
     names = list(members)
-    if names[:4] != ["evidence.json", "envelope.json", "node.pub.json", "job.json"]:
+    if names[:3] != ["evidence.json", "envelope.json", "node.pub.json"]:
         raise InvalidInputError(f"evidence {path} does not have the evidence members in order")
     doc = parse_canonical_json(bytes(members["evidence.json"]), what="evidence.json")
     expected = {"type", "version", "kind", "step", "field", "tensors", "reason"}
@@ -155,13 +191,20 @@ def check_evidence(path: Path) -> EvidenceResult:
     if kind not in KINDS:
         raise InvalidInputError(f"evidence kind {kind!r} is unknown")
     # 2.
-    job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
     pub_doc = parse_json(bytes(members["node.pub.json"]), what="evidence node.pub.json")
     try:
         public = PublicKey(bytes.fromhex(pub_doc["public_key"]), bytes.fromhex(pub_doc["proof_of_possession"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError("evidence node.pub.json is malformed") from exc
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
+    if kind == "equivocation":
+        if names[3:] != ["second.envelope.json"]:
+            raise InvalidInputError("equivocation evidence must hold exactly two envelopes")
+        second = Envelope.from_bytes(bytes(members["second.envelope.json"]), what="evidence second envelope")
+        return _check_equivocation(envelope, second, public, digest)
+    if names[3:4] != ["job.json"]:
+        raise InvalidInputError(f"evidence {path} has no job.json")
+    job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
 
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:
         return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details)

@@ -40,16 +40,77 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+# Proofs are lists of subtree hashes MTH(D[a:b]). The ranges depend only on sizes and indices,
+# so a tree held in memory and one held in a database (ledger) share these definitions and only
+# differ in how a range's hash is obtained. Every range starts at a multiple of a power of two
+# at least as large as its own split, so each decomposes into O(log n) perfect subtrees.
+
+
+def inclusion_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The ranges whose hashes form PATH(index, D[size]) (RFC 9162 §2.1.3.1), leaf to root."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} outside a tree of {size}")
+    out: list[tuple[int, int]] = []
+    a, b = 0, size
+    while b - a > 1:
+        k = _split(b - a)
+        if index < a + k:
+            out.append((a + k, b))
+            b = a + k
+        else:
+            out.append((a, a + k))
+            a = a + k
+    return out[::-1]
+
+
+def consistency_ranges(old_size: int, new_size: int) -> list[tuple[int, int]]:
+    """The ranges whose hashes form PROOF(old_size, D[new_size]) (RFC 9162 §2.1.4.1)."""
+    if not 0 < old_size <= new_size:
+        raise ValueError(f"old size {old_size} outside 1..{new_size}")
+
+    def subproof(m: int, a: int, b: int, complete: bool) -> list[tuple[int, int]]:
+        n = b - a
+        if m == n:
+            return [] if complete else [(a, b)]
+        k = _split(n)
+        if m <= k:
+            return subproof(m, a, a + k, complete) + [(a + k, b)]
+        return subproof(m - k, a + k, b, False) + [(a, a + k)]
+
+    return subproof(old_size, 0, new_size, True)
+
+
+def perfect_parts(a: int, b: int) -> list[tuple[int, int]]:
+    """MTH(D[a:b]) as perfect subtrees (level, index), left to right: level l, index i covers
+    leaves [i * 2^l, (i + 1) * 2^l). ``a`` must be aligned as the proof ranges are."""
+    parts = []
+    while b > a:
+        n = b - a
+        k = n if n & (n - 1) == 0 else _split(n)
+        level = k.bit_length() - 1
+        if a % k:
+            raise ValueError(f"range [{a}, {b}) is not aligned")
+        parts.append((level, a >> level))
+        a += k
+    return parts
+
+
+def fold_parts(hashes: Sequence[bytes]) -> bytes:
+    """Combine perfect-subtree hashes (left to right) the way MTH's split does: right-nested."""
+    acc = hashes[-1]
+    for h in reversed(hashes[:-1]):
+        acc = node_hash(h, acc)
+    return acc
+
+
 def inclusion_proof(hashes: Sequence[bytes], index: int) -> list[bytes]:
-    """PATH(m, D[n]) of RFC 9162 §2.1.3.1 over leaf hashes."""
-    if not 0 <= index < len(hashes):
-        raise ValueError(f"leaf index {index} outside a tree of {len(hashes)}")
-    if len(hashes) == 1:
-        return []
-    k = _split(len(hashes))
-    if index < k:
-        return inclusion_proof(hashes[:k], index) + [root_from_leaf_hashes(hashes[k:])]
-    return inclusion_proof(hashes[k:], index - k) + [root_from_leaf_hashes(hashes[:k])]
+    """PATH(index, D[n]) over leaf hashes held in memory."""
+    return [root_from_leaf_hashes(hashes[a:b]) for a, b in inclusion_ranges(index, len(hashes))]
+
+
+def consistency_proof(hashes: Sequence[bytes], old_size: int) -> list[bytes]:
+    """PROOF(old_size, D[n]) over leaf hashes held in memory."""
+    return [root_from_leaf_hashes(hashes[a:b]) for a, b in consistency_ranges(old_size, len(hashes))]
 
 
 def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes) -> bool:
@@ -77,23 +138,6 @@ def verify_inclusion(leaf: bytes, index: int, tree_size: int, proof: Sequence[by
         sn >>= 1
     # 4. sn must be 0 and r the root.
     return sn == 0 and r == root
-
-
-def consistency_proof(hashes: Sequence[bytes], old_size: int) -> list[bytes]:
-    """PROOF(m, D[n]) of RFC 9162 §2.1.4.1 over leaf hashes."""
-    if not 0 < old_size <= len(hashes):
-        raise ValueError(f"old size {old_size} outside 1..{len(hashes)}")
-    return _subproof(hashes, old_size, True)
-
-
-def _subproof(hashes: Sequence[bytes], m: int, complete: bool) -> list[bytes]:
-    n = len(hashes)
-    if m == n:
-        return [] if complete else [root_from_leaf_hashes(hashes)]
-    k = _split(n)
-    if m <= k:
-        return _subproof(hashes[:k], m, complete) + [root_from_leaf_hashes(hashes[k:])]
-    return _subproof(hashes[k:], m - k, False) + [root_from_leaf_hashes(hashes[:k])]
 
 
 def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]) -> bool:

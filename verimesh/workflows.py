@@ -210,6 +210,8 @@ def verify(
 ) -> Verdict:
     """Verify a spot-check bundle against the job and the node key the job owner expects.
 
+    ``node_key``: the public key (or key file) the job owner expects; ``settlement`` takes it
+    from the ledger.
     ``samples``: extra steps checked beside the last (``None``: the job's policy; ``"all"``: every
     step). ``seed``: makes the sample reproducible (it is recorded in the verdict either way).
     ``check_all_digests``: hash every shipped tensor, not only those the verdict rests on (the job
@@ -230,7 +232,8 @@ def verify(
     """
     job = _as_job(job)
     public = node_key if isinstance(node_key, PublicKey) else load_public_key(node_key)
-    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big")
+    # 53 bits: seeds travel in JSON, whose safe integers stop at 2^53 (RFC 8785, I-JSON).
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
     checks: list[Check] = []
     sampled: tuple[int, ...] = ()
     outputs: dict[str, str] = {}
