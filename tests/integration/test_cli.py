@@ -244,3 +244,15 @@ def test_oversized_bundle_is_refused(job_file: Path, keys: Keys) -> None:
     assert run("prove", job_file, "--key", keys.node_file, "-o", "r.vmb").exit_code == 0
     result = run("verify", "r.vmb", "--job", job_file, "--node-key", keys.node_pub, "--max-bundle-size", "1000")
     assert result.exit_code == 3 and "limit" in result.output
+
+
+def test_bench_commands_print_a_table_and_write_json(workdir: Path) -> None:
+    result = run("bench", model_path("mlp"), "--quick", "--json", "spot.json")
+    assert result.exit_code == 0, result.output
+    assert "| mlp.onnx |" in result.stdout
+    spot = json.loads((workdir / "spot.json").read_text())["spot"][0]
+    assert spot["steps"] >= 1 and spot["prove_s"] > 0 and spot["verify_s"] > 0 and "prove_overhead" in spot
+    result = run("ledger", "bench", "--entries", "300", "--batch", "50", "--json", "ledger.json")
+    assert result.exit_code == 0, result.output
+    ledger = json.loads((workdir / "ledger.json").read_text())
+    assert ledger["entries"] == 300 and ledger["appends_per_s"] > 0 and ledger["inclusion_ms"] > 0
