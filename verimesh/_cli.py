@@ -46,6 +46,13 @@ class _Boundary(click.Group):
             ctx.exit(EXIT_INVALID_INPUT)
 
 
+def srs_option(f: F) -> F:
+    return click.option(
+        "--srs", type=click.Path(dir_okay=False, path_type=Path),
+        help="zk mode: the SRS file, if not where the circuit recorded it (its digest must match).",
+    )(f)  # fmt: skip
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(f)
 
@@ -218,7 +225,11 @@ def job() -> None:
     required=True,
     help="Input tensors: .npy, .npz or .json.",
 )
-@click.option("--mode", type=click.Choice(["spot"]), default="spot", show_default=True)
+@click.option("--mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True)
+@click.option(
+    "--circuit", "circuit_dir", type=click.Path(file_okay=False, path_type=Path),
+    help="zk mode: the circuit folder built by `verimesh circuit build`.",
+)  # fmt: skip
 @_steps_option
 @click.option(
     "--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Steps checked beside the last one."
@@ -245,6 +256,7 @@ def job_new(
     out: Path,
     force: bool,
     as_json: bool,
+    circuit_dir: Path | None = None,
 ) -> None:
     """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
     from verimesh.job import new_job
@@ -259,6 +271,7 @@ def job_new(
         precision=precision,
         optimization=optimization,
         overwrite=force,
+        circuit=circuit_dir,
     )
     payload = {
         "job": str(out),
@@ -309,10 +322,18 @@ def job_show(job_file: Path, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Model file, if not where the job says.",
 )
+@srs_option
 @json_option
 @click.pass_context
 def prove(
-    ctx: click.Context, job_file: Path, key_file: Path, out: Path, device: str, model_file: Path | None, as_json: bool
+    ctx: click.Context,
+    job_file: Path,
+    key_file: Path,
+    out: Path,
+    device: str,
+    model_file: Path | None,
+    srs: Path | None,
+    as_json: bool,
 ) -> None:
     """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
     from verimesh.keys import key_is_encrypted, load_secret_key
@@ -325,13 +346,13 @@ def prove(
     if bar:
         bar.start()
     try:
-        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update)
+        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update, srs=srs)
     finally:
         if bar:
             bar.stop()
     human = (
         f"wrote {out} ({result.bytes_written} bytes) in {result.seconds:.2f}s on {result.provider}\n"
-        f"commitment root {result.root}"
+        f"{'proofs digest' if result.provider == 'ezkl' else 'commitment root'} {result.root}"
     )
     _emit(as_json, result.to_json(), human)
 
@@ -372,6 +393,7 @@ class _SamplesType(click.ParamType):  # type: ignore[type-arg]
 @click.option(
     "--check-all-digests", is_flag=True, help="Hash every shipped tensor, not only those the verdict rests on."
 )
+@srs_option
 @json_option
 @click.pass_context
 def verify(
@@ -385,6 +407,7 @@ def verify(
     evidence_out: Path | None,
     max_bundle_size: int | None,
     check_all_digests: bool,
+    srs: Path | None,
     as_json: bool,
 ) -> None:
     """Verify a worker's BUNDLE against the job and the node key (--node-key, or --ledger which also
@@ -404,7 +427,8 @@ def verify(
         verdict, payload = settled.verdict, settled.to_json()
     elif node_key is not None and not ledger_url:
         verdict = run_verify(bundle, job=job_file, node_key=node_key, samples=samples, seed=seed,
-                             evidence_out=evidence_out, limits=limits, check_all_digests=check_all_digests)  # fmt: skip
+                             evidence_out=evidence_out, limits=limits, check_all_digests=check_all_digests,
+                             srs=srs)  # fmt: skip
         payload = verdict.to_json()
     else:
         raise click.UsageError("give exactly one of --node-key (a pinned key) or --ledger (keys from the ledger)")
@@ -483,6 +507,122 @@ def bench(
         json_out.write_text(json.dumps({"machine": info, "spot": [r.to_json() for r in results]}, indent=2) + "\n")
     if md_out:
         md_out.write_text(table)
+
+
+# --- zero-knowledge: SRS and circuits ----------------------------------------------------------
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def srs() -> None:
+    """Structured reference strings for zk mode (never downloaded)."""
+
+
+@srs.command("new", epilog=EXIT_CODES_HELP)
+@click.option("--logrows", type=click.IntRange(1, 26), required=True, help="2^LOGROWS rows: serves circuits up to it.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@force_option
+@json_option
+def srs_new(logrows: int, out: Path, force: bool, as_json: bool) -> None:
+    """Generate a local KZG SRS with fresh randomness: for tests and demos only."""
+    from verimesh.zk import new_srs
+
+    if out.exists() and not force:
+        raise InvalidInputError(f"{out} already exists", hint="pass --force to overwrite it")
+    click.echo(
+        "verimesh: warning: a locally generated SRS is for testing only: whoever generated it can forge proofs. "
+        "Use a ceremony SRS (--srs) in production.",
+        err=True,
+    )
+    digest = new_srs(out, logrows)
+    _emit(as_json, {"srs": str(out), "logrows": logrows, "digest": digest}, f"wrote {out} (2^{logrows} rows, {digest})")
+
+
+@cli.group(epilog=EXIT_CODES_HELP)
+def circuit() -> None:
+    """ezkl circuits: build once (job owner), pin in zk jobs."""
+
+
+@circuit.command("build", epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Calibration input (.npy, .npz or .json).",
+)
+@click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Steps chained by Poseidon-hashed boundaries.",
+)
+@click.option("--target", type=click.Choice(["resources", "accuracy"]), default="resources", show_default=True)
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Largest relative error of ezkl's output against onnxruntime's.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Circuit folder (default: circuits/MODEL-NAME).",
+)
+@json_option
+@click.pass_context
+def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: Path, steps: int, target: str,
+                  tolerance: float, out: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Calibrate, compile and set up MODEL; refuse it if ezkl's output drifts from onnxruntime's."""
+    from verimesh.plan import load_model, model_io
+    from verimesh.tensors import load_input_file
+    from verimesh.zk import build_circuit
+
+    _init_runtime(ctx)
+    folder = out or Path("circuits") / model.stem
+    tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
+    say = (lambda m: click.echo(f"  {m}", err=True)) if not as_json and sys.stderr.isatty() else None
+    built = build_circuit(model, tensors, srs=srs_file, out=folder, steps=steps, target=target,
+                          tolerance=tolerance, progress=say)  # fmt: skip
+    payload = {
+        "circuit": str(folder),
+        "digest": built.digest,
+        "steps": len(built.steps),
+        "onboarding": built.onboarding,
+    }
+    _emit(as_json, payload, f"{built.digest}\nwrote {folder}/ ({len(built.steps)} step(s)); onboarding "
+          f"{json.dumps(built.onboarding['outputs'])}")  # fmt: skip
+
+
+@circuit.command("show", epilog=EXIT_CODES_HELP)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+def circuit_show(folder: Path, as_json: bool) -> None:
+    """Logrows, scales, visibility, digests and estimated proving cost of a circuit."""
+    from verimesh.circuit import load_circuit
+
+    c = load_circuit(folder)
+    c.check_files()
+    doc = {**c.to_json(), "digest": c.digest}
+    for step, row in zip(c.steps, doc["steps"], strict=True):
+        # DESIGN §4: the proving key grows with 2^logrows (about 4.2 KB per row), not with parameters.
+        row["estimated_pk_mb"] = round(4.2e3 * 2**step.logrows / 1e6, 1)
+    if as_json:
+        _emit(True, doc, "")
+        return
+    click.echo(
+        f"circuit {c.name}  {c.digest}\n  model {c.model_digest}\n"
+        f"  SRS {c.srs_path} (2^{c.srs_logrows}, {c.srs_digest})"
+    )
+    for step, row in zip(c.steps, doc["steps"], strict=True):
+        click.echo(f"  step {step.index}: logrows {step.logrows}, scales in {list(step.input_scales)} out "
+                   f"{list(step.output_scales)}, input {step.input_visibility}, output {step.output_visibility}, "
+                   f"params fixed, vk {step.vk_digest[:19]}…, est. pk {row['estimated_pk_mb']} MB")  # fmt: skip
+    click.echo(f"  onboarding: {json.dumps(c.onboarding)}")
 
 
 # --- ledger -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 A canonical verimesh container (see ``container``) with members, in this order::
 
     tensors/000000.bin ... raw little-endian C-order data of the i-th trace tensor
+    proofs/000000.json ... zk mode: the ezkl proof of step i, as ezkl wrote it
     trace.json             {"version": 1, "tensors": [{name, dtype, shape, digest}, ...]} canonical JSON,
                            tensors in trace (leaf) order
     envelope.json          DSSE envelope, canonical JSON
@@ -35,6 +36,7 @@ class Bundle:
     trace: tuple[TensorRef, ...]
     trace_bytes: bytes
     tensors: dict[str, np.ndarray]  # read-only views into the file's bytes
+    proofs: tuple[bytes, ...] = ()
 
 
 def trace_document(entries: tuple[TensorRef, ...]) -> bytes:
@@ -43,6 +45,10 @@ def trace_document(entries: tuple[TensorRef, ...]) -> bytes:
 
 def tensor_member(index: int) -> str:
     return f"tensors/{index:06d}.bin"
+
+
+def proof_member(index: int) -> str:
+    return f"proofs/{index:06d}.json"
 
 
 class BundleWriter:
@@ -70,9 +76,11 @@ class BundleWriter:
     def entries(self) -> tuple[TensorRef, ...]:
         return tuple(f.result() for f in self._pending)
 
-    def finish(self, envelope: Envelope) -> int:
+    def finish(self, envelope: Envelope, proofs: tuple[bytes, ...] = ()) -> int:
         entries = self.entries()
         self._pool.shutdown()
+        for i, proof in enumerate(proofs):
+            self._writer.add(proof_member(i), proof)
         self._writer.add("trace.json", trace_document(entries))
         self._writer.add("envelope.json", envelope.to_bytes())
         return self._writer.close()
@@ -84,11 +92,18 @@ class BundleWriter:
         self._writer.abort()
 
 
-def write_bundle(path: Path, envelope: Envelope, entries: tuple[TensorRef, ...], tensors: dict[str, np.ndarray]) -> int:
+def write_bundle(
+    path: Path,
+    envelope: Envelope,
+    entries: tuple[TensorRef, ...],
+    tensors: dict[str, np.ndarray],
+    proofs: tuple[bytes, ...] = (),
+) -> int:
     """Write a bundle in one go (used for re-packing; ``BundleWriter`` streams)."""
     members: list[tuple[str, bytes | memoryview]] = [
         (tensor_member(i), tensor_bytes(tensors[e.name])) for i, e in enumerate(entries)
     ]
+    members += [(proof_member(i), p) for i, p in enumerate(proofs)]
     members += [("trace.json", trace_document(entries)), ("envelope.json", envelope.to_bytes())]
     return write_container(path, members)
 
@@ -109,10 +124,13 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
     entries = tuple(TensorRef.from_json(e, what="bundle trace") for e in doc["tensors"])
     if len({e.name for e in entries}) != len(entries):
         raise InvalidInputError("bundle trace names a tensor twice")
-    if names[:-2] != [tensor_member(i) for i in range(len(entries))]:
-        raise InvalidInputError("bundle tensor members do not match trace.json one for one")
+    n_proofs = len(names) - 2 - len(entries)
+    expected = [tensor_member(i) for i in range(len(entries))] + [proof_member(i) for i in range(max(n_proofs, 0))]
+    if names[:-2] != expected:
+        raise InvalidInputError("bundle members are not the tensors of trace.json one for one, then proofs")
     tensors = {e.name: decode_tensor(e, members[tensor_member(i)], what="bundle") for i, e in enumerate(entries)}
-    return Bundle(envelope, entries, trace_bytes, tensors)
+    proofs = tuple(bytes(members[proof_member(i)]) for i in range(n_proofs))
+    return Bundle(envelope, entries, trace_bytes, tensors, proofs)
 
 
 def decode_tensor(entry: TensorRef, data: memoryview, *, what: str) -> np.ndarray:

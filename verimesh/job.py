@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,11 +22,14 @@ from verimesh.canonical import canonical_json, parse_json
 from verimesh.digest import parse_digest, sha256_bytes, tensor_digest, tensor_set_digest
 from verimesh.errors import IntegrityError, InvalidInputError
 from verimesh.files import read_user_file
+
+if TYPE_CHECKING:
+    from verimesh.circuit import Circuit
 from verimesh.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
 from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 JOB_TYPE = "verimesh/job"
-MODES = ("spot",)
+MODES = ("spot", "zk")
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_STEPS = 4096
 
@@ -85,6 +88,8 @@ class Job:
     steps: tuple[StepRef, ...]
     policy: Policy
     base_dir: Path
+    circuit_path: str | None = None  # zk mode: the job owner's circuit folder
+    circuit_digest: str | None = None
 
     @property
     def trace_names(self) -> tuple[str, ...]:
@@ -118,6 +123,7 @@ class Job:
             },
             "steps": [s.to_json() for s in self.steps],
             "policy": self.policy.to_json(),
+            **({"circuit": {"path": self.circuit_path, "digest": self.circuit_digest}} if self.mode == "zk" else {}),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -164,6 +170,18 @@ class Job:
                 raise IntegrityError(f"job input tensor {name!r} does not match the digest pinned by the job")
         return tensors
 
+    def load_circuit(self) -> Circuit:
+        """zk mode: the circuit the job pins (settings, vk and SRS digests come from it, never from a bundle)."""
+        from verimesh.circuit import load_circuit
+
+        if self.circuit_path is None:
+            raise InvalidInputError("this job is not a zk job")
+        circuit = load_circuit(self.resolve(self.circuit_path))
+        if circuit.digest != self.circuit_digest:
+            raise IntegrityError(f"circuit {circuit.folder} is not the one the job pins (digest mismatch)")
+        circuit.check_files()
+        return circuit
+
     def check_model_file(self, path: Path | None = None, *, digest_of: Callable[[Path], str] | None = None) -> None:
         """Refuse a model file whose digest is not the job's (``digest_of`` may cache digests)."""
         from verimesh.digest import sha256_file
@@ -202,6 +220,13 @@ def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
     return value
 
 
+def _circuit_ref(value: Any, what: str) -> tuple[str, str]:
+    if not isinstance(value, dict) or set(value) != {"path", "digest"}:
+        raise InvalidInputError(f"{what}: a zk job needs circuit {{path, digest}}")
+    parse_digest(value["digest"], what="circuit digest")
+    return _relative_path(value["path"], "circuit", allow_parent=True), value["digest"]
+
+
 def _names(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InvalidInputError(f"job {what} must be a list of tensor names")
@@ -223,6 +248,8 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     if doc.get("version") != 1:
         raise InvalidInputError(f"{what} has unsupported version {doc.get('version')!r}")
     expected_keys = {"type", "version", "job_id", "nonce", "created", "mode", "model", "input", "steps", "policy"}
+    if doc.get("mode") == "zk":
+        expected_keys.add("circuit")
     if set(doc) != expected_keys:
         raise InvalidInputError(f"{what} fields differ from the format: {sorted(set(doc) ^ expected_keys)}")
     if doc["mode"] not in MODES:
@@ -243,7 +270,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         steps.append(
             StepRef(
                 i,
-                _relative_path(s["path"], f"step {i}"),
+                _relative_path(s["path"], f"step {i}", allow_parent=doc["mode"] == "zk"),
                 s["digest"],
                 _names(s["inputs"], f"step {i} inputs"),
                 _names(s["outputs"], f"step {i} outputs"),
@@ -263,6 +290,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     for key in ("digest",):
         parse_digest(model[key], what="model digest")
         parse_digest(inp[key], what="input digest")
+    circuit = _circuit_ref(doc.get("circuit"), what) if doc["mode"] == "zk" else None
     job = Job(
         job_id=doc["job_id"],
         nonce=str(doc["nonce"]),
@@ -278,6 +306,8 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         steps=tuple(steps),
         policy=Policy(samples, pol["precision"], pol["optimization"], Tolerance.from_json(pol["tolerance"])),
         base_dir=base_dir,
+        circuit_path=circuit[0] if circuit else None,
+        circuit_digest=circuit[1] if circuit else None,
     )
     _check_consistency(job, what)
     if compute_job_id(job.document()) != job.job_id:
@@ -327,8 +357,11 @@ def new_job(
     optimization: str = "extended",
     tolerance: Tolerance | None = None,
     overwrite: bool = False,
+    circuit: Path | None = None,
 ) -> Job:
-    """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder."""
+    """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder.
+
+    zk mode takes its steps from ``circuit`` (built by ``verimesh circuit build`` for this model)."""
     import os
 
     from verimesh.plan import build_step_models, load_model, model_io, plan_model
@@ -345,18 +378,36 @@ def new_job(
     model, model_bytes = load_model(model_path)
     specs_in, specs_out = model_io(model)
     tensors = load_input_file(input_path, specs_in)
-    plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in tensors.items()})
-    planned = build_step_models(model, model_bytes, plan)
     base = out.resolve().parent
     files = out.with_name(out.stem + ".files")
     files.mkdir(parents=True, exist_ok=True)
     step_refs = []
-    for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
-        name = f"step-{step.index:03d}.onnx"
-        (files / name).write_bytes(blob)
-        step_refs.append(
-            StepRef(step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count)
-        )
+    circuit_ref: tuple[str, str] | None = None
+    if mode == "zk":
+        from verimesh.circuit import load_circuit
+
+        if circuit is None:
+            raise InvalidInputError("zk mode needs --circuit DIR", hint="build one with `verimesh circuit build`")
+        spec = load_circuit(circuit)
+        if spec.model_digest != sha256_bytes(model_bytes):
+            raise IntegrityError(f"circuit {circuit} was built for another model (model digest mismatch)")
+        spec.check_files()
+        circuit_ref = (os.path.relpath(spec.folder, base), spec.digest)
+        for cs in spec.steps:
+            rel = os.path.relpath(spec.path(cs.model), base)
+            step_refs.append(StepRef(cs.index, rel, cs.model_digest, cs.inputs, cs.outputs, 0, 0))
+    else:
+        if circuit is not None:
+            raise InvalidInputError("--circuit goes with --mode zk")
+        plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in tensors.items()})
+        planned = build_step_models(model, model_bytes, plan)
+        for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
+            name = f"step-{step.index:03d}.onnx"
+            (files / name).write_bytes(blob)
+            ref = StepRef(
+                step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count
+            )
+            step_refs.append(ref)
     buf = io.BytesIO()
     np.savez(buf, **tensors)  # type: ignore[arg-type]
     (files / "input.npz").write_bytes(buf.getvalue())
@@ -376,6 +427,8 @@ def new_job(
         steps=tuple(step_refs),
         policy=Policy(samples, precision, optimization, tolerance or DEFAULT_TOLERANCES[precision]),
         base_dir=base,
+        circuit_path=circuit_ref[0] if circuit_ref else None,
+        circuit_digest=circuit_ref[1] if circuit_ref else None,
     )
     job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
     out.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")

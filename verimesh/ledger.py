@@ -182,6 +182,9 @@ class Ledger:
             @sa_event.listens_for(engine, "connect")
             def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
                 dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+                # A row edited behind our back may hold text that is not UTF-8: read it without
+                # raising, keeping every byte (verify then reports the entry instead of crashing).
+                dbapi_conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA busy_timeout = 60000")
                 cur.execute("PRAGMA journal_mode = WAL")

@@ -118,10 +118,16 @@ class Worker:
     first time), and a model file's digest is cached by (path, size, mtime).
     """
 
-    def __init__(self, key: SecretKey, *, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, key: SecretKey, *, device: str = "auto", threads: int = 0, srs: Path | None = None,
+        zk_timeout: float = 3600.0,
+    ) -> None:  # fmt: skip
         self.key = key
         self.device = device
         self.threads = threads
+        self.srs = srs
+        self.zk_timeout = zk_timeout
+        self._zk: Any = None
         self._runners: dict[tuple[str, str], StepRunner] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
 
@@ -153,6 +159,8 @@ class Worker:
         """
         started = time.perf_counter()
         job = _as_job(job)
+        if job.mode == "zk":
+            return self._prove_zk(job, out=out, model=model, progress=progress, started=started)
         # 1. (step files are checked when their session is first created, in run_steps)
         job.check_model_file(model, digest_of=self._file_digest)
         inputs = job.read_input()
@@ -173,6 +181,27 @@ class Worker:
             out, job.job_id, self.key.node_id, commitment.root_digest, outputs, runner.provider, size, elapsed
         )
 
+    def _prove_zk(
+        self, job: Job, *, out: Path, model: Path | None, progress: Progress | None, started: float
+    ) -> ProveResult:
+        from verimesh.zk import ZkProver
+        from verimesh.zkmode import prove_zk
+
+        if self._zk is None:
+            self._zk = ZkProver(timeout=self.zk_timeout)
+        size, proofs_digest, outputs = prove_zk(
+            job, key=self.key, prover=self._zk, out=out, srs=self.srs, model=model, progress=progress,
+            digest_of=self._file_digest,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        return ProveResult(out, job.job_id, self.key.node_id, proofs_digest, outputs, "ezkl", size, elapsed)
+
+    def close(self) -> None:
+        """Stop the zk worker process, if one was started."""
+        if self._zk is not None:
+            self._zk.close()
+            self._zk = None
+
 
 def prove(
     job: Job | Path,
@@ -182,9 +211,14 @@ def prove(
     device: str = "auto",
     model: Path | None = None,
     progress: Progress | None = None,
+    srs: Path | None = None,
 ) -> ProveResult:
     """One-shot ``Worker(key, device=device).prove(job, out=out)``; see ``Worker.prove``."""
-    return Worker(key, device=device).prove(job, out=out, model=model, progress=progress)
+    worker = Worker(key, device=device, srs=srs)
+    try:
+        return worker.prove(job, out=out, model=model, progress=progress)
+    finally:
+        worker.close()
 
 
 class _Rejected(Exception):
@@ -207,6 +241,7 @@ def verify(
     runner: StepRunner | None = None,
     limits: Limits = DEFAULT_LIMITS,
     check_all_digests: bool = False,
+    srs: Path | None = None,
 ) -> Verdict:
     """Verify a spot-check bundle against the job and the node key the job owner expects.
 
@@ -247,7 +282,21 @@ def verify(
     except InvalidInputError as exc:
         checks.append(Check("bundle-format", False, exc.message))
         return verdict("error")
-    checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors"))
+    checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors, {len(parsed.proofs)} proofs"))
+    if job.mode == "zk":
+        from verimesh.zkmode import ZkReject, check_zk
+
+        signature = _signature_check(parsed, public)
+        checks.append(signature)
+        if not signature.ok:
+            return verdict("reject")
+        try:
+            check_zk(parsed, job, public, checks, srs=srs)
+        except ZkReject as rejected:
+            checks.append(rejected.check)
+            return verdict("reject")
+        outputs.update({e.name: e.digest for e in parsed.trace})
+        return verdict("accept")
     try:
         # 2.-4.
         digests = _DigestCheck(parsed)
@@ -313,6 +362,13 @@ def verify(
     return verdict("accept")
 
 
+def _signature_check(parsed: Bundle, public: PublicKey) -> Check:
+    if parsed.envelope.signed_by(public):
+        return Check("signature", True, f"signed by {public.node_id}")
+    keyids = ", ".join(s.keyid for s in parsed.envelope.signatures)
+    return Check("signature", False, "no valid signature by the pinned node key", public.node_id, keyids)
+
+
 class _DigestCheck:
     """Hashes shipped tensors on demand, each once, and rejects one that is not its declared digest."""
 
@@ -339,12 +395,10 @@ def _check_envelope_and_trace(
     from verimesh import merkle
 
     # 2.
-    if not parsed.envelope.signed_by(public):
-        keyids = [s.keyid for s in parsed.envelope.signatures]
-        raise _Rejected(
-            Check("signature", False, "no valid signature by the pinned node key", public.node_id, ", ".join(keyids))
-        )
-    checks.append(Check("signature", True, f"signed by {public.node_id}"))
+    signature = _signature_check(parsed, public)
+    if not signature.ok:
+        raise _Rejected(signature)
+    checks.append(signature)
     # 3.
     try:
         statement = parsed.envelope.statement()

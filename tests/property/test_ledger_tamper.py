@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from verimesh.keys import generate_key
@@ -94,6 +94,7 @@ def apply_edit(db: Path, edit: tuple[object, ...]) -> bool:
 
 def contents(db: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     with sqlite3.connect(db) as conn:
+        conn.text_factory = bytes
         entries = conn.execute(
             "SELECT seq, kind, node_id, typeof(body), body FROM ledger_entries ORDER BY seq"
         ).fetchall()
@@ -105,6 +106,7 @@ def contents(db: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(edits, min_size=1, max_size=3))
+@example([("flip-body", 0, 0, 128), ("text-body", 0)])  # a body made non-UTF-8 text once crashed the reader
 def test_random_row_edits_are_always_found(pristine: Path, edit_list: list[tuple[object, ...]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         db = Path(d) / "mesh.db"
