@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast demo lint format bench fixtures clean
+.PHONY: install test test-fast demo lint format bench fixtures circuits clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,16 @@ format: install
 
 fixtures: install
 	$(BIN)/python fixtures/make_fixtures.py
+
+# The reviewed circuit specs of the fixtures, built against the committed test-only SRS so that
+# their verifying-key digests reproduce anywhere (tests/integration/test_committed_circuits.py).
+TEST_SRS := fixtures/srs/kzg15.test-only.srs
+circuits: install
+	@test -f $(TEST_SRS) || $(BIN)/verimesh srs new --logrows 15 -o $(TEST_SRS)
+	rm -rf circuits/mlp circuits/mlp-chain
+	$(BIN)/verimesh circuit build fixtures/mlp.onnx --input fixtures/mlp.input.npy --srs $(TEST_SRS) -o circuits/mlp
+	$(BIN)/verimesh circuit build fixtures/mlp.onnx --input fixtures/mlp.input.npy --srs $(TEST_SRS) --steps 2 \
+		-o circuits/mlp-chain
 
 # The ResNet-50-size model is built locally (100 MB, not committed); results go to docs/.
 bench: install

@@ -625,6 +625,33 @@ def circuit_show(folder: Path, as_json: bool) -> None:
     click.echo(f"  onboarding: {json.dumps(c.onboarding)}")
 
 
+@circuit.command("bench", epilog=EXIT_CODES_HELP)
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.pass_context
+def circuit_bench(ctx: click.Context, models: tuple[Path, ...], srs_file: Path, steps: int, repeats: int,
+                  json_out: Path | None) -> None:  # fmt: skip
+    """Setup, cold and warm proof (verimesh vs bare ezkl), verify, pk and proof size, peak RSS."""
+    from verimesh.bench import bench_zk
+
+    _init_runtime(ctx)
+    rows = [bench_zk(m, srs=srs_file, steps=steps, repeats=repeats) for m in models]
+    click.echo("| model | steps | logrows | setup s | cold prove s | warm prove s | bare ezkl s | warm / bare "
+               "| verify s | pk MB | proof KB | peak RSS MB |")  # fmt: skip
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "n/a" if r["warm_over_bare"] is None else f"{r['warm_over_bare']:.3f}"
+        bare = "n/a" if r["warm_over_bare"] is None else f"{r['bare_ezkl_prove_s']:.2f}"
+        click.echo(f"| {r['model']} | {r['steps']} | {r['logrows']} | {r['setup_s']:.2f} | {r['cold_prove_s']:.2f} | "
+                   f"{r['warm_prove_s']:.2f} | {bare} | {ratio} | {r['verify_s']:.3f} | {r['pk_mb']:.0f} | "
+                   f"{r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
 # --- ledger -----------------------------------------------------------------------------------
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from verimesh.errors import InvalidInputError
+
 PROVE_TARGET = 1.25
 VERIFY_TARGET = 0.35
 
@@ -181,9 +183,16 @@ def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
         start = time.perf_counter()
         for first in range(0, entries, batch):
             ledger.append(
-                [{"kind": "verdict", "node_id": f"vm-{i % 97:020x}", "job_id": f"sha256:{i:064x}", "status": "accept"}
-                 for i in range(first, min(entries, first + batch))]
-            )  # fmt: skip
+                [
+                    {
+                        "kind": "verdict",
+                        "node_id": f"vm-{i % 97:020x}",
+                        "job_id": f"sha256:{i:064x}",
+                        "status": "accept",
+                    }
+                    for i in range(first, min(entries, first + batch))
+                ]
+            )
         appends = entries / (time.perf_counter() - start)
         rng = random.Random(0)
 
@@ -204,6 +213,135 @@ def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
         if not report.ok:
             raise RuntimeError(f"benchmark ledger does not verify: {report.problems[:1]}")
     return {
-        "entries": entries, "batch": batch, "appends_per_s": appends, "root_ms": root_ms,
-        "inclusion_ms": inclusion_ms, "consistency_ms": consistency_ms, "verify_s": verify_s, "machine": machine(),
-    }  # fmt: skip
+        "entries": entries,
+        "batch": batch,
+        "appends_per_s": appends,
+        "root_ms": root_ms,
+        "inclusion_ms": inclusion_ms,
+        "consistency_ms": consistency_ms,
+        "verify_s": verify_s,
+        "machine": machine(),
+    }
+
+
+def _peak_rss_mb(pid: int | None = None) -> float:
+    """VmHWM of a process (this one by default), in MB; 0 where /proc is not available."""
+    try:
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def bench_zk(
+    model: Path, *, srs: Path, steps: int = 1, repeats: int = 3, input_file: Path | None = None
+) -> dict[str, Any]:
+    """Build a circuit, then time setup, cold and warm proofs through verimesh against bare
+    ``ezkl.gen_witness`` + ``ezkl.prove`` on the same compiled circuit and key, and verification."""
+    import json as _json
+    import os
+
+    from verimesh import zk
+    from verimesh.circuit import cache_dir
+    from verimesh.job import new_job
+    from verimesh.keys import generate_key
+    from verimesh.plan import load_model, model_io
+    from verimesh.tensors import load_input_file
+    from verimesh.workflows import Worker, verify
+
+    ezkl = zk.ezkl_module()
+    input_file = input_file or _input_for(model)
+    if input_file is None:
+        raise InvalidInputError(f"no input for {model}: pass one (MODEL.input.npy is looked for)")
+    tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
+    saved_cache = os.environ.get("VERIMESH_CACHE")
+    with tempfile.TemporaryDirectory(prefix="verimesh-zk-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["VERIMESH_CACHE"] = str(work / "cache")
+        try:
+            start = time.perf_counter()
+            circuit = zk.build_circuit(model, tensors, srs=srs, out=work / "circuit", steps=steps)
+            build_s = time.perf_counter() - start
+            step = circuit.steps[0]
+            compiled = zk.compiled_circuit(
+                circuit.path(step.model), circuit.path(step.settings), step.model_digest, step.settings_digest
+            )
+            start = time.perf_counter()
+            with zk.quiet_output():
+                ezkl.setup(str(compiled), str(work / "vk"), str(work / "pk"), srs_path=str(srs))
+            setup_s = time.perf_counter() - start
+            pk_mb = sum(p.stat().st_size for p in (cache_dir() / "pk").glob("*.bin")) / 1e6
+            job = new_job(model, input_file, work / "job.json", mode="zk", circuit=circuit.folder)
+            key = generate_key()
+            for cached in (cache_dir() / "pk").glob("*.bin"):  # cold: the worker must set up again
+                cached.rename(cached.with_suffix(".keep"))
+            worker = Worker(key, srs=srs)
+            try:
+                start = time.perf_counter()
+                worker.prove(job, out=work / "cold.vmb")
+                cold_s = time.perf_counter() - start
+                bare_times, warm_times = [], []
+                data = work / "input.json"
+                data.write_text(
+                    _json.dumps(
+                        {"input_data": [np.asarray(tensors[n], np.float64).reshape(-1).tolist() for n in step.inputs]}
+                    )
+                )
+                pk = next((cache_dir() / "pk").glob("*.bin"))
+                for i in range(repeats):  # interleaved, as for the spot benchmark
+                    if steps == 1:
+                        start = time.perf_counter()
+                        with zk.quiet_output():
+                            ezkl.gen_witness(str(data), str(compiled), str(work / "w.json"), srs_path=str(srs))
+                            ezkl.prove(
+                                str(work / "w.json"), str(compiled), str(pk), str(work / "p.json"), srs_path=str(srs)
+                            )
+                        bare_times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    worker.prove(job, out=work / f"warm-{i}.vmb")
+                    warm_times.append(time.perf_counter() - start)
+                worker_rss = max(
+                    (_peak_rss_mb(p.pid) for p in (getattr(worker._zk._pool, "_processes", None) or {}).values()),
+                    default=0.0,
+                )
+            finally:
+                worker.close()
+            verify_times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                verdict = verify(work / "warm-0.vmb", job=job, node_key=key.public)
+                verify_times.append(time.perf_counter() - start)
+                if not verdict:
+                    raise RuntimeError(f"benchmark proof was rejected: {verdict.reason}")
+            warm = statistics.median(warm_times)
+            bare = statistics.median(bare_times) if bare_times else float("nan")
+            return {
+                "model": model.name,
+                "steps": steps,
+                "logrows": [s.logrows for s in circuit.steps],
+                "build_s": build_s,
+                "setup_s": setup_s,
+                "cold_prove_s": cold_s,
+                "warm_prove_s": warm,
+                "bare_ezkl_prove_s": bare,
+                "warm_over_bare": warm / bare if bare_times else None,
+                "verify_s": statistics.median(verify_times),
+                "pk_mb": pk_mb,
+                "proof_kb": sum(len(p) for p in read_proofs(work / "warm-0.vmb")) / 1024,
+                "peak_rss_mb": max(_peak_rss_mb(), worker_rss),
+                "repeats": repeats,
+                "machine": machine(),
+            }
+        finally:
+            if saved_cache is None:
+                os.environ.pop("VERIMESH_CACHE", None)
+            else:
+                os.environ["VERIMESH_CACHE"] = saved_cache
+
+
+def read_proofs(bundle: Path) -> tuple[bytes, ...]:
+    from verimesh.bundle import read_bundle
+
+    return read_bundle(bundle).proofs

@@ -57,7 +57,7 @@ DEFAULT_TOLERANCE = 0.05  # relative Frobenius error of ezkl's dequantized outpu
 MAX_SRS_LOGROWS = 26
 
 
-def _ezkl() -> Any:
+def ezkl_module() -> Any:
     try:
         import ezkl
     except ImportError as exc:  # pragma: no cover - ezkl is a dependency
@@ -66,7 +66,7 @@ def _ezkl() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_output() -> Iterator[None]:
     """ezkl prints calibration tables on the process's stdout and stderr: keep them off ours
     (errors still reach us as exceptions). ``VERIMESH_VERBOSE=1`` shows them."""
     if os.environ.get("VERIMESH_VERBOSE"):
@@ -86,7 +86,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    with _quiet():
+    with quiet_output():
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ValueError, OSError, TypeError) as exc:  # ezkl raises plain runtime errors
@@ -114,7 +114,7 @@ def new_srs(path: Path, logrows: int) -> str:
     the toxic waste). Production uses a ceremony SRS given with --srs. Returns its digest."""
     if not 1 <= logrows <= MAX_SRS_LOGROWS:
         raise InvalidInputError(f"logrows must be 1..{MAX_SRS_LOGROWS}")
-    _call("gen_srs", _ezkl().gen_srs, str(path), logrows)
+    _call("gen_srs", ezkl_module().gen_srs, str(path), logrows)
     return sha256_file(path)
 
 
@@ -123,19 +123,19 @@ def new_srs(path: Path, logrows: int) -> str:
 
 def quantize(array: np.ndarray, scale: int) -> list[str]:
     """Field elements of a float tensor at ``scale``, exactly as ezkl quantizes its inputs."""
-    ezkl = _ezkl()
+    ezkl = ezkl_module()
     return [ezkl.float_to_felt(float(v), scale) for v in np.asarray(array, dtype=np.float64).reshape(-1)]
 
 
 def dequantize(felts: Sequence[str], scale: int, shape: Sequence[int]) -> np.ndarray:
     """Float64 values of field elements at ``scale`` (exact: integer / 2^scale)."""
-    ezkl = _ezkl()
+    ezkl = ezkl_module()
     values = np.array([ezkl.felt_to_int(f) for f in felts], dtype=np.float64) / float(2**scale)
     return values.reshape(tuple(shape))
 
 
 def poseidon(felts: Sequence[str]) -> str:
-    return str(_ezkl().poseidon_hash(list(felts))[0])
+    return str(ezkl_module().poseidon_hash(list(felts))[0])
 
 
 def check_supported(model: Any) -> None:
@@ -181,7 +181,7 @@ def compiled_circuit(model: Path, settings: Path, model_digest: str, settings_di
     path = _cached("compiled", f"{model_digest}|{settings_digest}")
     if not path.exists():
         tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-        _call("compile_circuit", _ezkl().compile_circuit, str(model), str(tmp), str(settings))
+        _call("compile_circuit", ezkl_module().compile_circuit, str(model), str(tmp), str(settings))
         tmp.replace(path)
     return path
 
@@ -193,7 +193,7 @@ def proving_key(compiled: Path, srs: Path, srs_digest: str, vk_digest: str) -> P
         return path
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         vk, pk = Path(tmp) / "vk", Path(tmp) / "pk"
-        _call("setup", _ezkl().setup, str(compiled), str(vk), str(pk), srs_path=str(srs))
+        _call("setup", ezkl_module().setup, str(compiled), str(vk), str(pk), srs_path=str(srs))
         got = sha256_file(vk)
         if got != vk_digest:
             raise IntegrityError(
@@ -235,7 +235,7 @@ def build_circuit(
     from verimesh.plan import build_step_models, load_model, plan_model
     from verimesh.runtime import StepRunner
 
-    ezkl = _ezkl()
+    ezkl = ezkl_module()
     if target not in TARGETS:
         raise InvalidInputError(f"target must be one of {TARGETS}")
     model, model_bytes = load_model(model_path)
@@ -353,7 +353,7 @@ def build_circuit(
         name=name or model_path.stem,
         model_digest=sha256_bytes(model_bytes),
         target=target,
-        srs_path=str(srs.resolve()),
+        srs_path=os.path.relpath(srs.resolve(), out.resolve()),
         srs_digest=srs_digest,
         srs_logrows=srs_k,
         steps=tuple(built),
@@ -384,7 +384,7 @@ def _prove_step(task: StepTask) -> tuple[bytes, list[str]]:
     """Child process: compile (cached), pk (cached or reproducible setup), witness, prove."""
     os.environ["VERIMESH_CACHE"] = task.cache
     warnings.simplefilter("ignore")
-    ezkl = _ezkl()
+    ezkl = ezkl_module()
     compiled = compiled_circuit(Path(task.model), Path(task.settings), task.model_digest, task.settings_digest)
     pk = proving_key(compiled, Path(task.srs), task.srs_digest, task.vk_digest)
     with tempfile.TemporaryDirectory(prefix="verimesh-prove-") as tmp:
@@ -487,12 +487,12 @@ def instance_layout(step: CircuitStep) -> tuple[int, int]:
 
 def verify_proof(proof_bytes: bytes, settings: Path, vk: Path, srs: Path) -> tuple[bool, str]:
     """ezkl.verify with the job owner's settings, vk and SRS; a raise is a failed proof."""
-    ezkl = _ezkl()
+    ezkl = ezkl_module()
     with tempfile.TemporaryDirectory(prefix="verimesh-verify-") as tmp:
         path = Path(tmp) / "proof.json"
         path.write_bytes(proof_bytes)
         try:
-            with _quiet():
+            with quiet_output():
                 ok = bool(ezkl.verify(str(path), str(settings), str(vk), srs_path=str(srs)))
         except (RuntimeError, ValueError, OSError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
