@@ -14,7 +14,7 @@ from verimesh.circuit import load_circuit
 
 ROOT = Path(__file__).resolve().parents[2]
 CIRCUITS = sorted(p.parent for p in (ROOT / "circuits").glob("*/circuit.json"))
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zk")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()

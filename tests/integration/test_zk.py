@@ -32,8 +32,8 @@ from verimesh.tensors import TensorRef
 from verimesh.workflows import prove, verify
 from verimesh.zkmode import PREDICATE_TYPE, zk_predicate
 
-# Slow, and kept on one xdist worker so the session's SRS and circuits are built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("zk")]
+# Slow. `make test` distributes by file (--dist loadfile), so the session SRS and circuits are built once.
+pytestmark = pytest.mark.slow
 X = {"input": np.load(input_path("mlp"))}
 
 
