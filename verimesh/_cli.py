@@ -46,6 +46,17 @@ class _Boundary(click.Group):
             ctx.exit(EXIT_INVALID_INPUT)
 
 
+def input_option(*, required: bool, help: str) -> Callable[[F], F]:
+    """The model-input option shared by plan, job new and circuit build (.npy, .npz or .json)."""
+
+    def decorate(f: F) -> F:
+        return click.option(
+            "--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), required=required, help=help
+        )(f)
+
+    return decorate
+
+
 def srs_option(f: F) -> F:
     return click.option(
         "--srs", type=click.Path(dir_okay=False, path_type=Path),
@@ -174,9 +185,7 @@ def _steps_option(f: F) -> F:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_steps_option
-@click.option(
-    "--input", "input_file", type=click.Path(dir_okay=False, path_type=Path), help="Input file for exact costs."
-)
+@input_option(required=False, help="Input file for exact costs.")
 @json_option
 def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool) -> None:
     """Show how MODEL would be cut into steps."""
@@ -218,13 +227,7 @@ def job() -> None:
 
 @job.command("new", epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--input",
-    "input_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Input tensors: .npy, .npz or .json.",
-)
+@input_option(required=True, help="Input tensors: .npy, .npz or .json.")
 @click.option("--mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True)
 @click.option(
     "--circuit", "circuit_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -544,13 +547,7 @@ def circuit() -> None:
 
 @circuit.command("build", epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--input",
-    "input_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Calibration input (.npy, .npz or .json).",
-)
+@input_option(required=True, help="Calibration input (.npy, .npz or .json).")
 @click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
     "--steps",

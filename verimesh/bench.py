@@ -302,10 +302,8 @@ def bench_zk(
                     start = time.perf_counter()
                     worker.prove(job, out=work / f"warm-{i}.vmb")
                     warm_times.append(time.perf_counter() - start)
-                worker_rss = max(
-                    (_peak_rss_mb(p.pid) for p in (getattr(worker._zk._pool, "_processes", None) or {}).values()),
-                    default=0.0,
-                )
+                pids = worker._zk.worker_pids() if worker._zk is not None else []
+                worker_rss = max((_peak_rss_mb(pid) for pid in pids), default=0.0)
             finally:
                 worker.close()
             verify_times = []

@@ -38,13 +38,12 @@ from verimesh.digest import sha256_bytes, sha256_file
 from verimesh.errors import BackendUnavailableError, IntegrityError, InvalidInputError, VerimeshError
 
 # Operators ezkl cannot prove, or proves wrongly (DESIGN §4).
-UNSUPPORTED_OPS = {
+UNSUPPORTED_OPS: dict[str, str] = {
     "Mod": "no circuit for Mod",
     "NonZero": "data-dependent output shape",
     "If": "control flow",
     "Loop": "control flow",
     "Scan": "control flow",
-    "Where": None,
     "QLinearConv": "quantized op",
     "QLinearMatMul": "quantized op",
     "ConvInteger": "quantized op",
@@ -154,7 +153,7 @@ def check_supported(model: Any) -> None:
 
     for node in walk(model.graph):
         reason = UNSUPPORTED_OPS.get(node.op_type)
-        if node.op_type in UNSUPPORTED_OPS and reason is not None:
+        if reason is not None:
             raise InvalidInputError(
                 f"ezkl cannot prove operator {node.op_type} (node {node.name or node.output[0]!r}): {reason}",
                 code="unsupported-operator",
@@ -407,6 +406,11 @@ class ZkProver:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live worker processes (for measurements)."""
+        pool = self._pool
+        return [p.pid for p in (getattr(pool, "_processes", None) or {}).values() if p.pid] if pool else []
 
     def close(self, *, kill: bool = False) -> None:
         """Stop the worker; ``kill`` for one stuck in a proof (a timeout)."""
