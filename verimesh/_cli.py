@@ -230,6 +230,10 @@ def job() -> None:
 @input_option(required=True, help="Input tensors: .npy, .npz or .json.")
 @click.option("--mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True)
 @click.option(
+    "--tolerance", "tolerance_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="Per-step tolerance profile written by `verimesh calibrate` (same --steps).",
+)  # fmt: skip
+@click.option(
     "--circuit", "circuit_dir", type=click.Path(file_okay=False, path_type=Path),
     help="zk mode: the circuit folder built by `verimesh circuit build`.",
 )  # fmt: skip
@@ -260,6 +264,7 @@ def job_new(
     force: bool,
     as_json: bool,
     circuit_dir: Path | None = None,
+    tolerance_file: Path | None = None,
 ) -> None:
     """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
     from verimesh.job import new_job
@@ -275,6 +280,7 @@ def job_new(
         optimization=optimization,
         overwrite=force,
         circuit=circuit_dir,
+        profile=tolerance_file,
     )
     payload = {
         "job": str(out),
@@ -510,6 +516,49 @@ def bench(
         json_out.write_text(json.dumps({"machine": info, "spot": [r.to_json() for r in results]}, indent=2) + "\n")
     if md_out:
         md_out.write_text(table)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@input_option(required=True, help="Input tensors: .npy, .npz or .json.")
+@_steps_option
+@click.option("--precision", type=click.Choice(["fp32-strict", "tf32"]), default="fp32-strict", show_default=True)
+@click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="extended",
+              show_default=True)  # fmt: skip
+@click.option("--headroom", type=click.FloatRange(min=1, min_open=True), default=10.0, show_default=True,
+              help="Tolerance = honest maximum x HEADROOM.")  # fmt: skip
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Profile to write.")
+@json_option
+@click.pass_context
+def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | None, precision: str, optimization: str,
+              headroom: float, out: Path, as_json: bool) -> None:  # fmt: skip
+    """Per-step tolerances from honest variations and cheats; refuses when they overlap."""
+    from verimesh.calibrate import calibrate as run_calibrate
+    from verimesh.calibrate import write_profile
+    from verimesh.plan import load_model, model_io
+    from verimesh.tensors import load_input_file
+
+    _init_runtime(ctx)
+    tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
+    profile = run_calibrate(model, tensors, steps=steps, precision=precision, optimization=optimization,
+                            headroom=headroom)  # fmt: skip
+    write_profile(profile, out)
+    if not any(h.startswith("cuda") for h in profile.honest):
+        warning = (
+            "verimesh: warning: no GPU here, so no CUDA variation was measured; this profile may reject "
+            "honest GPU workers (calibrate on a machine with a GPU, or keep the precision default)"
+        )
+        click.echo(warning, err=True)
+    if as_json:
+        _emit(True, profile.to_json(), "")
+        return
+    click.echo(f"{'step':>4}  {'honest max':>11}  {'tolerance':>10}  {'closest cheat':>13}  {'margin':>8}  strategy")
+    for st in profile.steps:
+        margin = "inf" if st.cheat_rel_frobenius == float("inf") else f"{st.margin:.0f}x"
+        cheat = "-" if st.cheat_rel_frobenius == float("inf") else f"{st.cheat_rel_frobenius:.3g}"
+        click.echo(f"{st.index:>4}  {st.honest_rel_frobenius:>11.3g}  {st.tolerance.max_rel_frobenius:>10.3g}  "
+                   f"{cheat:>13}  {margin:>8}  {st.cheat_name}")  # fmt: skip
+    click.echo(f"wrote {out} ({len(profile.steps)} steps; honest: {', '.join(profile.honest)})")
 
 
 # --- zero-knowledge: SRS and circuits ----------------------------------------------------------

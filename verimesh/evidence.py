@@ -256,7 +256,7 @@ def check_evidence(path: Path) -> EvidenceResult:
     from verimesh.spot import recheck_step
 
     runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
-    check = recheck_step(job, step, model, tensors, runner, job.policy.tolerance)
+    check = recheck_step(job, step, model, tensors, runner, job.policy.tolerance_for(step))
     metrics = {n: c.metrics for n, c in zip(job.steps[step].outputs, check.comparisons, strict=True)}
     if check.ok:
         return result(False, f"re-running step {step} matches the committed outputs; no fraud shown")

@@ -62,14 +62,21 @@ class Policy:
     precision: str
     optimization: str
     tolerance: Tolerance
+    step_tolerances: tuple[Tolerance, ...] = ()  # from `verimesh calibrate`; empty: `tolerance` everywhere
+
+    def tolerance_for(self, step: int) -> Tolerance:
+        return self.step_tolerances[step] if self.step_tolerances else self.tolerance
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "samples": self.samples,
             "precision": self.precision,
             "optimization": self.optimization,
             "tolerance": self.tolerance.to_json(),
         }
+        if self.step_tolerances:
+            doc["step_tolerances"] = [t.to_json() for t in self.step_tolerances]
+        return doc
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,12 @@ def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
     return value
 
 
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidInputError(f"job policy {what} must be a list")
+    return value
+
+
 def _circuit_ref(value: Any, what: str) -> tuple[str, str]:
     if not isinstance(value, dict) or set(value) != {"path", "digest"}:
         raise InvalidInputError(f"{what}: a zk job needs circuit {{path, digest}}")
@@ -304,7 +317,13 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         input_path=_relative_path(inp["path"], "input"),
         input_tensors=tuple(tensors),
         steps=tuple(steps),
-        policy=Policy(samples, pol["precision"], pol["optimization"], Tolerance.from_json(pol["tolerance"])),
+        policy=Policy(
+            samples,
+            pol["precision"],
+            pol["optimization"],
+            Tolerance.from_json(pol["tolerance"]),
+            tuple(Tolerance.from_json(t) for t in _list(pol.get("step_tolerances", []), "step_tolerances")),
+        ),
         base_dir=base_dir,
         circuit_path=circuit[0] if circuit else None,
         circuit_digest=circuit[1] if circuit else None,
@@ -331,9 +350,32 @@ def _check_consistency(job: Job, what: str) -> None:
         if dup or not step.outputs:
             raise InvalidInputError(f"{what}: step {step.index} outputs {dup or 'nothing'} already produced")
         seen.update(step.outputs)
+    if job.policy.step_tolerances and len(job.policy.step_tolerances) != len(job.steps):
+        raise InvalidInputError(f"{what}: step_tolerances must give one tolerance per step")
     absent = [s.name for s in job.model_outputs if s.name not in seen]
     if absent:
         raise InvalidInputError(f"{what}: model outputs {absent} are produced by no step")
+
+
+def _profile_tolerances(
+    profile: Path, model_digest: str, precision: str, steps: list[StepRef]
+) -> tuple[Tolerance, ...]:
+    from verimesh.calibrate import load_profile
+
+    profile_model, profile_precision, per_step = load_profile(profile)
+    if profile_model != model_digest:
+        raise InvalidInputError(f"tolerance profile {profile} was calibrated for another model")
+    if profile_precision != precision:
+        raise InvalidInputError(
+            f"tolerance profile {profile} is for precision {profile_precision}, the job uses {precision}"
+        )
+    digests = [per_step.get(s.index, ("", None))[0] for s in steps]
+    if len(per_step) != len(steps) or digests != [s.digest for s in steps]:
+        raise InvalidInputError(
+            f"tolerance profile {profile} was calibrated for another step plan",
+            hint="give job new the same --steps as calibrate",
+        )
+    return tuple(per_step[s.index][1] for s in steps)
 
 
 def compute_job_id(document: dict[str, Any]) -> str:
@@ -358,10 +400,13 @@ def new_job(
     tolerance: Tolerance | None = None,
     overwrite: bool = False,
     circuit: Path | None = None,
+    profile: Path | None = None,
 ) -> Job:
     """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder.
 
-    zk mode takes its steps from ``circuit`` (built by ``verimesh circuit build`` for this model)."""
+    zk mode takes its steps from ``circuit`` (built by ``verimesh circuit build`` for this model).
+    ``profile`` (from ``verimesh calibrate``) pins per-step tolerances; it must have been
+    calibrated for this model, precision class and step plan."""
     import os
 
     from verimesh.plan import build_step_models, load_model, model_io, plan_model
@@ -425,7 +470,13 @@ def new_job(
         input_path=f"{files.name}/input.npz",
         input_tensors=refs,
         steps=tuple(step_refs),
-        policy=Policy(samples, precision, optimization, tolerance or DEFAULT_TOLERANCES[precision]),
+        policy=Policy(
+            samples,
+            precision,
+            optimization,
+            tolerance or DEFAULT_TOLERANCES[precision],
+            _profile_tolerances(profile, sha256_bytes(model_bytes), precision, step_refs) if profile else (),
+        ),
         base_dir=base,
         circuit_path=circuit_ref[0] if circuit_ref else None,
         circuit_digest=circuit_ref[1] if circuit_ref else None,

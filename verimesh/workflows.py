@@ -319,7 +319,7 @@ def verify(
             digests.require([*job.steps[index].inputs, *job.steps[index].outputs])
             # The step file is read and digest-checked only if the runner has no session for it yet.
             load = lambda i=index: job.read_step_model(i)  # noqa: E731
-            result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance)
+            result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance_for(index))
             metrics = {n: c.metrics for n, c in zip(job.steps[index].outputs, result.comparisons, strict=True)}
             check = Check(
                 f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance", metrics=metrics

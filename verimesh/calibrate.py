@@ -1,0 +1,222 @@
+"""Tolerance calibration (DESIGN §3): per step, from honest variations and from cheats.
+
+Honest variations are what a real mesh will see from honest workers: onnxruntime on CPU at every
+graph optimization level and at one and two threads (and, with a GPU, the CUDA provider with TF32
+off). Cheats are what a dishonest worker would try to save work or substitute: the step's float
+weights cast to fp16 and to bf16, perturbed by 1e-3, and replaced by another model's (the same
+weights shuffled). Each variation re-runs every step from the reference step inputs, so nothing
+compounds. A step's tolerance is its honest maximum times ``headroom``; a profile is refused when
+that reaches the smallest cheat value, naming the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from verimesh.canonical import canonical_json, parse_canonical_json
+from verimesh.digest import parse_digest, sha256_bytes
+from verimesh.errors import InvalidInputError
+from verimesh.files import read_user_file
+from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
+
+PROFILE_TYPE = "verimesh/tolerance-profile"
+DEFAULT_HEADROOM = 10.0
+FLOOR = 1e-7  # no tolerance is set below this (float32 noise around values near 1e-1)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (round to nearest even on the top 16 bits) and back."""
+    bits = a.astype(np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+CHEATS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "weights-fp16": lambda w, rng: w.astype(np.float16).astype(np.float32),
+    "weights-bf16": lambda w, rng: _bf16(w),
+    "weights-perturbed-1e-3": lambda w, rng: (w * (1 + 1e-3 * rng.standard_normal(w.shape))).astype(np.float32),
+    "substituted-model": lambda w, rng: rng.permutation(w.reshape(-1)).reshape(w.shape).astype(np.float32),
+}
+
+
+def cheat_step(blob: bytes, cheat: str, seed: int = 0) -> bytes | None:
+    """The step model with its float32 weights altered by ``cheat``; None when nothing changes."""
+    model = onnx.load_model_from_string(blob)
+    rng = np.random.default_rng(seed)
+    changed = False
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) > 1:
+            w = numpy_helper.to_array(init)
+            altered = CHEATS[cheat](w, rng)
+            if np.array_equal(altered, w):
+                continue  # e.g. LayerNorm's ones and zeros: fp16, bf16 and shuffling leave them as they are
+            init.CopyFrom(numpy_helper.from_array(altered, init.name))
+            changed = True
+    return model.SerializeToString() if changed else None
+
+
+@dataclass(frozen=True)
+class StepCalibration:
+    index: int
+    digest: str
+    honest_rel_frobenius: float
+    honest_max_abs: float
+    cheat_rel_frobenius: float  # smallest over cheats; inf when the step has no weights to cheat on
+    cheat_name: str
+    tolerance: Tolerance
+
+    @property
+    def margin(self) -> float:
+        return self.cheat_rel_frobenius / self.tolerance.max_rel_frobenius
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "digest": self.digest,
+            "tolerance": self.tolerance.to_json(),
+            "honest_max": {"rel_frobenius": repr(self.honest_rel_frobenius), "max_abs": repr(self.honest_max_abs)},
+            "cheat_min": {"rel_frobenius": repr(self.cheat_rel_frobenius), "strategy": self.cheat_name},
+        }
+
+
+@dataclass(frozen=True)
+class Profile:
+    model_digest: str
+    precision: str
+    optimization: str
+    headroom: float
+    honest: tuple[str, ...]
+    steps: tuple[StepCalibration, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": PROFILE_TYPE,
+            "version": 1,
+            "model_digest": self.model_digest,
+            "precision": self.precision,
+            "optimization": self.optimization,
+            "headroom": repr(self.headroom),
+            "honest_variations": list(self.honest),
+            "cheats": sorted(CHEATS),
+            "steps": [s.to_json() for s in self.steps],
+        }
+
+
+def calibrate(
+    model_path: Path,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    steps: int | None = None,
+    precision: str = "fp32-strict",
+    optimization: str = "extended",
+    headroom: float = DEFAULT_HEADROOM,
+) -> Profile:
+    """Measure honest and cheating variations per step and derive per-step tolerances.
+
+    1. Plan the model exactly as ``job new`` would (same steps, same step digests).
+    2. Reference run at the job's configuration; keep every step's inputs and outputs.
+    3. Honest variations and cheats re-run each step from the reference inputs.
+    4. Per step: tolerance = honest maximum x headroom (at least FLOOR); refuse on overlap.
+    """
+    from verimesh.plan import build_step_models, load_model, plan_model
+    from verimesh.runtime import OPT_LEVELS, StepRunner, resolve_device
+
+    if headroom <= 1:
+        raise InvalidInputError("headroom must be above 1")
+    # 1.
+    model, data = load_model(model_path)
+    plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in inputs.items()})
+    planned = build_step_models(model, data, plan)
+    # 2.
+    reference_runner = StepRunner(device="cpu", precision=precision, optimization=optimization)
+    trace: dict[str, np.ndarray] = dict(inputs)
+    for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
+        trace.update(reference_runner.run(digest, blob, {n: trace[n] for n in step.inputs}, step.outputs))
+    # 3.
+    honest: list[tuple[str, StepRunner]] = [
+        (
+            f"cpu/{level}/threads={threads}",
+            StepRunner(device="cpu", precision=precision, optimization=level, threads=threads),
+        )
+        for level in OPT_LEVELS
+        for threads in (1, 2)
+    ]
+    if resolve_device("auto") == "cuda":
+        honest.append(("cuda/tf32-off", StepRunner(device="cuda", precision="fp32-strict", optimization=optimization)))
+    outputs = set(plan.outputs[i].name for i in range(len(plan.outputs)))
+    results = []
+    for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
+        feeds = {n: trace[n] for n in step.inputs}
+        honest_fro, honest_abs = 0.0, 0.0
+        for _, runner in honest:
+            got = runner.run(digest, blob, feeds, step.outputs)
+            for name in step.outputs:
+                metrics = _metrics(name, got[name], trace[name], discrete=name in outputs)
+                honest_fro = max(honest_fro, metrics["rel_frobenius"])
+                honest_abs = max(honest_abs, metrics["max_abs_diff"])
+        cheat_fro, cheat_name = float("inf"), "none (no float weights in this step)"
+        for cheat in sorted(CHEATS):
+            cheated = cheat_step(blob, cheat)
+            if cheated is None:
+                continue
+            key = "cheat-" + hashlib.sha256(cheated).hexdigest()
+            got = reference_runner.run(key, cheated, feeds, step.outputs)
+            worst = max(_metrics(n, got[n], trace[n], discrete=False)["rel_frobenius"] for n in step.outputs)
+            if worst < cheat_fro:
+                cheat_fro, cheat_name = worst, cheat
+        # 4.
+        base = DEFAULT_TOLERANCES[precision]
+        threshold = max(honest_fro * headroom, FLOOR)
+        atol = max(honest_abs * headroom, FLOOR)
+        tol = Tolerance(rtol=0.0, atol=atol, max_outside_fraction=0.0, max_rel_frobenius=threshold,
+                        argmax_margin=base.argmax_margin)  # fmt: skip
+        if threshold >= cheat_fro:
+            raise InvalidInputError(
+                f"step {step.index}: honest maximum x{headroom:g} ({threshold:.3g}) reaches the smallest cheat "
+                f"({cheat_name}: {cheat_fro:.3g}); no tolerance separates them",
+                code="calibration-overlap",
+                hint="use fewer steps, the tf32 class, or a smaller --headroom",
+            )
+        results.append(StepCalibration(step.index, digest, honest_fro, honest_abs, cheat_fro, cheat_name, tol))
+    return Profile(sha256_bytes(data), precision, optimization, headroom, tuple(h for h, _ in honest), tuple(results))
+
+
+def _metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: bool) -> dict[str, float]:
+    loose = Tolerance(rtol=1.0, atol=1.0, max_outside_fraction=1.0, max_rel_frobenius=1.0, argmax_margin=1.0)
+    result = compare_tensors(name, got, ref, loose, discrete=discrete)
+    if "nonfinite" in result.metrics:
+        return {"rel_frobenius": float("inf"), "max_abs_diff": float("inf")}
+    if "mismatched" in result.metrics:  # integer outputs: any difference is total
+        bad = float(result.metrics["mismatched"] > 0)
+        return {"rel_frobenius": bad, "max_abs_diff": bad}
+    return {
+        "rel_frobenius": float(result.metrics["rel_frobenius"]),
+        "max_abs_diff": float(result.metrics["max_abs_diff"]),
+    }
+
+
+def write_profile(profile: Profile, path: Path) -> None:
+    path.write_bytes(canonical_json(profile.to_json()))
+
+
+def load_profile(path: Path) -> tuple[str, str, dict[int, tuple[str, Tolerance]]]:
+    """(model digest, precision, {step index: (step digest, tolerance)}) from a profile file."""
+    doc = parse_canonical_json(read_user_file(path, what="tolerance profile", max_bytes=8 << 20), what=str(path))
+    if not isinstance(doc, dict) or doc.get("type") != PROFILE_TYPE or doc.get("version") != 1:
+        raise InvalidInputError(f"{path} is not a verimesh tolerance profile")
+    try:
+        steps = {}
+        for entry in doc["steps"]:
+            parse_digest(entry["digest"], what="profile step digest")
+            steps[int(entry["index"])] = (str(entry["digest"]), Tolerance.from_json(entry["tolerance"]))
+        return str(doc["model_digest"]), str(doc["precision"]), steps
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is malformed ({exc})") from exc
