@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast demo lint format bench fixtures circuits clean
+.PHONY: install test test-fast demo lint format bench fixtures circuits redteam clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ circuits: install
 	$(BIN)/verimesh circuit build fixtures/mlp.onnx --input fixtures/mlp.input.npy --srs $(TEST_SRS) -o circuits/mlp
 	$(BIN)/verimesh circuit build fixtures/mlp.onnx --input fixtures/mlp.input.npy --srs $(TEST_SRS) --steps 2 \
 		-o circuits/mlp-chain
+
+# The full red-team run over the fixtures; its report and plot go to docs/.
+redteam: install
+	$(BIN)/verimesh redteam fixtures/mlp.onnx fixtures/rescnn.onnx fixtures/transformer.onnx --trials 200 \
+		--honest 1000 --markdown docs/redteam.md --json bench-out/redteam.json --plot docs/redteam.png
 
 # The ResNet-50-size model is built locally (100 MB, not committed); results go to docs/.
 bench: install

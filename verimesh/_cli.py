@@ -561,6 +561,71 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | No
     click.echo(f"wrote {out} ({len(profile.steps)} steps; honest: {', '.join(profile.honest)})")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Input for a single model (default: MODEL.input.npy beside each model).",
+)
+@click.option("--trials", type=click.IntRange(min=1), default=200, show_default=True, help="Trials per strategy.")
+@click.option("--honest", type=click.IntRange(min=1), default=1000, show_default=True, help="Honest verifications.")
+@click.option("--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Verifier policy.")
+@_steps_option
+@click.option("--gain", type=float, default=1.0, show_default=True, help="A cheat's gain, for the minimum stake.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown report.")
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Detection rate against samples per job, measured and predicted (PNG).",
+)
+@click.pass_context
+def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | None, trials: int, honest: int,
+            samples: int, steps: int | None, gain: float, json_out: Path | None, md_out: Path | None,
+            plot_out: Path | None) -> None:  # fmt: skip
+    """Play every cheating strategy against the verifier; exit 1 if a cheat beats its prediction
+    or an honest run is rejected."""
+    from verimesh.redteam import detection_curves, markdown_report, plot_curves, run_redteam
+
+    _init_runtime(ctx)
+    if input_file is not None and len(models) > 1:
+        raise click.UsageError("--input goes with a single model")
+    reports, curves = [], []
+    for model in models:
+        inp = input_file or model.with_name(model.stem + ".input.npy")
+        say = (lambda m, model=model: click.echo(f"  {model.name} {m}", err=True)) if sys.stderr.isatty() else None
+        reports.append(run_redteam(model, inp, trials=trials, honest=honest, samples=samples, steps=steps,
+                                   gain=gain, progress=say))  # fmt: skip
+        if plot_out:
+            curves.append(detection_curves(model, inp, trials=max(10, trials // 4), steps=steps))
+    text = markdown_report(reports)
+    click.echo(text)
+    if json_out:
+        json_out.write_text(json.dumps({"reports": reports, "curves": curves}, indent=2) + "\n")
+    if md_out:
+        from verimesh.bench import machine
+
+        info = machine()
+        header = (
+            "# Red-team report\n\nProduced by `verimesh redteam` (`make redteam`): each strategy is played "
+            f"{trials} times against the verifier at samples = {samples} (the last step plus {samples} cost-weighted "
+            f"step(s)), each trial a fresh cheat and fresh verifier randomness; predictions are exact for the "
+            f"sampler; intervals are 95% Wilson intervals. Machine: {info['cpu']}, {info['cores']} cores, "
+            f"onnxruntime {info['onnxruntime']}." + (" Plot: [redteam.png](redteam.png)." if plot_out else "") + "\n\n"
+        )
+        md_out.write_text(header + text)
+    if plot_out:
+        plot_curves(curves, plot_out)
+    broken = [(r["model"], s["strategy"]) for r in reports for s in r["strategies"] if not s["within_ci"]]
+    if broken or any(r["honest"]["false_positives"] for r in reports):
+        click.echo(f"verimesh: error[redteam-failed]: outside prediction: {broken or 'none'}; honest "
+                   f"false positives: {[r['honest']['false_positives'] for r in reports]}", err=True)  # fmt: skip
+        ctx.exit(EXIT_REJECTED)
+
+
 # --- zero-knowledge: SRS and circuits ----------------------------------------------------------
 
 

@@ -47,7 +47,10 @@ CHEATS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
 }
 
 
-def cheat_step(blob: bytes, cheat: str, seed: int = 0) -> bytes | None:
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def cheat_step(blob: bytes, cheat: str | Transform, seed: int = 0) -> bytes | None:
     """The step model with its float32 weights altered by ``cheat``; None when nothing changes."""
     model = onnx.load_model_from_string(blob)
     rng = np.random.default_rng(seed)
@@ -55,7 +58,7 @@ def cheat_step(blob: bytes, cheat: str, seed: int = 0) -> bytes | None:
     for init in model.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) > 1:
             w = numpy_helper.to_array(init)
-            altered = CHEATS[cheat](w, rng)
+            altered = (CHEATS[cheat] if isinstance(cheat, str) else cheat)(w, rng)
             if np.array_equal(altered, w):
                 continue  # e.g. LayerNorm's ones and zeros: fp16, bf16 and shuffling leave them as they are
             init.CopyFrom(numpy_helper.from_array(altered, init.name))

@@ -1,0 +1,442 @@
+"""Red team: cheating workers written against the public API, run against the verifier.
+
+Each strategy makes a bundle for a job the way a dishonest node would, using only what the
+library offers an honest one (``run_steps``, ``seal_trace``, ``StepRunner``). ``run_redteam``
+plays every strategy ``trials`` times (each trial a fresh cheat and a fresh verifier seed),
+plays as many honest runs spread over the honest variations, and reports measured detection
+with a 95% Wilson interval beside the predicted rate, the honest false-positive rate, and the
+smallest stake that makes each strategy unprofitable (slash >= gain * (1 - p) / p).
+
+Predictions are exact for the verifier's sampler: the last step always, plus ``samples`` steps
+drawn one after another with probability proportional to cost among those left (which is what
+Efraimidis–Spirakis keys amount to).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from verimesh.calibrate import cheat_step
+from verimesh.job import Job, new_job
+from verimesh.keys import SecretKey, generate_key
+from verimesh.reputation import minimum_deterring_stake
+from verimesh.runtime import OPT_LEVELS, StepRunner
+from verimesh.spot import run_steps
+from verimesh.workflows import seal_trace, verify
+
+STRATEGIES = (
+    "lazy",
+    "perturb-final",
+    "perturb-intermediate",
+    "weights-fp16",
+    "weights-bf16",
+    "substituted-model",
+    "wrong-input",
+    "replay",
+    "forged-commitment",
+    "equivocation",
+    "tf32-emulated",
+)
+
+
+def miss_probability(costs: Sequence[int], cheated: frozenset[int], samples: int) -> float:
+    """P(the verifier checks none of ``cheated``): last step always, then ``samples`` weighted draws."""
+    last = len(costs) - 1
+    if last in cheated:
+        return 0.0
+    others = tuple(i for i in range(last))
+    weights = {i: max(costs[i], 1) for i in others}
+
+    @cache
+    def miss(available: frozenset[int], k: int) -> float:
+        if k == 0 or not available:
+            return 1.0
+        total = sum(weights[i] for i in available)
+        return sum(weights[j] / total * miss(available - {j}, k - 1) for j in available if j not in cheated)
+
+    return miss(frozenset(others), min(samples, len(others)))
+
+
+def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Outcome:
+    strategy: str
+    trials: int = 0
+    detected: int = 0
+    predicted: list[float] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self, gain: float) -> dict[str, Any]:
+        rate = self.detected / self.trials if self.trials else 0.0
+        low, high = wilson(self.detected, self.trials)
+        predicted = sum(self.predicted) / len(self.predicted) if self.predicted else None
+        return {
+            "strategy": self.strategy,
+            "trials": self.trials,
+            "detected": self.detected,
+            "rate": rate,
+            "ci95": [low, high],
+            "predicted": predicted,
+            "within_ci": None if predicted is None else low - 1e-9 <= predicted <= high + 1e-9,
+            "min_stake": minimum_deterring_stake(gain, rate),
+            "reasons": self.reasons,
+        }
+
+
+class _Cheater:
+    """Makes cheating bundles for one job; every choice is the cheater's own randomness."""
+
+    def __init__(self, job: Job, key: SecretKey, work: Path, rng: random.Random) -> None:
+        self.job, self.key, self.work, self.rng = job, key, work, rng
+        self.runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+        self.models = job.read_step_models()
+        self.honest = run_steps(job, self.models, job.read_input(), self.runner)
+        self.count = 0
+
+    def _seal(self, trace: dict[str, np.ndarray]) -> Path:
+        self.count += 1
+        out = self.work / f"cheat-{self.count}.vmb"
+        seal_trace(self.job, trace, key=self.key, runner=self.runner, out=out)
+        return out
+
+    def _recompute(self, trace: dict[str, np.ndarray], first: int, models: Sequence[bytes] | None = None) -> None:
+        for step in self.job.steps[first:]:
+            blob = (models or self.models)[step.index]
+            key = step.digest if models is None else f"alt-{hash(blob)}"
+            trace.update(self.runner.run(key, blob, {n: trace[n] for n in step.inputs}, step.outputs))
+
+    def _garble(self, name: str, scale: float) -> np.ndarray:
+        arr = np.array(self.honest[name], copy=True)
+        flat = arr.reshape(-1)
+        flat[self.rng.randrange(flat.size)] += arr.dtype.type(scale * (1 + float(np.abs(flat).max())))
+        return arr
+
+    def lazy(self, fraction: float) -> tuple[Path, frozenset[int]]:
+        """Skip steps worth about ``fraction`` of the cost: their outputs are copied inputs or zeros."""
+        costs = [max(s.cost, 1) for s in self.job.steps]
+        order = list(range(len(costs)))
+        self.rng.shuffle(order)
+        skipped: set[int] = set()
+        for i in order:
+            if sum(costs[j] for j in skipped) >= fraction * sum(costs):
+                break
+            skipped.add(i)
+        trace = {n: self.honest[n] for n in (s.name for s in self.job.model_inputs)}
+        for step in self.job.steps:
+            if step.index in skipped:
+                for name in step.outputs:
+                    like = self.honest[name]
+                    src = next((trace[i] for i in step.inputs if trace[i].shape == like.shape), None)
+                    trace[name] = np.array(src if src is not None else np.zeros_like(like), dtype=like.dtype)
+            else:
+                trace.update(
+                    self.runner.run(
+                        step.digest, self.models[step.index], {n: trace[n] for n in step.inputs}, step.outputs
+                    )
+                )
+        return self._seal(trace), frozenset(skipped)
+
+    def perturb_step(self, index: int) -> Path:
+        trace = dict(self.honest)
+        name = self.job.steps[index].outputs[0]
+        trace[name] = self._garble(name, 0.01)
+        self._recompute(trace, index + 1)
+        return self._seal(trace)
+
+    def altered_weights(self, cheat: str) -> Path:
+        models = [cheat_step(m, cheat) or m for m in self.models]
+        trace = {n: self.honest[n] for n in (s.name for s in self.job.model_inputs)}
+        self._recompute(trace, 0, models)
+        return self._seal(trace)
+
+    def wrong_input(self) -> Path:
+        trace = {n: self._garble(n, 0.5) for n in (s.name for s in self.job.model_inputs)}
+        self._recompute(trace, 0)
+        return self._seal(trace)
+
+    def forged_commitment(self) -> Path:
+        """Sign honestly, then swap a tensor and its declared digest in the bundle afterwards."""
+        from verimesh.bundle import read_bundle, write_bundle
+        from verimesh.tensors import TensorRef
+
+        honest = self._seal(dict(self.honest))
+        parsed = read_bundle(honest)
+        names = [e.name for e in parsed.trace]
+        victim = self.rng.choice(names)
+        tensors = {k: np.array(v) for k, v in parsed.tensors.items()}
+        tensors[victim] = self._garble(victim, 0.01)
+        entries = tuple(TensorRef.of(e.name, tensors[e.name]) if e.name == victim else e for e in parsed.trace)
+        out = self.work / f"forged-{self.count}.vmb"
+        write_bundle(out, parsed.envelope, entries, tensors)
+        return out
+
+
+def run_redteam(
+    model: Path,
+    input_file: Path,
+    *,
+    trials: int = 200,
+    honest: int = 1000,
+    samples: int = 1,
+    steps: int | None = None,
+    gain: float = 1.0,
+    lazy_fraction: float = 0.25,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every strategy ``trials`` times and as many honest runs; returns the report (JSON-ready)."""
+    from verimesh.ledger import Ledger
+    from verimesh.settlement import register_node, verify_and_settle
+
+    rng = random.Random(seed)
+    say = progress or (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="verimesh-redteam-") as tmp:
+        work = Path(tmp)
+        job = new_job(model, input_file, work / "job.json", steps=steps, samples=samples)
+        other_job = new_job(model, input_file, work / "other.json", steps=steps, samples=samples)
+        key = generate_key()
+        cheater = _Cheater(job, key, work, rng)
+        costs = [s.cost for s in job.steps]
+        outcomes = {name: Outcome(name) for name in STRATEGIES}
+
+        def judge(strategy: str, bundle: Path, predicted_miss: float, target: Job | None = None) -> None:
+            verdict = verify(
+                bundle, job=target or job, node_key=key.public, seed=rng.getrandbits(53), evidence_out=work / "ev.vme"
+            )
+            outcome = outcomes[strategy]
+            outcome.trials += 1
+            outcome.predicted.append(1.0 - predicted_miss)
+            if verdict.status != "accept":
+                outcome.detected += 1
+                reason = verdict.reason.split(":")[0]
+                outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1
+
+        honest_variations = [(level, threads) for level in OPT_LEVELS for threads in (1, 2)]
+        honest_bundles = []
+        for level, threads in honest_variations:
+            runner = StepRunner(device="cpu", optimization=level, threads=threads)
+            trace = run_steps(job, None, job.read_input(), runner)
+            out = work / f"honest-{level}-{threads}.vmb"
+            seal_trace(job, trace, key=key, runner=cheater.runner, out=out)
+            honest_bundles.append(out)
+        false_positives = 0
+        say(f"honest: {honest} verifications over {len(honest_variations)} variations")
+        for t in range(honest):
+            verdict = verify(
+                honest_bundles[t % len(honest_bundles)],
+                job=job,
+                node_key=key.public,
+                seed=rng.getrandbits(53),
+                samples="all" if t % 10 == 0 else None,
+            )
+            false_positives += verdict.status != "accept"
+        tf32 = _Tf32Cheater(cheater)
+        for strategy in STRATEGIES:
+            say(f"{strategy}: {trials} trials")
+            for _ in range(trials):
+                if strategy == "lazy":
+                    bundle, skipped = cheater.lazy(lazy_fraction)
+                    judge(strategy, bundle, miss_probability(costs, skipped, samples))
+                elif strategy == "perturb-final":
+                    judge(strategy, cheater.perturb_step(len(job.steps) - 1), 0.0)
+                elif strategy == "perturb-intermediate":
+                    index = rng.randrange(len(job.steps) - 1) if len(job.steps) > 1 else 0
+                    judge(strategy, cheater.perturb_step(index), miss_probability(costs, frozenset({index}), samples))
+                elif strategy in ("weights-fp16", "weights-bf16", "substituted-model"):
+                    judge(strategy, cheater.altered_weights(strategy), _weights_miss(job, costs, strategy, samples))
+                elif strategy == "wrong-input":
+                    judge(strategy, cheater.wrong_input(), 0.0)
+                elif strategy == "replay":
+                    judge(strategy, honest_bundles[0], 0.0, target=other_job)
+                elif strategy == "forged-commitment":
+                    judge(strategy, cheater.forged_commitment(), 0.0)
+                elif strategy == "tf32-emulated":
+                    judge(strategy, tf32.bundle(), _weights_miss(job, costs, "weights-tf32", samples))
+            if strategy == "equivocation":
+                outcomes[strategy] = _equivocation_trials(
+                    job, key, cheater, work, trials, Ledger, register_node, verify_and_settle
+                )
+        report = {
+            "model": model.name,
+            "steps": len(job.steps),
+            "samples": samples,
+            "trials": trials,
+            "gain": gain,
+            "lazy_fraction": lazy_fraction,
+            "step_costs": costs,
+            "honest": {
+                "verifications": honest,
+                "false_positives": false_positives,
+                "variations": [f"cpu/{lv}/threads={th}" for lv, th in honest_variations],
+            },
+            "strategies": [outcomes[s].to_json(gain) for s in STRATEGIES],
+        }
+        return report
+
+
+def _weights_miss(job: Job, costs: Sequence[int], cheat: str, samples: int) -> float:
+    """Every step whose weights the cheat actually changes gives itself away when sampled."""
+    changed = frozenset(
+        s.index
+        for s in job.steps
+        if (cheat_step(job.read_step_model(s.index), cheat) if cheat != "weights-tf32" else _tf32_step(job, s.index))
+        is not None
+    )
+    return miss_probability(costs, changed, samples)
+
+
+def _tf32(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """TF32 keeps 10 mantissa bits: round float32 weights to them (no GPU here; weights only)."""
+    bits = w.astype(np.float32).view(np.uint32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _tf32_step(job: Job, index: int) -> bytes | None:
+    return cheat_step(job.read_step_model(index), _tf32)
+
+
+class _Tf32Cheater:
+    def __init__(self, cheater: _Cheater) -> None:
+        self.cheater = cheater
+        self.path: Path | None = None
+
+    def bundle(self) -> Path:
+        if self.path is None:
+            job = self.cheater.job
+            models = [_tf32_step(job, s.index) or self.cheater.models[s.index] for s in job.steps]
+            trace = {n: self.cheater.honest[n] for n in (s.name for s in job.model_inputs)}
+            self.cheater._recompute(trace, 0, models)
+            self.path = self.cheater._seal(trace)
+        return self.path
+
+
+def _equivocation_trials(
+    job: Job, key: SecretKey, cheater: _Cheater, work: Path, trials: int, ledger_cls: Any, register: Any, settle: Any
+) -> Outcome:
+    """The node signs two different outputs for one job: the ledger must catch it every time."""
+    outcome = Outcome("equivocation")
+    op = generate_key()
+    for t in range(trials):
+        ledger = ledger_cls.create(str(work / f"eq-{t}.db"), op)
+        register(ledger, key.public, stake=100)
+        honest = cheater._seal(dict(cheater.honest))
+        settle(honest, job=job, ledger=ledger)
+        second = cheater.perturb_step(len(job.steps) - 1)
+        settled = settle(second, job=job, ledger=ledger)
+        outcome.trials += 1
+        outcome.predicted.append(1.0)
+        if settled.equivocation_evidence is not None:
+            outcome.detected += 1
+            outcome.reasons["equivocation"] = outcome.reasons.get("equivocation", 0) + 1
+    return outcome
+
+
+def detection_curves(
+    model: Path,
+    input_file: Path,
+    *,
+    trials: int,
+    steps: int | None = None,
+    seed: int = 0,
+    lazy_fraction: float = 0.25,
+) -> dict[str, Any]:
+    """Measured and predicted detection against samples per job, for the cheats whose detection
+    depends on sampling (lazy, one intermediate step)."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="verimesh-curves-") as tmp:
+        work = Path(tmp)
+        job = new_job(model, input_file, work / "job.json", steps=steps)
+        key = generate_key()
+        cheater = _Cheater(job, key, work, rng)
+        costs = [s.cost for s in job.steps]
+        ks = list(range(0, len(job.steps)))
+        curves: dict[str, dict[str, list[float]]] = {}
+        for strategy in ("lazy", "perturb-intermediate"):
+            measured, predicted = [], []
+            for k in ks:
+                hits, preds = 0, []
+                for _ in range(trials):
+                    if strategy == "lazy":
+                        bundle, cheated = cheater.lazy(lazy_fraction)
+                    else:
+                        index = rng.randrange(max(len(job.steps) - 1, 1))
+                        bundle, cheated = cheater.perturb_step(index), frozenset({index})
+                    verdict = verify(bundle, job=job, node_key=key.public, samples=k, seed=rng.getrandbits(53))
+                    hits += verdict.status != "accept"
+                    preds.append(1 - miss_probability(costs, cheated, k))
+                measured.append(hits / trials)
+                predicted.append(sum(preds) / len(preds))
+            curves[strategy] = {"measured": measured, "predicted": predicted}
+        return {"model": model.name, "samples": ks, "trials": trials, "curves": curves}
+
+
+def plot_curves(curves: Sequence[dict[str, Any]], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from verimesh.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("--plot needs matplotlib", hint="pip install matplotlib") from exc
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, data in zip(axes[0], curves, strict=True):
+        for strategy, series in data["curves"].items():
+            line = ax.plot(data["samples"], series["predicted"], label=f"{strategy} (predicted)")[0]
+            ax.plot(data["samples"], series["measured"], "o", color=line.get_color(), label=f"{strategy} (measured)")
+        ax.set_xticks(data["samples"])
+        ax.set_title(f"{data['model']} ({data['trials']} trials per point)")
+        ax.set_xlabel("samples per job (beside the last step)")
+        ax.set_ylabel("detection rate per job")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def markdown_report(reports: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for r in reports:
+        h = r["honest"]
+        lines += [
+            f"### {r['model']} ({r['steps']} steps, samples = {r['samples']}, {r['trials']} trials per strategy)",
+            "",
+            f"Honest: {h['false_positives']} false positives in {h['verifications']} verifications over "
+            f"{len(h['variations'])} variations ({', '.join(h['variations'])}).",
+            "",
+            "| strategy | detected | rate | 95% interval | predicted | within | min stake (gain 1) | caught by |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in r["strategies"]:
+            pred = "-" if s["predicted"] is None else f"{s['predicted']:.3f}"
+            stake = "inf" if s["min_stake"] == float("inf") else f"{s['min_stake']:.2f}"
+            reasons = ", ".join(f"{k} ({v})" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:3])
+            lines.append(
+                f"| {s['strategy']} | {s['detected']}/{s['trials']} | {s['rate']:.3f} | "
+                f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {pred} | {'yes' if s['within_ci'] else 'NO'} | "
+                f"{stake} | {reasons} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
