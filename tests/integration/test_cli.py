@@ -247,10 +247,12 @@ def test_oversized_bundle_is_refused(job_file: Path, keys: Keys) -> None:
 
 
 def test_bench_commands_print_a_table_and_write_json(workdir: Path) -> None:
-    result = run("bench", model_path("mlp"), "--quick", "--json", "spot.json")
+    result = run("bench", model_path("mlp"), "--quick", "--signatures", "--json", "spot.json")
     assert result.exit_code == 0, result.output
-    assert "| mlp.onnx |" in result.stdout
-    spot = json.loads((workdir / "spot.json").read_text())["spot"][0]
+    assert "| mlp.onnx |" in result.stdout and "envelope verifications/s" in result.stdout
+    report = json.loads((workdir / "spot.json").read_text())
+    assert report["signatures"]["py_ecc_verifications_per_s"] > 0 and report["signatures"]["aggregate_verify_ms"] > 0
+    spot = report["spot"][0]
     assert spot["steps"] >= 1 and spot["prove_s"] > 0 and spot["verify_s"] > 0 and "prove_overhead" in spot
     result = run("ledger", "bench", "--entries", "300", "--batch", "50", "--json", "ledger.json")
     assert result.exit_code == 0, result.output
