@@ -111,7 +111,7 @@ def _progress(label: str, enabled: bool) -> Any:
 @click.option("--verbose", is_flag=True, help="Show onnxruntime's own log output.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
-    """Verify untrusted ONNX model execution with spot-check proofs."""
+    """Verify untrusted ONNX model execution: spot-check and zero-knowledge proofs, a reputation ledger."""
     ctx.obj = {"verbose": verbose}
 
 
