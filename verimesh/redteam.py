@@ -110,6 +110,7 @@ class _Cheater:
         self.models = job.read_step_models()
         self.honest = run_steps(job, self.models, job.read_input(), self.runner)
         self.count = 0
+        self._cheated: dict[str, tuple[bytes | None, ...]] = {}
 
     def _seal(self, trace: dict[str, np.ndarray]) -> Path:
         self.count += 1
@@ -161,11 +162,21 @@ class _Cheater:
         self._recompute(trace, index + 1)
         return self._seal(trace)
 
-    def altered_weights(self, cheat: str) -> Path:
-        models = [cheat_step(m, cheat) or m for m in self.models]
+    def cheated_models(self, cheat: str) -> tuple[bytes | None, ...]:
+        """Each step with its weights altered by ``cheat`` (None where nothing changes), made once:
+        the alteration is deterministic, so every trial of a weight cheat uses the same models."""
+        if cheat not in self._cheated:
+            transform = _tf32 if cheat == "tf32-emulated" else cheat
+            self._cheated[cheat] = tuple(cheat_step(m, transform) for m in self.models)
+        return self._cheated[cheat]
+
+    def altered_weights(self, cheat: str) -> tuple[Path, frozenset[int]]:
+        """A bundle computed with altered weights, and the steps whose weights the cheat changed."""
+        cheated = self.cheated_models(cheat)
+        models = [c or m for c, m in zip(cheated, self.models, strict=True)]
         trace = {n: self.honest[n] for n in (s.name for s in self.job.model_inputs)}
         self._recompute(trace, 0, models)
-        return self._seal(trace)
+        return self._seal(trace), frozenset(i for i, c in enumerate(cheated) if c is not None)
 
     def wrong_input(self) -> Path:
         trace = {n: self._garble(n, 0.5) for n in (s.name for s in self.job.model_inputs)}
@@ -248,7 +259,6 @@ def run_redteam(
                 samples="all" if t % 10 == 0 else None,
             )
             false_positives += verdict.status != "accept"
-        tf32 = _Tf32Cheater(cheater)
         for strategy in STRATEGIES:
             say(f"{strategy}: {trials} trials")
             for _ in range(trials):
@@ -260,16 +270,15 @@ def run_redteam(
                 elif strategy == "perturb-intermediate":
                     index = rng.randrange(len(job.steps) - 1) if len(job.steps) > 1 else 0
                     judge(strategy, cheater.perturb_step(index), miss_probability(costs, frozenset({index}), samples))
-                elif strategy in ("weights-fp16", "weights-bf16", "substituted-model"):
-                    judge(strategy, cheater.altered_weights(strategy), _weights_miss(job, costs, strategy, samples))
+                elif strategy in ("weights-fp16", "weights-bf16", "substituted-model", "tf32-emulated"):
+                    bundle, changed = cheater.altered_weights(strategy)
+                    judge(strategy, bundle, miss_probability(costs, changed, samples))
                 elif strategy == "wrong-input":
                     judge(strategy, cheater.wrong_input(), 0.0)
                 elif strategy == "replay":
                     judge(strategy, honest_bundles[0], 0.0, target=other_job)
                 elif strategy == "forged-commitment":
                     judge(strategy, cheater.forged_commitment(), 0.0)
-                elif strategy == "tf32-emulated":
-                    judge(strategy, tf32.bundle(), _weights_miss(job, costs, "weights-tf32", samples))
             if strategy == "equivocation":
                 outcomes[strategy] = _equivocation_trials(
                     job, key, cheater, work, trials, Ledger, register_node, verify_and_settle
@@ -292,41 +301,11 @@ def run_redteam(
         return report
 
 
-def _weights_miss(job: Job, costs: Sequence[int], cheat: str, samples: int) -> float:
-    """Every step whose weights the cheat actually changes gives itself away when sampled."""
-    changed = frozenset(
-        s.index
-        for s in job.steps
-        if (cheat_step(job.read_step_model(s.index), cheat) if cheat != "weights-tf32" else _tf32_step(job, s.index))
-        is not None
-    )
-    return miss_probability(costs, changed, samples)
-
-
 def _tf32(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """TF32 keeps 10 mantissa bits: round float32 weights to them (no GPU here; weights only)."""
     bits = w.astype(np.float32).view(np.uint32)
     rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
     return rounded.astype(np.uint32).view(np.float32)
-
-
-def _tf32_step(job: Job, index: int) -> bytes | None:
-    return cheat_step(job.read_step_model(index), _tf32)
-
-
-class _Tf32Cheater:
-    def __init__(self, cheater: _Cheater) -> None:
-        self.cheater = cheater
-        self.path: Path | None = None
-
-    def bundle(self) -> Path:
-        if self.path is None:
-            job = self.cheater.job
-            models = [_tf32_step(job, s.index) or self.cheater.models[s.index] for s in job.steps]
-            trace = {n: self.cheater.honest[n] for n in (s.name for s in job.model_inputs)}
-            self.cheater._recompute(trace, 0, models)
-            self.path = self.cheater._seal(trace)
-        return self.path
 
 
 def _equivocation_trials(

@@ -76,14 +76,6 @@ def commit_entries(entries: Sequence[TensorRef]) -> Commitment:
     return Commitment(tuple(entries), leaves, merkle.root_from_leaf_hashes(leaves))
 
 
-def commit_trace(names: Sequence[str], tensors: Mapping[str, np.ndarray]) -> Commitment:
-    entries = []
-    for name in names:
-        arr = tensors[name]
-        entries.append(TensorRef.of(name, arr))
-    return commit_entries(entries)
-
-
 def spot_predicate(
     job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str
 ) -> dict[str, object]:
