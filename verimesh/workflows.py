@@ -487,7 +487,7 @@ def _check_envelope_and_trace(
                     "leaf_hashes": tuple(leaf_hashes),
                 },
             )
-    subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in parsed.envelope.statement()["subject"]}
+    subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
     claimed = {n: by_name[n] for n in job.output_names}
     if subjects != claimed:
         raise _Rejected(
