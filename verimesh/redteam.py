@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from verimesh.calibrate import cheat_step
+from verimesh.errors import InvalidInputError
 from verimesh.job import Job, new_job
 from verimesh.keys import SecretKey, generate_key
 from verimesh.reputation import minimum_deterring_stake
 from verimesh.runtime import OPT_LEVELS, StepRunner
 from verimesh.spot import run_steps
+from verimesh.tamper import garble, swap_after_signing
 from verimesh.workflows import seal_trace, verify
 
 STRATEGIES = (
@@ -125,10 +127,7 @@ class _Cheater:
             trace.update(self.runner.run(key, blob, {n: trace[n] for n in step.inputs}, step.outputs))
 
     def _garble(self, name: str, scale: float) -> np.ndarray:
-        arr = np.array(self.honest[name], copy=True)
-        flat = arr.reshape(-1)
-        flat[self.rng.randrange(flat.size)] += arr.dtype.type(scale * (1 + float(np.abs(flat).max())))
-        return arr
+        return garble(self.honest[name], self.rng, scale)
 
     def lazy(self, fraction: float) -> tuple[Path, frozenset[int]]:
         """Skip steps worth about ``fraction`` of the cost: their outputs are copied inputs or zeros."""
@@ -185,19 +184,8 @@ class _Cheater:
 
     def forged_commitment(self) -> Path:
         """Sign honestly, then swap a tensor and its declared digest in the bundle afterwards."""
-        from verimesh.bundle import read_bundle, write_bundle
-        from verimesh.tensors import TensorRef
-
         honest = self._seal(dict(self.honest))
-        parsed = read_bundle(honest)
-        names = [e.name for e in parsed.trace]
-        victim = self.rng.choice(names)
-        tensors = {k: np.array(v) for k, v in parsed.tensors.items()}
-        tensors[victim] = self._garble(victim, 0.01)
-        entries = tuple(TensorRef.of(e.name, tensors[e.name]) if e.name == victim else e for e in parsed.trace)
-        out = self.work / f"forged-{self.count}.vmb"
-        write_bundle(out, parsed.envelope, entries, tensors)
-        return out
+        return swap_after_signing(honest, self.work / f"forged-{self.count}.vmb", self.rng)
 
 
 def run_redteam(
@@ -211,12 +199,16 @@ def run_redteam(
     gain: float = 1.0,
     lazy_fraction: float = 0.25,
     seed: int = 0,
+    strategies: Sequence[str] = STRATEGIES,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every strategy ``trials`` times and as many honest runs; returns the report (JSON-ready)."""
+    """Each of ``strategies`` ``trials`` times and ``honest`` honest runs; returns the report (JSON-ready)."""
     from verimesh.ledger import Ledger
     from verimesh.settlement import register_node, verify_and_settle
 
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise InvalidInputError(f"unknown cheating strategies {unknown}", hint=f"known: {', '.join(STRATEGIES)}")
     rng = random.Random(seed)
     say = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="verimesh-redteam-") as tmp:
@@ -240,7 +232,8 @@ def run_redteam(
                 reason = verdict.reason.split(":")[0]
                 outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1
 
-        honest_variations = [(level, threads) for level in OPT_LEVELS for threads in (1, 2)]
+        # With no honest runs asked for, one honest bundle still serves the replay strategy.
+        honest_variations = [(level, threads) for level in OPT_LEVELS for threads in (1, 2)][: 8 if honest else 1]
         honest_bundles = []
         for level, threads in honest_variations:
             runner = StepRunner(device="cpu", optimization=level, threads=threads)
@@ -259,7 +252,7 @@ def run_redteam(
                 samples="all" if t % 10 == 0 else None,
             )
             false_positives += verdict.status != "accept"
-        for strategy in STRATEGIES:
+        for strategy in (s for s in STRATEGIES if s in strategies):
             say(f"{strategy}: {trials} trials")
             for _ in range(trials):
                 if strategy == "lazy":
@@ -296,7 +289,7 @@ def run_redteam(
                 "false_positives": false_positives,
                 "variations": [f"cpu/{lv}/threads={th}" for lv, th in honest_variations],
             },
-            "strategies": [outcomes[s].to_json(gain) for s in STRATEGIES],
+            "strategies": [outcomes[s].to_json(gain) for s in STRATEGIES if s in strategies],
         }
         return report
 

@@ -204,6 +204,26 @@ def proving_key(compiled: Path, srs: Path, srs_digest: str, vk_digest: str) -> P
     return path
 
 
+def reproduce_verifying_key(model: Path, settings: Path, srs: Path, *, pinned: str) -> str:
+    """Compile and set up from scratch (no cache) and return the digest of the verifying key made.
+
+    This is the circuit drift check: with the committed settings, model and SRS, the same
+    verimesh and ezkl must give the ``pinned`` vk digest; a change that moves it shows here. When
+    it does reproduce, the compiled circuit and pk go into the cache, so proving next is warm."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="verimesh-drift-", dir=cache_dir()) as tmp:
+        compiled, vk, pk = Path(tmp) / "compiled", Path(tmp) / "vk", Path(tmp) / "pk"
+        _call("compile_circuit", ezkl_module().compile_circuit, str(model), str(compiled), str(settings))
+        _call("setup", ezkl_module().setup, str(compiled), str(vk), str(pk), srs_path=str(srs))
+        got = sha256_file(vk)
+        if got == pinned:
+            cached = _cached("compiled", f"{sha256_file(model)}|{sha256_file(settings)}")
+            if not cached.exists():
+                compiled.replace(cached)
+            pk.replace(_cached("pk", f"{sha256_file(cached)}|{sha256_file(srs)}|{pinned}"))
+        return got
+
+
 # -- build ----------------------------------------------------------------------------------------
 
 
