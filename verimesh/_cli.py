@@ -640,6 +640,97 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
         ctx.exit(EXIT_REJECTED)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("suite_file", metavar="SUITE.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--profile", help="Run a profile of the suite (e.g. quick); default: every case as written.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cases run in parallel processes (same results as a serial run).")  # fmt: skip
+@click.option("--junit", "junit_out", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a markdown summary (e.g. to $GITHUB_STEP_SUMMARY).")  # fmt: skip
+@click.option("--update-golden", is_flag=True,
+              help="Rewrite this version's golden files for the cases run (older versions' are kept).")  # fmt: skip
+@click.pass_context
+def regress(ctx: click.Context, suite_file: Path, profile: str | None, jobs: int, junit_out: Path | None,
+            json_out: Path | None, md_out: Path | None, update_golden: bool) -> None:  # fmt: skip
+    """Run a proof regression suite: honest proofs accepted, tampering caught, budgets held,
+    golden files from earlier versions still verifying, pinned circuits reproducing.
+
+    Exit 0 only when every case holds; 1 when any fails (each failing check is listed)."""
+    from verimesh.regress import junit_xml, load_suite, markdown_summary, run_suite
+
+    _init_runtime(ctx)
+    suite = load_suite(suite_file)
+    cases = suite.selected(profile)
+    with _RegressBoard([c.name for c in cases], {c.name: c.mode for c in cases}) as board:
+        report = run_suite(suite, profile=profile, jobs=jobs, update_golden=update_golden, on_event=board.update)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if junit_out:
+        junit_out.write_bytes(junit_xml(report))
+    if md_out:
+        md_out.write_text(markdown_summary(report))
+    for case in report.cases:
+        click.echo(f"{'pass' if case.ok else 'FAIL'}  {case.name:<24} {sum(c.ok for c in case.checks):>3}/"
+                   f"{len(case.checks):<3} checks  {case.seconds:7.1f} s")  # fmt: skip
+        for check in case.failures:
+            click.echo(f"      {check.name}: {check.message()}")
+    held = sum(c.ok for c in report.cases)
+    click.echo(f"{held} of {len(report.cases)} cases hold ({report.seconds:.1f} s)")
+    if not report.ok:
+        failed = ", ".join(c.name for c in report.cases if not c.ok)
+        click.echo(f"verimesh: error[regression]: {len(report.cases) - held} case(s) failed: {failed}", err=True)
+        ctx.exit(EXIT_REJECTED)
+
+
+class _RegressBoard:
+    """The live progress table of `regress` on a terminal (stderr); one line per case otherwise."""
+
+    def __init__(self, names: list[str], modes: dict[str, str]) -> None:
+        self.names, self.modes = names, modes
+        self.state: dict[str, str] = dict.fromkeys(names, "queued")
+        self.live: Any = None
+
+    def __enter__(self) -> _RegressBoard:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="verimesh regress", expand=False)
+        for column in ("case", "mode", "status"):
+            table.add_column(column)
+        for name in self.names:
+            table.add_row(name, self.modes[name], self.state[name])
+        return table
+
+    def update(self, name: str, result: Any) -> None:
+        if result is None:
+            self.state[name] = "running"
+        else:
+            failed = len(result.failures) if not result.ok else 0
+            self.state[name] = (
+                f"pass ({len(result.checks)} checks, {result.seconds:.1f} s)"
+                if result.ok
+                else f"FAIL ({failed} failed)"
+            )
+            if self.live is None:
+                click.echo(f"regress: {name}: {self.state[name]}", err=True)
+        if self.live is not None:
+            self.live.update(self._table())
+
+
 # --- zero-knowledge: SRS and circuits ----------------------------------------------------------
 
 
