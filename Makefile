@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast demo lint format bench fixtures circuits redteam clean
+.PHONY: install test test-fast demo lint format bench fixtures circuits redteam regress regress-quick clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,17 @@ circuits: install
 redteam: install
 	$(BIN)/verimesh redteam fixtures/mlp.onnx fixtures/rescnn.onnx fixtures/transformer.onnx --trials 200 \
 		--honest 1000 --markdown docs/redteam.md --json bench-out/redteam.json --plot docs/redteam.png
+
+# The project's proof regression suite (docs/ci.md): every case as written, and the quick profile
+# that .ci/run runs after the tests. Reports (JUnit, JSON, markdown) go to bench-out/.
+REGRESS := $(BIN)/verimesh regress fixtures/suite.toml --jobs 2
+regress: install
+	@mkdir -p bench-out
+	$(REGRESS) --junit bench-out/regress.xml --json bench-out/regress.json --markdown bench-out/regress.md
+
+regress-quick: install
+	@mkdir -p bench-out
+	$(REGRESS) --profile quick --junit bench-out/regress.xml --json bench-out/regress.json --markdown bench-out/regress.md
 
 # The ResNet-50-size model is built locally (100 MB, not committed); results go to docs/.
 bench: install
