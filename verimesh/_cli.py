@@ -485,51 +485,64 @@ def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> No
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True, help="Timed runs per measurement.")
-@click.option("--quick", is_flag=True, help="3 repeats.")
-@click.option("--signatures", is_flag=True, help="Also: envelope verifications/s (fast backend vs py_ecc), aggregates.")
+@click.option("--quick", is_flag=True,
+              help="Fewer repeats, the fixtures only, a 10^4-entry ledger: minutes, not half an hour.")  # fmt: skip
+@click.option("--repeats", type=click.IntRange(min=1), help="Timed spot runs per model [default: 11; quick: 3].")
 @_steps_option
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
-@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown table.")
+@click.option("--only", "only", help="Comma-separated sections to run: spot,zk,signatures,ledger [default: all].")
+@click.option("--zk-model", "zk_models", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model for the zk section (repeatable) [default: fixtures/mlp.onnx].")  # fmt: skip
+@click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="SRS for the zk section [default: fixtures/srs/kzg15.test-only.srs when present].")  # fmt: skip
+@click.option("--ledger-entries", "ledger_sizes", multiple=True, type=click.IntRange(min=2),
+              help="Ledger sizes (repeatable) [default: 100000 and 1000000; quick: 10000].")  # fmt: skip
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the tables into this file between its generated-part marks (the rest is kept).")  # fmt: skip
 @click.pass_context
-def bench(
-    ctx: click.Context,
-    models: tuple[Path, ...],
-    repeats: int,
-    quick: bool,
-    signatures: bool,
-    steps: int | None,
-    json_out: Path | None,
-    md_out: Path | None,
-) -> None:
-    """Measure spot prove overhead and verify cost (default: ./fixtures/*.onnx); prints a table."""
-    from verimesh.bench import bench_spot, machine, markdown_table
+def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: int | None, steps: int | None,
+          only: str | None, zk_models: tuple[Path, ...], srs_file: Path | None, ledger_sizes: tuple[int, ...],
+          json_out: Path | None, md_out: Path | None) -> None:  # fmt: skip
+    """Measure DESIGN §6's targets: spot prove overhead and verify cost, zk warm proof vs bare
+    ezkl, envelope verifications/s, ledger appends and proofs; prints the tables and the targets.
+
+    MODELS default to ./fixtures/*.onnx, plus ./bench-out/resnet50.onnx when it exists (made by
+    `make bench`) and --quick is not given."""
+    from verimesh.bench import SECTIONS, BenchOptions, render_markdown, run_benchmarks, write_markdown
 
     _init_runtime(ctx)
-    if not models:
+    sections = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
+    if not sections or any(s not in SECTIONS for s in sections):
+        raise click.UsageError(f"--only takes sections from {', '.join(SECTIONS)}")
+    if not models and "spot" in sections:
         models = tuple(sorted(Path("fixtures").glob("*.onnx")))
+        resnet = Path("bench-out/resnet50.onnx")
+        if resnet.exists() and not quick:
+            models += (resnet,)
         if not models:
             raise InvalidInputError("no models given and no ./fixtures/*.onnx found")
-    results = [bench_spot(m, repeats=3 if quick else repeats, steps=steps) for m in models]
-    info = machine()
-    table = markdown_table(results, info)
-    report: dict[str, Any] = {"machine": info, "spot": [r.to_json() for r in results]}
-    if signatures:
-        from verimesh.bench import bench_signatures
-
-        sig = bench_signatures(50 if quick else 200)
-        report["signatures"] = sig
-        table += (
-            "\n| envelope verifications/s (milagro) | (py_ecc) | co-signed by 8, FastAggregateVerify ms "
-            "| 8 envelopes, AggregateVerify ms |\n|---|---|---|---|\n"
-            f"| {sig.get('milagro_verifications_per_s', 0):.0f} (≥ 50) | {sig['py_ecc_verifications_per_s']:.1f} | "
-            f"{sig['fast_aggregate_verify_ms']:.2f} | {sig['aggregate_verify_ms']:.2f} |\n"
-        )
-    click.echo(table)
+    default_srs = Path("fixtures/srs/kzg15.test-only.srs")
+    options = BenchOptions(
+        models=models,
+        repeats=repeats or (3 if quick else 11),
+        steps=steps,
+        zk_models=zk_models or tuple(p for p in (Path("fixtures/mlp.onnx"),) if p.exists()),
+        srs=srs_file or (default_srs if default_srs.exists() else None),
+        zk_repeats=2 if quick else 3,
+        signatures=50 if quick else 200,
+        ledger_sizes=ledger_sizes or ((10_000,) if quick else (100_000, 1_000_000)),
+        sections=sections,
+        quick=quick,
+    )
+    say = (lambda m: click.echo(f"bench: {m}", err=True)) if sys.stderr.isatty() else None
+    report = run_benchmarks(options, progress=say)
+    command = "verimesh bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "verimesh bench"
+    text = render_markdown(report, command=command)
+    click.echo(text)
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     if md_out:
-        md_out.write_text(table)
+        write_markdown(md_out, text)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

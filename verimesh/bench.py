@@ -12,6 +12,7 @@ reported ratio is the median of the per-repeat ratios (times are medians too).
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -29,6 +30,11 @@ from verimesh.errors import InvalidInputError
 
 PROVE_TARGET = 1.25
 VERIFY_TARGET = 0.35
+ZK_TARGET = 1.10
+SIGNATURES_TARGET = 50
+APPENDS_TARGET = 5000
+PROOF_MS_TARGET = 5.0
+MIN_JUDGED_INFERENCE_S = 0.010
 
 
 @dataclass(frozen=True)
@@ -361,9 +367,8 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
         statement = make_statement({"logits": "sha256:" + f"{i:064x}"}, "https://verimesh.dev/spot-check/v1", predicate)
         envelopes.append((sign_statement(statement, keys[i % signers]), keys[i % signers].public))
     results: dict[str, Any] = {"count": count, "signers": signers, "machine": machine()}
-    backends: list[tuple[str, _bls.Backend, int]] = [("py_ecc", _bls.PyEccBackend(), reference_count)]
-    if _bls.fast_backend_available():
-        backends.insert(0, ("milagro", _bls.MilagroBackend(), count))
+    backends: list[tuple[str, _bls.Backend, int]] = [(n, _bls.backend(n), count) for n in _bls.available_backends()]
+    backends.append(("py_ecc", _bls.PyEccBackend(), reference_count))
     for name, backend, n in backends:
         start = time.perf_counter()
         for envelope, public in envelopes[:n]:
@@ -372,6 +377,8 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
                 raise RuntimeError("benchmark envelope did not verify")
         results[f"{name}_verifications_per_s"] = n / (time.perf_counter() - start)
     fast = backends[0][1]
+    results["fast_backend"] = backends[0][0]
+    results["fast_verifications_per_s"] = results[f"{backends[0][0]}_verifications_per_s"]
     # One statement co-signed by every signer (a verifier committee): one pairing check.
     message = pae(PAYLOAD_TYPE, canonical_json({"statement": "co-signed"}))
     aggregate = fast.aggregate([k.sign(message) for k in keys])
@@ -387,5 +394,213 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
     results["aggregate_verify_per_envelope_ms"] = results["aggregate_verify_ms"] / signers
     if not ok:
         raise RuntimeError("benchmark aggregate did not verify")
-    results["target_met"] = results.get("milagro_verifications_per_s", 0.0) >= 50
+    results["target_met"] = results["fast_verifications_per_s"] >= SIGNATURES_TARGET
     return results
+
+
+# -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
+
+SECTIONS = ("spot", "zk", "signatures", "ledger")
+BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
+END_MARK = "<!-- verimesh bench: end of generated part -->"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one ``verimesh bench`` run measures (``quick`` only changes the defaults chosen by the CLI)."""
+
+    models: tuple[Path, ...]
+    repeats: int
+    steps: int | None
+    zk_models: tuple[Path, ...]
+    srs: Path | None
+    zk_repeats: int
+    signatures: int
+    ledger_sizes: tuple[int, ...]
+    sections: tuple[str, ...] = SECTIONS
+    quick: bool = False
+
+
+def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every section asked for; returns the JSON report (targets judged in ``targets``)."""
+    say = progress or (lambda message: None)
+    report: dict[str, Any] = {
+        "type": "verimesh/bench-report",
+        "version": 1,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "quick": options.quick,
+        "machine": machine(),
+        "notes": [],
+    }
+    if "spot" in options.sections:
+        report["spot"] = []
+        for model in options.models:
+            say(f"spot: {model.name} ({options.repeats} repeats)")
+            report["spot"].append(bench_spot(model, repeats=options.repeats, steps=options.steps).to_json())
+    if "zk" in options.sections:
+        report["zk"] = []
+        srs = options.srs
+        if srs is None:
+            report["notes"].append("zk skipped: no SRS (pass --srs; nothing is downloaded)")
+        else:
+            for model in options.zk_models:
+                say(f"zk: {model.name} ({options.zk_repeats} repeats)")
+                report["zk"].append(bench_zk(model, srs=srs, repeats=options.zk_repeats))
+    if "signatures" in options.sections:
+        say(f"signatures: {options.signatures} envelopes")
+        report["signatures"] = bench_signatures(options.signatures)
+    if "ledger" in options.sections:
+        report["ledger"] = []
+        for entries in options.ledger_sizes:
+            say(f"ledger: {entries:,} entries")
+            report["ledger"].append(bench_ledger(entries))
+    report["targets"] = targets(report)
+    return report
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """DESIGN §6's targets against this report. Spot ratios are judged on the model with the most
+    inference time (sub-millisecond fixtures measure fixed costs, not overhead)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: float | None, met: bool | None, where: str) -> None:
+        rows.append({"target": name, "goal": goal, "measured": value, "met": met, "where": where})
+
+    spot = report.get("spot") or []
+    if spot:
+        big = max(spot, key=lambda r: r["inference_s"])
+        where = f"{big['model']}, {big['steps']} steps, inference {big['inference_s'] * 1e3:.1f} ms"
+        # Below ~10 ms of inference a ratio measures fixed costs (a 1.5 ms BLS verification, file
+        # creation), not overhead: such a run shows the numbers but does not judge them.
+        judged = big["inference_s"] >= MIN_JUDGED_INFERENCE_S
+        if not judged:
+            where += " (too small to judge: run `make bench` for the ResNet-50-size model)"
+        add("spot prove / inference", f"≤ {PROVE_TARGET}", big["prove_overhead"],
+            big["prove_overhead"] <= PROVE_TARGET if judged else None, where)  # fmt: skip
+        add("spot verify / full re-execution", f"≤ {VERIFY_TARGET}", big["verify_ratio"],
+            big["verify_ratio"] <= VERIFY_TARGET if judged else None, where)  # fmt: skip
+    for row in report.get("zk") or []:
+        ratio = row["warm_over_bare"]
+        add("zk warm prove / bare ezkl", f"≤ {ZK_TARGET}", ratio, None if ratio is None else ratio <= ZK_TARGET,
+            f"{row['model']}, logrows {max(row['logrows'])}")  # fmt: skip
+    sig = report.get("signatures")
+    if sig:
+        add("envelope verifications/s", f"≥ {SIGNATURES_TARGET}", sig["fast_verifications_per_s"],
+            sig["target_met"], f"{sig['fast_backend']} backend")  # fmt: skip
+    ledger = report.get("ledger") or []
+    if ledger:
+        big = max(ledger, key=lambda r: r["entries"])
+        where = f"SQLite, {big['entries']:,} entries, batches of {big['batch']:,}"
+        add("ledger appends/s", f"≥ {APPENDS_TARGET:,}", big["appends_per_s"],
+            big["appends_per_s"] >= APPENDS_TARGET, where)  # fmt: skip
+        worst = max(big["inclusion_ms"], big["consistency_ms"])
+        # The goal is stated at 10^6 entries; a smaller ledger cannot show it.
+        judged = worst <= PROOF_MS_TARGET if big["entries"] >= 1_000_000 else None
+        add("inclusion / consistency proof ms", f"≤ {PROOF_MS_TARGET:g} at 10^6", worst, judged, where)
+    return rows
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def render_markdown(report: dict[str, Any], *, command: str) -> str:
+    """The generated part of docs/benchmarks.md: machine, targets, then one table per section."""
+    info = report["machine"]
+    lines = [
+        f"Generated by `{command}` on {report['date']}"
+        + (" (quick: fewer repeats and entries)" if report["quick"] else "")
+        + f". Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
+        f"onnxruntime {info['onnxruntime']}, {info['platform']}.",
+        "",
+        "### Targets (DESIGN §6)",
+        "",
+        "| target | goal | measured | met | where |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["targets"]:
+        met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
+        lines.append(f"| {row['target']} | {row['goal']} | {_cell(row['measured'])} | {met} | {row['where']} |")
+    if report.get("spot"):
+        lines += [
+            "",
+            "### Spot-check",
+            "",
+            "Each repeat times plain onnxruntime inference of the whole model, `Worker.prove` (warm "
+            "sessions, a new bundle file) and `verify` at the default policy (mean of 3 seeds) back to "
+            "back; times are medians, ratios medians of per-repeat ratios.",
+            "",
+            "| model | steps | repeats | inference ms | prove ms | prove / inference | verify ms "
+            "| verify / inference | verify all ms | bundle KB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["spot"]:
+            lines.append(
+                f"| {r['model']} | {r['steps']} | {r['repeats']} | {r['inference_s'] * 1e3:.2f} | "
+                f"{r['prove_s'] * 1e3:.2f} | {r['prove_overhead']:.2f} | {r['verify_s'] * 1e3:.2f} | "
+                f"{r['verify_ratio']:.2f} | {r['verify_all_s'] * 1e3:.2f} | {r['bundle_bytes'] / 1024:.1f} |"
+            )
+    if report.get("zk"):
+        lines += [
+            "",
+            "### Zero-knowledge (ezkl)",
+            "",
+            "| model | logrows | setup s | cold prove s | warm prove s | bare ezkl s | warm / bare | verify s "
+            "| pk MB | proof KB | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["zk"]:
+            lines.append(
+                f"| {r['model']} | {max(r['logrows'])} | {r['setup_s']:.2f} | {r['cold_prove_s']:.2f} | "
+                f"{r['warm_prove_s']:.2f} | {_cell(r['bare_ezkl_prove_s'])} | {_cell(r['warm_over_bare'], 3)} | "
+                f"{r['verify_s']:.3f} | {r['pk_mb']:.0f} | {r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
+    sig = report.get("signatures")
+    if sig:
+        names = [k.removesuffix("_verifications_per_s") for k in sig if k.endswith("_verifications_per_s")]
+        names = [n for n in names if n != "fast"]
+        lines += [
+            "",
+            "### Signatures (BLS12-381, envelope = DSSE PAE of an in-toto statement)",
+            "",
+            "| "
+            + " | ".join(f"verifications/s, {n}" for n in names)
+            + f" | one envelope co-signed by {sig['signers']} (FastAggregateVerify) ms "
+            f"| {sig['signers']} envelopes by {sig['signers']} nodes (AggregateVerify) ms |",
+            "|" + "---|" * (len(names) + 2),
+            "| "
+            + " | ".join(_cell(sig[f"{n}_verifications_per_s"], 1) for n in names)
+            + f" | {sig['fast_aggregate_verify_ms']:.2f} | {sig['aggregate_verify_ms']:.2f} |",
+        ]
+    if report.get("ledger"):
+        lines += [
+            "",
+            "### Ledger (SQLite, WAL, synchronous FULL; proofs are medians of 200)",
+            "",
+            "| entries | appends/s | root ms | inclusion proof ms | consistency proof ms | full verify s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in report["ledger"]:
+            lines.append(
+                f"| {r['entries']:,} | {r['appends_per_s']:,.0f} | {r['root_ms']:.2f} | {r['inclusion_ms']:.2f} | "
+                f"{r['consistency_ms']:.2f} | {r['verify_s']:.1f} |"
+            )
+    for note in report.get("notes", []):
+        lines += ["", f"Note: {note}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, generated: str) -> None:
+    """Put ``generated`` between the marks in ``path``, keeping everything outside them (the
+    analysis written by hand); a file without marks is created, or gets the marks appended."""
+    block = f"{BEGIN_MARK}\n\n{generated}\n{END_MARK}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if BEGIN_MARK in text and END_MARK in text:
+        head, rest = text.split(BEGIN_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1]
+        text = head + block.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)

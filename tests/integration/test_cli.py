@@ -247,13 +247,32 @@ def test_oversized_bundle_is_refused(job_file: Path, keys: Keys) -> None:
 
 
 def test_bench_commands_print_a_table_and_write_json(workdir: Path) -> None:
-    result = run("bench", model_path("mlp"), "--quick", "--signatures", "--json", "spot.json")
+    doc = workdir / "bench.md"
+    doc.write_text("# Benchmarks\n\nAnalysis written by hand.\n")
+    args = ["bench", model_path("mlp"), "--quick", "--only", "spot,signatures,ledger", "--ledger-entries", "300",
+            "--json", "bench.json", "--markdown", doc]  # fmt: skip
+    result = run(*args)
     assert result.exit_code == 0, result.output
-    assert "| mlp.onnx |" in result.stdout and "envelope verifications/s" in result.stdout
-    report = json.loads((workdir / "spot.json").read_text())
+    assert "| mlp.onnx |" in result.stdout and "verifications/s, blspy" in result.stdout
+    report = json.loads((workdir / "bench.json").read_text())
     assert report["signatures"]["py_ecc_verifications_per_s"] > 0 and report["signatures"]["aggregate_verify_ms"] > 0
+    assert report["signatures"]["fast_backend"] == "blspy" and "zk" not in report
     spot = report["spot"][0]
     assert spot["steps"] >= 1 and spot["prove_s"] > 0 and spot["verify_s"] > 0 and "prove_overhead" in spot
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["spot prove / inference"]["met"] is None  # a sub-millisecond model is not judged
+    assert targets["envelope verifications/s"]["met"] is True
+    assert targets["inclusion / consistency proof ms"]["met"] is None  # the goal is stated at 10^6 entries
+    assert report["ledger"][0]["entries"] == 300
+    # The generated part goes between marks; what is outside them survives a second run.
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nAnalysis written by hand.\n") and "### Targets" in text
+    doc.write_text(text + "\nMore analysis after.\n")
+    assert run(*args).exit_code == 0
+    again = doc.read_text()
+    assert again.count("### Targets") == 1 and "Analysis written by hand." in again
+    assert again.endswith("More analysis after.\n")
+    assert run("bench", "--only", "gpu").exit_code == 2
     result = run("ledger", "bench", "--entries", "300", "--batch", "50", "--json", "ledger.json")
     assert result.exit_code == 0, result.output
     ledger = json.loads((workdir / "ledger.json").read_text())

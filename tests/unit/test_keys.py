@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -12,11 +13,17 @@ from verimesh import _bls
 from verimesh.errors import InvalidInputError
 from verimesh.keys import generate_key, load_public_key, load_secret_key, node_id_for, write_key_pair
 
-pytestmark = pytest.mark.skipif(not _bls.fast_backend_available(), reason="milagro-bls-binding not installed")
+FAST = ("blspy", "milagro")
 
 
-def test_fast_backend_is_byte_identical_to_py_ecc() -> None:
-    ref, fast = _bls.PyEccBackend(), _bls.MilagroBackend()
+def test_both_fast_backends_are_installed_and_the_fastest_is_default() -> None:
+    assert _bls.available_backends() == FAST
+    assert _bls.backend().name in (os.environ.get("VERIMESH_BLS_BACKEND") or "blspy",)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_backend_is_byte_identical_to_py_ecc(name: str) -> None:
+    ref, fast = _bls.PyEccBackend(), _bls.backend(name)
     keys = [generate_key() for _ in range(3)]
     messages = [b"verimesh", b"", b"\x00" * 100]
     for key in keys:
@@ -37,13 +44,19 @@ def test_fast_backend_is_byte_identical_to_py_ecc() -> None:
     assert not ref.fast_aggregate_verify(pks[:2], b"one message", one)
 
 
-@pytest.mark.parametrize("backend", ["py_ecc", "milagro"])
+@pytest.mark.parametrize("backend", ["py_ecc", *FAST])
 def test_malformed_signatures_are_false_not_exceptions(backend: str) -> None:
-    b = _bls.PyEccBackend() if backend == "py_ecc" else _bls.MilagroBackend()
+    b = _bls.backend(backend)
     key = generate_key()
     for sig in (b"", b"\x00" * 96, b"\xff" * 96, b"\xc0" + b"\x00" * 95, b"\x01" * 95):
         assert b.verify(key.public.key, b"m", sig) is False
-    assert b.verify(b"\x00" * 48, b"m", key.sign(b"m")) is False
+    identity = b"\xc0" + b"\x00" * 47  # KeyValidate refuses the identity as a public key
+    for pk in (b"\x00" * 48, identity, b"\xff" * 48, b"", key.public.key[:47]):
+        assert b.verify(pk, b"m", key.sign(b"m")) is False
+    assert b.verify(identity, b"m", b"\xc0" + b"\x00" * 95) is False
+    assert b.fast_aggregate_verify([], b"m", key.sign(b"m")) is False
+    assert b.fast_aggregate_verify([identity], b"m", b"\xc0" + b"\x00" * 95) is False
+    assert b.aggregate_verify([key.public.key], [b"m", b"n"], key.sign(b"m")) is False
 
 
 def test_proof_of_possession() -> None:
