@@ -55,7 +55,7 @@ class BundleWriter:
     """Streams trace tensors into a bundle from a background thread while the caller computes.
 
     ``add_tensor`` returns at once; digesting, CRC and writing happen on one worker thread
-    (hashlib and zlib release the GIL, so this overlaps with onnxruntime). ``entries`` waits for
+    (hashlib and the CRC release the GIL, so this overlaps with onnxruntime). ``entries`` waits for
     them; ``finish`` appends trace.json and the envelope and moves the file into place.
     """
 

@@ -14,13 +14,17 @@ import mmap
 import os
 import re
 import struct
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from verimesh.errors import InvalidInputError
+
+try:  # ISA-L's CRC-32: the same polynomial and values as zlib's, about 3x faster, GIL released
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the portable fallback
+    from zlib import crc32 as _crc32
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # sig, need, flags, method, time, date, crc, csize, usize, nlen, xlen
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
@@ -72,7 +76,7 @@ class ContainerWriter:
         size = len(data) if isinstance(data, bytes) else data.nbytes
         if size >= 0xFFFFFFFF or self._offset >= 0xFFFFFFFF:
             raise InvalidInputError("container over 4 GiB (ZIP64 is not part of the format)")
-        crc = zlib.crc32(data) & 0xFFFFFFFF
+        crc = _crc32(data) & 0xFFFFFFFF
         header = _LOCAL.pack(_LOCAL_SIG, _VERSION, 0, 0, _DOS_TIME, _DOS_DATE, crc, size, size, len(name_b), 0)
         self._fh.write(header + name_b)
         self._fh.write(data)
@@ -218,7 +222,7 @@ def read_container(data: bytes | mmap.mmap, *, what: str, limits: Limits = DEFAU
     # 3. The central directory must be exactly the one the local headers imply.
     if view[cd_offset : cd_offset + cd_size] != b"".join(expected_central):
         raise bad("central directory does not match the local headers")
-    # 4. CRCs last, in parallel for large containers (zlib releases the GIL).
+    # 4. CRCs last, in parallel for large containers (the CRC releases the GIL).
     for name, ok in zip(members, _crcs_match(list(members.values()), crcs), strict=True):
         if not ok:
             raise bad(f"CRC mismatch in member {name!r}")
@@ -227,7 +231,7 @@ def read_container(data: bytes | mmap.mmap, *, what: str, limits: Limits = DEFAU
 
 def _crcs_match(payloads: list[memoryview], crcs: list[int]) -> list[bool]:
     def check(i: int) -> bool:
-        return zlib.crc32(payloads[i]) & 0xFFFFFFFF == crcs[i]
+        return _crc32(payloads[i]) & 0xFFFFFFFF == crcs[i]
 
     if sum(p.nbytes for p in payloads) < 4 << 20 or (os.cpu_count() or 1) < 2:
         return [check(i) for i in range(len(payloads))]

@@ -74,3 +74,24 @@ def test_appended_or_prepended_garbage_is_refused(
     job, raw = honest
     mutant = garbage + raw if front else raw + garbage
     assert _verdict_for(mutant, job, keys, tmp_path) == "error"
+
+
+@SETTINGS
+@given(payload=st.binary(max_size=4096), start=st.integers(0, 0xFFFFFFFF))
+def test_container_crc_is_zlibs(payload: bytes, start: int) -> None:
+    """The fast CRC (ISA-L) must give zlib's values: any ZIP tool checks them."""
+    import zlib
+
+    from verimesh import container
+
+    assert container._crc32.__module__ != "zlib"  # the fast one is installed
+    assert container._crc32(payload, start) == zlib.crc32(payload, start)
+
+
+def test_a_bundle_is_a_zip_any_tool_reads(honest: tuple[Job, bytes], tmp_path: Path) -> None:
+    import zipfile
+
+    (tmp_path / "b.zip").write_bytes(honest[1])
+    with zipfile.ZipFile(tmp_path / "b.zip") as archive:
+        assert archive.testzip() is None  # every member's CRC checked by the standard library
+        assert archive.namelist()[-2:] == ["trace.json", "envelope.json"]
