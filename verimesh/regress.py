@@ -31,6 +31,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -561,7 +562,12 @@ def run_suite(
                 tell(name, None)
             for future in as_completed(futures):
                 name = futures[future]
-                results[name] = future.result()
+                try:
+                    results[name] = future.result()
+                except BrokenProcessPool as exc:  # killed (OOM, signal): the case fails, the report stands
+                    mode = next(c.mode for c in cases if c.name == name)
+                    died = CheckResult("worker-process", False, f"the process running the case died ({exc})")
+                    results[name] = CaseResult(name, mode, (died,), 0.0)
                 tell(name, results[name])
     ordered = tuple(results[c.name] for c in cases)
     return Report(suite.name, profile, ordered, time.perf_counter() - start, machine())
