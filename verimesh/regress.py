@@ -281,10 +281,13 @@ class CaseResult:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
+    def reported(self) -> tuple[CheckResult, ...]:
+        """The checks, or one failed check saying there were none (a case with no checks fails)."""
+        return self.checks or (CheckResult("no-checks", False, "the case ran no checks"),)
+
+    @property
     def failures(self) -> tuple[CheckResult, ...]:
-        return tuple(c for c in self.checks if not c.ok) or (
-            () if self.checks else (CheckResult("no-checks", False, "the case ran no checks"),)
-        )
+        return tuple(c for c in self.reported if not c.ok)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -377,7 +380,8 @@ class _CaseRun:
         srs = circuit.resolve_srs(self.case.srs)
         for step in circuit.steps:
             pinned = ((step.model, step.model_digest), (step.settings, step.settings_digest), (step.vk, step.vk_digest))
-            moved = [(n, d, sha256_file(circuit.path(n))) for n, d in pinned if sha256_file(circuit.path(n)) != d]
+            found = [(name, digest, sha256_file(circuit.path(name))) for name, digest in pinned]
+            moved = [(name, digest, got) for name, digest, got in found if got != digest]
             if moved:  # a file edited without re-pinning it in circuit.json
                 changes = "; ".join(f"{n} moved: pinned {d}, found {got}" for n, d, got in moved)
                 self.check(f"circuit-drift:step-{step.index}", False, changes)
@@ -710,15 +714,14 @@ def _summary(record: Mapping[str, Any]) -> str:
 
 def junit_xml(report: Report) -> bytes:
     """JUnit XML: one testsuite, one testcase per check (classname = the case)."""
-    failures = sum(1 for c in report.cases for k in c.checks if not k.ok)
-    tests = sum(len(c.checks) for c in report.cases)
+    failures = sum(len(c.failures) for c in report.cases)
+    tests = sum(len(c.reported) for c in report.cases)
     root = ElementTree.Element("testsuites", name=f"verimesh regress {report.suite}", tests=str(tests),
                                failures=str(failures), time=f"{report.seconds:.3f}")  # fmt: skip
     suite = ElementTree.SubElement(root, "testsuite", name=report.suite, tests=str(tests), failures=str(failures),
                                    errors="0", skipped="0", time=f"{report.seconds:.3f}")  # fmt: skip
     for case in report.cases:
-        checks = case.checks or (CheckResult("no-checks", False, "the case ran no checks"),)
-        for check in checks:
+        for check in case.reported:
             element = ElementTree.SubElement(suite, "testcase", classname=f"regress.{case.name}", name=check.name,
                                              time=f"{check.measured.get('seconds', 0.0):.3f}")  # fmt: skip
             if not check.ok:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +149,9 @@ def _spot_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _M
     def honest(parsed: Bundle) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in parsed.tensors.items()}
 
-    def recompute(trace: dict[str, np.ndarray], first: int, blobs: list[bytes] | None = None) -> None:
+    def recompute(trace: dict[str, np.ndarray], first: int, blobs: Sequence[bytes] | None = None) -> None:
         for step in job.steps[first:]:
-            blob = (blobs or list(models))[step.index]
+            blob = (blobs or models)[step.index]
             cache_key = step.digest if blobs is None else f"tampered-{step.digest}"
             trace.update(runner.run(cache_key, blob, {n: trace[n] for n in step.inputs}, step.outputs))
 
