@@ -916,13 +916,13 @@ def ledger() -> None:
 def ledger_init(ledger_url: str, operator_key: Path, fraud_fraction: float, reward: int, as_json: bool) -> None:
     """Create an empty ledger."""
     from verimesh.keys import key_is_encrypted, load_secret_key
-    from verimesh.ledger import Ledger, normalize_url
+    from verimesh.ledger import Ledger, display_url
 
     passphrase = _passphrase(confirm=False) if key_is_encrypted(operator_key) else None
     key = load_secret_key(operator_key, passphrase=passphrase)
     led = Ledger.create(ledger_url, key, operator_key_path=operator_key,
                         settings={"fraud_fraction": repr(fraud_fraction), "reward": str(reward)})  # fmt: skip
-    payload = {"ledger": normalize_url(ledger_url), "ledger_id": led.ledger_id, "operator": key.node_id}
+    payload = {"ledger": display_url(ledger_url), "ledger_id": led.ledger_id, "operator": key.node_id}
     _emit(as_json, payload, f"created ledger {led.ledger_id} at {payload['ledger']} (operator {key.node_id})")
 
 

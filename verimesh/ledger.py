@@ -80,6 +80,20 @@ def normalize_url(url: str) -> str:
     return "sqlite:///" + str(Path(url).resolve())
 
 
+def _driver_reason(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's own first line (no server, refused, no such database), not the SQL after it."""
+    why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {why[0][:300] if why else 'no detail'}"
+
+
+def display_url(url: str) -> str:
+    """The URL for messages and output: a password in it is never shown."""
+    try:
+        return sa.engine.make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparsable ledger URL>"
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -176,7 +190,7 @@ class Ledger:
         try:
             engine = sa.create_engine(url, future=True)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-            raise ConfigurationError(f"cannot use ledger URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"cannot use ledger URL {display_url(url)}: {exc}") from exc
         if engine.dialect.name == "sqlite":
 
             @sa_event.listens_for(engine, "connect")
@@ -210,7 +224,7 @@ class Ledger:
         try:
             with engine.begin() as conn:
                 if sa.inspect(conn).has_table("ledger_meta"):
-                    raise InvalidInputError(f"a ledger already exists at {normalize_url(url)}")
+                    raise InvalidInputError(f"a ledger already exists at {display_url(url)}")
                 metadata.create_all(conn)
                 meta = {
                     "format": FORMAT,
@@ -225,15 +239,13 @@ class Ledger:
                 }
                 conn.execute(meta_table.insert(), [{"key": k, "value": v} for k, v in meta.items()])
         except sa.exc.SQLAlchemyError as exc:
-            raise InvalidInputError(
-                f"cannot create ledger at {normalize_url(url)}: {exc.__class__.__name__}: {exc}"
-            ) from exc
+            raise InvalidInputError(f"cannot create ledger at {display_url(url)}: {_driver_reason(exc)}") from exc
         return cls(engine, meta)
 
     @classmethod
     def open(cls, url: str) -> Ledger:
-        target = normalize_url(url)
-        if target.startswith("sqlite:///") and not Path(target[len("sqlite:///") :]).exists():
+        path, target = normalize_url(url), display_url(url)
+        if path.startswith("sqlite:///") and not Path(path[len("sqlite:///") :]).exists():
             raise InvalidInputError(f"no ledger at {target}", hint="create one with `verimesh ledger init`")
         engine = cls._engine(url)
         try:
@@ -242,7 +254,7 @@ class Ledger:
                     raise InvalidInputError(f"{target} is not a verimesh ledger")
                 meta = {r.key: r.value for r in conn.execute(sa.select(meta_table))}
         except sa.exc.SQLAlchemyError as exc:
-            raise InvalidInputError(f"cannot open ledger {target}: {exc.__class__.__name__}") from exc
+            raise InvalidInputError(f"cannot open ledger {target}: {_driver_reason(exc)}") from exc
         if meta.get("format") != FORMAT or meta.get("version") != "1":
             raise InvalidInputError(f"{target} is not a verimesh ledger (format {meta.get('format')!r})")
         return cls(engine, meta)

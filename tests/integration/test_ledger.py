@@ -333,3 +333,11 @@ def test_sigkill_mid_append_keeps_every_reported_entry(tmp_path: Path) -> None:
         assert report.ok, report.problems
         assert report.size >= reported + 1  # every append the writer reported as committed is there
         assert report.size % 25 == 0  # and no half transaction
+
+
+def test_a_password_in_the_ledger_url_is_never_shown(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://verimesh:hunter2@/nodb?host={tmp_path}"  # no server there
+    result = CliRunner().invoke(cli, ["ledger", "show", "--ledger", url])
+    assert result.exit_code == 3 and "cannot open ledger" in result.output
+    assert "hunter2" not in result.output and "***" in result.output
+    assert len(result.output.strip().splitlines()) == 1
