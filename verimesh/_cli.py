@@ -72,6 +72,15 @@ def force_option(f: F) -> F:
     return click.option("--force", is_flag=True, help="Overwrite existing output files.")(f)
 
 
+def _write_report(path: Path, data: str | bytes) -> None:
+    """Write a report file (JSON, JUnit, markdown), making its folder if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+
+
 def _emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else human)
 
@@ -540,7 +549,7 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
     text = render_markdown(report, command=command)
     click.echo(text)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        _write_report(json_out, json.dumps(report, indent=2) + "\n")
     if md_out:
         write_markdown(md_out, text)
 
@@ -631,7 +640,7 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
     text = markdown_report(reports)
     click.echo(text)
     if json_out:
-        json_out.write_text(json.dumps({"reports": reports, "curves": curves}, indent=2) + "\n")
+        _write_report(json_out, json.dumps({"reports": reports, "curves": curves}, indent=2) + "\n")
     if md_out:
         from verimesh.bench import machine
 
@@ -643,7 +652,7 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
             f"sampler; intervals are 95% Wilson intervals. Machine: {info['cpu']}, {info['cores']} cores, "
             f"onnxruntime {info['onnxruntime']}." + (" Plot: [redteam.png](redteam.png)." if plot_out else "") + "\n\n"
         )
-        md_out.write_text(header + text)
+        _write_report(md_out, header + text)
     if plot_out:
         plot_curves(curves, plot_out)
     broken = [(r["model"], s["strategy"]) for r in reports for s in r["strategies"] if not s["within_ci"]]
@@ -679,11 +688,11 @@ def regress(ctx: click.Context, suite_file: Path, profile: str | None, jobs: int
     with _RegressBoard([c.name for c in cases], {c.name: c.mode for c in cases}) as board:
         report = run_suite(suite, profile=profile, jobs=jobs, update_golden=update_golden, on_event=board.update)
     if json_out:
-        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        _write_report(json_out, json.dumps(report.to_json(), indent=2) + "\n")
     if junit_out:
-        junit_out.write_bytes(junit_xml(report))
+        _write_report(junit_out, junit_xml(report))
     if md_out:
-        md_out.write_text(markdown_summary(report))
+        _write_report(md_out, markdown_summary(report))
     for case in report.cases:
         click.echo(f"{'pass' if case.ok else 'FAIL'}  {case.name:<24} {sum(c.ok for c in case.checks):>3}/"
                    f"{len(case.checks):<3} checks  {case.seconds:7.1f} s")  # fmt: skip
@@ -878,7 +887,7 @@ def circuit_bench(ctx: click.Context, models: tuple[Path, ...], srs_file: Path, 
                    f"{r['warm_prove_s']:.2f} | {bare} | {ratio} | {r['verify_s']:.3f} | {r['pk_mb']:.0f} | "
                    f"{r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
     if json_out:
-        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+        _write_report(json_out, json.dumps(rows, indent=2) + "\n")
 
 
 # --- ledger -----------------------------------------------------------------------------------
@@ -1130,7 +1139,7 @@ def ledger_bench(entries: int, batch: int, json_out: Path | None) -> None:
              f"{result['inclusion_ms']:.3f} | {result['consistency_ms']:.3f} | {result['verify_s']:.1f} |"]  # fmt: skip
     click.echo("\n".join(lines))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        _write_report(json_out, json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:

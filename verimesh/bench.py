@@ -602,6 +602,7 @@ def write_markdown(path: Path, generated: str) -> None:
     """Put ``generated`` between the marks in ``path``, keeping everything outside them (the
     analysis written by hand); a file without marks is created, or gets the marks appended."""
     block = f"{BEGIN_MARK}\n\n{generated}\n{END_MARK}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     if BEGIN_MARK in text and END_MARK in text:
         head, rest = text.split(BEGIN_MARK, 1)

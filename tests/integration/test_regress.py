@@ -134,14 +134,14 @@ def test_healthy_suite_holds_serial_and_parallel_alike(healthy: Path) -> None:
 
 def test_cli_writes_all_three_reports_and_exits_0(healthy: Path, tmp_path: Path) -> None:
     out = tmp_path
-    args = ["regress", str(healthy), "--jobs", "2", "--json", str(out / "r.json"), "--junit", str(out / "r.xml"),
-            "--markdown", str(out / "r.md")]  # fmt: skip
+    args = ["regress", str(healthy), "--jobs", "2", "--json", str(out / "r.json"), "--junit",
+            str(out / "reports" / "r.xml"), "--markdown", str(out / "r.md")]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "2 of 2 cases hold" in result.output
     doc = json.loads((out / "r.json").read_text())
     assert doc["ok"] and [c["name"] for c in doc["cases"]] == ["mlp", "rescnn"]
-    tree = ElementTree.parse(out / "r.xml").getroot()
+    tree = ElementTree.parse(out / "reports" / "r.xml").getroot()  # its folder was made
     assert tree.get("failures") == "0" and int(tree.get("tests") or 0) > 20
     assert "every case holds" in (out / "r.md").read_text()
 
