@@ -873,19 +873,11 @@ def circuit_show(folder: Path, as_json: bool) -> None:
 def circuit_bench(ctx: click.Context, models: tuple[Path, ...], srs_file: Path, steps: int, repeats: int,
                   json_out: Path | None) -> None:  # fmt: skip
     """Setup, cold and warm proof (verimesh vs bare ezkl), verify, pk and proof size, peak RSS."""
-    from verimesh.bench import bench_zk
+    from verimesh.bench import bench_zk, zk_table
 
     _init_runtime(ctx)
     rows = [bench_zk(m, srs=srs_file, steps=steps, repeats=repeats) for m in models]
-    click.echo("| model | steps | logrows | setup s | cold prove s | warm prove s | bare ezkl s | warm / bare "
-               "| verify s | pk MB | proof KB | peak RSS MB |")  # fmt: skip
-    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = "n/a" if r["warm_over_bare"] is None else f"{r['warm_over_bare']:.3f}"
-        bare = "n/a" if r["warm_over_bare"] is None else f"{r['bare_ezkl_prove_s']:.2f}"
-        click.echo(f"| {r['model']} | {r['steps']} | {r['logrows']} | {r['setup_s']:.2f} | {r['cold_prove_s']:.2f} | "
-                   f"{r['warm_prove_s']:.2f} | {bare} | {ratio} | {r['verify_s']:.3f} | {r['pk_mb']:.0f} | "
-                   f"{r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+    click.echo("\n".join(zk_table(rows)))
     if json_out:
         _write_report(json_out, json.dumps(rows, indent=2) + "\n")
 
@@ -1130,14 +1122,10 @@ def ledger_slash(evidence: Path, ledger_url: str, as_json: bool) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 def ledger_bench(entries: int, batch: int, json_out: Path | None) -> None:
     """Appends per second (batched, SQLite) and proof times at the given size."""
-    from verimesh.bench import bench_ledger
+    from verimesh.bench import bench_ledger, ledger_table
 
     result = bench_ledger(entries, batch=batch)
-    lines = ["| entries | batch | appends/s | root ms | inclusion proof ms | consistency proof ms | verify s |",
-             "|---|---|---|---|---|---|---|",
-             f"| {result['entries']} | {batch} | {result['appends_per_s']:.0f} | {result['root_ms']:.3f} | "
-             f"{result['inclusion_ms']:.3f} | {result['consistency_ms']:.3f} | {result['verify_s']:.1f} |"]  # fmt: skip
-    click.echo("\n".join(lines))
+    click.echo("\n".join(ledger_table([result])))
     if json_out:
         _write_report(json_out, json.dumps(result, indent=2) + "\n")
 

@@ -163,23 +163,6 @@ def bench_spot(model: Path, *, repeats: int = 7, input_file: Path | None = None,
         )
 
 
-def markdown_table(results: list[SpotBench], info: dict[str, Any]) -> str:
-    lines = [
-        f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, onnxruntime {info['onnxruntime']}",
-        "",
-        "| model | steps | inference ms | prove ms | prove / inference | verify ms "
-        "| verify / inference | verify all ms | bundle KB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.model} | {r.steps} | {r.inference_s * 1e3:.2f} | {r.prove_s * 1e3:.2f} | "
-            f"{r.prove_overhead:.2f} (≤ {PROVE_TARGET}) | {r.verify_s * 1e3:.2f} | "
-            f"{r.verify_ratio:.2f} (≤ {VERIFY_TARGET}) | {r.verify_all_s * 1e3:.2f} | {r.bundle_bytes / 1024:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
     """Append ``entries`` register-sized events in batches to a fresh SQLite ledger, then time a
     root, inclusion and consistency proofs (medians of 200) at that size, and a full verify."""
@@ -383,6 +366,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
                 raise RuntimeError("benchmark envelope did not verify")
         results[f"{name}_verifications_per_s"] = n / (time.perf_counter() - start)
     fast = backends[0][1]
+    results["backends"] = [name for name, _, _ in backends]
     results["fast_backend"] = backends[0][0]
     results["fast_verifications_per_s"] = results[f"{backends[0][0]}_verifications_per_s"]
     # One statement co-signed by every signer (a verifier committee): one pairing check.
@@ -549,24 +533,10 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
                 f"{r['verify_ratio']:.2f} | {r['verify_all_s'] * 1e3:.2f} | {r['bundle_bytes'] / 1024:.1f} |"
             )
     if report.get("zk"):
-        lines += [
-            "",
-            "### Zero-knowledge (ezkl)",
-            "",
-            "| model | logrows | setup s | cold prove s | warm prove s | bare ezkl s | warm / bare | verify s "
-            "| pk MB | proof KB | prover peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in report["zk"]:
-            lines.append(
-                f"| {r['model']} | {max(r['logrows'])} | {r['setup_s']:.2f} | {r['cold_prove_s']:.2f} | "
-                f"{r['warm_prove_s']:.2f} | {_cell(r['bare_ezkl_prove_s'])} | {_cell(r['warm_over_bare'], 3)} | "
-                f"{r['verify_s']:.3f} | {r['pk_mb']:.0f} | {r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |"
-            )
+        lines += ["", "### Zero-knowledge (ezkl)", "", *zk_table(report["zk"])]
     sig = report.get("signatures")
     if sig:
-        names = [k.removesuffix("_verifications_per_s") for k in sig if k.endswith("_verifications_per_s")]
-        names = [n for n in names if n != "fast"]
+        names = sig["backends"]
         lines += [
             "",
             "### Signatures (BLS12-381, envelope = DSSE PAE of an in-toto statement)",
@@ -581,21 +551,41 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             + f" | {sig['fast_aggregate_verify_ms']:.2f} | {sig['aggregate_verify_ms']:.2f} |",
         ]
     if report.get("ledger"):
-        lines += [
-            "",
-            "### Ledger (SQLite, WAL, synchronous FULL; proofs are medians of 200)",
-            "",
-            "| entries | appends/s | root ms | inclusion proof ms | consistency proof ms | full verify s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in report["ledger"]:
-            lines.append(
-                f"| {r['entries']:,} | {r['appends_per_s']:,.0f} | {r['root_ms']:.2f} | {r['inclusion_ms']:.2f} | "
-                f"{r['consistency_ms']:.2f} | {r['verify_s']:.1f} |"
-            )
+        lines += ["", "### Ledger (SQLite, WAL, synchronous FULL; proofs are medians of 200)", ""]
+        lines += ledger_table(report["ledger"])
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
+
+
+def zk_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``bench_zk`` rows as a markdown table (also what ``verimesh circuit bench`` prints)."""
+    lines = [
+        "| model | steps | logrows | setup s | cold prove s | warm prove s | bare ezkl s | warm / bare | verify s "
+        "| pk MB | proof KB | prover peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {max(r['logrows'])} | {r['setup_s']:.2f} | {r['cold_prove_s']:.2f} | "
+            f"{r['warm_prove_s']:.2f} | {_cell(r['bare_ezkl_prove_s'])} | {_cell(r['warm_over_bare'], 3)} | "
+            f"{r['verify_s']:.3f} | {r['pk_mb']:.0f} | {r['proof_kb']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return lines
+
+
+def ledger_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``bench_ledger`` rows as a markdown table (also what ``verimesh ledger bench`` prints)."""
+    lines = [
+        "| entries | batch | appends/s | root ms | inclusion proof ms | consistency proof ms | full verify s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['entries']:,} | {r['batch']:,} | {r['appends_per_s']:,.0f} | {r['root_ms']:.2f} | "
+            f"{r['inclusion_ms']:.2f} | {r['consistency_ms']:.2f} | {r['verify_s']:.1f} |"
+        )
+    return lines
 
 
 def write_markdown(path: Path, generated: str) -> None:

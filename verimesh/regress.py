@@ -398,19 +398,12 @@ class _CaseRun:
             )
             self.check(f"circuit-drift:step-{step.index}", ok, reason, seconds=time.perf_counter() - start)
 
-    def _job(self, out: Path) -> Any:
-        from verimesh.job import new_job
-
-        case = self.case
-        return new_job(case.model, case.input, out, mode=case.mode, steps=case.steps, samples=case.samples,
-                       circuit=case.circuit, profile=case.tolerance_profile)  # fmt: skip
-
     def honest(self) -> None:
         from verimesh.keys import generate_key
         from verimesh.workflows import prove, verify
 
         case, budget = self.case, self.case.budget
-        job = self._job(self.work / "job.json")
+        job = case_job(case, self.work / "job.json")
         key = generate_key()
         start = time.perf_counter()
         result = prove(job, key=key, out=self.work / "honest.vmb", device="cpu", srs=case.srs)
@@ -440,7 +433,7 @@ class _CaseRun:
         from verimesh.tamper import tamper_set
         from verimesh.workflows import verify
 
-        other_job = self._job(self.work / "other-job.json")
+        other_job = case_job(self.case, self.work / "other-job.json")
         made = tamper_set(job, bundle, key=key, other_key=generate_key(), other_job=other_job,
                           work=self.work / "tamper", seed=self.seed)  # fmt: skip
         for tampered in made:
@@ -475,6 +468,15 @@ class _CaseRun:
                 srs = case_srs(self.case)
                 for name, ok, reason in check_golden(doc_path.parent, srs=srs, work=self.work):
                     self.check(f"golden:{doc_path.parent.parent.name}/{name}", ok, reason)
+
+
+def case_job(case: Case, out: Path, *, circuit: Path | None = None) -> Any:
+    """A fresh job for the case (its own nonce, so its own job id), written to ``out``; ``circuit``
+    overrides the case's (golden files carry a copy of it)."""
+    from verimesh.job import new_job
+
+    return new_job(case.model, case.input, out, mode=case.mode, steps=case.steps, samples=case.samples,
+                   circuit=circuit or case.circuit, profile=case.tolerance_profile)  # fmt: skip
 
 
 def case_srs(case: Case) -> Path | None:
@@ -588,7 +590,6 @@ def make_golden(suite: Suite, case: Case) -> Path:
     """Write this version's golden files for ``case``: the job, the node's public key, an honest
     bundle, a fraudulent one (and for spot its evidence file), and the verdicts they get now."""
     from verimesh.evidence import check_evidence
-    from verimesh.job import new_job
     from verimesh.keys import generate_key, write_public_key
     from verimesh.tamper import Tamperer
     from verimesh.workflows import prove, verify
@@ -605,16 +606,14 @@ def make_golden(suite: Suite, case: Case) -> Path:
         # A copy: the golden bundle was proven against this circuit, whatever circuits/ holds later.
         circuit = folder / "circuit"
         copy_circuit(load_circuit(case.circuit), circuit)
-    job = new_job(case.model, case.input, folder / "job.json", mode=case.mode, steps=case.steps,
-                  samples=case.samples, circuit=circuit, profile=case.tolerance_profile)  # fmt: skip
+    job = case_job(case, folder / "job.json", circuit=circuit)
     key = generate_key()
     write_public_key(folder / "node.pub", key.public)
     srs = case_srs(case)
     prove(job, key=key, out=folder / "honest.vmb", device="cpu", srs=srs)
     seed = suite.case_seed(case)
     with tempfile.TemporaryDirectory(prefix="verimesh-golden-") as tmp:
-        other = new_job(case.model, case.input, Path(tmp) / "other.json", mode=case.mode, steps=case.steps,
-                        samples=case.samples, circuit=circuit)  # fmt: skip
+        other = case_job(case, Path(tmp) / "other.json", circuit=circuit)
         tamperer = Tamperer(job, key=key, other_key=generate_key(), other_job=other, seed=seed)
         cheat = "output-perturbed" if case.mode == "spot" else "claimed-output-not-proven"
         tamperer.make(cheat, folder / "honest.vmb", folder / "fraud.vmb")
