@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verimesh.job import Job, new_job
-from verimesh.keys import SecretKey, generate_key, write_key_pair
+from verimesh.jobs.job import Job, new_job
+from verimesh.signing.keys import SecretKey, generate_key, write_key_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"

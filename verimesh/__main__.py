@@ -1,3 +1,3 @@
-from verimesh._cli import main
+from verimesh.cli.app import main
 
 main()

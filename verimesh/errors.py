@@ -2,7 +2,7 @@
 
 Every error carries a stable kebab-case ``code``, a ``hint`` saying what to do next, and the
 process exit code the CLI maps it to. Library code raises these; only the CLI turns them into
-exit codes (see ``verimesh._cli``).
+exit codes (see ``verimesh.cli.app``).
 """
 
 from __future__ import annotations

@@ -16,19 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verimesh.bundle import read_bundle
-from verimesh.canonical import b64encode
-from verimesh.container import DEFAULT_LIMITS, Limits
-from verimesh.digest import sha256_bytes
-from verimesh.envelope import Envelope
+from verimesh.core.canonical import b64encode
+from verimesh.core.container import DEFAULT_LIMITS, Limits
+from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError, VerificationFailedError
-from verimesh.evidence import check_evidence, write_equivocation_evidence
-from verimesh.job import Job, load_job
-from verimesh.keys import PublicKey
-from verimesh.ledger import Ledger, Transaction
-from verimesh.reputation import DEFAULT_FRAUD_FRACTION, DEFAULT_REWARD, Standing, fraud_slash, standing_of, standings
-from verimesh.runtime import StepRunner
-from verimesh.verdict import Verdict
+from verimesh.jobs.bundle import read_bundle
+from verimesh.jobs.job import Job, load_job
+from verimesh.jobs.runtime import StepRunner
+from verimesh.jobs.verdict import Verdict
+from verimesh.ledger.reputation import (
+    DEFAULT_FRAUD_FRACTION,
+    DEFAULT_REWARD,
+    Standing,
+    fraud_slash,
+    standing_of,
+    standings,
+)
+from verimesh.ledger.store import Ledger, Transaction
+from verimesh.signing.envelope import Envelope
+from verimesh.signing.keys import PublicKey
+from verimesh.spot.evidence import check_evidence, write_equivocation_evidence
 from verimesh.workflows import Samples, verify
 
 
@@ -183,7 +190,7 @@ def verify_and_settle(
                 reward = {"kind": "reward", "node_id": public.node_id, "job_id": job.job_id, "amount": amount}
                 appended.append((txn.append(reward), "reward"))
         elif verdict.evidence is not None and standing.stake > 0:
-            from verimesh.digest import sha256_file
+            from verimesh.core.digest import sha256_file
 
             amount = fraud_slash(standing.stake, _fraction(ledger))
             digest = sha256_file(Path(verdict.evidence))
@@ -198,7 +205,7 @@ _KINDS = ("register", "verdict", "reward", "slash")
 
 def _conflicting_receipt(txn: Transaction, receipt: dict[str, Any]) -> Envelope | None:
     """An earlier receipt by the same node for the same job and step range with other outputs."""
-    from verimesh.canonical import b64decode_strict
+    from verimesh.core.canonical import b64decode_strict
 
     for entry in txn.events_of(str(receipt["node_id"]), ["receipt"]):
         event = entry.event

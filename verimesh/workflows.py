@@ -16,16 +16,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from verimesh.bundle import Bundle, BundleWriter, read_bundle, trace_document
-from verimesh.container import DEFAULT_LIMITS, Limits
-from verimesh.digest import parse_digest, sha256_bytes, tensor_digest
-from verimesh.envelope import Envelope, make_statement, sign_statement
+from verimesh.core.container import DEFAULT_LIMITS, Limits
+from verimesh.core.digest import parse_digest, sha256_bytes, tensor_digest
+from verimesh.core.tensors import DTYPES
 from verimesh.errors import InvalidInputError
-from verimesh.evidence import write_evidence
-from verimesh.job import Job, load_job
-from verimesh.keys import PublicKey, SecretKey, load_public_key
-from verimesh.runtime import StepRunner
-from verimesh.spot import (
+from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, trace_document
+from verimesh.jobs.job import Job, load_job
+from verimesh.jobs.runtime import StepRunner
+from verimesh.jobs.verdict import Check, Verdict
+from verimesh.signing.envelope import Envelope, make_statement, sign_statement
+from verimesh.signing.keys import PublicKey, SecretKey, load_public_key
+from verimesh.spot.evidence import write_evidence
+from verimesh.spot.spotcheck import (
     COMMITMENT_ALGORITHM,
     PREDICATE_TYPE,
     Commitment,
@@ -37,8 +39,6 @@ from verimesh.spot import (
     seeded_rng,
     spot_predicate,
 )
-from verimesh.tensors import DTYPES
-from verimesh.verdict import Check, Verdict
 
 Samples = int | Literal["all"] | None
 
@@ -140,7 +140,7 @@ class Worker:
         return self._runners[config]
 
     def _file_digest(self, path: Path) -> str:
-        from verimesh.digest import sha256_file
+        from verimesh.core.digest import sha256_file
 
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -184,8 +184,8 @@ class Worker:
     def _prove_zk(
         self, job: Job, *, out: Path, model: Path | None, progress: Progress | None, started: float
     ) -> ProveResult:
-        from verimesh.zk import ZkProver
-        from verimesh.zkmode import prove_zk
+        from verimesh.zk.ezkl_backend import ZkProver
+        from verimesh.zk.zkmode import prove_zk
 
         if self._zk is None:
             self._zk = ZkProver(timeout=self.zk_timeout)
@@ -284,7 +284,7 @@ def verify(
         return verdict("error")
     checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors, {len(parsed.proofs)} proofs"))
     if job.mode == "zk":
-        from verimesh.zkmode import ZkReject, check_zk
+        from verimesh.zk.zkmode import ZkReject, check_zk
 
         signature = _signature_check(parsed, public)
         checks.append(signature)
@@ -392,7 +392,7 @@ def _check_envelope_and_trace(
     parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], digests: _DigestCheck
 ) -> tuple[bytes, ...]:
     """Steps 2-4 of ``verify``; appends passed checks, raises ``_Rejected`` at the first failure."""
-    from verimesh import merkle
+    from verimesh.core import merkle
 
     # 2.
     signature = _signature_check(parsed, public)

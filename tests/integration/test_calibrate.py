@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from tests.conftest import MODELS, Keys, input_path, model_path
 from tests.integration.test_tamper import recompute_from, seal
-from verimesh._cli import cli
-from verimesh.calibrate import CHEATS, calibrate, cheat_step, write_profile
+from verimesh.assurance.calibrate import CHEATS, calibrate, cheat_step, write_profile
+from verimesh.cli.app import cli
 from verimesh.errors import InvalidInputError
-from verimesh.job import Job, new_job
-from verimesh.runtime import OPT_LEVELS, StepRunner
-from verimesh.spot import run_steps
+from verimesh.jobs.job import Job, new_job
+from verimesh.jobs.runtime import OPT_LEVELS, StepRunner
+from verimesh.spot.spotcheck import run_steps
 from verimesh.workflows import verify
 
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from tests.conftest import MODELS, Keys, input_path, model_path
-from verimesh._cli import cli
+from verimesh.cli.app import cli
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
@@ -105,7 +105,7 @@ def test_verify_reject_exit_code_and_evidence(job_file: Path, keys: Keys, workdi
 def test_evidence_check_cli(job_file: Path, keys: Keys, workdir: Path) -> None:
     from tests.conftest import perturbed
     from tests.integration.test_tamper import honest_trace, seal
-    from verimesh.job import load_job
+    from verimesh.jobs.job import load_job
 
     job = load_job(job_file)
     trace = honest_trace(job)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from verimesh.circuit import load_circuit
+from verimesh.jobs.circuit import load_circuit
 
 ROOT = Path(__file__).resolve().parents[2]
 CIRCUITS = sorted(p.parent for p in (ROOT / "circuits").glob("*/circuit.json"))
@@ -34,7 +34,7 @@ def test_there_are_committed_circuits() -> None:
 
 @pytest.mark.parametrize("folder", CIRCUITS, ids=lambda p: p.name)
 def test_committed_circuit_reproduces_its_verifying_keys(folder: Path, fresh_cache: Path) -> None:
-    from verimesh import zk
+    from verimesh.zk import ezkl_backend as zk
 
     circuit = load_circuit(folder)
     circuit.check_files()

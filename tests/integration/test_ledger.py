@@ -16,13 +16,13 @@ from click.testing import CliRunner
 
 from tests.conftest import Keys, input_path, model_path, perturbed
 from tests.integration.test_tamper import honest_trace, seal
-from verimesh import merkle
-from verimesh._cli import cli
+from verimesh.cli.app import cli
+from verimesh.core import merkle
 from verimesh.errors import InvalidInputError, VerificationFailedError
-from verimesh.job import Job, new_job
-from verimesh.keys import PublicKey, generate_key, write_key_pair
-from verimesh.ledger import Checkpoint, Ledger, verify_ledger
+from verimesh.jobs.job import Job, new_job
+from verimesh.ledger.store import Checkpoint, Ledger, verify_ledger
 from verimesh.settlement import node_standing, register_node, slash_with_evidence, verify_and_settle
+from verimesh.signing.keys import PublicKey, generate_key, write_key_pair
 from verimesh.workflows import prove
 
 VECTORS_OK = True
@@ -69,7 +69,7 @@ def test_settle_accept_then_fraud_then_replayed_evidence(
     assert settled.verdict.status == "reject"
     assert [k for _, k in settled.appended] == ["receipt", "verdict", "slash"]
     slash = ledger.entry(settled.appended[-1][0]).event
-    from verimesh.digest import sha256_file
+    from verimesh.core.digest import sha256_file
 
     assert (
         slash["amount"] == 250
@@ -96,7 +96,7 @@ def test_equivocation_takes_the_full_stake(ledger: Ledger, jobs: dict[str, Job],
     kinds = [k for _, k in settled.appended]
     assert kinds[:2] == ["receipt", "slash"]
     assert node_standing(ledger, keys.node.node_id).stake == 0
-    from verimesh.evidence import check_evidence
+    from verimesh.spot.evidence import check_evidence
 
     result = check_evidence(Path(settled.equivocation_evidence))
     assert result.proves_fraud and result.kind == "equivocation"
@@ -108,9 +108,9 @@ def test_equivocation_takes_the_full_stake(ledger: Ledger, jobs: dict[str, Job],
 def test_evidence_that_does_not_prove_fraud_is_refused(
     ledger: Ledger, jobs: dict[str, Job], keys: Keys, tmp_path: Path
 ) -> None:
-    from verimesh.bundle import read_bundle
-    from verimesh.digest import parse_digest
-    from verimesh.evidence import write_equivocation_evidence, write_evidence
+    from verimesh.core.digest import parse_digest
+    from verimesh.jobs.bundle import read_bundle
+    from verimesh.spot.evidence import write_equivocation_evidence, write_evidence
 
     job = jobs["rescnn"]
     bundle = prove(job, key=keys.node, out=tmp_path / "r.vmb", device="cpu").bundle
@@ -139,7 +139,7 @@ def test_unregistered_signer_is_refused(ledger: Ledger, jobs: dict[str, Job], ke
 
 
 def test_adaptive_audit_relaxes_in_settlement(ledger: Ledger, keys: Keys, tmp_path: Path) -> None:
-    from verimesh.reputation import NEW_NODE_STREAK
+    from verimesh.ledger.reputation import NEW_NODE_STREAK
 
     with ledger.transaction() as txn:
         for i in range(NEW_NODE_STREAK + 10):
@@ -301,7 +301,7 @@ def test_eight_concurrent_verifiers_lose_nothing(tmp_path: Path, keys: Keys) -> 
 
 CRASH_WRITER = """
 import sys
-from verimesh.ledger import Ledger
+from verimesh.ledger.store import Ledger
 led = Ledger.open(sys.argv[1])
 i = 0
 while True:

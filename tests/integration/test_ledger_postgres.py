@@ -21,12 +21,12 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from tests.conftest import Keys
-from verimesh import merkle
-from verimesh._cli import cli
-from verimesh.job import Job
-from verimesh.keys import generate_key, write_key_pair
-from verimesh.ledger import Ledger, verify_ledger
+from verimesh.cli.app import cli
+from verimesh.core import merkle
+from verimesh.jobs.job import Job
+from verimesh.ledger.store import Ledger, verify_ledger
 from verimesh.settlement import register_node, verify_and_settle
+from verimesh.signing.keys import generate_key, write_key_pair
 from verimesh.workflows import prove
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_an_edited_row_is_found(url: str) -> None:
 
 WRITER = """
 import sys
-from verimesh.ledger import Ledger
+from verimesh.ledger.store import Ledger
 led = Ledger.open(sys.argv[1])
 for i in range(40):
     seqs = led.append([{"kind": "verdict", "node_id": "vm-" + sys.argv[2], "job_id": f"{i}-{k}",

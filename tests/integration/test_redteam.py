@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import MODELS, input_path, model_path
-from verimesh._cli import cli
-from verimesh.redteam import miss_probability, run_redteam, wilson
+from verimesh.assurance.redteam import miss_probability, run_redteam, wilson
+from verimesh.cli.app import cli
 
 ALWAYS = {"perturb-final", "weights-fp16", "weights-bf16", "substituted-model", "wrong-input", "replay",
           "forged-commitment", "equivocation", "tf32-emulated"}  # fmt: skip

@@ -15,10 +15,10 @@ from xml.etree import ElementTree
 import pytest
 from click.testing import CliRunner
 
-from verimesh._cli import cli
-from verimesh.circuit import load_circuit, write_circuit
-from verimesh.digest import sha256_file
-from verimesh.regress import load_suite, run_suite
+from verimesh.assurance.regress import load_suite, run_suite
+from verimesh.cli.app import cli
+from verimesh.core.digest import sha256_file
+from verimesh.jobs.circuit import load_circuit, write_circuit
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
@@ -258,8 +258,9 @@ srs = "{FIX}/srs/kzg15.test-only.srs"
 
 def test_a_verifier_that_cannot_reject_fails_the_suite(healthy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite exists to catch a verifier gone soft: make verify accept everything and watch."""
-    from verimesh import redteam, workflows
-    from verimesh.verdict import Check, Verdict
+    from verimesh import workflows
+    from verimesh.assurance import redteam
+    from verimesh.jobs.verdict import Check, Verdict
 
     real = workflows.verify
 

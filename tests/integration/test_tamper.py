@@ -11,11 +11,11 @@ import pytest
 from onnx import numpy_helper
 
 from tests.conftest import MODELS, Keys, input_path, model_path, perturbed
-from verimesh.evidence import check_evidence
-from verimesh.job import Job, new_job
-from verimesh.plan import build_step_models, plan_model
-from verimesh.runtime import StepRunner
-from verimesh.spot import run_steps
+from verimesh.jobs.job import Job, new_job
+from verimesh.jobs.plan import build_step_models, plan_model
+from verimesh.jobs.runtime import StepRunner
+from verimesh.spot.evidence import check_evidence
+from verimesh.spot.spotcheck import run_steps
 from verimesh.workflows import prove, seal_trace, verify
 
 
@@ -178,7 +178,7 @@ def test_skipped_step_is_rejected(model: str, jobs: dict[str, Job], keys: Keys, 
 
 def test_tensor_swapped_after_signing_is_rejected(jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
     """A trace changed after the commitment was signed (the forged-commitment cheat)."""
-    from verimesh.bundle import read_bundle, write_bundle
+    from verimesh.jobs.bundle import read_bundle, write_bundle
 
     job = jobs["rescnn"]
     honest = prove(job, key=keys.node, out=tmp_path / "r.vmb", device="cpu").bundle
@@ -202,10 +202,10 @@ def test_tensor_swapped_after_signing_is_rejected(jobs: dict[str, Job], keys: Ke
 
 def test_tampered_evidence_does_not_prove_fraud(jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
     """Evidence is recomputed, not believed: honest work dressed up as evidence proves nothing."""
-    from verimesh import merkle
-    from verimesh.bundle import read_bundle
-    from verimesh.digest import parse_digest
-    from verimesh.evidence import write_evidence
+    from verimesh.core import merkle
+    from verimesh.core.digest import parse_digest
+    from verimesh.jobs.bundle import read_bundle
+    from verimesh.spot.evidence import write_evidence
 
     job = jobs["rescnn"]
     bundle = prove(job, key=keys.node, out=tmp_path / "r.vmb", device="cpu").bundle

@@ -21,16 +21,16 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import Keys, input_path, model_path
-from verimesh._cli import cli
-from verimesh.bundle import read_bundle, write_bundle
-from verimesh.circuit import Circuit, load_circuit
-from verimesh.envelope import make_statement, sign_statement
+from verimesh.cli.app import cli
+from verimesh.core.tensors import TensorRef
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.job import Job, new_job
-from verimesh.keys import SecretKey
-from verimesh.tensors import TensorRef
+from verimesh.jobs.bundle import read_bundle, write_bundle
+from verimesh.jobs.circuit import Circuit, load_circuit
+from verimesh.jobs.job import Job, new_job
+from verimesh.signing.envelope import make_statement, sign_statement
+from verimesh.signing.keys import SecretKey
 from verimesh.workflows import prove, verify
-from verimesh.zkmode import PREDICATE_TYPE, zk_predicate
+from verimesh.zk.zkmode import PREDICATE_TYPE, zk_predicate
 
 # Slow. `make test` distributes by file (--dist loadfile), so the session SRS and circuits are built once.
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ class ZkCase:
 @pytest.fixture(scope="session")
 def zk_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One generated SRS (2^15 rows) and one cache for the whole session."""
-    from verimesh.zk import new_srs
+    from verimesh.zk.ezkl_backend import new_srs
 
     home = tmp_path_factory.mktemp("zk")
     previous = os.environ.get("VERIMESH_CACHE")
@@ -62,7 +62,7 @@ def zk_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _case(home: Path, keys: Keys, name: str, model: Path, steps: int) -> ZkCase:
-    from verimesh.zk import build_circuit
+    from verimesh.zk.ezkl_backend import build_circuit
 
     circuit = build_circuit(model, X, srs=home / "kzg15.srs", out=home / f"circuit-{name}", steps=steps)
     job = new_job(model, input_path("mlp"), home / f"{name}.json", mode="zk", circuit=circuit.folder)
@@ -188,7 +188,7 @@ def test_claimed_output_other_than_the_proven_one_is_rejected(single: ZkCase, ke
 
 def test_chain_with_a_swapped_step_is_rejected(chain: ZkCase, keys: Keys, tmp_path: Path) -> None:
     """Step 0 proven on another input: both proofs verify alone, the hashes do not link."""
-    from verimesh.zk import ZkProver
+    from verimesh.zk.ezkl_backend import ZkProver
 
     other_input = {"input": (X["input"] * 0.5).astype(np.float32)}
     prover = ZkProver()
@@ -209,7 +209,7 @@ def test_replayed_and_foreign_bundles_are_rejected(single: ZkCase, chain: ZkCase
 
 
 def test_other_srs_is_refused(single: ZkCase, keys: Keys, zk_home: Path, tmp_path: Path) -> None:
-    from verimesh.zk import new_srs
+    from verimesh.zk.ezkl_backend import new_srs
 
     new_srs(tmp_path / "other.srs", 12)
     with pytest.raises(IntegrityError, match="SRS"):

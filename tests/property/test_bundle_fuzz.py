@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Keys
-from verimesh.job import Job
+from verimesh.jobs.job import Job
 from verimesh.workflows import prove, verify
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -82,7 +82,7 @@ def test_container_crc_is_zlibs(payload: bytes, start: int) -> None:
     """The fast CRC (ISA-L) must give zlib's values: any ZIP tool checks them."""
     import zlib
 
-    from verimesh import container
+    from verimesh.core import container
 
     assert container._crc32.__module__ != "zlib"  # the fast one is installed
     assert container._crc32(payload, start) == zlib.crc32(payload, start)

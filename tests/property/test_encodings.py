@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from verimesh import merkle
-from verimesh.bundle import decode_tensor
-from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
-from verimesh.container import read_container, write_container
-from verimesh.digest import little_endian_c, tensor_digest
-from verimesh.tensors import TensorRef
+from verimesh.core import merkle
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
+from verimesh.core.container import read_container, write_container
+from verimesh.core.digest import little_endian_c, tensor_digest
+from verimesh.core.tensors import TensorRef
+from verimesh.jobs.bundle import decode_tensor
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=20),

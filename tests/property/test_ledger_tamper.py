@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from verimesh.keys import generate_key
-from verimesh.ledger import Ledger, verify_ledger
+from verimesh.ledger.store import Ledger, verify_ledger
+from verimesh.signing.keys import generate_key
 
 SIZE = 37
 

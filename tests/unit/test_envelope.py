@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from verimesh.canonical import canonical_json
-from verimesh.envelope import Envelope, make_statement, pae, sign_statement
+from verimesh.core.canonical import canonical_json
 from verimesh.errors import InvalidInputError
-from verimesh.keys import generate_key
+from verimesh.signing.envelope import Envelope, make_statement, pae, sign_statement
+from verimesh.signing.keys import generate_key
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from verimesh import _bls
 from verimesh.errors import InvalidInputError
-from verimesh.keys import generate_key, load_public_key, load_secret_key, node_id_for, write_key_pair
+from verimesh.signing import _bls
+from verimesh.signing.keys import generate_key, load_public_key, load_secret_key, node_id_for, write_key_pair
 
 FAST = ("blspy", "milagro")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from verimesh import merkle
+from verimesh.core import merkle
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "rfc9162"
 

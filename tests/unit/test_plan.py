@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import MODELS, model_path
 from verimesh.errors import InvalidInputError
-from verimesh.plan import build_step_models, load_model, parse_model, plan_model
+from verimesh.jobs.plan import build_step_models, load_model, parse_model, plan_model
 
 
 def run_chain(

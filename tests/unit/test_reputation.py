@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from verimesh.reputation import (
+from verimesh.ledger.reputation import (
     NEW_NODE_STREAK,
     STREAK_PER_LEVEL,
     Standing,

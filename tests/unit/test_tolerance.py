@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from verimesh.errors import InvalidInputError
-from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
 
 STRICT = DEFAULT_TOLERANCES["fp32-strict"]
 rng = np.random.default_rng(0)

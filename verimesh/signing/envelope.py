@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
-from verimesh.digest import parse_digest
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
+from verimesh.core.digest import parse_digest
 from verimesh.errors import InvalidInputError
-from verimesh.keys import PublicKey, SecretKey
+from verimesh.signing.keys import PublicKey, SecretKey
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from verimesh.canonical import canonical_json, parse_canonical_json
-from verimesh.digest import parse_digest, sha256_bytes
+from verimesh.core.canonical import canonical_json, parse_canonical_json
+from verimesh.core.digest import parse_digest, sha256_bytes
+from verimesh.core.files import read_user_file
 from verimesh.errors import InvalidInputError
-from verimesh.files import read_user_file
-from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
 
 PROFILE_TYPE = "verimesh/tolerance-profile"
 DEFAULT_HEADROOM = 10.0
@@ -129,8 +129,8 @@ def calibrate(
     3. Honest variations and cheats re-run each step from the reference inputs.
     4. Per step: tolerance = honest maximum x headroom (at least FLOOR); refuse on overlap.
     """
-    from verimesh.plan import build_step_models, load_model, plan_model
-    from verimesh.runtime import OPT_LEVELS, StepRunner, resolve_device
+    from verimesh.jobs.plan import build_step_models, load_model, plan_model
+    from verimesh.jobs.runtime import OPT_LEVELS, StepRunner, resolve_device
 
     if headroom <= 1:
         raise InvalidInputError("headroom must be above 1")

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from verimesh.canonical import canonical_json, parse_json
-from verimesh.digest import parse_digest, sha256_bytes, tensor_digest, tensor_set_digest
+from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.core.digest import parse_digest, sha256_bytes, tensor_digest, tensor_set_digest
+from verimesh.core.files import read_user_file
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.files import read_user_file
 
 if TYPE_CHECKING:
-    from verimesh.circuit import Circuit
-from verimesh.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
-from verimesh.tolerance import DEFAULT_TOLERANCES, Tolerance
+    from verimesh.jobs.circuit import Circuit
+from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 JOB_TYPE = "verimesh/job"
 MODES = ("spot", "zk")
@@ -179,7 +179,7 @@ class Job:
 
     def load_circuit(self) -> Circuit:
         """zk mode: the circuit the job pins (settings, vk and SRS digests come from it, never from a bundle)."""
-        from verimesh.circuit import load_circuit
+        from verimesh.jobs.circuit import load_circuit
 
         if self.circuit_path is None:
             raise InvalidInputError("this job is not a zk job")
@@ -191,7 +191,7 @@ class Job:
 
     def check_model_file(self, path: Path | None = None, *, digest_of: Callable[[Path], str] | None = None) -> None:
         """Refuse a model file whose digest is not the job's (``digest_of`` may cache digests)."""
-        from verimesh.digest import sha256_file
+        from verimesh.core.digest import sha256_file
 
         model = path or self.resolve(self.model_path)
         try:
@@ -296,7 +296,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         raise InvalidInputError(f"{what} policy samples must be a non-negative integer")
     if pol["precision"] not in DEFAULT_TOLERANCES:
         raise InvalidInputError(f"{what} precision {pol['precision']!r} is unknown")
-    from verimesh.runtime import OPT_LEVELS
+    from verimesh.jobs.runtime import OPT_LEVELS
 
     if pol["optimization"] not in OPT_LEVELS:
         raise InvalidInputError(f"{what} optimization level {pol['optimization']!r} is unknown")
@@ -360,7 +360,7 @@ def _check_consistency(job: Job, what: str) -> None:
 def _profile_tolerances(
     profile: Path, model_digest: str, precision: str, steps: list[StepRef]
 ) -> tuple[Tolerance, ...]:
-    from verimesh.calibrate import load_profile
+    from verimesh.assurance.calibrate import load_profile
 
     profile_model, profile_precision, per_step = load_profile(profile)
     if profile_model != model_digest:
@@ -409,8 +409,8 @@ def new_job(
     calibrated for this model, precision class and step plan."""
     import os
 
-    from verimesh.plan import build_step_models, load_model, model_io, plan_model
-    from verimesh.tensors import load_input_file
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.plan import build_step_models, load_model, model_io, plan_model
 
     if mode not in MODES:
         raise InvalidInputError(f"mode {mode!r} is not available", hint=f"available modes: {', '.join(MODES)}")
@@ -429,7 +429,7 @@ def new_job(
     step_refs = []
     circuit_ref: tuple[str, str] | None = None
     if mode == "zk":
-        from verimesh.circuit import load_circuit
+        from verimesh.jobs.circuit import load_circuit
 
         if circuit is None:
             raise InvalidInputError("zk mode needs --circuit DIR", hint="build one with `verimesh circuit build`")

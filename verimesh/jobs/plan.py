@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from verimesh.digest import format_digest
+from verimesh.core.digest import format_digest
+from verimesh.core.files import read_user_file
+from verimesh.core.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 from verimesh.errors import InvalidInputError
-from verimesh.files import read_user_file
-from verimesh.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1
 # Automatic step count: more steps make each spot check cheaper (a verifier re-runs a smaller

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from verimesh import merkle
-from verimesh.digest import format_digest, parse_digest
-from verimesh.job import Job
-from verimesh.runtime import StepRunner
-from verimesh.tensors import TensorRef
-from verimesh.tolerance import Comparison, Tolerance, compare_tensors
+from verimesh.core import merkle
+from verimesh.core.digest import format_digest, parse_digest
+from verimesh.core.tensors import TensorRef
+from verimesh.jobs.job import Job
+from verimesh.jobs.runtime import StepRunner
+from verimesh.jobs.tolerance import Comparison, Tolerance, compare_tensors
 
 PREDICATE_TYPE = "https://verimesh.dev/spot-check/v1"
 COMMITMENT_ALGORITHM = "rfc9162-sha256/tensor-digest-leaves"
@@ -79,7 +79,7 @@ def commit_entries(entries: Sequence[TensorRef]) -> Commitment:
 def spot_predicate(
     job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str
 ) -> dict[str, object]:
-    from verimesh.runtime import onnxruntime_version
+    from verimesh.jobs.runtime import onnxruntime_version
 
     return {
         "job_id": job.job_id,

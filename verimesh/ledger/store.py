@@ -7,7 +7,7 @@ needs O(log n) hashes fetched in one query. Appends run in one write transaction
 WAL, ``BEGIN IMMEDIATE``, synchronous FULL; PostgreSQL: a table lock), so concurrent writers
 serialize and a crash loses nothing that was committed.
 
-Reputation is never stored: ``verimesh.reputation`` derives it from the events.
+Reputation is never stored: ``verimesh.ledger.reputation`` derives it from the events.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
-from verimesh import merkle
-from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json, parse_json
-from verimesh.digest import format_digest, parse_digest
+from verimesh.core import merkle
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json, parse_json
+from verimesh.core.digest import format_digest, parse_digest
 from verimesh.errors import ConfigurationError, InvalidInputError
-from verimesh.keys import PublicKey, SecretKey
+from verimesh.signing.keys import PublicKey, SecretKey
 
 FORMAT = "verimesh/ledger"
 CHECKPOINT_TYPE = "verimesh/checkpoint"
@@ -156,7 +156,7 @@ class Checkpoint:
 
     @classmethod
     def from_file(cls, path: Path) -> Checkpoint:
-        from verimesh.files import read_user_file
+        from verimesh.core.files import read_user_file
 
         return cls.from_json(parse_json(read_user_file(path, what="checkpoint", max_bytes=65536), what=str(path)))
 
@@ -349,7 +349,7 @@ class Ledger:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def operator_key(self, path: Path | None = None, *, passphrase: str | None = None) -> SecretKey:
-        from verimesh.keys import load_secret_key
+        from verimesh.signing.keys import load_secret_key
 
         where = path or (Path(self.meta["operator_key_path"]) if self.meta.get("operator_key_path") else None)
         if where is None:
@@ -610,7 +610,7 @@ def inclusion_document(ledger: Ledger, seq: int) -> dict[str, Any]:
 
 def check_inclusion_document(path: Path, operator: PublicKey) -> tuple[bool, dict[str, Any] | None, str]:
     """Offline: the checkpoint is the operator's, and the entry is at ``seq`` under its root."""
-    from verimesh.files import read_user_file
+    from verimesh.core.files import read_user_file
 
     doc = parse_json(read_user_file(path, what="inclusion proof", max_bytes=MAX_BODY_BYTES * 2), what=str(path))
     keys = {"type", "version", "ledger_id", "seq", "entry", "tree_size", "inclusion_proof", "checkpoint"}

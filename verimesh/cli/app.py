@@ -125,7 +125,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def _init_runtime(ctx: click.Context) -> None:
-    from verimesh import runtime
+    from verimesh.jobs import runtime
 
     runtime.set_verbose(bool(ctx.obj and ctx.obj.get("verbose")))
 
@@ -151,7 +151,7 @@ def keys() -> None:
 @json_option
 def keys_new(out: Path, encrypt: bool, force: bool, as_json: bool) -> None:
     """Write OUT (secret, mode 0600) and OUT.pub (public key + proof of possession)."""
-    from verimesh.keys import generate_key, write_key_pair
+    from verimesh.signing.keys import generate_key, write_key_pair
 
     passphrase = _passphrase(confirm=True) if encrypt else None
     key = generate_key()
@@ -166,7 +166,7 @@ def keys_new(out: Path, encrypt: bool, force: bool, as_json: bool) -> None:
 @json_option
 def keys_show(key_file: Path, check_pop: bool, as_json: bool) -> None:
     """Show a key file's node id and public key (never the secret)."""
-    from verimesh.keys import SUITE, key_is_encrypted, load_public_key
+    from verimesh.signing.keys import SUITE, key_is_encrypted, load_public_key
 
     public = load_public_key(key_file)
     payload: dict[str, Any] = {"node_id": public.node_id, "public_key": public.key.hex(), "suite": SUITE}
@@ -198,8 +198,8 @@ def _steps_option(f: F) -> F:
 @json_option
 def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool) -> None:
     """Show how MODEL would be cut into steps."""
-    from verimesh.plan import build_step_models, describe_steps, load_model, model_io, plan_model
-    from verimesh.tensors import load_input_file
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.plan import build_step_models, describe_steps, load_model, model_io, plan_model
 
     onnx_model, data = load_model(model)
     shapes = None
@@ -276,7 +276,7 @@ def job_new(
     tolerance_file: Path | None = None,
 ) -> None:
     """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
-    from verimesh.job import new_job
+    from verimesh.jobs.job import new_job
 
     j = new_job(
         model,
@@ -307,7 +307,7 @@ def job_new(
 @json_option
 def job_show(job_file: Path, as_json: bool) -> None:
     """Check a job file's integrity and show what it pins."""
-    from verimesh.job import load_job
+    from verimesh.jobs.job import load_job
 
     j = load_job(job_file)
     doc = {**j.document(), "job_id": j.job_id}
@@ -354,7 +354,7 @@ def prove(
     as_json: bool,
 ) -> None:
     """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
-    from verimesh.keys import key_is_encrypted, load_secret_key
+    from verimesh.signing.keys import key_is_encrypted, load_secret_key
     from verimesh.workflows import prove as run_prove
 
     _init_runtime(ctx)
@@ -430,14 +430,14 @@ def verify(
 ) -> None:
     """Verify a worker's BUNDLE against the job and the node key (--node-key, or --ledger which also
     records receipt, verdict and reward or slash); exit 0 accept, 1 reject."""
-    from verimesh.container import DEFAULT_LIMITS, Limits
+    from verimesh.core.container import DEFAULT_LIMITS, Limits
     from verimesh.workflows import verify as run_verify
 
     _init_runtime(ctx)
     limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
     payload: dict[str, Any]
     if ledger_url and node_key is None:
-        from verimesh.ledger import Ledger
+        from verimesh.ledger.store import Ledger
         from verimesh.settlement import verify_and_settle
 
         settled = verify_and_settle(bundle, job=job_file, ledger=Ledger.open(ledger_url), samples=samples, seed=seed,
@@ -482,7 +482,7 @@ def evidence() -> None:
 @click.pass_context
 def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> None:
     """Re-check EVIDENCE_FILE from scratch; exit 0 if it proves fraud, 1 if it does not."""
-    from verimesh.evidence import check_evidence
+    from verimesh.spot.evidence import check_evidence
 
     _init_runtime(ctx)
     result = check_evidence(evidence_file)
@@ -517,7 +517,7 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
 
     MODELS default to ./fixtures/*.onnx, plus ./bench-out/resnet50.onnx when it exists (made by
     `make bench`) and --quick is not given."""
-    from verimesh.bench import SECTIONS, BenchOptions, render_markdown, run_benchmarks, write_markdown
+    from verimesh.assurance.bench import SECTIONS, BenchOptions, render_markdown, run_benchmarks, write_markdown
 
     _init_runtime(ctx)
     sections = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
@@ -569,10 +569,10 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
 def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | None, precision: str, optimization: str,
               headroom: float, out: Path, as_json: bool) -> None:  # fmt: skip
     """Per-step tolerances from honest variations and cheats; refuses when they overlap."""
-    from verimesh.calibrate import calibrate as run_calibrate
-    from verimesh.calibrate import write_profile
-    from verimesh.plan import load_model, model_io
-    from verimesh.tensors import load_input_file
+    from verimesh.assurance.calibrate import calibrate as run_calibrate
+    from verimesh.assurance.calibrate import write_profile
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.plan import load_model, model_io
 
     _init_runtime(ctx)
     tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
@@ -624,7 +624,7 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
             plot_out: Path | None) -> None:  # fmt: skip
     """Play every cheating strategy against the verifier; exit 1 if a cheat beats its prediction
     or an honest run is rejected."""
-    from verimesh.redteam import detection_curves, markdown_report, plot_curves, run_redteam
+    from verimesh.assurance.redteam import detection_curves, markdown_report, plot_curves, run_redteam
 
     _init_runtime(ctx)
     if input_file is not None and len(models) > 1:
@@ -642,7 +642,7 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
     if json_out:
         _write_report(json_out, json.dumps({"reports": reports, "curves": curves}, indent=2) + "\n")
     if md_out:
-        from verimesh.bench import machine
+        from verimesh.assurance.bench import machine
 
         info = machine()
         header = (
@@ -680,7 +680,7 @@ def regress(ctx: click.Context, suite_file: Path, profile: str | None, jobs: int
     golden files from earlier versions still verifying, pinned circuits reproducing.
 
     Exit 0 only when every case holds; 1 when any fails (each failing check is listed)."""
-    from verimesh.regress import junit_xml, load_suite, markdown_summary, run_suite
+    from verimesh.assurance.regress import junit_xml, load_suite, markdown_summary, run_suite
 
     _init_runtime(ctx)
     suite = load_suite(suite_file)
@@ -768,7 +768,7 @@ def srs() -> None:
 @json_option
 def srs_new(logrows: int, out: Path, force: bool, as_json: bool) -> None:
     """Generate a local KZG SRS with fresh randomness: for tests and demos only."""
-    from verimesh.zk import new_srs
+    from verimesh.zk.ezkl_backend import new_srs
 
     if out.exists() and not force:
         raise InvalidInputError(f"{out} already exists", hint="pass --force to overwrite it")
@@ -816,9 +816,9 @@ def circuit() -> None:
 def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: Path, steps: int, target: str,
                   tolerance: float, out: Path | None, as_json: bool) -> None:  # fmt: skip
     """Calibrate, compile and set up MODEL; refuse it if ezkl's output drifts from onnxruntime's."""
-    from verimesh.plan import load_model, model_io
-    from verimesh.tensors import load_input_file
-    from verimesh.zk import build_circuit
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.plan import load_model, model_io
+    from verimesh.zk.ezkl_backend import build_circuit
 
     _init_runtime(ctx)
     folder = out or Path("circuits") / model.stem
@@ -841,7 +841,7 @@ def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: P
 @json_option
 def circuit_show(folder: Path, as_json: bool) -> None:
     """Logrows, scales, visibility, digests and estimated proving cost of a circuit."""
-    from verimesh.circuit import load_circuit
+    from verimesh.jobs.circuit import load_circuit
 
     c = load_circuit(folder)
     c.check_files()
@@ -873,7 +873,7 @@ def circuit_show(folder: Path, as_json: bool) -> None:
 def circuit_bench(ctx: click.Context, models: tuple[Path, ...], srs_file: Path, steps: int, repeats: int,
                   json_out: Path | None) -> None:  # fmt: skip
     """Setup, cold and warm proof (verimesh vs bare ezkl), verify, pk and proof size, peak RSS."""
-    from verimesh.bench import bench_zk, zk_table
+    from verimesh.assurance.bench import bench_zk, zk_table
 
     _init_runtime(ctx)
     rows = [bench_zk(m, srs=srs_file, steps=steps, repeats=repeats) for m in models]
@@ -916,8 +916,8 @@ def ledger() -> None:
 @json_option
 def ledger_init(ledger_url: str, operator_key: Path, fraud_fraction: float, reward: int, as_json: bool) -> None:
     """Create an empty ledger."""
-    from verimesh.keys import key_is_encrypted, load_secret_key
-    from verimesh.ledger import Ledger, display_url
+    from verimesh.ledger.store import Ledger, display_url
+    from verimesh.signing.keys import key_is_encrypted, load_secret_key
 
     passphrase = _passphrase(confirm=False) if key_is_encrypted(operator_key) else None
     key = load_secret_key(operator_key, passphrase=passphrase)
@@ -934,9 +934,9 @@ def ledger_init(ledger_url: str, operator_key: Path, fraud_fraction: float, rewa
 @json_option
 def ledger_register(public_key: Path, stake: int, ledger_url: str, as_json: bool) -> None:
     """Register a node with a stake (its proof of possession is checked first)."""
-    from verimesh.keys import load_public_key
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
     from verimesh.settlement import register_node
+    from verimesh.signing.keys import load_public_key
 
     public = load_public_key(public_key)
     seq = register_node(Ledger.open(ledger_url), public, stake=stake)
@@ -956,7 +956,7 @@ def ledger_register(public_key: Path, stake: int, ledger_url: str, as_json: bool
 @json_option
 def ledger_reputation(ledger_url: str, steps: int, as_json: bool) -> None:
     """Per node: score, checked-valid streak, stake, slashed, audit rate in force (derived from events)."""
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
     from verimesh.settlement import all_standings
 
     table = all_standings(Ledger.open(ledger_url))
@@ -989,7 +989,7 @@ def ledger_show(ledger_url: str, node_id: str | None, limit: int | None, as_json
     """List ledger entries (oldest first)."""
     from collections import deque
 
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
 
     entries = deque(Ledger.open(ledger_url).entries(node_id=node_id), maxlen=limit)
     events = []
@@ -1019,11 +1019,11 @@ def ledger_show(ledger_url: str, node_id: str | None, limit: int | None, as_json
 @json_option
 def ledger_checkpoint(ledger_url: str, operator_key: Path | None, out: Path | None, as_json: bool) -> None:
     """Sign the current tree head (size, root) and log it."""
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
 
     led = Ledger.open(ledger_url)
     key_path = operator_key or (Path(led.meta["operator_key_path"]) if led.meta.get("operator_key_path") else None)
-    from verimesh.keys import key_is_encrypted
+    from verimesh.signing.keys import key_is_encrypted
 
     passphrase = _passphrase(confirm=False) if key_path and key_is_encrypted(key_path) else None
     cp = led.checkpoint(led.operator_key(operator_key, passphrase=passphrase))
@@ -1041,7 +1041,7 @@ def ledger_checkpoint(ledger_url: str, operator_key: Path | None, out: Path | No
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the proof here.")
 def ledger_prove(entry: int, ledger_url: str, out: Path | None) -> None:
     """An inclusion proof of ENTRY under the latest signed checkpoint, verifiable offline."""
-    from verimesh.ledger import Ledger, inclusion_document
+    from verimesh.ledger.store import Ledger, inclusion_document
 
     doc = inclusion_document(Ledger.open(ledger_url), entry)
     text = json.dumps(doc, indent=2, sort_keys=True)
@@ -1062,8 +1062,8 @@ def ledger_prove(entry: int, ledger_url: str, out: Path | None) -> None:
 @click.pass_context
 def ledger_check_proof(ctx: click.Context, proof: Path, operator_key: Path, as_json: bool) -> None:
     """Check an inclusion proof offline: exit 0 when the entry is in the signed log."""
-    from verimesh.keys import load_public_key
-    from verimesh.ledger import check_inclusion_document
+    from verimesh.ledger.store import check_inclusion_document
+    from verimesh.signing.keys import load_public_key
 
     ok, event, reason = check_inclusion_document(proof, load_public_key(operator_key))
     _emit(as_json, {"included": ok, "reason": reason, "entry": event},
@@ -1084,7 +1084,7 @@ def ledger_check_proof(ctx: click.Context, proof: Path, operator_key: Path, as_j
 @click.pass_context
 def ledger_verify(ctx: click.Context, ledger_url: str, checkpoint_file: Path | None, as_json: bool) -> None:
     """Recompute the whole log; exit 0 intact, 1 tampered (naming the first bad entry)."""
-    from verimesh.ledger import Checkpoint, Ledger, verify_ledger
+    from verimesh.ledger.store import Checkpoint, Ledger, verify_ledger
 
     cp = Checkpoint.from_file(checkpoint_file) if checkpoint_file else None
     report = verify_ledger(Ledger.open(ledger_url), checkpoint=cp)
@@ -1107,7 +1107,7 @@ def ledger_verify(ctx: click.Context, ledger_url: str, checkpoint_file: Path | N
 @json_option
 def ledger_slash(evidence: Path, ledger_url: str, as_json: bool) -> None:
     """Slash a node with evidence (equivocation: the whole stake; fraud: a fraction), re-checked first."""
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
     from verimesh.settlement import slash_with_evidence
 
     result = slash_with_evidence(Ledger.open(ledger_url), evidence)
@@ -1122,7 +1122,7 @@ def ledger_slash(evidence: Path, ledger_url: str, as_json: bool) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 def ledger_bench(entries: int, batch: int, json_out: Path | None) -> None:
     """Appends per second (batched, SQLite) and proof times at the given size."""
-    from verimesh.bench import bench_ledger, ledger_table
+    from verimesh.assurance.bench import bench_ledger, ledger_table
 
     result = bench_ledger(entries, batch=batch)
     click.echo("\n".join(ledger_table([result])))

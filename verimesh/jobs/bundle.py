@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from verimesh.canonical import canonical_json, parse_canonical_json
-from verimesh.container import DEFAULT_LIMITS, ContainerWriter, Limits, read_container_file, write_container
-from verimesh.digest import tensor_bytes
-from verimesh.envelope import Envelope
+from verimesh.core.canonical import canonical_json, parse_canonical_json
+from verimesh.core.container import DEFAULT_LIMITS, ContainerWriter, Limits, read_container_file, write_container
+from verimesh.core.digest import tensor_bytes
+from verimesh.core.tensors import TensorRef
 from verimesh.errors import InvalidInputError
-from verimesh.tensors import TensorRef
+from verimesh.signing.envelope import Envelope
 
 
 @dataclass(frozen=True)

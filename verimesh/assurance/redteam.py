@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from verimesh.calibrate import cheat_step
+from verimesh.assurance.calibrate import cheat_step
+from verimesh.assurance.tamper import garble, swap_after_signing
 from verimesh.errors import InvalidInputError
-from verimesh.job import Job, new_job
-from verimesh.keys import SecretKey, generate_key
-from verimesh.reputation import minimum_deterring_stake
-from verimesh.runtime import OPT_LEVELS, StepRunner
-from verimesh.spot import run_steps
-from verimesh.tamper import garble, swap_after_signing
+from verimesh.jobs.job import Job, new_job
+from verimesh.jobs.runtime import OPT_LEVELS, StepRunner
+from verimesh.ledger.reputation import minimum_deterring_stake
+from verimesh.signing.keys import SecretKey, generate_key
+from verimesh.spot.spotcheck import run_steps
 from verimesh.workflows import seal_trace, verify
 
 STRATEGIES = (
@@ -203,7 +203,7 @@ def run_redteam(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Each of ``strategies`` ``trials`` times and ``honest`` honest runs; returns the report (JSON-ready)."""
-    from verimesh.ledger import Ledger
+    from verimesh.ledger.store import Ledger
     from verimesh.settlement import register_node, verify_and_settle
 
     unknown = sorted(set(strategies) - set(STRATEGIES))

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verimesh.canonical import canonical_json, parse_canonical_json
-from verimesh.digest import parse_digest, sha256_bytes, sha256_file
+from verimesh.core.canonical import canonical_json, parse_canonical_json
+from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
+from verimesh.core.files import read_user_file
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.files import read_user_file
 
 CIRCUIT_TYPE = "verimesh/circuit"
 VISIBILITIES = ("public", "hashed")

@@ -27,16 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from verimesh import merkle
-from verimesh.bundle import decode_tensor, tensor_member
-from verimesh.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
-from verimesh.container import read_container_file, write_container
-from verimesh.digest import parse_digest, sha256_bytes, sha256_file, tensor_bytes, tensor_digest
-from verimesh.envelope import Envelope
+from verimesh.core import merkle
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
+from verimesh.core.container import read_container_file, write_container
+from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file, tensor_bytes, tensor_digest
+from verimesh.core.tensors import TensorRef
 from verimesh.errors import InvalidInputError
-from verimesh.job import Job, job_from_bytes
-from verimesh.keys import PublicKey
-from verimesh.tensors import TensorRef
+from verimesh.jobs.bundle import decode_tensor, tensor_member
+from verimesh.jobs.job import Job, job_from_bytes
+from verimesh.signing.envelope import Envelope
+from verimesh.signing.keys import PublicKey
 
 EVIDENCE_TYPE = "verimesh/evidence"
 KINDS = ("step-mismatch", "binding", "equivocation")
@@ -175,7 +175,7 @@ def check_evidence(path: Path) -> EvidenceResult:
        inputs and compare with the committed outputs under the job's tolerance.
        binding: compare the signed claim (or committed input tensor) with the job.
     """
-    from verimesh.canonical import parse_json
+    from verimesh.core.canonical import parse_json
 
     # 1.
     members = read_container_file(path, what=f"evidence {path}")
@@ -252,8 +252,8 @@ def check_evidence(path: Path) -> EvidenceResult:
     needed = set(job.steps[step].inputs) | set(job.steps[step].outputs)
     if set(tensors) != needed:
         return result(False, f"evidence must carry exactly step {step}'s committed inputs and outputs")
-    from verimesh.runtime import StepRunner
-    from verimesh.spot import recheck_step
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import recheck_step
 
     runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
     check = recheck_step(job, step, model, tensors, runner, job.policy.tolerance_for(step))

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from verimesh import _bls
-from verimesh.canonical import parse_json
+from verimesh.core.canonical import parse_json
+from verimesh.core.files import read_user_file
 from verimesh.errors import InvalidInputError
-from verimesh.files import read_user_file
+from verimesh.signing import _bls
 
 SUITE = "BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_"
 SECRET_TYPE = "verimesh/bls-secret-key"

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from verimesh.canonical import parse_json
+from verimesh.core.canonical import parse_json
+from verimesh.core.files import read_user_file
 from verimesh.errors import InvalidInputError
-from verimesh.files import read_user_file
 
 # ONNX TensorProto elem types verimesh can commit to, and their numpy names.
 ONNX_TO_DTYPE: dict[int, str] = {
@@ -54,7 +54,7 @@ class TensorRef:
 
     @classmethod
     def of(cls, name: str, array: np.ndarray) -> TensorRef:
-        from verimesh.digest import tensor_digest
+        from verimesh.core.digest import tensor_digest
 
         return cls(name, array.dtype.name, tuple(int(d) for d in array.shape), tensor_digest(name, array))
 
@@ -63,7 +63,7 @@ class TensorRef:
 
     @classmethod
     def from_json(cls, doc: Any, *, what: str = "tensor") -> TensorRef:
-        from verimesh.digest import parse_digest
+        from verimesh.core.digest import parse_digest
 
         if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape", "digest"}:
             raise InvalidInputError(f"{what} entry must have exactly name, dtype, shape, digest")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from verimesh.bundle import Bundle, read_bundle, write_bundle
+from verimesh.core.tensors import TensorRef
 from verimesh.errors import InvalidInputError
-from verimesh.job import Job
-from verimesh.keys import SecretKey
-from verimesh.runtime import StepRunner
-from verimesh.tensors import TensorRef
+from verimesh.jobs.bundle import Bundle, read_bundle, write_bundle
+from verimesh.jobs.job import Job
+from verimesh.jobs.runtime import StepRunner
+from verimesh.signing.keys import SecretKey
 
 SPOT_TAMPERS = (
     "output-perturbed",
@@ -140,7 +140,7 @@ _Maker = Callable[[Bundle, Path, random.Random], Path]
 
 
 def _spot_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _Maker]:
-    from verimesh.calibrate import cheat_step
+    from verimesh.assurance.calibrate import cheat_step
     from verimesh.workflows import seal_trace
 
     runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
@@ -197,8 +197,8 @@ def _spot_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _M
 
 
 def _zk_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _Maker]:
-    from verimesh.envelope import make_statement, sign_statement
-    from verimesh.zkmode import PREDICATE_TYPE, zk_predicate
+    from verimesh.signing.envelope import make_statement, sign_statement
+    from verimesh.zk.zkmode import PREDICATE_TYPE, zk_predicate
 
     circuit = job.load_circuit()
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from verimesh.bundle import Bundle, BundleWriter
-from verimesh.circuit import Circuit
-from verimesh.digest import sha256_bytes, tensor_digest
-from verimesh.envelope import make_statement, sign_statement
+from verimesh.core.digest import sha256_bytes, tensor_digest
 from verimesh.errors import InvalidInputError
-from verimesh.job import Job
-from verimesh.keys import PublicKey, SecretKey
-from verimesh.verdict import Check
+from verimesh.jobs.bundle import Bundle, BundleWriter
+from verimesh.jobs.circuit import Circuit
+from verimesh.jobs.job import Job
+from verimesh.jobs.verdict import Check
+from verimesh.signing.envelope import make_statement, sign_statement
+from verimesh.signing.keys import PublicKey, SecretKey
 
 PREDICATE_TYPE = "https://verimesh.dev/zk/v1"
 MAX_PROOF_BYTES = 64 * 1024 * 1024
@@ -31,7 +31,7 @@ MAX_PROOF_BYTES = 64 * 1024 * 1024
 
 def claimed_outputs(circuit: Circuit, felts: list[str]) -> dict[str, np.ndarray]:
     """The last step's output field elements, dequantized with the circuit's scales (float64)."""
-    from verimesh import zk
+    from verimesh.zk import ezkl_backend as zk
 
     last = circuit.steps[-1]
     out, offset = {}, 0
@@ -111,7 +111,7 @@ def check_zk(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *
        instances are the job's quantized input; the last step's output instances, dequantized with
        the trusted scales, are exactly the claimed outputs. ``pretty_public_inputs`` is never read.
     """
-    from verimesh import zk
+    from verimesh.zk import ezkl_backend as zk
 
     circuit = job.load_circuit()
     srs_path = circuit.resolve_srs(srs)

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from verimesh.circuit import Circuit, CircuitStep, cache_dir, write_circuit
-from verimesh.digest import sha256_bytes, sha256_file
+from verimesh.core.digest import sha256_bytes, sha256_file
 from verimesh.errors import BackendUnavailableError, IntegrityError, InvalidInputError, VerimeshError
+from verimesh.jobs.circuit import Circuit, CircuitStep, cache_dir, write_circuit
 
 # Operators ezkl cannot prove, or proves wrongly (DESIGN §4).
 UNSUPPORTED_OPS: dict[str, str] = {
@@ -251,8 +251,8 @@ def build_circuit(
     progress: Callable[[str], None] | None = None,
 ) -> Circuit:
     """Calibrate, compile and set up each step; check ezkl's output against onnxruntime's."""
-    from verimesh.plan import build_step_models, load_model, plan_model
-    from verimesh.runtime import StepRunner
+    from verimesh.jobs.plan import build_step_models, load_model, plan_model
+    from verimesh.jobs.runtime import StepRunner
 
     ezkl = ezkl_module()
     if target not in TARGETS:

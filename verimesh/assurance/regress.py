@@ -8,7 +8,7 @@ must hold. For each case:
 2. Prove honestly and verify under the job's policy with the case's seed: must be accepted.
 3. Budgets: prove and verify seconds, bundle bytes, and (zk) the quantization error of the
    proven outputs against onnxruntime's.
-4. The built-in tamper set (``verimesh.tamper``), each verified with every step checked: none
+4. The built-in tamper set (``verimesh.assurance.tamper``), each verified with every step checked: none
    may be accepted.
 5. Minimum detection rates for named red-team strategies (spot), measured with seeded trials.
 6. Golden files made by earlier versions (``<golden>/<version>/<case>/``) must verify as they
@@ -39,7 +39,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from verimesh import __version__
-from verimesh.digest import sha256_bytes, sha256_file
+from verimesh.core.digest import sha256_bytes, sha256_file
 from verimesh.errors import InvalidInputError, VerimeshError
 
 GOLDEN_TYPE = "verimesh/golden"
@@ -148,7 +148,7 @@ def _file(base: Path, value: Any, what: str, path: Path, *, folder: bool = False
 
 
 def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
-    from verimesh.redteam import STRATEGIES
+    from verimesh.assurance.redteam import STRATEGIES
 
     doc = _table(doc, f"case #{index + 1}", path, _CASE_KEYS)
     name = doc.get("name")
@@ -209,7 +209,7 @@ def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
 
 def load_suite(path: Path) -> Suite:
     """Parse and check a suite file; every problem is one ``invalid-suite`` error naming the key."""
-    from verimesh.files import read_user_file
+    from verimesh.core.files import read_user_file
 
     data = read_user_file(path, what="suite file", max_bytes=MAX_SUITE_BYTES)
     try:
@@ -372,8 +372,8 @@ class _CaseRun:
             self.golden()
 
     def circuit_drift(self) -> None:
-        from verimesh import zk
-        from verimesh.circuit import load_circuit
+        from verimesh.jobs.circuit import load_circuit
+        from verimesh.zk import ezkl_backend as zk
 
         assert self.case.circuit is not None
         circuit = load_circuit(self.case.circuit)
@@ -399,7 +399,7 @@ class _CaseRun:
             self.check(f"circuit-drift:step-{step.index}", ok, reason, seconds=time.perf_counter() - start)
 
     def honest(self) -> None:
-        from verimesh.keys import generate_key
+        from verimesh.signing.keys import generate_key
         from verimesh.workflows import prove, verify
 
         case, budget = self.case, self.case.budget
@@ -429,8 +429,8 @@ class _CaseRun:
         self.check(f"budget:{name}", ok, f"{'within' if ok else 'over'} budget: max {_fmt(limit)} {unit}", value=value)
 
     def tampers(self, job: Any, bundle: Path, key: Any) -> None:
-        from verimesh.keys import generate_key
-        from verimesh.tamper import tamper_set
+        from verimesh.assurance.tamper import tamper_set
+        from verimesh.signing.keys import generate_key
         from verimesh.workflows import verify
 
         other_job = case_job(self.case, self.work / "other-job.json")
@@ -444,7 +444,7 @@ class _CaseRun:
             self.check(f"tamper:{tampered.name}", caught, reason)
 
     def detection(self) -> None:
-        from verimesh.redteam import run_redteam
+        from verimesh.assurance.redteam import run_redteam
 
         case = self.case
         strategies = [s for s, _ in case.min_detection]
@@ -473,7 +473,7 @@ class _CaseRun:
 def case_job(case: Case, out: Path, *, circuit: Path | None = None) -> Any:
     """A fresh job for the case (its own nonce, so its own job id), written to ``out``; ``circuit``
     overrides the case's (golden files carry a copy of it)."""
-    from verimesh.job import new_job
+    from verimesh.jobs.job import new_job
 
     return new_job(case.model, case.input, out, mode=case.mode, steps=case.steps, samples=case.samples,
                    circuit=circuit or case.circuit, profile=case.tolerance_profile)  # fmt: skip
@@ -484,7 +484,7 @@ def case_srs(case: Case) -> Path | None:
     circuit cannot find it through their recorded relative path)."""
     if case.mode != "zk" or case.srs is not None:
         return case.srs
-    from verimesh.circuit import load_circuit
+    from verimesh.jobs.circuit import load_circuit
 
     assert case.circuit is not None
     return load_circuit(case.circuit).resolve_srs()
@@ -503,9 +503,9 @@ def _quantization_error(job: Any, bundle: Path) -> float:
     """Largest relative Frobenius error of the proven (dequantized) outputs against onnxruntime's."""
     import numpy as np
 
-    from verimesh.bundle import read_bundle
-    from verimesh.runtime import StepRunner
-    from verimesh.spot import run_steps
+    from verimesh.jobs.bundle import read_bundle
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import run_steps
 
     reference = run_steps(job, None, job.read_input(), StepRunner(device="cpu"))
     claimed = read_bundle(bundle).tensors
@@ -546,7 +546,7 @@ def run_suite(
     """Run the cases of ``profile`` (serially, or in ``jobs`` processes); results keep suite order.
 
     ``on_event(name, None)`` when a case starts (serial runs), ``on_event(name, result)`` when it ends."""
-    from verimesh.bench import machine
+    from verimesh.assurance.bench import machine
 
     cases = suite.selected(profile)
     tell = on_event or (lambda name, result: None)
@@ -589,9 +589,9 @@ def golden_folder(suite: Suite, case: Case) -> Path:
 def make_golden(suite: Suite, case: Case) -> Path:
     """Write this version's golden files for ``case``: the job, the node's public key, an honest
     bundle, a fraudulent one (and for spot its evidence file), and the verdicts they get now."""
-    from verimesh.evidence import check_evidence
-    from verimesh.keys import generate_key, write_public_key
-    from verimesh.tamper import Tamperer
+    from verimesh.assurance.tamper import Tamperer
+    from verimesh.signing.keys import generate_key, write_public_key
+    from verimesh.spot.evidence import check_evidence
     from verimesh.workflows import prove, verify
 
     folder = golden_folder(suite, case)
@@ -600,8 +600,8 @@ def make_golden(suite: Suite, case: Case) -> Path:
     folder.mkdir(parents=True)
     circuit = None
     if case.circuit is not None:
-        from verimesh.circuit import load_circuit
-        from verimesh.zk import copy_circuit
+        from verimesh.jobs.circuit import load_circuit
+        from verimesh.zk.ezkl_backend import copy_circuit
 
         # A copy: the golden bundle was proven against this circuit, whatever circuits/ holds later.
         circuit = folder / "circuit"
@@ -658,10 +658,10 @@ def _evidence_record(result: Any) -> dict[str, Any]:
 
 def check_golden(folder: Path, *, srs: Path | None, work: Path) -> list[tuple[str, bool, str]]:
     """Verify one golden folder as recorded; returns (file, ok, reason) per recorded check."""
-    from verimesh.evidence import check_evidence
-    from verimesh.files import read_user_file
-    from verimesh.job import load_job
-    from verimesh.keys import load_public_key
+    from verimesh.core.files import read_user_file
+    from verimesh.jobs.job import load_job
+    from verimesh.signing.keys import load_public_key
+    from verimesh.spot.evidence import check_evidence
     from verimesh.workflows import verify
 
     path = folder / "golden.json"

@@ -68,7 +68,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    from verimesh.runtime import onnxruntime_version
+    from verimesh.jobs.runtime import onnxruntime_version
 
     return {
         "cpu": cpu,
@@ -87,10 +87,10 @@ def _input_for(model: Path) -> Path | None:
 def bench_spot(model: Path, *, repeats: int = 7, input_file: Path | None = None, steps: int | None = None) -> SpotBench:
     import onnxruntime as ort
 
-    from verimesh.job import new_job
-    from verimesh.keys import generate_key
-    from verimesh.plan import load_model, model_io
-    from verimesh.runtime import StepRunner
+    from verimesh.jobs.job import new_job
+    from verimesh.jobs.plan import load_model, model_io
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.signing.keys import generate_key
     from verimesh.workflows import Worker, verify
 
     with tempfile.TemporaryDirectory(prefix="verimesh-bench-") as tmp:
@@ -168,8 +168,8 @@ def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
     root, inclusion and consistency proofs (medians of 200) at that size, and a full verify."""
     import random
 
-    from verimesh.keys import generate_key
-    from verimesh.ledger import Ledger, verify_ledger
+    from verimesh.ledger.store import Ledger, verify_ledger
+    from verimesh.signing.keys import generate_key
 
     with tempfile.TemporaryDirectory(prefix="verimesh-ledger-bench-") as tmp:
         ledger = Ledger.create(str(Path(tmp) / "bench.db"), generate_key())
@@ -236,13 +236,13 @@ def bench_zk(
     import json as _json
     import os
 
-    from verimesh import zk
-    from verimesh.circuit import cache_dir
-    from verimesh.job import new_job
-    from verimesh.keys import generate_key
-    from verimesh.plan import load_model, model_io
-    from verimesh.tensors import load_input_file
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.circuit import cache_dir
+    from verimesh.jobs.job import new_job
+    from verimesh.jobs.plan import load_model, model_io
+    from verimesh.signing.keys import generate_key
     from verimesh.workflows import Worker, verify
+    from verimesh.zk import ezkl_backend as zk
 
     ezkl = zk.ezkl_module()
     input_file = input_file or _input_for(model)
@@ -335,7 +335,7 @@ def bench_zk(
 
 
 def read_proofs(bundle: Path) -> tuple[bytes, ...]:
-    from verimesh.bundle import read_bundle
+    from verimesh.jobs.bundle import read_bundle
 
     return read_bundle(bundle).proofs
 
@@ -344,10 +344,10 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
     """Envelope verifications per second with the fast backend and with py_ecc, and aggregates:
     one envelope co-signed by ``signers`` keys (FastAggregateVerify) and ``signers`` envelopes
     checked together (AggregateVerify)."""
-    from verimesh import _bls
-    from verimesh.canonical import canonical_json
-    from verimesh.envelope import PAYLOAD_TYPE, make_statement, pae, sign_statement
-    from verimesh.keys import generate_key
+    from verimesh.core.canonical import canonical_json
+    from verimesh.signing import _bls
+    from verimesh.signing.envelope import PAYLOAD_TYPE, make_statement, pae, sign_statement
+    from verimesh.signing.keys import generate_key
 
     keys = [generate_key() for _ in range(signers)]
     predicate = {"job_id": "sha256:" + "1" * 64, "commitment": {"root": "sha256:" + "2" * 64, "leaves": 17}}
