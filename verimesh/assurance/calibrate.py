@@ -21,13 +21,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from verimesh.core.canonical import canonical_json, parse_canonical_json
-from verimesh.core.digest import parse_digest, sha256_bytes
-from verimesh.core.files import read_user_file
+from verimesh.core.canonical import canonical_json
+from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
-from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, PROFILE_TYPE, Tolerance, compare_tensors
 
-PROFILE_TYPE = "verimesh/tolerance-profile"
 DEFAULT_HEADROOM = 10.0
 FLOOR = 1e-7  # no tolerance is set below this (float32 noise around values near 1e-1)
 
@@ -208,18 +206,3 @@ def _metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: bool) -> 
 
 def write_profile(profile: Profile, path: Path) -> None:
     path.write_bytes(canonical_json(profile.to_json()))
-
-
-def load_profile(path: Path) -> tuple[str, str, dict[int, tuple[str, Tolerance]]]:
-    """(model digest, precision, {step index: (step digest, tolerance)}) from a profile file."""
-    doc = parse_canonical_json(read_user_file(path, what="tolerance profile", max_bytes=8 << 20), what=str(path))
-    if not isinstance(doc, dict) or doc.get("type") != PROFILE_TYPE or doc.get("version") != 1:
-        raise InvalidInputError(f"{path} is not a verimesh tolerance profile")
-    try:
-        steps = {}
-        for entry in doc["steps"]:
-            parse_digest(entry["digest"], what="profile step digest")
-            steps[int(entry["index"])] = (str(entry["digest"]), Tolerance.from_json(entry["tolerance"]))
-        return str(doc["model_digest"]), str(doc["precision"]), steps
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{path} is malformed ({exc})") from exc

@@ -26,7 +26,7 @@ from verimesh.errors import IntegrityError, InvalidInputError
 if TYPE_CHECKING:
     from verimesh.jobs.circuit import Circuit
 from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
-from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, load_tolerance_profile
 
 JOB_TYPE = "verimesh/job"
 MODES = ("spot", "zk")
@@ -360,9 +360,8 @@ def _check_consistency(job: Job, what: str) -> None:
 def _profile_tolerances(
     profile: Path, model_digest: str, precision: str, steps: list[StepRef]
 ) -> tuple[Tolerance, ...]:
-    from verimesh.assurance.calibrate import load_profile
-
-    profile_model, profile_precision, per_step = load_profile(profile)
+    loaded = load_tolerance_profile(profile)
+    profile_model, profile_precision, per_step = loaded.model_digest, loaded.precision, loaded.steps
     if profile_model != model_digest:
         raise InvalidInputError(f"tolerance profile {profile} was calibrated for another model")
     if profile_precision != precision:

@@ -9,11 +9,17 @@ tensors, and NaN/Inf where the reference is finite is always a mismatch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from verimesh.core.canonical import parse_canonical_json
+from verimesh.core.digest import parse_digest
+from verimesh.core.files import read_user_file
 from verimesh.errors import InvalidInputError
+
+PROFILE_TYPE = "verimesh/tolerance-profile"
 
 
 @dataclass(frozen=True)
@@ -124,3 +130,28 @@ def _argmax_flips(got: np.ndarray, ref: np.ndarray, margin: float) -> int:
     top2 = np.sort(r2, axis=-1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > margin * np.maximum(np.abs(top2[:, 1]), 1.0)
     return int(np.count_nonzero(decisive & (g2.argmax(-1) != r2.argmax(-1))))
+
+
+@dataclass(frozen=True)
+class ToleranceProfile:
+    """What a job pins from a ``verimesh calibrate`` profile: for which model and precision
+    class it was measured, and each step's digest and tolerance (docs/format.md §3)."""
+
+    model_digest: str
+    precision: str
+    steps: dict[int, tuple[str, Tolerance]]
+
+
+def load_tolerance_profile(path: Path) -> ToleranceProfile:
+    """Read a profile file written by ``verimesh calibrate`` (canonical JSON)."""
+    doc = parse_canonical_json(read_user_file(path, what="tolerance profile", max_bytes=8 << 20), what=str(path))
+    if not isinstance(doc, dict) or doc.get("type") != PROFILE_TYPE or doc.get("version") != 1:
+        raise InvalidInputError(f"{path} is not a verimesh tolerance profile")
+    try:
+        steps = {}
+        for entry in doc["steps"]:
+            parse_digest(entry["digest"], what="profile step digest")
+            steps[int(entry["index"])] = (str(entry["digest"]), Tolerance.from_json(entry["tolerance"]))
+        return ToleranceProfile(str(doc["model_digest"]), str(doc["precision"]), steps)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is malformed ({exc})") from exc
