@@ -1,0 +1,304 @@
+"""The job owner's and the node operator's commands: ``plan``, ``job``, ``prove``, ``verify``, ``evidence``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from verimesh.cli.common import (
+    EXIT_CODES_HELP,
+    SamplesType,
+    emit,
+    force_option,
+    init_runtime,
+    input_option,
+    json_option,
+    load_signing_key,
+    progress_bar,
+    srs_option,
+    steps_option,
+)
+from verimesh.errors import EXIT_INVALID_INPUT, EXIT_REJECTED
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@steps_option
+@input_option(required=False, help="Input file for exact costs.")
+@json_option
+def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool) -> None:
+    """Show how MODEL would be cut into steps."""
+    from verimesh.core.tensors import load_input_file
+    from verimesh.jobs.plan import build_step_models, describe_steps, load_model, model_io, plan_model
+
+    onnx_model, data = load_model(model)
+    shapes = None
+    if input_file is not None:
+        tensors = load_input_file(input_file, model_io(onnx_model)[0])
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    planned = build_step_models(onnx_model, data, plan_model(onnx_model, steps=steps, input_shapes=shapes))
+    rows = describe_steps(planned)
+    payload = {
+        "model": str(model),
+        "whole_model": planned.plan.whole_model,
+        "total_cost": planned.plan.total_cost,
+        "steps": rows,
+    }
+    if as_json:
+        emit(True, payload, "")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model.name}: {len(rows)} step(s), est. {planned.plan.total_cost / 1e6:.3g} MFLOP")
+    for col in ("step", "nodes", "est. MFLOP", "boundary tensors", "digest"):
+        table.add_column(col)
+    for r in rows:
+        outs = ", ".join(r["outputs"])
+        table.add_row(str(r["index"]), str(r["nodes"]), f"{r['cost'] / 1e6:.3g}", outs[:60], r["digest"][:19] + "…")
+    Console(width=160).print(table)
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+def job() -> None:
+    """Create and inspect jobs."""
+
+
+@job.command("new", epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@input_option(required=True, help="Input tensors: .npy, .npz or .json.")
+@click.option("--mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True)
+@click.option(
+    "--tolerance", "tolerance_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="Per-step tolerance profile written by `verimesh calibrate` (same --steps).",
+)  # fmt: skip
+@click.option(
+    "--circuit", "circuit_dir", type=click.Path(file_okay=False, path_type=Path),
+    help="zk mode: the circuit folder built by `verimesh circuit build`.",
+)  # fmt: skip
+@steps_option
+@click.option(
+    "--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Steps checked beside the last one."
+)
+@click.option("--precision", type=click.Choice(["fp32-strict", "tf32"]), default="fp32-strict", show_default=True)
+@click.option(
+    "--optimization",
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    default="extended",
+    show_default=True,
+    help="onnxruntime graph optimization level pinned on both sides.",
+)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Job file to write.")
+@force_option
+@json_option
+def job_new(
+    model: Path,
+    input_file: Path,
+    mode: str,
+    steps: int | None,
+    samples: int,
+    precision: str,
+    optimization: str,
+    out: Path,
+    force: bool,
+    as_json: bool,
+    circuit_dir: Path | None = None,
+    tolerance_file: Path | None = None,
+) -> None:
+    """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
+    from verimesh.jobs.job import new_job
+
+    j = new_job(
+        model,
+        input_file,
+        out,
+        mode=mode,
+        steps=steps,
+        samples=samples,
+        precision=precision,
+        optimization=optimization,
+        overwrite=force,
+        circuit=circuit_dir,
+        profile=tolerance_file,
+    )
+    payload = {
+        "job": str(out),
+        "job_id": j.job_id,
+        "steps": len(j.steps),
+        "mode": j.mode,
+        "model_digest": j.model_digest,
+        "input_digest": j.input_digest,
+    }
+    emit(as_json, payload, f"{j.job_id}\nwrote {out} ({len(j.steps)} steps, mode {mode}) and {out.stem}.files/")
+
+
+@job.command("show", epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def job_show(job_file: Path, as_json: bool) -> None:
+    """Check a job file's integrity and show what it pins."""
+    from verimesh.jobs.job import load_job
+
+    j = load_job(job_file)
+    doc = {**j.document(), "job_id": j.job_id}
+    lines = [
+        f"job id     {j.job_id}",
+        f"mode       {j.mode}",
+        f"model      {j.model_digest} ({j.model_path})",
+        f"input      {j.input_digest}",
+        f"policy     samples={j.policy.samples} precision={j.policy.precision} optimization={j.policy.optimization}",
+    ]
+    lines += [f"step {s.index:<4}  {s.digest}  {s.nodes} nodes -> {', '.join(s.outputs)[:50]}" for s in j.steps]
+    emit(as_json, doc, "\n".join(lines))
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Node secret key file."
+)
+@click.option(
+    "-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Bundle to write (.vmb)."
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--model",
+    "model_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model file, if not where the job says.",
+)
+@srs_option
+@json_option
+@click.pass_context
+def prove(
+    ctx: click.Context,
+    job_file: Path,
+    key_file: Path,
+    out: Path,
+    device: str,
+    model_file: Path | None,
+    srs: Path | None,
+    as_json: bool,
+) -> None:
+    """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
+    from verimesh.workflows import prove as run_prove
+
+    init_runtime(ctx)
+    key = load_signing_key(key_file)
+    bar, update = progress_bar("proving", not as_json)
+    if bar:
+        bar.start()
+    try:
+        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update, srs=srs)
+    finally:
+        if bar:
+            bar.stop()
+    human = (
+        f"wrote {out} ({result.bytes_written} bytes) in {result.seconds:.2f}s on {result.provider}\n"
+        f"{'proofs digest' if result.provider == 'ezkl' else 'commitment root'} {result.root}"
+    )
+    emit(as_json, result.to_json(), human)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--node-key", type=click.Path(dir_okay=False, path_type=Path), help="The node's public key file.")
+@click.option(
+    "--ledger", "ledger_url", envvar="VERIMESH_LEDGER", default=None,
+    help="Ledger URL instead of --node-key: key and audit policy from the ledger; the result is recorded.",
+)  # fmt: skip
+@click.option(
+    "--samples", type=SamplesType(), default=None, help="Steps checked beside the last (default: the job's policy)."
+)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed, for reproducible audits.")
+@click.option(
+    "--evidence-out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write evidence on a reject."
+)
+@click.option(
+    "--max-bundle-size", type=click.IntRange(min=1), default=None, help="Refuse bundles larger than this (bytes)."
+)
+@click.option(
+    "--check-all-digests", is_flag=True, help="Hash every shipped tensor, not only those the verdict rests on."
+)
+@srs_option
+@json_option
+@click.pass_context
+def verify(
+    ctx: click.Context,
+    bundle: Path,
+    job_file: Path,
+    node_key: Path | None,
+    ledger_url: str | None,
+    samples: Any,
+    seed: int | None,
+    evidence_out: Path | None,
+    max_bundle_size: int | None,
+    check_all_digests: bool,
+    srs: Path | None,
+    as_json: bool,
+) -> None:
+    """Verify a worker's BUNDLE against the job and the node key (--node-key, or --ledger which also
+    records receipt, verdict and reward or slash); exit 0 accept, 1 reject."""
+    from verimesh.core.container import DEFAULT_LIMITS, Limits
+    from verimesh.workflows import verify as run_verify
+
+    init_runtime(ctx)
+    limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
+    payload: dict[str, Any]
+    if ledger_url and node_key is None:
+        from verimesh.ledger.store import Ledger
+        from verimesh.settlement import verify_and_settle
+
+        settled = verify_and_settle(bundle, job=job_file, ledger=Ledger.open(ledger_url), samples=samples, seed=seed,
+                                    evidence_out=evidence_out, limits=limits)  # fmt: skip
+        verdict, payload = settled.verdict, settled.to_json()
+    elif node_key is not None and not ledger_url:
+        verdict = run_verify(bundle, job=job_file, node_key=node_key, samples=samples, seed=seed,
+                             evidence_out=evidence_out, limits=limits, check_all_digests=check_all_digests,
+                             srs=srs)  # fmt: skip
+        payload = verdict.to_json()
+    else:
+        raise click.UsageError("give exactly one of --node-key (a pinned key) or --ledger (keys from the ledger)")
+    if as_json:
+        emit(True, payload, "")
+    elif verdict.status != "error":
+        click.echo(f"{verdict.status.upper()}: {verdict.reason}")
+        for check in verdict.checks:
+            mark = "ok  " if check.ok else "FAIL"
+            extra = f" (expected {check.expected}, got {check.got})" if not check.ok and check.expected else ""
+            click.echo(f"  {mark} {check.name:<16} {check.detail}{extra}")
+        if verdict.evidence:
+            click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
+        for entry in payload.get("ledger_entries", []):
+            click.echo(f"ledger: appended entry {entry['seq']} ({entry['kind']})")
+        if payload.get("equivocation_evidence"):
+            click.echo(f"EQUIVOCATION: evidence written to {payload['equivocation_evidence']}; full stake slashed")
+    if verdict.status == "error":
+        click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
+        ctx.exit(EXIT_INVALID_INPUT)
+    if verdict.status == "reject":
+        ctx.exit(EXIT_REJECTED)
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+def evidence() -> None:
+    """Evidence files written on a reject."""
+
+
+@evidence.command("check", epilog=EXIT_CODES_HELP)
+@click.argument("evidence_file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@click.pass_context
+def evidence_check(ctx: click.Context, evidence_file: Path, as_json: bool) -> None:
+    """Re-check EVIDENCE_FILE from scratch; exit 0 if it proves fraud, 1 if it does not."""
+    from verimesh.spot.evidence import check_evidence
+
+    init_runtime(ctx)
+    result = check_evidence(evidence_file)
+    word = "FRAUD PROVEN" if result.proves_fraud else "NOT PROVEN"
+    emit(as_json, result.to_json(), f"{word} ({result.kind}) node {result.node_id}: {result.reason}")
+    if not result.proves_fraud:
+        ctx.exit(EXIT_REJECTED)
