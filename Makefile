@@ -24,14 +24,16 @@ test-fast: install
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo.sh
 
+# Lint, formatting, types, and the layer contract (tools/check_layers.py: imports run one way).
 lint: install
-	$(BIN)/ruff check verimesh tests fixtures
-	$(BIN)/ruff format --check verimesh tests fixtures
+	$(BIN)/ruff check verimesh tests fixtures tools
+	$(BIN)/ruff format --check verimesh tests fixtures tools
 	$(BIN)/mypy
+	$(BIN)/python tools/check_layers.py
 
 format: install
-	$(BIN)/ruff format verimesh tests fixtures
-	$(BIN)/ruff check --fix verimesh tests fixtures
+	$(BIN)/ruff format verimesh tests fixtures tools
+	$(BIN)/ruff check --fix verimesh tests fixtures tools
 
 fixtures: install
 	$(BIN)/python fixtures/make_fixtures.py
