@@ -64,7 +64,7 @@ regress-quick: install
 	@mkdir -p bench-out
 	$(REGRESS) --profile quick --junit bench-out/regress.xml --json bench-out/regress.json --markdown bench-out/regress.md
 
-# Every DESIGN §6 target: builds the ResNet-50-size model (100 MB, not committed) once, then writes
+# Every docs/design.md §8 target: builds the ResNet-50-size model (100 MB, not committed) once, then writes
 # bench-out/bench.json and the generated part of docs/benchmarks.md (the analysis around it is kept).
 bench: install
 	@test -f bench-out/resnet50.onnx || $(BIN)/python fixtures/make_fixtures.py --resnet50 bench-out

@@ -1,4 +1,4 @@
-"""Settlement: the ledger side of the workflows (DESIGN §5).
+"""Settlement: the ledger side of the workflows (docs/design.md §6).
 
 - ``register_node``: a node joins with a stake; its proof of possession is checked first.
 - ``verify_and_settle``: ``verify`` with the node's key and audit policy taken from the ledger,

@@ -1,4 +1,4 @@
-"""The ledger on PostgreSQL (DESIGN §5: several verifiers sharing one ledger), against a throwaway
+"""The ledger on PostgreSQL (docs/design.md §6: several verifiers sharing one ledger), against a throwaway
 local server started for this module: settlement, checkpoints and proofs, an edited row found,
 and concurrent writers in separate processes losing nothing.
 

@@ -1,4 +1,4 @@
-"""Spot-check benchmarks (DESIGN §6): ratios measured in one process, medians after warm-up.
+"""Spot-check benchmarks (docs/design.md §8): ratios measured in one process, medians after warm-up.
 
 - prove overhead = ``Worker.prove`` (run steps, hash, Merkle, sign, write bundle) / plain
   onnxruntime inference of the whole model with the same optimization level, both warm;
@@ -449,7 +449,7 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """DESIGN §6's targets against this report. Spot ratios are judged on the model with the most
+    """docs/design.md §8's targets against this report. Spot ratios are judged on the model with the most
     inference time (sub-millisecond fixtures measure fixed costs, not overhead)."""
     rows: list[dict[str, Any]] = []
 
@@ -505,7 +505,7 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
         + f". Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
         f"onnxruntime {info['onnxruntime']}, {info['platform']}.",
         "",
-        "### Targets (DESIGN §6)",
+        "### Targets (design.md §8)",
         "",
         "| target | goal | measured | met | where |",
         "|---|---|---|---|---|",

@@ -1,4 +1,4 @@
-"""Tolerance calibration (DESIGN §3): per step, from honest variations and from cheats.
+"""Tolerance calibration (docs/design.md §4): per step, from honest variations and from cheats.
 
 Honest variations are what a real mesh will see from honest workers: onnxruntime on CPU at every
 graph optimization level and at one and two threads (and, with a GPU, the CUDA provider with TF32

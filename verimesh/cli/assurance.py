@@ -41,7 +41,7 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: int | None, steps: int | None,
           only: str | None, zk_models: tuple[Path, ...], srs_file: Path | None, ledger_sizes: tuple[int, ...],
           json_out: Path | None, md_out: Path | None) -> None:  # fmt: skip
-    """Measure DESIGN §6's targets: spot prove overhead and verify cost, zk warm proof vs bare
+    """Measure docs/design.md §8's targets: spot prove overhead and verify cost, zk warm proof vs bare
     ezkl, envelope verifications/s, ledger appends and proofs; prints the tables and the targets.
 
     MODELS default to ./fixtures/*.onnx, plus ./bench-out/resnet50.onnx when it exists (made by

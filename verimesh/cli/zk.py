@@ -111,7 +111,7 @@ def circuit_show(folder: Path, as_json: bool) -> None:
     c.check_files()
     doc = {**c.to_json(), "digest": c.digest}
     for step, row in zip(c.steps, doc["steps"], strict=True):
-        # DESIGN §4: the proving key grows with 2^logrows (about 4.2 KB per row), not with parameters.
+        # docs/design.md §5: the proving key grows with 2^logrows (about 4.2 KB per row), not with parameters.
         row["estimated_pk_mb"] = round(4.2e3 * 2**step.logrows / 1e6, 1)
     if as_json:
         emit(True, doc, "")

@@ -1,4 +1,4 @@
-"""Circuit specs: what a job owner pins for zero-knowledge mode (DESIGN §4, docs/format.md §11).
+"""Circuit specs: what a job owner pins for zero-knowledge mode (docs/design.md §5, docs/format.md §11).
 
 A circuit folder holds ``circuit.json`` (canonical JSON) and, per step, the step model, its
 calibrated ezkl settings and its verifying key. A circuit's identity is the digest of

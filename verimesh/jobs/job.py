@@ -1,4 +1,4 @@
-"""Jobs: the job owner's statement of what must be computed (DESIGN §1, docs/format.md §3).
+"""Jobs: the job owner's statement of what must be computed (docs/design.md §3, docs/format.md §3).
 
 ``job new`` writes ``NAME.json`` and a sibling folder ``NAME.files/`` holding the step models
 and the input tensors. Paths in the job are relative to the job file's folder. ``job_id`` is the

@@ -1,4 +1,4 @@
-"""Step planning: cut an ONNX model into self-contained step sub-models (DESIGN §1).
+"""Step planning: cut an ONNX model into self-contained step sub-models (docs/design.md §3).
 
 Nodes are taken in topological order and a step is a contiguous run of them. At a cut, the
 boundary is the set of tensors produced before it (graph inputs included) and still needed after

@@ -1,6 +1,6 @@
 """Tolerance profiles and the multi-metric comparison of a recomputed tensor with a committed one.
 
-Metrics (DESIGN §3): relative Frobenius error, the fraction of elements outside
+Metrics (docs/design.md §4): relative Frobenius error, the fraction of elements outside
 ``atol + rtol * |ref|``, exact agreement of the argmax over the last axis (skipped where the
 reference's top-two margin is below ``argmax_margin``), exact equality for integer and bool
 tensors, and NaN/Inf where the reference is finite is always a mismatch.

@@ -1,4 +1,4 @@
-"""Reputation, audit policy and slashing economics, derived from ledger events (DESIGN §3, §5).
+"""Reputation, audit policy and slashing economics, derived from ledger events (docs/design.md §4, §6).
 
 Nothing here is stored: a node's standing is a fold over its events, in log order.
 
@@ -116,7 +116,7 @@ def fraud_slash(stake: int, fraction: float) -> int:
 
 
 def minimum_deterring_stake(gain: float, detection: float) -> float:
-    """Cheating is irrational when slash >= gain * (1 - p) / p (DESIGN §3)."""
+    """Cheating is irrational when slash >= gain * (1 - p) / p (docs/design.md §4)."""
     if detection <= 0:
         return math.inf
     return gain * (1 - detection) / detection

@@ -1,4 +1,4 @@
-"""The tamper-evident event log (DESIGN §5): SQLAlchemy Core storage, RFC 9162 Merkle tree.
+"""The tamper-evident event log (docs/design.md §6): SQLAlchemy Core storage, RFC 9162 Merkle tree.
 
 Every event is one canonical-JSON entry; entry ``seq`` is leaf ``seq`` of an RFC 9162 tree over
 the entries' bytes. The hashes of all perfect subtrees are stored (table ``tree_nodes``: level l,

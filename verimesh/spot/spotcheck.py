@@ -1,4 +1,4 @@
-"""Spot-check mechanism (DESIGN §3): run steps, commit to the trace, sample, recheck.
+"""Spot-check mechanism (docs/design.md §4): run steps, commit to the trace, sample, recheck.
 
 These are the building blocks; ``workflows`` composes them into ``prove`` and ``verify``.
 The commitment is an RFC 9162 Merkle tree whose i-th leaf is the 32 raw bytes of the i-th trace

@@ -1,4 +1,4 @@
-"""Zero-knowledge proofs with ezkl (DESIGN §4). The only module that imports ezkl.
+"""Zero-knowledge proofs with ezkl (docs/design.md §5). The only module that imports ezkl.
 
 Circuits are built once by the job owner (``build_circuit``): per step, settings with explicit
 visibility (first input public, last output public, boundaries between steps Poseidon-hashed,
@@ -37,7 +37,7 @@ from verimesh.core.digest import sha256_bytes, sha256_file
 from verimesh.errors import BackendUnavailableError, IntegrityError, InvalidInputError, VerimeshError
 from verimesh.jobs.circuit import Circuit, CircuitStep, cache_dir, write_circuit
 
-# Operators ezkl cannot prove, or proves wrongly (DESIGN §4).
+# Operators ezkl cannot prove, or proves wrongly (docs/design.md §5).
 UNSUPPORTED_OPS: dict[str, str] = {
     "Mod": "no circuit for Mod",
     "NonZero": "data-dependent output shape",

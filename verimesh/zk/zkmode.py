@@ -1,4 +1,4 @@
-"""Zero-knowledge mode of ``prove`` and ``verify`` (DESIGN §4).
+"""Zero-knowledge mode of ``prove`` and ``verify`` (docs/design.md §5).
 
 The bundle carries the claimed outputs (float64, exactly the dequantized output instances),
 one ezkl proof per step, and the signed statement (predicate type ``zk/v1``) that pins the job,
