@@ -46,6 +46,20 @@ class IntegrityError(InvalidInputError):
     default_code = "integrity-broken"
 
 
+class UnsafeModelError(InvalidInputError):
+    """A model verimesh will not execute: external data, an operator outside the allow-list (custom,
+    non-deterministic), or over the size bound. Named after the node or tensor at fault."""
+
+    default_code = "unsafe-model"
+
+
+class StepExecutionError(InvalidInputError):
+    """onnxruntime could not load or run a step on the inputs it was given (an out-of-range index,
+    an invalid shape, an opset it no longer implements)."""
+
+    default_code = "step-failed"
+
+
 class VerificationFailedError(VerimeshError):
     """Raised only on request (``Verdict.raise_for_reject``): the work was rejected."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from verimesh.errors import BackendUnavailableError, ConfigurationError, InvalidInputError
+from verimesh.errors import BackendUnavailableError, ConfigurationError, StepExecutionError
 
 PRECISIONS = ("fp32-strict", "tf32")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -110,11 +110,11 @@ class StepRunner:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        failures: tuple[type[BaseException], ...] = (*_ort_errors(), RuntimeError, ValueError, TypeError)
         try:
             sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=self._providers())
-        except (RuntimeError, ValueError) as exc:  # onnxruntime's Fail/InvalidGraph/NotImplemented
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidInputError(f"onnxruntime cannot load step {digest[:19]}: {first[:300]}") from exc
+        except failures as exc:
+            raise StepExecutionError(f"onnxruntime cannot load step {digest[:19]}: {_first_line(exc)}") from exc
         self._sessions[digest] = sess
         return sess
 
@@ -126,9 +126,24 @@ class StepRunner:
         outputs: Sequence[str],
     ) -> dict[str, np.ndarray]:
         sess = self.session(digest, model_bytes)
+        failures: tuple[type[BaseException], ...] = (*_ort_errors(), RuntimeError, ValueError, TypeError, MemoryError)
         try:
             results = sess.run(list(outputs), dict(inputs))
-        except (RuntimeError, ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidInputError(f"onnxruntime failed running step {digest[:19]}: {first[:300]}") from exc
+        except failures as exc:
+            raise StepExecutionError(f"onnxruntime failed running step {digest[:19]}: {_first_line(exc)}") from exc
         return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, NotImplemented, ...):
+    they derive from Exception, not RuntimeError, so they are named here."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(
+        value for name in dir(state) if isinstance(value := getattr(state, name), type) and issubclass(value, Exception)
+    )
