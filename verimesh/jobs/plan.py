@@ -28,6 +28,7 @@ from verimesh.core.digest import format_digest
 from verimesh.core.files import read_user_file
 from verimesh.core.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 from verimesh.errors import InvalidInputError
+from verimesh.jobs.costs import node_flops, numel
 
 MAX_MODEL_BYTES = 2 * 1024**3 - 1
 # Automatic step count: more steps make each spot check cheaper (a verifier re-runs a smaller
@@ -176,38 +177,6 @@ def _light_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | 
     return light
 
 
-def _numel(vi: onnx.ValueInfoProto | None) -> int | None:
-    if vi is None or not vi.type.tensor_type.HasField("shape"):
-        return None
-    n = 1
-    for d in vi.type.tensor_type.shape.dim:
-        if not d.HasField("dim_value"):
-            return None
-        n *= d.dim_value
-    return n
-
-
-def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, onnx.ValueInfoProto]) -> int:
-    out = _numel(shapes.get(node.output[0])) if node.output else None
-    out = out or 1
-    if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv") and len(node.input) > 1:
-        w = shapes.get(node.input[1])
-        if w is not None and w.type.tensor_type.HasField("shape"):
-            dims = [d.dim_value for d in w.type.tensor_type.shape.dim]
-            if node.op_type == "ConvTranspose":  # W is [C_in, C_out/group, k...]
-                return 2 * (_numel(shapes.get(node.input[0])) or 1) * int(np.prod(dims[1:] or [1]))
-            return 2 * out * int(np.prod(dims[1:] or [1]))
-    if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul") and node.input:
-        a = shapes.get(node.input[0])
-        if a is not None and a.type.tensor_type.HasField("shape") and a.type.tensor_type.shape.dim:
-            dims = a.type.tensor_type.shape.dim
-            transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
-            k = dims[0] if transposed else dims[-1]
-            if k.HasField("dim_value"):
-                return 2 * out * int(k.dim_value)
-    return out
-
-
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
     return any(_node_has_subgraph(node) for node in model.graph.node)
 
@@ -283,7 +252,7 @@ def plan_model(
     n = len(compute)
     types = _value_infos(_light_copy(model))
     sized = _value_infos(_light_copy(model, input_shapes or {}))
-    costs = [_node_cost(node, sized) for node in compute]
+    costs = [node_flops(node, sized) for node in compute]
 
     def whole() -> StepPlan:
         step = Step(0, 0, n, tuple(graph_inputs), tuple(s.name for s in outputs), sum(costs), 0)
@@ -314,7 +283,7 @@ def plan_model(
             continue
         vi = sized.get(name)
         nbytes = (
-            (_numel(vi) or 1024) * np.dtype(ONNX_TO_DTYPE.get(vi.type.tensor_type.elem_type, "float32")).itemsize
+            (numel(vi) or 1024) * np.dtype(ONNX_TO_DTYPE.get(vi.type.tensor_type.elem_type, "float32")).itemsize
             if vi
             else 4096
         )
