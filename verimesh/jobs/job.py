@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +27,16 @@ from verimesh.errors import IntegrityError, InvalidInputError
 if TYPE_CHECKING:
     from verimesh.jobs.circuit import Circuit
 from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
+from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, load_tolerance_profile
 
 JOB_TYPE = "verimesh/job"
 MODES = ("spot", "zk")
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_STEPS = 4096
+# Digests of step files that passed the model-safety check in this process (the bytes are
+# pinned by digest, so the check holds for every job that names the same file).
+_SAFE_STEPS: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,9 @@ class Job:
             ) from exc
         if sha256_bytes(data) != step.digest:
             raise IntegrityError(f"step file {path} does not match the digest pinned by the job")
+        if step.digest not in _SAFE_STEPS:  # a hostile owner can hand-write a job: check what runs
+            check_model_bytes(data, what=f"step {index} of job {self.job_id[:19]}…")
+            _SAFE_STEPS.add(step.digest)
         return data
 
     def read_step_models(self) -> tuple[bytes, ...]:
@@ -195,6 +203,10 @@ class Job:
 
         model = path or self.resolve(self.model_path)
         try:
+            st = model.stat()
+            # A job may name any path: never hash a device, a FIFO or an endless file.
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_model_bytes():
+                raise InvalidInputError(f"model file {model} is not a regular file within the model size limit")
             digest = (digest_of or sha256_file)(model)
         except OSError as exc:
             raise InvalidInputError(f"model file {model} not found", hint="pass --model PATH") from exc

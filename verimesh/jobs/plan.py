@@ -29,8 +29,8 @@ from verimesh.core.files import read_user_file
 from verimesh.core.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.costs import node_flops, numel
+from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
 
-MAX_MODEL_BYTES = 2 * 1024**3 - 1
 # Automatic step count: more steps make each spot check cheaper (a verifier re-runs a smaller
 # share) and cost the worker more boundary tensors to hash. Large models get 16, small ones 8.
 MAX_AUTO_STEPS = 8
@@ -83,14 +83,18 @@ class PlannedModel:
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, bytes]:
     """Read and check an ONNX file; the bytes are returned too, since they are what is digested."""
-    data = read_user_file(path, what="model file", max_bytes=MAX_MODEL_BYTES)
+    data = read_user_file(path, what="model file", max_bytes=max_model_bytes())
     return parse_model(data, what=f"model {path}"), data
 
 
 def parse_model(data: bytes, *, what: str) -> onnx.ModelProto:
+    """Check that the model is one verimesh will run (modelsafety), then parse and check it."""
+    from google.protobuf.message import DecodeError
+
+    check_model_bytes(data, what=what)
     try:
         model = onnx.load_model_from_string(data)
-    except Exception as exc:
+    except (DecodeError, ValueError, RuntimeError) as exc:
         raise InvalidInputError(f"{what} is not an ONNX model ({type(exc).__name__})") from exc
     if not model.graph.node:
         raise InvalidInputError(f"{what} is not an ONNX model (no graph nodes)")
@@ -99,9 +103,6 @@ def parse_model(data: bytes, *, what: str) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
         raise InvalidInputError(f"{what} fails the ONNX checker: {first}") from exc
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise InvalidInputError(f"{what} uses external data files, which verimesh does not load")
     return model
 
 

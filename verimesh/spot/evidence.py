@@ -35,6 +35,7 @@ from verimesh.core.tensors import TensorRef
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.bundle import decode_tensor, tensor_member
 from verimesh.jobs.job import Job, job_from_bytes
+from verimesh.jobs.modelsafety import check_model_bytes
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey
 
@@ -249,6 +250,8 @@ def check_evidence(path: Path) -> EvidenceResult:
     model = bytes(members.get("step.onnx", b""))
     if sha256_bytes(model) != job.steps[step].digest:
         return result(False, f"step model does not match step {step} of the job")
+    # Fraud is proven only by re-running a step verimesh will run: self-contained and deterministic.
+    check_model_bytes(model, what=f"evidence step {step} model")
     needed = set(job.steps[step].inputs) | set(job.steps[step].outputs)
     if set(tensors) != needed:
         return result(False, f"evidence must carry exactly step {step}'s committed inputs and outputs")

@@ -36,6 +36,7 @@ import numpy as np
 from verimesh.core.digest import sha256_bytes, sha256_file
 from verimesh.errors import BackendUnavailableError, IntegrityError, InvalidInputError, VerimeshError
 from verimesh.jobs.circuit import Circuit, CircuitStep, cache_dir, write_circuit
+from verimesh.jobs.modelsafety import check_model_bytes
 
 # Operators ezkl cannot prove, or proves wrongly (docs/design.md §5).
 UNSUPPORTED_OPS: dict[str, str] = {
@@ -457,7 +458,8 @@ class ZkProver:
         carried: list[str] | None = None
         proofs = []
         for step in circuit.steps:
-            circuit.read(step.model, step.model_digest)
+            # ezkl loads the step model from its path: check what it will run first.
+            check_model_bytes(circuit.read(step.model, step.model_digest), what=f"circuit step {step.index} model")
             circuit.read(step.settings, step.settings_digest)
             feed: list[Any] = _flat_inputs([inputs[n] for n in step.inputs]) if carried is None else [carried]
             task = StepTask(
