@@ -4,9 +4,32 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-fast demo lint format bench fixtures circuits redteam regress regress-quick clean
+.PHONY: install system-deps test test-fast demo lint format bench fixtures circuits redteam regress regress-quick clean
 
-install: $(VENV)/.installed
+install: system-deps $(VENV)/.installed
+
+# System packages the tests need, by their Debian names: postgresql (initdb and pg_ctl, on PATH or in
+# /usr/lib/postgresql/<version>/bin) for the ledger's PostgreSQL tests, chromium (/usr/bin/chromium) for the
+# browser tests. Only what is missing is installed, with apt-get as root or through sudo: where both are
+# present this does nothing and needs no network.
+system-deps:
+	@missing=""; \
+	if ! { command -v initdb && command -v pg_ctl; } >/dev/null 2>&1; then \
+		pg=""; for d in /usr/lib/postgresql/*/bin; do [ -x "$$d/initdb" ] && [ -x "$$d/pg_ctl" ] && pg=1; done; \
+		[ -n "$$pg" ] || missing="postgresql"; \
+	fi; \
+	[ -x /usr/bin/chromium ] || missing="$${missing:+$$missing }chromium"; \
+	[ -n "$$missing" ] || exit 0; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make system-deps: $$missing missing; install them (Debian package names) with your package manager" >&2; \
+		exit 1; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else \
+		echo "make system-deps: $$missing missing and no sudo; as root run: apt-get update && apt-get install -y $$missing" >&2; \
+		exit 1; \
+	fi; \
+	echo "make system-deps: installing $$missing (apt-get)"; \
+	$$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing
 
 # torch is pinned (==2.13.0) in the dev extra: that takes the CPU wheel; a range pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml

@@ -1,9 +1,10 @@
-"""Session-wide fixtures: keys and jobs are made once per test session and shared."""
+"""Session-wide fixtures: keys and jobs are made once per test session and shared. Also the skip policy
+(below): the only skips allowed are those of GPU-marked tests."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,116 @@ def perturbed(array: np.ndarray, index: int = 0, delta: float = 0.5) -> np.ndarr
     out = np.array(array, copy=True)
     out.reshape(-1)[index] += np.asarray(delta, dtype=out.dtype)
     return out
+
+
+# The skip policy. A run of the whole suite on a machine that ran `make install` skips nothing except
+# GPU tests, and those only by their markers:
+#   @pytest.mark.gpu       needs a GPU: skipped (here) where onnxruntime has no CUDA provider or no NVIDIA
+#                          device is present; a skip on a machine that has both is a failure.
+#   @pytest.mark.cpu_only  a CPU-only check that means nothing on a GPU machine: it may skip itself where a
+#                          CUDA provider or an NVIDIA device is present, and nowhere else.
+# Any other skip (pytest.skip, skipif, importorskip, an empty parameter set, a module-level skip, an xfail)
+# is turned into a failure that names the test and the skip's reason, and the run exits non-zero.
+
+SKIP_POLICY_HELP = (
+    "allowed skips: @pytest.mark.gpu tests where there is no GPU, @pytest.mark.cpu_only tests where there is one; "
+    "`make install` provides what every other test needs (skip policy: tests/conftest.py)"
+)
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _nvidia_device() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return any(Path("/dev").glob("nvidia[0-9]*")) or (gpus.is_dir() and any(gpus.iterdir()))
+
+
+class SkipPolicy:
+    """Registered by pytest_configure below; tests/unit/test_skip_policy.py runs it with fixed GPU answers."""
+
+    def __init__(
+        self, cuda_provider: Callable[[], bool] = _cuda_provider, nvidia_device: Callable[[], bool] = _nvidia_device
+    ) -> None:
+        self._probes = (cuda_provider, nvidia_device)
+        self._answers: tuple[bool, bool] | None = None
+        self.violations: list[tuple[str, str]] = []
+
+    def _machine(self) -> tuple[bool, bool]:
+        if self._answers is None:
+            self._answers = (self._probes[0](), self._probes[1]())
+        return self._answers
+
+    def gpu_usable(self) -> bool:
+        return all(self._machine())
+
+    def gpu_present(self) -> bool:
+        return any(self._machine())
+
+    def skip_allowed(self, item: pytest.Item) -> bool:
+        if item.get_closest_marker("gpu") is not None and not self.gpu_usable():
+            return True
+        return item.get_closest_marker("cpu_only") is not None and self.gpu_present()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        needs_gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+        if needs_gpu and not self.gpu_usable():
+            cuda, device = self._machine()
+            parts = (("onnxruntime's CUDA provider", cuda), ("an NVIDIA device", device))
+            missing = [what for what, have in parts if not have]
+            reason = f"needs a GPU: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing here"
+            for item in needs_gpu:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+    @staticmethod
+    def _violation(report: pytest.TestReport | pytest.CollectReport, reason: str) -> None:
+        report.outcome = "failed"
+        report.longrepr = f"skip outside the allow-list: {reason}\n{SKIP_POLICY_HELP}"
+        report.skip_policy = reason  # travels with the report under xdist
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
+
+    @staticmethod
+    def _reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+        if hasattr(report, "wasxfail"):
+            return f"xfail: {report.wasxfail}" if report.wasxfail else "xfail"
+        if isinstance(report.longrepr, tuple):
+            return str(report.longrepr[2])
+        return str(report.longrepr)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_makereport(self, item: pytest.Item) -> Iterator[None]:
+        report: pytest.TestReport = yield
+        if report.skipped and not self.skip_allowed(item):
+            self._violation(report, self._reason(report))
+        return report
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_make_collect_report(self) -> Iterator[None]:
+        report: pytest.CollectReport = yield
+        if report.skipped:  # a module or class skipped as a whole: no marker can allow that
+            self._violation(report, self._reason(report))
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if getattr(report, "skip_policy", None):
+            self.violations.append((report.nodeid, report.skip_policy))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if getattr(report, "skip_policy", None):
+            self.violations.append((report.nodeid, report.skip_policy))
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.violations:
+            terminalreporter.section("skips outside the allow-list", sep="=", red=True, bold=True)
+            for nodeid, reason in self.violations:
+                terminalreporter.line(f"{nodeid}: {reason}")
+            terminalreporter.line(SKIP_POLICY_HELP)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipPolicy(), "verimesh-skip-policy")

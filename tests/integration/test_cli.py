@@ -199,6 +199,7 @@ def test_wrong_model_file_is_refused(job_file: Path, keys: Keys) -> None:
     assert "does not match the job's model digest" in result.stderr
 
 
+@pytest.mark.cpu_only
 def test_cuda_requested_without_provider(job_file: Path, keys: Keys) -> None:
     import onnxruntime as ort
 
