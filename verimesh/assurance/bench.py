@@ -5,6 +5,10 @@
 - verify cost = ``verify`` at the job's default policy / the same plain inference (a job owner's
   alternative is re-running the whole model). The verifier's sample is random, so each repeat
   verifies with several seeds and takes their mean.
+- step costs = each step's estimated share of the plan's cost (what the verifier samples by)
+  beside its measured share of the time of the chained steps (warm ``StepRunner`` sessions, as a
+  worker runs them); a step of 1 ms or more whose shares differ by more than 2× is sampled out of
+  proportion to the work it holds.
 
 Shared machines are noisy, so each repeat times inference, prove and verify back to back and the
 reported ratio is the median of the per-repeat ratios (times are medians too).
@@ -35,6 +39,8 @@ SIGNATURES_TARGET = 50
 APPENDS_TARGET = 5000
 PROOF_MS_TARGET = 5.0
 MIN_JUDGED_INFERENCE_S = 0.010
+COST_RATIO_TARGET = 2.0  # measured share / estimated share, both ways
+MIN_JUDGED_STEP_S = 0.001  # below this a step's time is mostly the session's fixed cost
 
 
 @dataclass(frozen=True)
@@ -88,25 +94,13 @@ def bench_spot(model: Path, *, repeats: int = 7, input_file: Path | None = None,
     import onnxruntime as ort
 
     from verimesh.jobs.job import new_job
-    from verimesh.jobs.plan import load_model, model_io
     from verimesh.jobs.runtime import StepRunner
     from verimesh.signing.keys import generate_key
     from verimesh.workflows import Worker, verify
 
     with tempfile.TemporaryDirectory(prefix="verimesh-bench-") as tmp:
         work = Path(tmp)
-        input_file = input_file or _input_for(model)
-        if input_file is None:  # random input of the model's shape (symbolic dims = 1)
-            specs = model_io(load_model(model)[0])[0]
-            rng = np.random.default_rng(0)
-            tensors = {
-                s.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in s.shape or ()]).astype(
-                    s.dtype
-                )
-                for s in specs
-            }
-            input_file = work / "input.npz"
-            np.savez(input_file, **tensors)  # type: ignore[arg-type]
+        input_file = input_file or _input_for(model) or _random_input(model, work)
         job = new_job(model, input_file, work / "job.json", steps=steps)
         feeds = job.read_input()
         opts = ort.SessionOptions()
@@ -161,6 +155,136 @@ def bench_spot(model: Path, *, repeats: int = 7, input_file: Path | None = None,
             prove_overhead=statistics.median(r[1] / r[0] for r in rows),
             verify_ratio=statistics.median(r[2] / r[0] for r in rows),
         )
+
+
+def _random_input(model: Path, work: Path) -> Path:
+    """Random input of the model's shape (symbolic dims = 1), for models without MODEL.input.npy."""
+    from verimesh.jobs.plan import load_model, model_io
+
+    specs = model_io(load_model(model)[0])[0]
+    rng = np.random.default_rng(0)
+    tensors = {
+        s.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in s.shape or ()]).astype(s.dtype)
+        for s in specs
+    }
+    path = work / "input.npz"
+    np.savez(path, **tensors)  # type: ignore[arg-type]
+    return path
+
+
+def _step_ops(step_model: bytes) -> str:
+    """The op types that hold most of a step's estimated cost, heaviest first ("Conv×3, MaxPool")."""
+    import onnx
+
+    from verimesh.jobs.costs import node_flops
+    from verimesh.jobs.plan import _light_copy, _value_infos
+
+    model = onnx.load_model_from_string(step_model)
+    shapes = _value_infos(_light_copy(model, {}))
+    by_op: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            by_op.setdefault(node.op_type, []).append(node_flops(node, shapes))
+    total = sum(sum(v) for v in by_op.values()) or 1
+    heavy = sorted(by_op.items(), key=lambda kv: -sum(kv[1]))
+    if not heavy:
+        return "-"
+    shown = [(op, len(c)) for op, c in heavy if sum(c) >= 0.05 * total][:3] or [(heavy[0][0], len(heavy[0][1]))]
+    return ", ".join(op if count == 1 else f"{op}×{count}" for op, count in shown)
+
+
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall, CPU seconds busy on the whole machine, CPU seconds of this process), or None off Linux."""
+    import resource
+
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    idle = fields[3] + fields[4]  # idle and iowait; steal counts as busy (another VM has the core)
+    return time.perf_counter(), (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def _others_cores(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
+    """Cores kept busy by other processes between two ``_cpu_seconds`` readings; None over less
+    than 0.25 s, where the kernel's 10 ms accounting ticks say nothing."""
+    if before is None or after is None or after[0] - before[0] < 0.25:
+        return None
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+
+
+def bench_costs(
+    model: Path, *, repeats: int = 11, input_file: Path | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """Plan a job (default plan unless ``steps``), then time each step warm with the worker's
+    runner, chained in order from the job input; medians over ``repeats`` chains."""
+    from verimesh.jobs.job import new_job
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import run_steps
+
+    with tempfile.TemporaryDirectory(prefix="verimesh-costs-bench-") as tmp:
+        work = Path(tmp)
+        input_file = input_file or _input_for(model) or _random_input(model, work)
+        job = new_job(model, input_file, work / "job.json", steps=steps)
+        runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+        blobs = job.read_step_models()
+        trace = run_steps(job, blobs, job.read_input(), runner)  # sessions created, every input at hand
+        run_steps(job, blobs, job.read_input(), runner)  # warm-up
+        times: list[list[float]] = [[] for _ in job.steps]
+        shares: list[list[float]] = [[] for _ in job.steps]
+        busy = _cpu_seconds()
+        for _ in range(repeats):
+            chain = []
+            for step in job.steps:
+                feeds = {n: trace[n] for n in step.inputs}
+                start = time.perf_counter()
+                runner.run(step.digest, blobs[step.index], feeds, step.outputs)
+                chain.append(time.perf_counter() - start)
+            for i, t in enumerate(chain):
+                times[i].append(t)
+                shares[i].append(t / sum(chain))
+        others = _others_cores(busy, _cpu_seconds())
+        medians = [statistics.median(t) for t in times]
+        total_cost = sum(max(s.cost, 1) for s in job.steps)
+        total_s = sum(medians)
+        rows: list[dict[str, Any]] = []
+        for step, blob, t, share in zip(job.steps, blobs, medians, shares, strict=True):
+            estimated = max(step.cost, 1) / total_cost
+            # A share per chain, then the median: a load change between chains (a shared
+            # machine) scales a whole chain and cancels out, as in the spot section's ratios.
+            measured = statistics.median(share)
+            ratio = measured / estimated
+            judged = t >= MIN_JUDGED_STEP_S
+            rows.append(
+                {
+                    "step": step.index,
+                    "nodes": step.nodes,
+                    "ops": _step_ops(blob),
+                    "cost": step.cost,
+                    "estimated_share": estimated,
+                    "measured_s": t,
+                    "min_s": min(times[step.index]),
+                    "measured_share": measured,
+                    "ratio": ratio,
+                    "within_2x": (1 / COST_RATIO_TARGET <= ratio <= COST_RATIO_TARGET) if judged else None,
+                }
+            )
+    judged_rows = [r for r in rows if r["within_2x"] is not None]
+    worst = max(judged_rows, key=lambda r: max(r["ratio"], 1 / r["ratio"]), default=None)
+    return {
+        "model": model.name,
+        "steps": len(rows),
+        "repeats": repeats,
+        "total_cost": total_cost,
+        "total_s": total_s,
+        "judged_steps": len(judged_rows),
+        "worst_ratio": worst["ratio"] if worst else None,
+        "all_within_2x": all(r["within_2x"] for r in judged_rows) if judged_rows else None,
+        "other_cores": others,
+        "rows": rows,
+        "machine": machine(),
+    }
 
 
 def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
@@ -390,7 +514,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "zk", "signatures", "ledger")
+SECTIONS = ("spot", "costs", "zk", "signatures", "ledger")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -409,6 +533,7 @@ class BenchOptions:
     ledger_sizes: tuple[int, ...]
     sections: tuple[str, ...] = SECTIONS
     quick: bool = False
+    cost_models: tuple[Path, ...] = ()  # the costs section's models (the CLI's default: see `bench`)
 
 
 def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -427,6 +552,11 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
         for model in options.models:
             say(f"spot: {model.name} ({options.repeats} repeats)")
             report["spot"].append(bench_spot(model, repeats=options.repeats, steps=options.steps).to_json())
+    if "costs" in options.sections:
+        report["costs"] = []
+        for model in options.cost_models:
+            say(f"costs: {model.name} ({options.repeats} repeats)")
+            report["costs"].append(bench_costs(model, repeats=options.repeats, steps=options.steps))
     if "zk" in options.sections:
         report["zk"] = []
         srs = options.srs
@@ -532,6 +662,21 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
                 f"{r['prove_s'] * 1e3:.2f} | {r['prove_overhead']:.2f} | {r['verify_s'] * 1e3:.2f} | "
                 f"{r['verify_ratio']:.2f} | {r['verify_all_s'] * 1e3:.2f} | {r['bundle_bytes'] / 1024:.1f} |"
             )
+    if report.get("costs"):
+        lines += [
+            "",
+            "### Step costs: estimated share against measured share of the time",
+            "",
+            "Each model is planned by default, then its steps are run chained with the worker's warm "
+            "sessions; a step's measured share is the median over the repeats of its time over that "
+            "chain's, its estimated share its cost over the plan's (what the verifier samples by). "
+            f"Steps of 1 ms or more are judged: measured / estimated within {COST_RATIO_TARGET:g}× either way. "
+            "The shares hold on an otherwise idle machine only (a GRU hands every time step to the "
+            "thread pool, so one competing process can multiply its time): the last column says "
+            "how many cores other processes kept busy meanwhile.",
+            "",
+            *costs_table(report["costs"]),
+        ]
     if report.get("zk"):
         lines += ["", "### Zero-knowledge (ezkl)", "", *zk_table(report["zk"])]
     sig = report.get("signatures")
@@ -556,6 +701,36 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
+
+
+def costs_table(reports: list[dict[str, Any]]) -> list[str]:
+    """``bench_costs`` reports as markdown: one summary row per model, then one row per step."""
+    met = {True: "yes", False: "**no**", None: "n/a"}
+    lines = [
+        "| model | steps | repeats | cost, GFLOP-eq. | chained steps ms | steps ≥ 1 ms | worst measured / estimated "
+        f"| all within {COST_RATIO_TARGET:g}× | cores busy with other work |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['repeats']} | {r['total_cost'] / 1e9:.3f} | {r['total_s'] * 1e3:.2f} "
+            f"| {r['judged_steps']} | {_cell(r['worst_ratio'])} | {met[r['all_within_2x']]} "
+            f"| {_cell(r.get('other_cores'))} |"
+        )
+    lines += [
+        "",
+        "| model | step | nodes | main ops (by estimate) | estimated share | measured ms | measured share "
+        "| measured / estimated | within 2× |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        for row in r["rows"]:
+            lines.append(
+                f"| {r['model']} | {row['step']} | {row['nodes']} | {row['ops']} | {row['estimated_share']:.1%} "
+                f"| {row['measured_s'] * 1e3:.2f} | {row['measured_share']:.1%} | {row['ratio']:.2f} "
+                f"| {met[row['within_2x']]} |"
+            )
+    return lines
 
 
 def zk_table(rows: list[dict[str, Any]]) -> list[str]:
