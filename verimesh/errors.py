@@ -12,6 +12,10 @@ EXIT_REJECTED = 1
 EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_BACKEND_MISSING = 4
+EXIT_INTERNAL = 70  # a bug in verimesh (EX_SOFTWARE): never 1, which means a verdict of reject
+# A signal ended the run (128 + the signal number, as a shell reports it); partial files are removed.
+EXIT_INTERRUPTED = 130  # SIGINT, Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM
 
 
 class VerimeshError(Exception):
@@ -58,6 +62,8 @@ class StepExecutionError(InvalidInputError):
     an invalid shape, an opset it no longer implements)."""
 
     default_code = "step-failed"
+    # True when the step's inputs made it fail (reproducible on any machine), not the machine.
+    data_dependent: bool = False
 
 
 class VerificationFailedError(VerimeshError):
@@ -79,3 +85,19 @@ class ConfigurationError(VerimeshError):
 
     exit_code = EXIT_USAGE
     default_code = "bad-configuration"
+
+
+class TerminatedError(BaseException):
+    """SIGTERM arrived. Raised by the CLI's signal handler so that the run unwinds through the same
+    cleanup as Ctrl-C (``except BaseException: writer.abort()`` removes partial files).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` or ``except
+    VerimeshError`` on the way swallows it."""
+
+    exit_code: int = EXIT_TERMINATED
+    code: str = "terminated"
+    hint: str = "partial output files were removed; run the command again"
+
+    def __init__(self, signal_number: int = 15) -> None:
+        super().__init__(f"terminated by signal {signal_number}")
+        self.signal_number = signal_number

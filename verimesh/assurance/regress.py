@@ -133,13 +133,15 @@ def _table(value: Any, what: str, path: Path, allowed: set[str] | tuple[str, ...
 def _number(value: Any, what: str, path: Path, *, integer: bool = False, low: float = 0.0) -> Any:
     number: Any = value
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(number) or number < low:
+    # math.isfinite only for floats: TOML integers are unbounded and overflow a float conversion.
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not finite or number < low:
         raise _fail(path, f"{what} must be a {'whole ' if integer else ''}number ≥ {low:g}, got {value!r}")
     return value
 
 
 def _file(base: Path, value: Any, what: str, path: Path, *, folder: bool = False) -> Path:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\x00" in value:  # a NUL byte is no path: os calls raise
         raise _fail(path, f"{what} must be a path")
     resolved = (base / value).resolve()
     if not (resolved.is_dir() if folder else resolved.is_file()):
@@ -216,11 +218,13 @@ def load_suite(path: Path) -> Suite:
         doc = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise _fail(path, f"not valid TOML ({exc})") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise _fail(path, "not valid TOML (nested too deeply)") from exc
     _table(doc, "the file", path, {"suite", "profile", "case"})
     head = _table(doc.get("suite", {}), "[suite]", path, {"name", "seed", "golden"})
     base = path.resolve().parent
     golden = head.get("golden", "golden")
-    if not isinstance(golden, str) or not golden:
+    if not isinstance(golden, str) or not golden or "\x00" in golden:
         raise _fail(path, "[suite] golden must be a folder path")
     cases_doc = doc.get("case", [])
     if not isinstance(cases_doc, list) or not cases_doc:
@@ -233,7 +237,8 @@ def load_suite(path: Path) -> Suite:
     for pname, pdoc in _table(doc.get("profile", {}), "[profile]", path).items():
         pdoc = _table(pdoc, f"profile {pname}", path, {"cases", "detection_trials"})
         chosen = pdoc.get("cases")
-        if chosen is not None and (not isinstance(chosen, list) or not set(chosen) <= set(names) or not chosen):
+        listed = isinstance(chosen, list) and all(isinstance(c, str) for c in chosen)  # set() needs hashables
+        if chosen is not None and (not listed or not set(chosen) <= set(names) or not chosen):
             raise _fail(path, f"profile {pname}: cases must list case names of this suite, got {chosen!r}")
         trials = pdoc.get("detection_trials")
         profiles[str(pname)] = Profile(
@@ -658,6 +663,7 @@ def _evidence_record(result: Any) -> dict[str, Any]:
 
 def check_golden(folder: Path, *, srs: Path | None, work: Path) -> list[tuple[str, bool, str]]:
     """Verify one golden folder as recorded; returns (file, ok, reason) per recorded check."""
+    from verimesh.core.canonical import parse_json
     from verimesh.core.files import read_user_file
     from verimesh.jobs.job import load_job
     from verimesh.signing.keys import load_public_key
@@ -666,12 +672,18 @@ def check_golden(folder: Path, *, srs: Path | None, work: Path) -> list[tuple[st
 
     path = folder / "golden.json"
     try:
-        doc = json.loads(read_user_file(path, what="golden file", max_bytes=1 << 20))
-        if doc["type"] != GOLDEN_TYPE or doc["version"] != 1:
+        # Bounded in size and depth: a golden folder may come from anywhere (a pull request).
+        doc = parse_json(read_user_file(path, what="golden file", max_bytes=1 << 20), what=f"golden file {path}")
+        if not isinstance(doc, dict) or doc.get("type") != GOLDEN_TYPE or doc.get("version") != 1:
             raise InvalidInputError(f"{path} is not a verimesh golden file (type/version)")
         job = load_job(folder / _plain(doc["job"]))
         public = load_public_key(folder / _plain(doc["node_key"]))
         entries = list(doc["checks"])
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("expect"), dict):
+                raise InvalidInputError(f"{path}: each check must be an object with an expect object")
+            if not ("bundle" in entry and isinstance(entry.get("seed"), int)) and "evidence" not in entry:
+                raise InvalidInputError(f"{path}: each check names a bundle (with a seed) or an evidence file")
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError(f"{path} is malformed ({exc})") from exc
     results = []

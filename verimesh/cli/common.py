@@ -29,6 +29,10 @@ Exit codes:
   2  usage error
   3  invalid or corrupt input (missing file, bad shape/dtype, NaN, corrupt bundle, digest mismatch)
   4  backend or dependency missing (e.g. --device cuda without onnxruntime-gpu)
+  70  internal error: a bug in verimesh (please report it)
+  130  interrupted (Ctrl-C); partial output files are removed
+  143  terminated (SIGTERM); partial output files are removed
+Errors are one line on stderr; with --json, also one {"error": ...} object on stdout.
 """
 
 

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from verimesh.errors import InvalidInputError
 
 
 def read_user_file(path: Path, *, what: str, max_bytes: int) -> bytes:
-    """The bytes of ``path``; refuses a missing, unreadable or larger-than-``max_bytes`` file."""
+    """The bytes of ``path``; refuses a missing, unreadable or larger-than-``max_bytes`` file.
+
+    The read itself is bounded, not only the size the file reports: a device or pipe reports 0
+    (``/dev/zero`` would otherwise be read until memory runs out) and a file may grow while it is
+    read."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise InvalidInputError(f"{what} {path} is {size} bytes, over the {max_bytes}-byte limit")
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            info = os.fstat(fh.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
+                raise InvalidInputError(f"{what} {path} is {info.st_size} bytes, over the {max_bytes}-byte limit")
+            data = fh.read(max_bytes + 1)
     except FileNotFoundError as exc:
         raise InvalidInputError(f"{what} {path} not found") from exc
     except IsADirectoryError as exc:
         raise InvalidInputError(f"{what} {path} is a directory") from exc
     except OSError as exc:
-        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise InvalidInputError(f"{what} {path} is over the {max_bytes}-byte limit")
+    return data

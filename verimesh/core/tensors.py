@@ -3,12 +3,20 @@
 Input files: ``.npy`` (single-input models), ``.npz`` (arrays named after the model inputs), or
 ``.json`` (``{"input_name": nested lists}`` or ezkl's ``{"input_data": [[flat values], ...]}``,
 one flat list per model input, in model order). Pickled objects are never loaded.
+
+Every size an untrusted file declares (a shape, a ZIP member's uncompressed size) is checked with
+Python integers against the bounds below before anything is allocated: a 192-byte .npy may
+declare 10^12 elements, and a shape's product may overflow int64.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import tokenize
+import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +46,39 @@ ONNX_TO_DTYPE: dict[int, str] = {
 DTYPES = frozenset(ONNX_TO_DTYPE.values())
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 MAX_INPUT_BYTES = 1024**3
+# JSON numbers become Python objects (tens of bytes each) before they become an array: larger
+# inputs belong in .npy or .npz.
+MAX_JSON_INPUT_BYTES = 64 * 1024**2
+# One tensor: the container's member limit (verimesh.core.container.Limits.max_member_bytes).
+MAX_TENSOR_BYTES = 2 * 1024**3
+MAX_TENSOR_ELEMENTS = MAX_TENSOR_BYTES
+MAX_DIM = 2**40
+MAX_NPZ_MEMBERS = 1024
 
 Dim = int | str | None
 MAX_RANK = 16
+
+
+def element_count(shape: Sequence[object], *, itemsize: int, what: str) -> int:
+    """The number of elements of ``shape`` (a Python int, so it cannot overflow), refusing a bad
+    dimension, a rank over MAX_RANK, or a tensor over MAX_TENSOR_ELEMENTS or MAX_TENSOR_BYTES."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInputError(f"{what} has rank {len(shape)}; at most {MAX_RANK}")
+    dims: list[int] = []
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < MAX_DIM:
+            raise InvalidInputError(f"{what} has a bad dimension {d!r:.40}")
+        dims.append(d)
+    count = math.prod(dims)
+    if count > MAX_TENSOR_ELEMENTS or count * itemsize > MAX_TENSOR_BYTES:
+        elements = str(count) if count < 10**18 else f"about 10^{len(str(count)) - 1}"
+        raise InvalidInputError(
+            f"{what} declares shape {str(dims)[:120]} ({elements} elements of {itemsize} bytes), over the "
+            f"{MAX_TENSOR_BYTES}-byte tensor limit",
+            code="tensor-too-large",
+            hint="a tensor verimesh reads is at most 2 GiB; this one was not written by verimesh",
+        )
+    return count
 
 
 @dataclass(frozen=True)
@@ -68,12 +106,11 @@ class TensorRef:
         if not isinstance(doc, dict) or set(doc) != {"name", "dtype", "shape", "digest"}:
             raise InvalidInputError(f"{what} entry must have exactly name, dtype, shape, digest")
         name, dtype, shape = doc["name"], doc["dtype"], doc["shape"]
-        if not isinstance(name, str) or not name or dtype not in DTYPES:
+        if not isinstance(name, str) or not name or not isinstance(dtype, str) or dtype not in DTYPES:
             raise InvalidInputError(f"{what} entry has a bad name or an unsupported dtype")
-        if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        if not isinstance(shape, list):
             raise InvalidInputError(f"{what} {name!r} has a bad shape")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
-            raise InvalidInputError(f"{what} {name!r} has a bad shape")
+        element_count(shape, itemsize=np.dtype(dtype).itemsize, what=f"{what} {name!r}")
         parse_digest(doc["digest"], what=f"digest of {name!r}")
         return cls(name, dtype, tuple(shape), doc["digest"])
 
@@ -100,6 +137,8 @@ class TensorSpec:
 
 def check_tensor(name: str, array: np.ndarray, spec: TensorSpec | None = None, *, what: str = "tensor") -> None:
     """Refuse dtypes outside the allowlist, shape/dtype mismatches, and NaN/Inf values."""
+    if not isinstance(array, np.ndarray):  # np.load gives bytes for an .npz member not named *.npy
+        raise InvalidInputError(f"{what} {name!r} is not an array")
     if array.dtype.name not in DTYPES:
         raise InvalidInputError(f"{what} {name!r} has dtype {array.dtype}, which verimesh does not support")
     if spec is not None:
@@ -128,16 +167,17 @@ def check_tensor_set(tensors: Mapping[str, np.ndarray], specs: Sequence[TensorSp
 def load_input_file(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     """Load and validate an input file against the model's input specs."""
     suffix = path.suffix.lower()
-    data = read_user_file(path, what="input file", max_bytes=MAX_INPUT_BYTES)
+    limit = MAX_JSON_INPUT_BYTES if suffix == ".json" else MAX_INPUT_BYTES
+    data = read_user_file(path, what="input file", max_bytes=limit)
     if suffix == ".npy":
         if len(specs) != 1:
             raise InvalidInputError(
                 f"{path}: a .npy file holds one array but the model has {len(specs)} inputs",
                 hint="use a .npz with arrays named " + ", ".join(s.name for s in specs),
             )
-        tensors = {specs[0].name: _load_npy(data, path)}
+        tensors = {specs[0].name: parse_npy(data, what=str(path))}
     elif suffix == ".npz":
-        tensors = _load_npz(data, path)
+        tensors = parse_npz(data, what=str(path))
     elif suffix == ".json":
         tensors = _load_json(data, path, specs)
     else:
@@ -146,33 +186,99 @@ def load_input_file(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.nda
     return tensors
 
 
-def _load_npy(data: bytes, path: Path) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InvalidInputError(f"{path} is not a readable .npy array: {exc}") from exc
-    if not isinstance(array, np.ndarray):
-        raise InvalidInputError(f"{path} is not a single .npy array")
-    return array
+# What numpy's header reader raises on a malformed header: it evaluates a Python literal, and
+# retries a failed one through the tokenizer (for headers written by Python 2).
+_NPY_HEADER_ERRORS = (
+    ValueError, SyntaxError, TypeError, EOFError, OverflowError, RecursionError, MemoryError, tokenize.TokenError,
+)  # fmt: skip
 
 
-def _load_npz(data: bytes, path: Path) -> dict[str, np.ndarray]:
+def parse_npy(data: bytes, *, what: str) -> np.ndarray:
+    """One .npy array, header first: the dtype must be one verimesh commits to, and the data must be
+    exactly shape x itemsize bytes, checked before any array is made. Returns a native-endian,
+    C-ordered array that owns its memory."""
+    fh = io.BytesIO(data)
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            if len(npz.files) > 1024:
-                raise InvalidInputError(f"{path} holds {len(npz.files)} arrays; at most 1024")
-            return {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidInputError(f"{path} is not a readable .npz archive: {exc}") from exc
+        # numpy warns (on stderr) about a Python 2 header it had to repair: not the user's concern.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise InvalidInputError(f"{what}: .npy format version {version} is not supported (1.0 and 2.0 are)")
+    except _NPY_HEADER_ERRORS as exc:
+        raise InvalidInputError(f"{what} is not a readable .npy array: {str(exc)[:200]}") from exc
+    if dtype.hasobject or dtype.name not in DTYPES or dtype.shape:
+        raise InvalidInputError(f"{what} has dtype {str(dtype)[:80]}, which verimesh does not support")
+    count = element_count(shape, itemsize=dtype.itemsize, what=what)
+    offset = fh.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"{what} holds {len(data) - offset} data bytes; its header declares "
+            f"{list(shape)} x {dtype.itemsize} = {count * dtype.itemsize}",
+            code="npy-size-mismatch",
+            hint="the file is truncated, or its header was edited",
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else np.empty(0, dtype=dtype)
+    if dtype.name == "bool" and count and np.frombuffer(data, dtype=np.uint8, offset=offset).max() > 1:
+        raise InvalidInputError(f"{what}: bool bytes other than 0 and 1")
+    array = flat.reshape(shape, order="F" if fortran_order else "C")
+    return array.astype(dtype.newbyteorder("="), order="C")  # a copy: writable, owns its memory
+
+
+def parse_npz(data: bytes, *, what: str) -> dict[str, np.ndarray]:
+    """Arrays of an .npz archive by name. The ZIP directory is checked first: at most
+    MAX_NPZ_MEMBERS ``.npy`` members, stored or deflated (deflate's ratio is bounded and zipfile
+    inflates it incrementally), whose declared uncompressed sizes total at most MAX_INPUT_BYTES;
+    each member is then read up to its declared size only and parsed with ``parse_npy``."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise InvalidInputError(f"{what} holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS}")
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names):
+                raise InvalidInputError(f"{what} names an array twice")
+            total = sum(info.file_size for info in infos)
+            if total > MAX_INPUT_BYTES:
+                raise InvalidInputError(
+                    f"{what} declares {total} bytes uncompressed, over the {MAX_INPUT_BYTES}-byte limit",
+                    code="npz-too-large",
+                    hint="it would inflate beyond what an input may be (a ZIP bomb?)",
+                )
+            tensors: dict[str, np.ndarray] = {}
+            for info in infos:
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise InvalidInputError(f"{what}: member {info.filename[:80]!r} is not an .npy array")
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise InvalidInputError(f"{what}: member {info.filename[:80]!r} uses an unsupported compression")
+                with archive.open(info) as member:
+                    raw = member.read(info.file_size + 1)
+                if len(raw) != info.file_size:
+                    raise InvalidInputError(f"{what}: member {info.filename[:80]!r} is not the size it declares")
+                name = info.filename[: -len(".npy")]
+                tensors[name] = parse_npy(raw, what=f"{what} member {info.filename[:80]!r}")
+            return tensors
+    # What zipfile raises on a corrupt archive: BadZipFile, zlib.error (bad deflate data), EOFError
+    # (truncated member), NotImplementedError (unknown method), RuntimeError (encrypted member),
+    # ValueError/OSError/UnicodeDecodeError (bad offsets, names).
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+            ValueError, OSError) as exc:  # fmt: skip
+        raise InvalidInputError(f"{what} is not a readable .npz archive: {str(exc)[:200]}") from exc
 
 
 def _json_array(value: Any, spec: TensorSpec, path: Path) -> np.ndarray:
     try:
         raw = np.array(value, dtype=np.float64 if spec.dtype != "bool" else np.bool_)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInputError(f"{path}: values for {spec.name!r} are not a rectangular array of numbers") from exc
+    element_count(raw.shape, itemsize=np.dtype(spec.dtype).itemsize, what=f"{path}: {spec.name!r}")
     if spec.dtype in FLOAT_DTYPES or spec.dtype == "bool":
-        return raw.astype(spec.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # out of range becomes Inf, refused by check_tensor
+            return raw.astype(spec.dtype)
     if not np.isfinite(raw).all() or not np.array_equal(raw, np.round(raw)):
         raise InvalidInputError(f"{path}: {spec.name!r} expects integers ({spec.dtype})")
     info = np.iinfo(spec.dtype)
@@ -182,7 +288,7 @@ def _json_array(value: Any, spec: TensorSpec, path: Path) -> np.ndarray:
 
 
 def _load_json(data: bytes, path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    doc = parse_json(data, what=f"input file {path}", max_bytes=MAX_INPUT_BYTES)
+    doc = parse_json(data, what=f"input file {path}", max_bytes=MAX_JSON_INPUT_BYTES)
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{path}: expected a JSON object of input arrays")
     by_name = {s.name: s for s in specs}
@@ -204,7 +310,7 @@ def _concrete_shape(spec: TensorSpec, size: int, path: Path) -> tuple[int, ...]:
     if spec.shape is None:
         raise InvalidInputError(f"{path}: {spec.name!r} has unknown rank; give it as a nested list")
     dims = [d if isinstance(d, int) and d > 0 else -1 for d in spec.shape]
-    known = int(np.prod([d for d in dims if d > 0])) if any(d > 0 for d in dims) else 1
+    known = math.prod(d for d in dims if d > 0)  # a Python int: a model's dims may be huge
     if dims.count(-1) > 1 or (dims.count(-1) == 0 and known != size) or (known and size % known):
         raise InvalidInputError(f"{path}: {size} values for {spec.name!r} do not fit {spec.describe()}")
     if dims.count(-1) == 1:

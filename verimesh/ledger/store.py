@@ -26,7 +26,7 @@ from sqlalchemy import event as sa_event
 from verimesh.core import merkle
 from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json, parse_json
 from verimesh.core.digest import format_digest, parse_digest
-from verimesh.errors import ConfigurationError, InvalidInputError
+from verimesh.errors import BackendUnavailableError, ConfigurationError, InvalidInputError
 from verimesh.signing.keys import PublicKey, SecretKey
 
 FORMAT = "verimesh/ledger"
@@ -143,12 +143,20 @@ class Checkpoint:
         }  # fmt: skip
 
     @classmethod
-    def from_json(cls, doc: Any, *, what: str = "checkpoint") -> Checkpoint:
+    def from_json(
+        cls, doc: Any, *, what: str = "checkpoint", extra_keys: frozenset[str] = frozenset({"kind", "seq"})
+    ) -> Checkpoint:
+        """``extra_keys``: what a checkpoint entry of the ledger adds; a checkpoint file has none."""
         keys = {"type", "version", "ledger_id", "tree_size", "root", "time", "signature"}
-        if not isinstance(doc, dict) or set(doc) - {"kind", "seq"} != keys or doc["type"] != CHECKPOINT_TYPE:
+        if not isinstance(doc, dict) or set(doc) - extra_keys != keys or doc["type"] != CHECKPOINT_TYPE:
             raise InvalidInputError(f"{what} is not a verimesh checkpoint")
-        if not isinstance(doc["tree_size"], int) or doc["tree_size"] < 0 or not isinstance(doc["ledger_id"], str):
+        if doc["version"] != 1 or isinstance(doc["version"], bool):  # the signed statement says version 1
+            raise InvalidInputError(f"{what} has unsupported version {doc['version']!r:.40}")
+        size = doc["tree_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(doc["ledger_id"], str):
             raise InvalidInputError(f"{what} has a bad tree size or ledger id")
+        if not isinstance(doc["time"], str):
+            raise InvalidInputError(f"{what} has a bad time")
         return cls(
             doc["ledger_id"], doc["tree_size"], parse_digest(doc["root"], what=f"{what} root"), str(doc["time"]),
             b64decode_strict(doc["signature"], what=f"{what} signature"),
@@ -158,7 +166,8 @@ class Checkpoint:
     def from_file(cls, path: Path) -> Checkpoint:
         from verimesh.core.files import read_user_file
 
-        return cls.from_json(parse_json(read_user_file(path, what="checkpoint", max_bytes=65536), what=str(path)))
+        doc = parse_json(read_user_file(path, what="checkpoint", max_bytes=65536), what=str(path))
+        return cls.from_json(doc, what=f"checkpoint {path}", extra_keys=frozenset())
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -189,7 +198,12 @@ class Ledger:
         url = normalize_url(url)
         try:
             engine = sa.create_engine(url, future=True)
-        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
+        except (sa.exc.NoSuchModuleError, ImportError) as exc:  # mysql://, an uninstalled driver
+            raise BackendUnavailableError(
+                f"cannot use ledger URL {display_url(url)}: {exc}",
+                hint="install its driver, or use a sqlite:/// or postgresql+psycopg:// ledger",
+            ) from exc
+        except sa.exc.ArgumentError as exc:
             raise ConfigurationError(f"cannot use ledger URL {display_url(url)}: {exc}") from exc
         if engine.dialect.name == "sqlite":
 
@@ -616,13 +630,17 @@ def check_inclusion_document(path: Path, operator: PublicKey) -> tuple[bool, dic
     keys = {"type", "version", "ledger_id", "seq", "entry", "tree_size", "inclusion_proof", "checkpoint"}
     if not isinstance(doc, dict) or set(doc) != keys or doc["type"] != INCLUSION_TYPE:
         raise InvalidInputError(f"{path} is not a verimesh inclusion proof")
-    cp = Checkpoint.from_json(doc["checkpoint"], what="proof checkpoint")
+    if doc["version"] != 1 or isinstance(doc["version"], bool):
+        raise InvalidInputError(f"{path}: unsupported inclusion proof version {doc['version']!r:.40}")
+    cp = Checkpoint.from_json(doc["checkpoint"], what="proof checkpoint", extra_keys=frozenset())
     body = b64decode_strict(doc["entry"], what="proof entry")
     if not isinstance(doc["inclusion_proof"], list) or len(doc["inclusion_proof"]) > 64:
         raise InvalidInputError("inclusion proof path is malformed")
     path_hashes = [b64decode_strict(h, what="proof hash") for h in doc["inclusion_proof"]]
     seq = doc["seq"]
-    if not isinstance(seq, int) or cp.ledger_id != doc["ledger_id"] or cp.tree_size != doc["tree_size"]:
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise InvalidInputError("inclusion proof seq must be an integer")
+    if cp.ledger_id != doc["ledger_id"] or cp.tree_size != doc["tree_size"]:
         return False, None, "the proof does not match its checkpoint"
     if not cp.verify(operator):
         return False, None, "the checkpoint is not signed by this operator"
