@@ -29,6 +29,20 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _evidence_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Evidence written by verify goes to a store of the test session's own, not the user's."""
+    import os
+
+    old = os.environ.get("VERIMESH_EVIDENCE_DIR")
+    os.environ["VERIMESH_EVIDENCE_DIR"] = str(tmp_path_factory.mktemp("evidence"))
+    yield
+    if old is None:
+        os.environ.pop("VERIMESH_EVIDENCE_DIR", None)
+    else:
+        os.environ["VERIMESH_EVIDENCE_DIR"] = old
+
+
 @dataclass(frozen=True)
 class Keys:
     node: SecretKey
@@ -67,6 +81,24 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+def step_evidence(job: Job, bundle: Path, public: object, out: Path, *, step: int | None = None,
+                  step_model: bytes | None = None) -> Path:  # fmt: skip
+    """Step-mismatch evidence written by hand around a (sealed) bundle, whatever it shows: the
+    checker must recompute the claim, so made up over honest work it proves nothing."""
+    from verimesh.jobs.bundle import read_bundle, tensor_member
+    from verimesh.spot.sealed_evidence import write_sealed_evidence
+
+    parsed = read_bundle(bundle, version=job.version)
+    index = len(job.steps) - 1 if step is None else step
+    names = [*job.steps[index].inputs, *job.steps[index].outputs]
+    members = ["trace.json", *(tensor_member(job.trace_names.index(n)) for n in names)]
+    write_sealed_evidence(
+        out, kind="step-mismatch", job=job, bundle=parsed, public=public, reason="made up",  # type: ignore[arg-type]
+        members=members, step=index, step_models=[(index, step_model or job.read_step_model(index))],
+    )  # fmt: skip
+    return out
 
 
 def perturbed(array: np.ndarray, index: int = 0, delta: float = 0.5) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 from verimesh.core.canonical import b64encode
 from verimesh.core.container import DEFAULT_LIMITS, Limits
-from verimesh.core.digest import sha256_bytes
+from verimesh.core.digest import sha256_bytes, sha256_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, load_job
@@ -35,7 +35,7 @@ from verimesh.ledger.reputation import (
 from verimesh.ledger.store import Ledger, Transaction
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey
-from verimesh.spot.evidence import check_evidence, write_equivocation_evidence
+from verimesh.spot.evidence import check_evidence, store_evidence, write_equivocation_evidence
 from verimesh.workflows import Samples, verify
 
 
@@ -169,8 +169,10 @@ def verify_and_settle(
             earlier = _conflicting_receipt(txn, receipt)
             appended.append((txn.append(receipt), "receipt"))
             if earlier is not None:
-                path = bundle.with_name(bundle.stem + ".equivocation.vme")
-                digest = write_equivocation_evidence(path, first=earlier, second=envelope, public=public)
+                path, _ = store_evidence(
+                    lambda out: write_equivocation_evidence(out, first=earlier, second=envelope, public=public)
+                )
+                digest = sha256_file(path)
                 equivocation = str(path)
                 seq = _slash(txn, standing, amount=standing.stake, reason="equivocation", evidence_digest=digest,
                              job_id=str(pred.get("job_id")))  # fmt: skip
@@ -190,8 +192,6 @@ def verify_and_settle(
                 reward = {"kind": "reward", "node_id": public.node_id, "job_id": job.job_id, "amount": amount}
                 appended.append((txn.append(reward), "reward"))
         elif verdict.evidence is not None and standing.stake > 0:
-            from verimesh.core.digest import sha256_file
-
             amount = fraud_slash(standing.stake, _fraction(ledger))
             digest = sha256_file(Path(verdict.evidence))
             seq = _slash(txn, standing, amount=amount, reason="fraud", evidence_digest=digest, job_id=job.job_id)

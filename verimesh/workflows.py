@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
 from verimesh.core.container import DEFAULT_LIMITS, Limits
-from verimesh.core.digest import parse_digest, sha256_bytes, tensor_digest
+from verimesh.core.digest import format_digest, parse_digest, sha256_bytes, tensor_digest
 from verimesh.core.tensors import DTYPES
 from verimesh.errors import InvalidInputError
-from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, trace_document
+from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, sealed_root, tensor_member, trace_document
 from verimesh.jobs.job import Job, load_job
 from verimesh.jobs.runtime import StepRunner
 from verimesh.jobs.verdict import Check, Verdict
 from verimesh.signing.envelope import Envelope, make_statement, sign_statement
 from verimesh.signing.keys import PublicKey, SecretKey, load_public_key
-from verimesh.spot.evidence import write_evidence
+from verimesh.spot.evidence import store_evidence, write_evidence
+from verimesh.spot.sealed_evidence import write_sealed_evidence
 from verimesh.spot.spotcheck import (
     COMMITMENT_ALGORITHM,
+    COMMITMENT_ALGORITHMS,
     PREDICATE_TYPE,
-    Commitment,
+    PREDICATE_TYPES,
     Progress,
+    StepCheck,
     commit_entries,
     recheck_step,
     run_steps,
@@ -80,32 +83,49 @@ def _check_trace_dtypes(job: Job, trace: Mapping[str, np.ndarray]) -> None:
             raise InvalidInputError(f"step output {name!r} has dtype {trace[name].dtype}, which cannot be committed")
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """What a bundle commits to: the envelope, the file size, the signed root, the output digests."""
+
+    envelope: Envelope
+    size: int
+    root: str
+    outputs: dict[str, str]
+
+
 def _sign_and_finish(
-    job: Job, writer: BundleWriter, *, key: SecretKey, runner: StepRunner
-) -> tuple[Envelope, int, Commitment]:
-    commitment = commit_entries(writer.entries())
-    if tuple(e.name for e in commitment.entries) != job.trace_names:
+    job: Job, writer: BundleWriter, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner
+) -> Sealed:
+    """Commit, sign and close the bundle. Version 1: a root over the declared tensor digests (and
+    trace.json's digest). Version 2: a root over every member's BLAKE3 leaf, so the signature
+    covers every byte; the subjects are the outputs' SHA-256 tensor digests."""
+    entries = writer.entries()
+    if tuple(e.name for e in entries) != job.trace_names:
         raise InvalidInputError("trace tensors were not written in the job's trace order")
-    trace_bytes = trace_document(commitment.entries)
-    predicate = spot_predicate(
-        job, node_id=key.node_id, runner=runner, commitment=commitment, proof_digest=sha256_bytes(trace_bytes)
-    )
-    by_name = {e.name: e.digest for e in commitment.entries}
-    statement = make_statement({n: by_name[n] for n in job.output_names}, PREDICATE_TYPE, predicate)
-    envelope = sign_statement(statement, key)
-    return envelope, writer.finish(envelope), commitment
+    if job.version == 1:
+        commitment = commit_entries(entries)
+        root, leaves = commitment.root, len(commitment.leaf_hashes)
+        predicate = spot_predicate(job, node_id=key.node_id, runner=runner, root=root, leaves=leaves,
+                                   proof_digest=sha256_bytes(trace_document(entries)))  # fmt: skip
+        by_name = {e.name: e.digest for e in entries}
+        subjects = {n: by_name[n] for n in job.output_names}
+    else:
+        sealed = writer.seal()
+        root = sealed_root(sealed)
+        predicate = spot_predicate(job, node_id=key.node_id, runner=runner, root=root, leaves=len(sealed))
+        subjects = {n: tensor_digest(n, trace[n]) for n in job.output_names}
+    envelope = sign_statement(make_statement(subjects, PREDICATE_TYPES[job.version], predicate), key)
+    return Sealed(envelope, writer.finish(envelope), format_digest(root), subjects)
 
 
-def seal_trace(
-    job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path
-) -> tuple[Envelope, int, Commitment]:
-    """Commit to a full trace, sign the statement and write the bundle. Returns (envelope, size, commitment)."""
+def seal_trace(job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path) -> Sealed:
+    """Commit to a full trace, sign the statement and write the bundle (the job's format)."""
     _check_trace_dtypes(job, trace)
-    writer = BundleWriter(out)
+    writer = BundleWriter(out, version=job.version)
     try:
         for name in job.trace_names:
             writer.add_tensor(name, trace[name])
-        return _sign_and_finish(job, writer, key=key, runner=runner)
+        return _sign_and_finish(job, writer, trace, key=key, runner=runner)
     except BaseException:
         writer.abort()
         raise
@@ -155,7 +175,8 @@ class Worker:
 
         1. Check the model, the step files and the input against the job's digests (refuse otherwise).
         2. Run the steps in order with onnxruntime, keeping every boundary tensor.
-        3. Commit to the trace (RFC 9162 root over tensor digests), sign the statement, write the bundle.
+        3. Commit to the bundle (an RFC 9162 root over every member's BLAKE3 leaf; version 1 jobs:
+           over the tensor digests), sign the statement, write the bundle.
         """
         started = time.perf_counter()
         job = _as_job(job)
@@ -166,19 +187,17 @@ class Worker:
         inputs = job.read_input()
         runner = self.runner(job)
         # 2. and 3. overlap: each step's outputs are digested and written while the next step runs.
-        writer = BundleWriter(out)
+        writer = BundleWriter(out, version=job.version)
         try:
             trace = run_steps(job, None, inputs, runner, progress=progress, on_tensor=writer.add_tensor)
             _check_trace_dtypes(job, trace)
-            _, size, commitment = _sign_and_finish(job, writer, key=self.key, runner=runner)
+            sealed = _sign_and_finish(job, writer, trace, key=self.key, runner=runner)
         except BaseException:
             writer.abort()
             raise
-        digests = {e.name: e.digest for e in commitment.entries}
-        outputs = {n: digests[n] for n in job.output_names}
         elapsed = time.perf_counter() - started
         return ProveResult(
-            out, job.job_id, self.key.node_id, commitment.root_digest, outputs, runner.provider, size, elapsed
+            out, job.job_id, self.key.node_id, sealed.root, sealed.outputs, runner.provider, sealed.size, elapsed
         )
 
     def _prove_zk(
@@ -221,10 +240,17 @@ def prove(
         worker.close()
 
 
-class _Rejected(Exception):
-    """Internal: stops verification at the first failed check (never escapes ``verify``)."""
+EvidenceWriter: TypeAlias = Callable[[Path], object]
 
-    def __init__(self, check: Check, evidence: dict[str, Any] | None = None) -> None:
+
+class _Rejected(Exception):
+    """Internal: stops verification at the first failed check (never escapes ``verify``).
+
+    ``evidence`` writes the evidence file when the node's own signature proves the fault; it is
+    None when nothing does (another key's signature, a replay, bytes that are not the ones the
+    node sealed): such a reject is the node's no more than anyone's."""
+
+    def __init__(self, check: Check, evidence: EvidenceWriter | None = None) -> None:
         super().__init__(check.name)
         self.check = check
         self.evidence = evidence
@@ -243,123 +269,291 @@ def verify(
     check_all_digests: bool = False,
     srs: Path | None = None,
 ) -> Verdict:
-    """Verify a spot-check bundle against the job and the node key the job owner expects.
+    """Verify a bundle against the job and the node key the job owner expects.
 
     ``node_key``: the public key (or key file) the job owner expects; ``settlement`` takes it
     from the ledger.
     ``samples``: extra steps checked beside the last (``None``: the job's policy; ``"all"``: every
     step). ``seed``: makes the sample reproducible (it is recorded in the verdict either way).
-    ``check_all_digests``: hash every shipped tensor, not only those the verdict rests on (the job
-    input, the outputs and the sampled steps' tensors); the others are bound by the Merkle root
-    over their declared digests and by the container's CRCs either way (docs/format.md §7).
+    ``check_all_digests`` (version 1 jobs): hash every shipped tensor, not only those the verdict
+    rests on; version 2 bundles always hash every byte (the seal).
+    ``evidence_out``: also write the evidence here; it always goes to the evidence store
+    (``$VERIMESH_EVIDENCE_DIR``), named by its digest, whatever the bundle is called.
 
-    1. Parse the bundle within limits (a malformed bundle is an ``error`` verdict).
+    1. Parse the bundle within limits from a private copy of its bytes (a malformed container is
+       an ``error`` verdict).
     2. Check the envelope signature against the pinned node key.
-    3. Check the statement's bindings: job id, node id, model and input digests, step range,
-       precision and commitment parameters.
-    4. Check the trace: names and order are the job's, the declared digests give the signed root,
-       the committed input is the job's input, the outputs are the subjects, and the input and
-       output tensors match their digests.
-    5. Sample steps with verifier-side randomness: the last one, plus ``samples`` more by cost.
-    6. For each sampled step, check its tensors against their digests, re-run it from its
-       committed inputs and compare under the job's tolerance.
-    7. Return the verdict; on a reject that the node's own signature proves, write evidence.
+    3. Check the statement's bindings: job id (else a replay), node id, model and input digests,
+       step range, precision, commitment parameters.
+    4. Check the seal (version 2): the root over every member's leaf is the signed root; a bundle
+       whose bytes are not the ones signed is rejected and blamed on no one. Version 1: the
+       declared tensor digests give the signed root.
+    5. Check the trace: the sealed members are the job's trace, the committed input is the job's
+       input, the outputs are the signed subjects.
+    6. Sample steps with verifier-side randomness: the last one, plus ``samples`` more by cost.
+    7. For each sampled step, re-run it from its committed inputs and compare under the job's
+       tolerance; with the job's window of 2, also run the step after it from the verifier's own
+       outputs and compare with what the node committed (docs/format.md §7).
+    8. Return the verdict; on a reject the node's signature proves, write evidence.
     """
     job = _as_job(job)
     public = node_key if isinstance(node_key, PublicKey) else load_public_key(node_key)
     # 53 bits: seeds travel in JSON, whose safe integers stop at 2^53 (RFC 8785, I-JSON).
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
-    checks: list[Check] = []
-    sampled: tuple[int, ...] = ()
-    outputs: dict[str, str] = {}
-
-    def verdict(status: Literal["accept", "reject", "error"], evidence: str | None = None) -> Verdict:
-        return Verdict(status, tuple(checks), job.job_id, public.node_id, seed, sampled, evidence, outputs)
-
+    state = _Verification(job, public, seed)
     # 1.
     try:
-        parsed = read_bundle(bundle, limits=limits)
+        parsed = read_bundle(bundle, limits=limits, version=job.version)
     except InvalidInputError as exc:
-        checks.append(Check("bundle-format", False, exc.message))
-        return verdict("error")
-    checks.append(Check("bundle-format", True, f"{len(parsed.trace)} tensors, {len(parsed.proofs)} proofs"))
+        state.checks.append(Check("bundle-format", False, exc.message))
+        return state.verdict("error")
+    detail = f"format {parsed.version}: {len(parsed.members) or len(parsed.trace)} members, {len(parsed.proofs)} proofs"
+    state.checks.append(Check("bundle-format", True, detail))
     if job.mode == "zk":
-        from verimesh.zk.zkmode import ZkReject, check_zk
-
-        signature = _signature_check(parsed, public)
-        checks.append(signature)
-        if not signature.ok:
-            return verdict("reject")
-        try:
-            check_zk(parsed, job, public, checks, srs=srs)
-        except ZkReject as rejected:
-            checks.append(rejected.check)
-            return verdict("reject")
-        outputs.update({e.name: e.digest for e in parsed.trace})
-        return verdict("accept")
+        return _verify_zk(parsed, state, srs=srs, evidence_out=evidence_out)
     try:
-        # 2.-4.
-        digests = _DigestCheck(parsed)
-        leaf_hashes = _check_envelope_and_trace(parsed, job, public, checks, digests)
-        if check_all_digests:
-            digests.require(job.trace_names)
-            checks.append(Check("all-digests", True, f"every one of {len(job.trace_names)} tensors hashed"))
-        outputs.update({n: t.digest for n in job.output_names for t in parsed.trace if t.name == n})
-        # 5.
+        # 2.-5.
+        if job.version == 1:
+            digests = _DigestCheck(parsed)
+            leaf_hashes = _check_envelope_and_trace(parsed, job, public, state.checks, digests)
+            if check_all_digests:
+                digests.require(job.trace_names)
+                state.checks.append(Check("all-digests", True, f"every one of {len(job.trace_names)} tensors hashed"))
+            state.outputs.update({n: t.digest for n in job.output_names for t in parsed.trace if t.name == n})
+        else:
+            _check_sealed(parsed, job, public, state)
+        # 6.
         k = len(job.steps) if samples == "all" else job.policy.samples if samples is None else samples
         if not isinstance(k, int) or k < 0:
             raise InvalidInputError("samples must be a non-negative integer or 'all'")
-        sampled = sample_steps(job, k, seeded_rng(seed))
-        checks.append(Check("sampling", True, f"seed {seed}: steps {list(sampled)} of {len(job.steps)}"))
-        # 6.
+        state.sampled = sample_steps(job, k, seeded_rng(seed))
+        state.checks.append(Check("sampling", True, f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"))
+        # 7.
         runner = runner or StepRunner(
             device="cpu", precision=job.policy.precision, optimization=job.policy.optimization
         )
-        for index in sampled:
-            digests.require([*job.steps[index].inputs, *job.steps[index].outputs])
-            # The step file is read and digest-checked only if the runner has no session for it yet.
-            load = lambda i=index: job.read_step_model(i)  # noqa: E731
-            result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance_for(index))
-            metrics = {n: c.metrics for n, c in zip(job.steps[index].outputs, result.comparisons, strict=True)}
-            check = Check(
-                f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance", metrics=metrics
-            )
-            if not result.ok:
-                step = job.steps[index]
-                raise _Rejected(
-                    check,
-                    {
-                        "kind": "step-mismatch",
-                        "step": index,
-                        "step_model": job.read_step_model(index),
-                        "tensor_names": [*step.inputs, *step.outputs],
-                        "leaf_hashes": leaf_hashes,
-                    },
-                )
-            checks.append(check)
+        if job.version == 1:
+            digests.require([n for i in state.sampled for n in (*job.steps[i].inputs, *job.steps[i].outputs)])
+        _recheck_sampled(parsed, job, public, runner, state, leaf_hashes if job.version == 1 else ())
     except _Rejected as rejected:
-        checks.append(rejected.check)
-        evidence_path = None
-        if rejected.evidence is not None:
-            evidence_path = evidence_out or bundle.with_name(bundle.stem + ".evidence.vme")
-            ev = rejected.evidence
-            write_evidence(
-                evidence_path,
-                kind=ev["kind"],
-                job=job,
-                envelope=parsed.envelope,
-                public=public,
-                reason=rejected.check.detail,
-                tensors=parsed.tensors,
-                tensor_names=ev["tensor_names"],
-                leaf_hashes=ev["leaf_hashes"],
-                step=ev.get("step"),
-                step_model=ev.get("step_model"),
-                binding_field=ev.get("field"),
+        state.checks.append(rejected.check)
+        return state.verdict("reject", _write_evidence(rejected, state, evidence_out))
+    # 8.
+    return state.verdict("accept")
+
+
+class _Verification:
+    """What one verification has found so far."""
+
+    def __init__(self, job: Job, public: PublicKey, seed: int) -> None:
+        self.job, self.public, self.seed = job, public, seed
+        self.checks: list[Check] = []
+        self.sampled: tuple[int, ...] = ()
+        self.outputs: dict[str, str] = {}
+
+    def verdict(self, status: Literal["accept", "reject", "error"], evidence: str | None = None) -> Verdict:
+        job, public = self.job, self.public
+        return Verdict(status, tuple(self.checks), job.job_id, public.node_id, self.seed, self.sampled, evidence,
+                       self.outputs)  # fmt: skip
+
+
+def _write_evidence(rejected: _Rejected, state: _Verification, evidence_out: Path | None) -> str | None:
+    if rejected.evidence is None:
+        return None
+    path, problem = store_evidence(rejected.evidence, out=evidence_out)
+    if problem:
+        state.checks.append(Check("evidence", True, problem))
+    return str(path)
+
+
+def _verify_zk(parsed: Bundle, state: _Verification, *, srs: Path | None, evidence_out: Path | None) -> Verdict:
+    from verimesh.zk.zkmode import ZkReject, check_zk
+
+    signature = _signature_check(parsed, state.public)
+    state.checks.append(signature)
+    if not signature.ok:
+        return state.verdict("reject")
+    try:
+        check_zk(parsed, state.job, state.public, state.checks, srs=srs)
+    except ZkReject as rejected:
+        state.checks.append(rejected.check)
+        return state.verdict("reject")
+    state.outputs.update({e.name: tensor_digest(e.name, parsed.tensors[e.name]) for e in parsed.trace})
+    return state.verdict("accept")
+
+
+def _recheck_sampled(
+    parsed: Bundle, job: Job, public: PublicKey, runner: StepRunner, state: _Verification, leaf_hashes: Sequence[bytes]
+) -> None:
+    """Step 7: each sampled step from its committed inputs, then (window 2) the step after it from
+    the verifier's own outputs. Where those outputs are bit for bit the committed ones, the
+    window is the plain re-check of the next step, and runs once. A step file is read and
+    digest-checked only if the runner has no session for it yet."""
+    sensitive = frozenset(job.policy.sign_sensitive)
+    results: dict[int, StepCheck] = {}
+
+    def plain(index: int) -> StepCheck:
+        if index not in results:
+            load = lambda i=index: job.read_step_model(i)  # noqa: E731
+            result = recheck_step(job, index, load, parsed.tensors, runner, job.policy.tolerance_for(index),
+                                  sign_sensitive=sensitive)  # fmt: skip
+            check = Check(f"recheck-step-{index}", result.ok, result.reason or "outputs within tolerance",
+                          metrics=_metrics(job, index, result))  # fmt: skip
+            if not result.ok:
+                raise _Rejected(check, _rerun_evidence(parsed, job, public, "step-mismatch", index, check, leaf_hashes))
+            state.checks.append(check)
+            results[index] = result
+        return results[index]
+
+    for index in state.sampled:
+        own = plain(index)
+        following = index + 1
+        if job.policy.window < 2 or following >= len(job.steps):
+            continue
+        if all(_same_bits(own.recomputed[n], parsed.tensors[n]) for n in job.steps[index].outputs):
+            plain(following)
+            continue
+        load_next = lambda i=following: job.read_step_model(i)  # noqa: E731
+        tolerance = job.policy.window_tolerance_for(following)
+        window = recheck_step(job, following, load_next, parsed.tensors, runner, tolerance, feeds=own.recomputed,
+                              sign_sensitive=sensitive)  # fmt: skip
+        detail = window.reason or f"step {following} from the verifier's own step {index} outputs: within tolerance"
+        check = Check(f"window-{index}-{following}", window.ok, detail, metrics=_metrics(job, following, window))
+        if not window.ok:
+            raise _Rejected(check, _rerun_evidence(parsed, job, public, "window-mismatch", index, check, leaf_hashes))
+        state.checks.append(check)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _metrics(job: Job, index: int, result: StepCheck) -> dict[str, Any]:
+    return {n: c.metrics for n, c in zip(job.steps[index].outputs, result.comparisons, strict=False)}
+
+
+def _rerun_evidence(
+    parsed: Bundle, job: Job, public: PublicKey, kind: str, index: int, check: Check, leaf_hashes: Sequence[bytes]
+) -> EvidenceWriter:
+    """The evidence of a failed re-run: the steps' models and the committed tensors they need."""
+    chain = [index] if kind == "step-mismatch" else [index, index + 1]
+    first, target = job.steps[chain[0]], job.steps[chain[-1]]
+    if kind == "step-mismatch":
+        names = [*first.inputs, *first.outputs]
+    else:
+        names = [*first.inputs, *(n for n in target.inputs if n not in first.outputs), *target.outputs]
+    names = list(dict.fromkeys(names))
+    if job.version == 1:
+        return lambda path: write_evidence(
+            path, kind="step-mismatch", job=job, envelope=parsed.envelope, public=public, reason=check.detail,
+            tensors=parsed.tensors, tensor_names=names, leaf_hashes=leaf_hashes, step=index,
+            step_model=job.read_step_model(index),
+        )  # fmt: skip
+    members = ["trace.json", *(tensor_member(job.trace_names.index(n)) for n in names)]
+    models = [(i, job.read_step_model(i)) for i in chain]
+    return lambda path: write_sealed_evidence(
+        path, kind=kind, job=job, bundle=parsed, public=public, reason=check.detail, members=members, step=index,
+        step_models=models,
+    )  # fmt: skip
+
+
+def _sealed_evidence(
+    parsed: Bundle, job: Job, public: PublicKey, kind: str, field: str, reason: str, members: Sequence[str]
+) -> EvidenceWriter:
+    return lambda path: write_sealed_evidence(
+        path, kind=kind, job=job, bundle=parsed, public=public, reason=reason, members=members, field=field
+    )
+
+
+def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verification) -> None:
+    """Steps 2-5 for a version 2 job; appends passed checks, raises ``_Rejected`` at the first failure."""
+    checks = state.checks
+    # 2.
+    signature = _signature_check(parsed, public)
+    if not signature.ok:
+        raise _Rejected(signature)
+    checks.append(signature)
+    # 3.
+    try:
+        statement = parsed.envelope.statement()
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    pred = statement["predicate"]
+    if statement["predicateType"] != PREDICATE_TYPES[2]:
+        raise _Rejected(
+            Check("statement", False, "wrong predicate type", PREDICATE_TYPES[2], str(statement["predicateType"]))
+        )
+    if pred.get("job_id") != job.job_id:
+        raise _Rejected(
+            Check(
+                "job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))
             )
-        return verdict("reject", str(evidence_path) if evidence_path else None)
-    # 7.
-    return verdict("accept")
+        )
+    if pred.get("node_id") != public.node_id:
+        raise _Rejected(
+            Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id")))
+        )
+    for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
+        if pred.get(field_name) != pinned:
+            detail = f"signed {field_name} differs from the job's"
+            check = Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name)))
+            raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", field_name, detail, []))
+    runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
+    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
+    expected = {
+        "mode": ("spot", pred.get("mode")),
+        "step_range": ([0, len(job.steps)], pred.get("step_range")),
+        "precision": (job.policy.precision, runtime.get("precision")),
+        "optimization": (job.policy.optimization, runtime.get("optimization")),
+        "commitment algorithm": (COMMITMENT_ALGORITHMS[2], commitment.get("algorithm")),
+        "commitment leaves": (len(parsed.members), commitment.get("leaves")),
+    }
+    for what, (want, got) in expected.items():
+        if want != got:
+            raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
+    try:
+        root = parse_digest(commitment.get("root"), what="commitment root")
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    checks.append(
+        Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}")
+    )
+    # 4.
+    sealed = sealed_root(parsed.leaves)
+    if sealed != root:
+        detail = "the bundle's bytes are not the ones the node sealed (changed after signing?)"
+        raise _Rejected(Check("seal", False, detail, root.hex(), sealed.hex()))
+    checks.append(Check("seal", True, f"every byte of {len(parsed.members)} members under the signed root"))
+    # 5.
+    for member, problem in parsed.problems:
+        field = "trace" if member == "trace.json" else "tensor"
+        reason = f"sealed {member}: {problem}"
+        members = ["trace.json", *([member] if member != "trace.json" else [])]
+        raise _Rejected(
+            Check("trace", False, reason), _sealed_evidence(parsed, job, public, "malformed", field, reason, members)
+        )
+    names = tuple(e.name for e in parsed.trace)
+    if names != job.trace_names or parsed.proofs:
+        reason = "the sealed trace is not the job's step boundaries"
+        check = Check("trace", False, reason, ", ".join(job.trace_names)[:200], ", ".join(names)[:200])
+        field = "trace" if names != job.trace_names else "members"
+        raise _Rejected(check, _sealed_evidence(parsed, job, public, "malformed", field, reason, ["trace.json"]))
+    for ref in job.input_tensors:
+        got = tensor_digest(ref.name, parsed.tensors[ref.name])
+        if got != ref.digest:
+            reason = f"committed input {ref.name!r} is not the job's input"
+            members = ["trace.json", tensor_member(job.trace_names.index(ref.name))]
+            check = Check("input-binding", False, reason, ref.digest, got)
+            raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "input-tensor", reason, members))
+    subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
+    claimed = {n: tensor_digest(n, parsed.tensors[n]) for n in job.output_names}
+    if subjects != claimed:
+        reason = "statement subjects are not the committed outputs"
+        members = ["trace.json", *(tensor_member(job.trace_names.index(n)) for n in job.output_names)]
+        check = Check("output-binding", False, reason, str(claimed), str(subjects))
+        raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "output-subject", reason, members))
+    state.outputs.update(claimed)
+    checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
 
 
 def _signature_check(parsed: Bundle, public: PublicKey) -> Check:
@@ -424,7 +618,7 @@ def _check_envelope_and_trace(
             detail = f"signed {field_name} differs from the job's"
             raise _Rejected(
                 Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name))),
-                {"kind": "binding", "field": field_name, "tensor_names": [], "leaf_hashes": ()},
+                _v1_binding_evidence(parsed, job, public, field_name, detail, [], ()),
             )
     runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
     commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
@@ -472,20 +666,10 @@ def _check_envelope_and_trace(
     digests.require([*(t.name for t in job.input_tensors), *job.output_names])
     for ref in job.input_tensors:
         if by_name[ref.name] != ref.digest:
+            reason = f"committed input {ref.name!r} is not the job's input"
             raise _Rejected(
-                Check(
-                    "input-binding",
-                    False,
-                    f"committed input {ref.name!r} is not the job's input",
-                    ref.digest,
-                    by_name[ref.name],
-                ),
-                {
-                    "kind": "binding",
-                    "field": "input-tensor",
-                    "tensor_names": [ref.name],
-                    "leaf_hashes": tuple(leaf_hashes),
-                },
+                Check("input-binding", False, reason, ref.digest, by_name[ref.name]),
+                _v1_binding_evidence(parsed, job, public, "input-tensor", reason, [ref.name], leaf_hashes),
             )
     subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
     claimed = {n: by_name[n] for n in job.output_names}
@@ -497,3 +681,12 @@ def _check_envelope_and_trace(
         )
     checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
     return tuple(leaf_hashes)
+
+
+def _v1_binding_evidence(
+    parsed: Bundle, job: Job, public: PublicKey, field: str, reason: str, names: list[str], leaf_hashes: Sequence[bytes]
+) -> EvidenceWriter:
+    return lambda path: write_evidence(
+        path, kind="binding", job=job, envelope=parsed.envelope, public=public, reason=reason,
+        tensors=parsed.tensors, tensor_names=names, leaf_hashes=leaf_hashes, binding_field=field,
+    )  # fmt: skip

@@ -13,15 +13,12 @@ import onnx
 from click.testing import CliRunner, Result
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import Keys, input_path, model_path
+from tests.conftest import Keys, input_path, model_path, step_evidence
 from verimesh.cli.app import cli
 from verimesh.core.digest import sha256_bytes
-from verimesh.core.tensors import TensorRef
-from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import compute_job_id, load_job, new_job
 from verimesh.jobs.runtime import StepRunner
-from verimesh.spot.evidence import write_evidence
-from verimesh.spot.spotcheck import commit_entries, run_steps
+from verimesh.spot.spotcheck import run_steps
 from verimesh.workflows import seal_trace
 
 
@@ -108,12 +105,7 @@ def test_verify_and_evidence_check_refuse_a_random_step(workdir: Path, keys: Key
     one_line_exit_3(result, "RandomNormalLike", "non-deterministic")
     assert not list(workdir.glob("*.vme"))
     # Evidence built by hand around the same step is refused too: it cannot prove fraud.
-    bundle_trace = {n: trace[n] for n in hostile.trace_names}
-    commitment = commit_entries([TensorRef.of(n, a) for n, a in bundle_trace.items()])
-    write_evidence(
-        workdir / "forged.vme", kind="step-mismatch", job=hostile, envelope=read_bundle(workdir / "r.vmb").envelope,
-        public=keys.node.public, reason="forged", tensors=bundle_trace,
-        tensor_names=[*last.inputs, *last.outputs], leaf_hashes=commitment.leaf_hashes, step=last.index,
-        step_model=blob,
-    )  # fmt: skip
+    step_evidence(
+        hostile, workdir / "r.vmb", keys.node.public, workdir / "forged.vme", step=last.index, step_model=blob
+    )
     one_line_exit_3(run("evidence", "check", "forged.vme"), "RandomNormalLike")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import Keys, input_path, model_path, perturbed
+from tests.conftest import Keys, input_path, model_path, perturbed, step_evidence
 from tests.integration.test_tamper import honest_trace, seal
 from verimesh.cli.app import cli
 from verimesh.core import merkle
@@ -108,20 +108,13 @@ def test_equivocation_takes_the_full_stake(ledger: Ledger, jobs: dict[str, Job],
 def test_evidence_that_does_not_prove_fraud_is_refused(
     ledger: Ledger, jobs: dict[str, Job], keys: Keys, tmp_path: Path
 ) -> None:
-    from verimesh.core.digest import parse_digest
     from verimesh.jobs.bundle import read_bundle
-    from verimesh.spot.evidence import write_equivocation_evidence, write_evidence
+    from verimesh.spot.evidence import write_equivocation_evidence
 
     job = jobs["rescnn"]
     bundle = prove(job, key=keys.node, out=tmp_path / "r.vmb", device="cpu").bundle
     parsed = read_bundle(bundle)
-    leaves = [merkle.leaf_hash(parse_digest(e.digest)) for e in parsed.trace]
-    step = job.steps[-1]
-    write_evidence(
-        tmp_path / "fake.vme", kind="step-mismatch", job=job, envelope=parsed.envelope, public=keys.node.public,
-        reason="made up", tensors=dict(parsed.tensors), tensor_names=[*step.inputs, *step.outputs],
-        leaf_hashes=leaves, step=step.index, step_model=job.read_step_model(step.index),
-    )  # fmt: skip
+    step_evidence(job, bundle, keys.node.public, tmp_path / "fake.vme")
     with pytest.raises(VerificationFailedError, match="does not prove fraud"):
         slash_with_evidence(ledger, tmp_path / "fake.vme")
     write_equivocation_evidence(

@@ -14,7 +14,7 @@ from verimesh.assurance.redteam import miss_probability, run_redteam, wilson
 from verimesh.cli.app import cli
 
 ALWAYS = {"perturb-final", "weights-fp16", "weights-bf16", "substituted-model", "wrong-input", "replay",
-          "forged-commitment", "equivocation", "tf32-emulated"}  # fmt: skip
+          "forged-commitment", "equivocation", "tf32-emulated", "unsealed-bytes"}  # fmt: skip
 
 
 def test_miss_probability_is_exact_for_small_cases() -> None:
@@ -34,7 +34,11 @@ def test_redteam_on_fixture(model: str) -> None:
     report = run_redteam(model_path(model), input_path(model), trials=12, honest=64, seed=7)
     assert report["honest"]["false_positives"] == 0
     for s in report["strategies"]:
+        if s["inapplicable"] == 12:  # e.g. launder-special: no infinity or divided zero on the model
+            assert s["trials"] == 0 and s["within_ci"] is None, s
+            continue
         assert s["within_ci"], s
+        assert s["wrong_accepted"] == 0 or s["strategy"] in ("launder-chain", "lazy"), s
         if s["strategy"] in ALWAYS:
             assert s["detected"] == s["trials"], s
     lazy = next(s for s in report["strategies"] if s["strategy"] == "lazy")
@@ -51,3 +55,41 @@ def test_cli_redteam_writes_report_and_plot(tmp_path: Path) -> None:
     assert doc["reports"][0]["honest"]["verifications"] == 16
     assert (tmp_path / "rt.png").read_bytes()[:4] == b"\x89PNG"
     assert "| equivocation | 6/6 |" in (tmp_path / "rt.md").read_text()
+
+
+def test_laundering_strategies_on_a_model_that_invites_them(tmp_path: Path) -> None:
+    """Infinities at a boundary (Log of zeros), values near a decision (Greater) and a cancelling
+    chain: each laundering strategy applies, and is caught at the rate the verifier's own checks
+    predict; with every step checked, none leaves a wrong result accepted."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Log", ["x"], ["z"]),
+        helper.make_node("Exp", ["z"], ["e"]),
+        helper.make_node("MatMul", ["e", "w"], ["h"]),
+        helper.make_node("Sub", ["h", "c"], ["d"]),
+        helper.make_node("Mul", ["d", "k"], ["m"]),
+        helper.make_node("Greater", ["m", "zero"], ["g"]),
+        helper.make_node("Cast", ["g"], ["gf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["gf", "m"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
+             (("w", np.eye(8)), ("c", np.full(8, 5.0)), ("k", np.full(8, 100.0)), ("zero", np.zeros(8)))]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "launder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], initializer=inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "l.onnx"))
+    x = np.full((1, 8), 5.0 + 1e-3, np.float32)
+    x[0, 0] = 0.0  # Log(0) = -inf
+    np.save(tmp_path / "l.npy", x)
+    strategies = ["launder-special", "launder-threshold", "launder-chain"]
+    report = run_redteam(tmp_path / "l.onnx", tmp_path / "l.npy", trials=16, honest=16, seed=5, steps=8,
+                         strategies=strategies)  # fmt: skip
+    assert report["honest"]["false_positives"] == 0
+    by_name = {s["strategy"]: s for s in report["strategies"]}
+    assert by_name["launder-special"]["trials"] == 16 and by_name["launder-special"]["detected"] > 0
+    for s in by_name.values():
+        assert s["within_ci"], s

@@ -15,6 +15,7 @@ from xml.etree import ElementTree
 import pytest
 from click.testing import CliRunner
 
+from verimesh import __version__
 from verimesh.assurance.regress import load_suite, run_suite
 from verimesh.cli.app import cli
 from verimesh.core.digest import sha256_file
@@ -129,7 +130,7 @@ def test_healthy_suite_holds_serial_and_parallel_alike(healthy: Path) -> None:
     assert serial.outcome() == parallel.outcome()
     names = {k.name for k in serial.cases[0].checks}
     assert {"honest-verify", "budget:prove-seconds", "tamper:output-perturbed", "tamper:weights-fp16",
-            "tamper:byte-flipped", "detection:perturb-final", "golden:v0.1.0/fraud.vme"} <= names  # fmt: skip
+            "tamper:byte-flipped", "detection:perturb-final", f"golden:v{__version__}/fraud.vme"} <= names  # fmt: skip
 
 
 def test_cli_writes_all_three_reports_and_exits_0(healthy: Path, tmp_path: Path) -> None:
@@ -200,8 +201,8 @@ def test_broken_cases_fail_with_their_reasons_in_every_format(broken: Path, tmp_
     failed = {name: {k["name"]: k["reason"] for k in c["checks"] if not k["ok"]} for name, c in cases.items()}
     assert set(failed["tight"]) == {"budget:prove-seconds"}
     assert failed["tight"]["budget:prove-seconds"].startswith("over budget: max 1e-09 s")
-    assert set(failed["altered"]) == {"golden:v0.1.0/honest.vmb"}
-    assert "recorded 'accept', now 'error'" in failed["altered"]["golden:v0.1.0/honest.vmb"]
+    assert set(failed["altered"]) == {f"golden:v{__version__}/honest.vmb"}
+    assert "recorded 'accept', now 'error'" in failed["altered"][f"golden:v{__version__}/honest.vmb"]
     pinned = load_circuit(ROOT / "circuits" / "mlp").steps[0].vk_digest
     drift = failed["drifted"]["circuit-drift:step-0"]
     assert f"vk moved: pinned {pinned}, rebuilt sha256:" in drift
@@ -214,7 +215,7 @@ def test_broken_cases_fail_with_their_reasons_in_every_format(broken: Path, tmp_
         if tc.find("failure") is not None
     }
     assert ("regress.tight", "budget:prove-seconds") in failures
-    assert ("regress.altered", "golden:v0.1.0/honest.vmb") in failures
+    assert ("regress.altered", f"golden:v{__version__}/honest.vmb") in failures
     assert pinned in failures[("regress.drifted", "circuit-drift:step-0")]
     assert not any(cls == "regress.mlp" for cls, _ in failures)
     assert junit.get("failures") == str(len(failures))
@@ -222,7 +223,7 @@ def test_broken_cases_fail_with_their_reasons_in_every_format(broken: Path, tmp_
     md = (out / "r.md").read_text()
     assert "❌ 3 of 4 cases failed" in md
     assert "- **tight** `budget:prove-seconds`: over budget" in md
-    assert "- **altered** `golden:v0.1.0/honest.vmb`: no longer verifies as recorded" in md
+    assert f"- **altered** `golden:v{__version__}/honest.vmb`: no longer verifies as recorded" in md
     assert f"- **drifted** `circuit-drift:step-0`: step 0 vk moved: pinned {pinned}" in md
     for name in ("tight", "altered", "drifted"):
         assert f"FAIL  {name}" in result.output
@@ -275,5 +276,5 @@ def test_a_verifier_that_cannot_reject_fails_the_suite(healthy: Path, monkeypatc
     failed = {k.name: k.reason for k in report.cases[0].failures}
     assert failed["tamper:output-perturbed"] == "ACCEPTED a tampered bundle"
     assert all(failed.get(f"tamper:{name}") == "ACCEPTED a tampered bundle" for name in ("truncated", "wrong-input"))
-    assert "recorded 'reject', now 'accept'" in failed["golden:v0.1.0/fraud.vmb"]
+    assert "recorded 'reject', now 'accept'" in failed[f"golden:v{__version__}/fraud.vmb"]
     assert "detection:perturb-final" in failed  # the red team's cheats now get through as well

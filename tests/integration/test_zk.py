@@ -22,15 +22,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import Keys, input_path, model_path
 from verimesh.cli.app import cli
-from verimesh.core.tensors import TensorRef
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.jobs.bundle import read_bundle, write_bundle
+from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.circuit import Circuit, load_circuit
 from verimesh.jobs.job import Job, new_job
-from verimesh.signing.envelope import make_statement, sign_statement
 from verimesh.signing.keys import SecretKey
 from verimesh.workflows import prove, verify
-from verimesh.zk.zkmode import PREDICATE_TYPE, zk_predicate
+from verimesh.zk.zkmode import write_zk_bundle
 
 # Slow. `make test` distributes by file (--dist loadfile), so the session SRS and circuits are built once.
 pytestmark = pytest.mark.slow
@@ -86,10 +84,7 @@ def reseal(case: ZkCase, key: SecretKey, out: Path, *, proofs: list[bytes] | Non
     parsed = read_bundle(case.bundle)
     proofs = list(parsed.proofs) if proofs is None else proofs
     outputs = {k: np.array(v) for k, v in parsed.tensors.items()} if outputs is None else outputs
-    entries = tuple(TensorRef.of(n, outputs[n]) for n in case.job.output_names)
-    predicate = zk_predicate(case.job, case.circuit, key.node_id, tuple(proofs))
-    statement = make_statement({e.name: e.digest for e in entries}, PREDICATE_TYPE, predicate)
-    write_bundle(out, sign_statement(statement, key), entries, outputs, tuple(proofs))
+    write_zk_bundle(case.job, case.circuit, key=key, outputs=outputs, proofs=tuple(proofs), out=out)
     return out
 
 

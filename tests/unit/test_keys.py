@@ -103,3 +103,17 @@ def test_secret_that_does_not_match_its_public_key(tmp_path: Path) -> None:
     (tmp_path / "a").write_text(json.dumps(doc))
     with pytest.raises(InvalidInputError, match="does not match"):
         load_secret_key(tmp_path / "a")
+
+
+def test_the_fast_proof_of_possession_agrees_with_py_ecc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verimesh.signing import _bls
+    from verimesh.signing.keys import generate_key
+
+    key, other = generate_key(), generate_key()
+    flipped = bytearray(key.public.proof_of_possession)
+    flipped[-1] ^= 1
+    cases = [(key.public.key, key.public.proof_of_possession), (key.public.key, other.public.proof_of_possession),
+             (key.public.key, bytes(flipped)), (b"\x00" * 48, key.public.proof_of_possession)]  # fmt: skip
+    fast = [_bls.pop_verify(pk, pop) for pk, pop in cases]
+    monkeypatch.setenv("VERIMESH_BLS_BACKEND", "py_ecc")
+    assert fast == [_bls.pop_verify(pk, pop) for pk, pop in cases] == [True, False, False, False]

@@ -73,6 +73,10 @@ class StepCalibration:
     cheat_rel_frobenius: float  # smallest over cheats; inf when the step has no weights to cheat on
     cheat_name: str
     tolerance: Tolerance
+    # The window ending at this step (none for step 0): this step run from the step before's
+    # honest-variation outputs, against the reference chain.
+    window_tolerance: Tolerance | None = None
+    window_rel_frobenius: float = 0.0
 
     @property
     def margin(self) -> float:
@@ -85,6 +89,7 @@ class StepCalibration:
             "tolerance": self.tolerance.to_json(),
             "honest_max": {"rel_frobenius": repr(self.honest_rel_frobenius), "max_abs": repr(self.honest_max_abs)},
             "cheat_min": {"rel_frobenius": repr(self.cheat_rel_frobenius), "strategy": self.cheat_name},
+            **({"window_tolerance": self.window_tolerance.to_json()} if self.window_tolerance else {}),
         }
 
 
@@ -154,15 +159,28 @@ def calibrate(
         honest.append(("cuda/tf32-off", StepRunner(device="cuda", precision="fp32-strict", optimization=optimization)))
     outputs = set(plan.outputs[i].name for i in range(len(plan.outputs)))
     results = []
+    previous: dict[str, dict[str, np.ndarray]] = {}  # each variation's outputs of the step before
     for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
         feeds = {n: trace[n] for n in step.inputs}
         honest_fro, honest_abs = 0.0, 0.0
-        for _, runner in honest:
+        window_fro, window_abs = 0.0, 0.0
+        current: dict[str, dict[str, np.ndarray]] = {}
+        for name_v, runner in honest:
             got = runner.run(digest, blob, feeds, step.outputs)
+            current[name_v] = got
             for name in step.outputs:
                 metrics = _metrics(name, got[name], trace[name], discrete=name in outputs)
                 honest_fro = max(honest_fro, metrics["rel_frobenius"])
                 honest_abs = max(honest_abs, metrics["max_abs_diff"])
+            if step.index:
+                # The window: this step run by the variation from its own outputs of the step
+                # before, against the reference chain (what a verifier's window compares).
+                chained = runner.run(digest, blob, {**feeds, **previous[name_v]}, step.outputs)
+                for name in step.outputs:
+                    metrics = _metrics(name, chained[name], trace[name], discrete=name in outputs)
+                    window_fro = max(window_fro, metrics["rel_frobenius"])
+                    window_abs = max(window_abs, metrics["max_abs_diff"])
+        previous = {v: {n: o[n] for n in o} for v, o in current.items()}
         cheat_fro, cheat_name = float("inf"), "none (no float weights in this step)"
         for cheat in sorted(CHEATS):
             cheated = cheat_step(blob, cheat)
@@ -186,14 +204,21 @@ def calibrate(
                 code="calibration-overlap",
                 hint="use fewer steps, the tf32 class, or a smaller --headroom",
             )
-        results.append(StepCalibration(step.index, digest, honest_fro, honest_abs, cheat_fro, cheat_name, tol))
+        window = None
+        if step.index:
+            window = Tolerance(rtol=0.0, atol=max(window_abs * headroom, atol), max_outside_fraction=0.0,
+                               max_rel_frobenius=max(window_fro * headroom, threshold),
+                               argmax_margin=base.argmax_margin)  # fmt: skip
+        results.append(
+            StepCalibration(step.index, digest, honest_fro, honest_abs, cheat_fro, cheat_name, tol, window, window_fro)
+        )
     return Profile(sha256_bytes(data), precision, optimization, headroom, tuple(h for h, _ in honest), tuple(results))
 
 
 def _metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: bool) -> dict[str, float]:
     loose = Tolerance(rtol=1.0, atol=1.0, max_outside_fraction=1.0, max_rel_frobenius=1.0, argmax_margin=1.0)
     result = compare_tensors(name, got, ref, loose, discrete=discrete)
-    if "nonfinite" in result.metrics:
+    if "special_values" in result.metrics:
         return {"rel_frobenius": float("inf"), "max_abs_diff": float("inf")}
     if "mismatched" in result.metrics:  # integer outputs: any difference is total
         bad = float(result.metrics["mismatched"] > 0)

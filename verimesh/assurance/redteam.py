@@ -28,11 +28,13 @@ import numpy as np
 from verimesh.assurance.calibrate import cheat_step
 from verimesh.assurance.tamper import garble, swap_after_signing
 from verimesh.errors import InvalidInputError
+from verimesh.jobs.bundle import read_bundle, write_bundle
 from verimesh.jobs.job import Job, new_job
 from verimesh.jobs.runtime import OPT_LEVELS, StepRunner
+from verimesh.jobs.tolerance import compare_tensors
 from verimesh.ledger.reputation import minimum_deterring_stake
 from verimesh.signing.keys import SecretKey, generate_key
-from verimesh.spot.spotcheck import run_steps
+from verimesh.spot.spotcheck import recheck_step, run_steps
 from verimesh.workflows import seal_trace, verify
 
 STRATEGIES = (
@@ -47,7 +49,15 @@ STRATEGIES = (
     "forged-commitment",
     "equivocation",
     "tf32-emulated",
+    "launder-special",
+    "launder-threshold",
+    "launder-chain",
+    "unsealed-bytes",
 )
+# Laundering strategies keep every boundary inside the tolerance; their predictions replay the
+# verifier's own checks (which steps' checks would see the cheat), and each trial also records
+# whether the result is wrong (the outputs beyond the tolerance of the honest ones).
+LAUNDERING = ("launder-special", "launder-threshold", "launder-chain")
 
 
 def miss_probability(costs: Sequence[int], cheated: frozenset[int], samples: int) -> float:
@@ -68,6 +78,14 @@ def miss_probability(costs: Sequence[int], cheated: frozenset[int], samples: int
     return miss(frozenset(others), min(samples, len(others)))
 
 
+def caught_at(cheated: frozenset[int], window: int) -> frozenset[int]:
+    """The sampled steps whose checks see a cheat in ``cheated``: the step itself and, with a
+    window of 2, the step before it (whose window re-runs the cheated step from its own outputs)."""
+    if window < 2:
+        return cheated
+    return cheated | frozenset(i - 1 for i in cheated if i >= 1)
+
+
 def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
     if trials == 0:
         return 0.0, 1.0
@@ -85,6 +103,9 @@ class Outcome:
     detected: int = 0
     predicted: list[float] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
+    harmful: int = 0  # trials whose outputs differ from the honest ones beyond the tolerance
+    wrong_accepted: int = 0  # of those, accepted
+    inapplicable: int = 0  # trials where the model offered the strategy nothing to work on
 
     def to_json(self, gain: float) -> dict[str, Any]:
         rate = self.detected / self.trials if self.trials else 0.0
@@ -97,9 +118,12 @@ class Outcome:
             "rate": rate,
             "ci95": [low, high],
             "predicted": predicted,
-            "within_ci": None if predicted is None else low - 1e-9 <= predicted <= high + 1e-9,
+            "within_ci": None if predicted is None or not self.trials else low - 1e-9 <= predicted <= high + 1e-9,
             "min_stake": minimum_deterring_stake(gain, rate),
             "reasons": self.reasons,
+            "harmful": self.harmful,
+            "wrong_accepted": self.wrong_accepted,
+            "inapplicable": self.inapplicable,
         }
 
 
@@ -187,6 +211,106 @@ class _Cheater:
         honest = self._seal(dict(self.honest))
         return swap_after_signing(honest, self.work / f"forged-{self.count}.vmb", self.rng)
 
+    def unsealed_bytes(self, fraction: float) -> Path:
+        """The lazy worker's old trick: seal the honest trace, ship garbage for skipped steps."""
+        lazy, _ = self.lazy(fraction)
+        honest = self._seal(dict(self.honest))
+        shipped = read_bundle(lazy)
+        envelope = read_bundle(honest).envelope
+        out = self.work / f"unsealed-{self.count}.vmb"
+        write_bundle(out, envelope, shipped.trace, dict(shipped.tensors), version=shipped.version)
+        return out
+
+    def _boundaries(self) -> list[tuple[int, str]]:
+        outputs = set(self.job.output_names)
+        return [
+            (s.index, n) for s in self.job.steps[:-1] for n in s.outputs
+            if n not in outputs and self.honest[n].dtype.kind == "f" and self.honest[n].size
+        ]  # fmt: skip
+
+    def _band(self, index: int, x: np.ndarray) -> np.ndarray:
+        tol = self.job.policy.tolerance_for(index)
+        return 0.9 * (tol.atol + tol.rtol * np.abs(x.astype(np.float64)))
+
+    def launder(self, strategy: str) -> tuple[Path, dict[str, np.ndarray]] | None:
+        """A trace that keeps every boundary inside the tolerance and recomputes the rest honestly.
+
+        launder-special: flip the sign of the infinities (and of the zeros a later step divides by)
+        of one boundary. launder-threshold: move the elements of one boundary nearest zero across
+        it, by no more than the tolerance allows. launder-chain: move every boundary by 0.9 of
+        the Frobenius bound, each from the moved one before. None: nothing on this model to move."""
+        trace = dict(self.honest)
+        boundaries = self._boundaries()
+        if strategy == "launder-special":
+            sensitive = set(self.job.policy.sign_sensitive)
+            found = [(i, n) for i, n in boundaries if np.isinf(self.honest[n]).any()
+                     or (n in sensitive and (self.honest[n] == 0).any())]  # fmt: skip
+            if not found:
+                return None
+            index, name = self.rng.choice(found)
+            x = np.array(self.honest[name])
+            flip = np.isinf(x) | ((x == 0) if name in sensitive else np.zeros_like(x, dtype=bool))
+            x[flip] = -x[flip] if np.isinf(x[flip]).all() else np.copysign(x[flip], -np.copysign(1.0, x[flip]))
+            trace[name] = x
+            self._recompute(trace, index + 1)
+        elif strategy == "launder-threshold":
+            if not boundaries:
+                return None
+            index, name = self.rng.choice(boundaries)
+            x = np.array(self.honest[name])
+            finite = np.isfinite(x)
+            if not finite.any():
+                return None
+            band = np.where(finite, self._band(index, np.where(finite, x, 0)), 0)
+            near = finite & (np.abs(x) <= band)
+            if not near.any():  # nothing within reach of zero: move the nearest element as far as allowed
+                near = finite & (np.abs(x) == np.abs(x[finite]).min())
+            x[near] = np.where(np.abs(x[near]) <= band[near], -x[near], x[near] + band[near])
+            trace[name] = x.astype(self.honest[name].dtype)
+            self._recompute(trace, index + 1)
+        else:
+            if not boundaries:
+                return None
+            for step in self.job.steps:
+                if step.index:
+                    trace.update(self.runner.run(step.digest, self.models[step.index],
+                                                 {n: trace[n] for n in step.inputs}, step.outputs))  # fmt: skip
+                for name in step.outputs:
+                    if (step.index, name) in boundaries:
+                        x = trace[name].astype(np.float64)
+                        tol = self.job.policy.tolerance_for(step.index)
+                        bound = 0.9 * tol.max_rel_frobenius * float(np.linalg.norm(x)) / np.sqrt(x.size)
+                        nudge = np.minimum(np.full_like(x, bound), self._band(step.index, x))
+                        trace[name] = (x + np.copysign(nudge, x)).astype(trace[name].dtype)
+        return self._seal(trace), trace
+
+    def caught_by(self, trace: dict[str, np.ndarray]) -> frozenset[int]:
+        """The sampled steps whose checks would reject ``trace``: replay the verifier's checks."""
+        job, caught = self.job, set()
+        tensors, sensitive = dict(trace), frozenset(job.policy.sign_sensitive)
+        for step in job.steps:
+            tol = job.policy.tolerance_for(step.index)
+            own = recheck_step(job, step.index, self.models[step.index], tensors, self.runner, tol,
+                               sign_sensitive=sensitive)  # fmt: skip
+            if not own.ok:
+                caught.add(step.index)
+                continue
+            if job.policy.window == 2 and step.index + 1 < len(job.steps):
+                following = step.index + 1
+                window = recheck_step(job, following, self.models[following], tensors, self.runner,
+                                      job.policy.window_tolerance_for(following), feeds=own.recomputed,
+                                      sign_sensitive=sensitive)  # fmt: skip
+                if not window.ok:
+                    caught.add(step.index)
+        return frozenset(caught)
+
+    def harmful(self, trace: dict[str, np.ndarray]) -> bool:
+        """Do the outputs differ from the honest ones beyond the job's tolerance?"""
+        tol = self.job.policy.tolerance_for(len(self.job.steps) - 1)
+        return any(
+            not compare_tensors(n, trace[n], self.honest[n], tol, discrete=True).ok for n in self.job.output_names
+        )
+
 
 def run_redteam(
     model: Path,
@@ -218,9 +342,11 @@ def run_redteam(
         key = generate_key()
         cheater = _Cheater(job, key, work, rng)
         costs = [s.cost for s in job.steps]
+        window = job.policy.window
         outcomes = {name: Outcome(name) for name in STRATEGIES}
 
-        def judge(strategy: str, bundle: Path, predicted_miss: float, target: Job | None = None) -> None:
+        def judge(strategy: str, bundle: Path, predicted_miss: float, target: Job | None = None) -> bool:
+            """Verify one cheat; True when it was accepted."""
             verdict = verify(
                 bundle, job=target or job, node_key=key.public, seed=rng.getrandbits(53), evidence_out=work / "ev.vme"
             )
@@ -231,6 +357,7 @@ def run_redteam(
                 outcome.detected += 1
                 reason = verdict.reason.split(":")[0]
                 outcome.reasons[reason] = outcome.reasons.get(reason, 0) + 1
+            return verdict.status == "accept"
 
         # With no honest runs asked for, one honest bundle still serves the replay strategy.
         honest_variations = [(level, threads) for level in OPT_LEVELS for threads in (1, 2)][: 8 if honest else 1]
@@ -257,21 +384,35 @@ def run_redteam(
             for _ in range(trials):
                 if strategy == "lazy":
                     bundle, skipped = cheater.lazy(lazy_fraction)
-                    judge(strategy, bundle, miss_probability(costs, skipped, samples))
+                    judge(strategy, bundle, miss_probability(costs, caught_at(skipped, window), samples))
                 elif strategy == "perturb-final":
                     judge(strategy, cheater.perturb_step(len(job.steps) - 1), 0.0)
                 elif strategy == "perturb-intermediate":
                     index = rng.randrange(len(job.steps) - 1) if len(job.steps) > 1 else 0
-                    judge(strategy, cheater.perturb_step(index), miss_probability(costs, frozenset({index}), samples))
+                    caught = caught_at(frozenset({index}), window)
+                    judge(strategy, cheater.perturb_step(index), miss_probability(costs, caught, samples))
                 elif strategy in ("weights-fp16", "weights-bf16", "substituted-model", "tf32-emulated"):
                     bundle, changed = cheater.altered_weights(strategy)
-                    judge(strategy, bundle, miss_probability(costs, changed, samples))
+                    judge(strategy, bundle, miss_probability(costs, caught_at(changed, window), samples))
                 elif strategy == "wrong-input":
                     judge(strategy, cheater.wrong_input(), 0.0)
                 elif strategy == "replay":
                     judge(strategy, honest_bundles[0], 0.0, target=other_job)
                 elif strategy == "forged-commitment":
                     judge(strategy, cheater.forged_commitment(), 0.0)
+                elif strategy == "unsealed-bytes":
+                    judge(strategy, cheater.unsealed_bytes(lazy_fraction), 0.0)
+                elif strategy in LAUNDERING:
+                    made = cheater.launder(strategy)
+                    if made is None:
+                        outcomes[strategy].inapplicable += 1
+                        continue
+                    bundle, laundered = made
+                    caught = cheater.caught_by(laundered)
+                    harmful = cheater.harmful(laundered)
+                    accepted = judge(strategy, bundle, miss_probability(costs, caught, samples))
+                    outcomes[strategy].harmful += harmful
+                    outcomes[strategy].wrong_accepted += harmful and accepted
             if strategy == "equivocation":
                 outcomes[strategy] = _equivocation_trials(
                     job, key, cheater, work, trials, Ledger, register_node, verify_and_settle
@@ -354,7 +495,7 @@ def detection_curves(
                         bundle, cheated = cheater.perturb_step(index), frozenset({index})
                     verdict = verify(bundle, job=job, node_key=key.public, samples=k, seed=rng.getrandbits(53))
                     hits += verdict.status != "accept"
-                    preds.append(1 - miss_probability(costs, cheated, k))
+                    preds.append(1 - miss_probability(costs, caught_at(cheated, job.policy.window), k))
                 measured.append(hits / trials)
                 predicted.append(sum(preds) / len(preds))
             curves[strategy] = {"measured": measured, "predicted": predicted}

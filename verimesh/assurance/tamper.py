@@ -76,7 +76,7 @@ def swap_after_signing(bundle: Path, out: Path, rng: random.Random) -> Path:
     tensors = {k: np.array(v) for k, v in parsed.tensors.items()}
     tensors[victim] = garble(tensors[victim], rng, 0.01)
     entries = tuple(TensorRef.of(e.name, tensors[e.name]) if e.name == victim else e for e in parsed.trace)
-    write_bundle(out, parsed.envelope, entries, tensors, parsed.proofs)
+    write_bundle(out, parsed.envelope, entries, tensors, parsed.proofs, version=parsed.version)
     return out
 
 
@@ -197,8 +197,7 @@ def _spot_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _M
 
 
 def _zk_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _Maker]:
-    from verimesh.signing.envelope import make_statement, sign_statement
-    from verimesh.zk.zkmode import PREDICATE_TYPE, zk_predicate
+    from verimesh.zk.zkmode import write_zk_bundle
 
     circuit = job.load_circuit()
 
@@ -213,10 +212,7 @@ def _zk_makers(job: Job, key: SecretKey, other_key: SecretKey) -> dict[str, _Mak
         """What a cheating worker can do: any proofs and outputs, validly signed by itself."""
         proofs = parsed.proofs if proofs is None else proofs
         tensors = outputs or {k: np.array(v) for k, v in parsed.tensors.items()}
-        entries = tuple(TensorRef.of(n, tensors[n]) for n in job.output_names)
-        predicate = zk_predicate(job, circuit, signer.node_id, proofs)
-        statement = make_statement({e.name: e.digest for e in entries}, PREDICATE_TYPE, predicate)
-        write_bundle(out, sign_statement(statement, signer), entries, tensors, proofs)
+        write_zk_bundle(job, circuit, key=signer, outputs=tensors, proofs=proofs, out=out)
         return out
 
     def claimed_output(parsed: Bundle, out: Path, rng: random.Random) -> Path:

@@ -90,6 +90,21 @@ def job() -> None:
     show_default=True,
     help="onnxruntime graph optimization level pinned on both sides.",
 )
+@click.option(
+    "--window",
+    type=click.Choice(["1", "2"]),
+    default="2",
+    show_default=True,
+    help="2: a verifier also runs the step after each sampled one from its own outputs (catches boundary "
+    "values nudged inside the tolerance); 1: each step alone.",
+)
+@click.option(
+    "--upgrade-opset",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Convert the model to opset N first (onnx's version converter) and pin the converted model.",
+)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Job file to write.")
 @force_option
 @json_option
@@ -106,8 +121,11 @@ def job_new(
     as_json: bool,
     circuit_dir: Path | None = None,
     tolerance_file: Path | None = None,
+    window: str = "2",
+    upgrade_opset: int | None = None,
 ) -> None:
-    """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder)."""
+    """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder). The model
+    runs once on the input first: one that cannot run, or that verimesh will not run, is refused."""
     from verimesh.jobs.job import new_job
 
     j = new_job(
@@ -122,6 +140,8 @@ def job_new(
         overwrite=force,
         circuit=circuit_dir,
         profile=tolerance_file,
+        window=int(window),
+        upgrade_opset=upgrade_opset,
     )
     payload = {
         "job": str(out),

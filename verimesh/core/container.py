@@ -10,7 +10,6 @@ in the file is refused before any member is interpreted.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
@@ -121,32 +120,43 @@ def write_container(path: Path, members: Sequence[tuple[str, bytes | memoryview]
     return writer.close()
 
 
-def read_container_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    if size > limits.max_file_bytes:
-        raise InvalidInputError(f"{what} {path} is {size} bytes, over the {limits.max_file_bytes}-byte limit")
-    if size == 0:
-        raise InvalidInputError(f"{what} {path} is empty")
+def read_private(path: Path, *, what: str, max_bytes: int) -> bytearray:
+    """The file's bytes in memory of this process alone.
+
+    A bundle may sit where its sender can still write (a shared upload folder, a network inbox):
+    a shared memory map would let it swap bytes between the moment they are hashed and the moment
+    they are compared. Everything is verified from this one private copy."""
     try:
         with path.open("rb") as fh:
-            # A read-only map: members are zero-copy views of the page cache. The map stays open
-            # as long as a view of it is alive.
-            # MAP_POPULATE reads the file in one go instead of one page fault per 4 KiB.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            data = mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read {what} {path}: {exc}") from exc
-    return read_container(data, what=what, limits=limits)
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise InvalidInputError(f"{what} {path} is {size} bytes, over the {max_bytes}-byte limit")
+            buffer = bytearray(size)
+            view, done = memoryview(buffer), 0
+            while done < size:  # readinto may return short counts
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise InvalidInputError(f"{what} {path} shrank while it was read")
+                done += n
+            if fh.read(1):
+                raise InvalidInputError(f"{what} {path} grew while it was read")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if not buffer:
+        raise InvalidInputError(f"{what} {path} is empty")
+    return buffer
 
 
-def read_container(data: bytes | mmap.mmap, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
+def read_container_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
+    """Parse a container file from a private copy of its bytes (see ``read_private``)."""
+    return read_container(read_private(path, what=what, max_bytes=limits.max_file_bytes), what=what, limits=limits)
+
+
+def read_container(data: bytes | bytearray, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
     """Parse a canonical container; returns name -> zero-copy view of the member's bytes."""
     if len(data) > limits.max_file_bytes:
         raise InvalidInputError(f"{what} is over the {limits.max_file_bytes}-byte limit")
-    view = memoryview(data)
+    view = memoryview(data).toreadonly()
 
     def bad(reason: str) -> InvalidInputError:
         return InvalidInputError(f"{what} is corrupt or not a verimesh container: {reason}")

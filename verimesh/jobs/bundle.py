@@ -1,46 +1,75 @@
-"""Bundles: the one file a worker hands back (docs/format.md §5).
+"""Bundles: the one file a worker hands back (docs/format.md §5-§6).
 
 A canonical verimesh container (see ``container``) with members, in this order::
 
     tensors/000000.bin ... raw little-endian C-order data of the i-th trace tensor
     proofs/000000.json ... zk mode: the ezkl proof of step i, as ezkl wrote it
-    trace.json             {"version": 1, "tensors": [{name, dtype, shape, digest}, ...]} canonical JSON,
-                           tensors in trace (leaf) order
+    trace.json             canonical JSON: {"version", "tensors": [{name, dtype, shape[, digest]}, ...]},
+                           tensors in trace order
     envelope.json          DSSE envelope, canonical JSON
 
 Tensors come first so that a worker can stream each step's outputs to disk while the next step
-runs; the envelope, which signs the root over all of them, comes last.
+runs; the envelope comes last.
+
+Format 2 (jobs of version 2) seals the bundle: the signed commitment is an RFC 9162 root over
+one leaf per member before the envelope (``member_leaf``: BLAKE3 over the member's name and
+bytes), so every byte the node ships is covered by its signature, and nothing in trace.json is a
+claim about bytes elsewhere. Format 1 (version 1 jobs, still verified) commits to the tensor
+digests trace.json declares.
 
 Parsing is bounded and structural only: it never trusts a digest; the verifier recomputes them.
+A format 2 bundle is parsed as far as the seal needs (the container and the envelope); what the
+sealed members say is checked after the seal, so that a node is answerable for it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from verimesh.core import merkle
 from verimesh.core.canonical import canonical_json, parse_canonical_json
 from verimesh.core.container import DEFAULT_LIMITS, ContainerWriter, Limits, read_container_file, write_container
-from verimesh.core.digest import tensor_bytes
+from verimesh.core.digest import member_leaf, tensor_bytes
 from verimesh.core.tensors import TensorRef
 from verimesh.errors import InvalidInputError
 from verimesh.signing.envelope import Envelope
+
+BUNDLE_VERSIONS = (1, 2)
+SEAL_ALGORITHM = "rfc9162-sha256/blake3-member-leaves"
+
+
+def sealed_root(leaves: Sequence[bytes]) -> bytes:
+    """Format 2: the RFC 9162 root over the sealed members' leaves (each a BLAKE3 digest)."""
+    return merkle.root_from_leaf_hashes([merkle.leaf_hash(leaf) for leaf in leaves])
 
 
 @dataclass(frozen=True)
 class Bundle:
     envelope: Envelope
-    trace: tuple[TensorRef, ...]
+    trace: tuple[TensorRef, ...]  # format 2: digest is the member's leaf ("blake3:<hex>"), computed here
     trace_bytes: bytes
-    tensors: dict[str, np.ndarray]  # read-only views into the file's bytes
+    tensors: dict[str, np.ndarray]  # read-only views into a private copy of the file
     proofs: tuple[bytes, ...] = ()
+    version: int = 1
+    members: tuple[tuple[str, memoryview], ...] = ()  # format 2: every member before envelope.json
+    leaves: tuple[bytes, ...] = ()  # format 2: their commitment leaves, in order
+    problems: tuple[tuple[str, str], ...] = ()  # format 2: (member, what is wrong) in sealed members
+
+    def member(self, name: str) -> memoryview:
+        return dict(self.members)[name]
 
 
-def trace_document(entries: tuple[TensorRef, ...]) -> bytes:
-    return canonical_json({"version": 1, "tensors": [e.to_json() for e in entries]})
+def trace_document(entries: tuple[TensorRef, ...], version: int = 1) -> bytes:
+    if version == 1:
+        return canonical_json({"version": 1, "tensors": [e.to_json() for e in entries]})
+    rows = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in entries]
+    return canonical_json({"version": version, "tensors": rows})
 
 
 def tensor_member(index: int) -> str:
@@ -51,37 +80,71 @@ def proof_member(index: int) -> str:
     return f"proofs/{index:06d}.json"
 
 
+def leaf_digest(leaf: bytes) -> str:
+    return "blake3:" + leaf.hex()
+
+
 class BundleWriter:
     """Streams trace tensors into a bundle from a background thread while the caller computes.
 
     ``add_tensor`` returns at once; digesting, CRC and writing happen on one worker thread
-    (hashlib and the CRC release the GIL, so this overlaps with onnxruntime). ``entries`` waits for
-    them; ``finish`` appends trace.json and the envelope and moves the file into place.
+    (the hashes and the CRC release the GIL, so this overlaps with onnxruntime). ``entries``
+    waits for them. Format 1: ``finish`` appends trace.json and the envelope. Format 2: ``seal``
+    appends the proofs and trace.json and returns every member's leaf (what the statement signs),
+    then ``finish`` appends the envelope and moves the file into place.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, version: int = 1) -> None:
+        if version not in BUNDLE_VERSIONS:
+            raise InvalidInputError(f"bundle format {version} is unknown")
+        self.version = version
         self._writer = ContainerWriter(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verimesh-bundle")
-        self._pending: list[Future[TensorRef]] = []
+        self._pending: list[Future[tuple[TensorRef, bytes]]] = []
+        self._leaves: list[bytes] = []
+        self._sealed = False
 
     def add_tensor(self, name: str, array: np.ndarray) -> None:
         self._pending.append(self._pool.submit(self._write_tensor, len(self._pending), name, array))
 
-    def _write_tensor(self, index: int, name: str, array: np.ndarray) -> TensorRef:
+    def _write_tensor(self, index: int, name: str, array: np.ndarray) -> tuple[TensorRef, bytes]:
         data = tensor_bytes(array)
-        entry = TensorRef.of(name, array)
-        self._writer.add(tensor_member(index), data)
-        return entry
+        member = tensor_member(index)
+        if self.version == 1:
+            entry, leaf = TensorRef.of(name, array), b""
+        else:
+            leaf = member_leaf(member, data)
+            entry = TensorRef(name, array.dtype.name, tuple(int(d) for d in array.shape), leaf_digest(leaf))
+        self._writer.add(member, data)
+        return entry, leaf
 
     def entries(self) -> tuple[TensorRef, ...]:
-        return tuple(f.result() for f in self._pending)
+        return tuple(f.result()[0] for f in self._pending)
+
+    def seal(self, proofs: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
+        """Format 2: write the proofs and trace.json; the leaves of every member so far."""
+        if self.version != 2 or self._sealed:
+            raise InvalidInputError("seal() is for an unsealed format 2 bundle")
+        done = [f.result() for f in self._pending]
+        leaves = [leaf for _, leaf in done]
+        for i, proof in enumerate(proofs):
+            self._writer.add(proof_member(i), proof)
+            leaves.append(member_leaf(proof_member(i), proof))
+        trace = trace_document(tuple(e for e, _ in done), 2)
+        self._writer.add("trace.json", trace)
+        leaves.append(member_leaf("trace.json", trace))
+        self._leaves, self._sealed = leaves, True
+        return tuple(leaves)
 
     def finish(self, envelope: Envelope, proofs: tuple[bytes, ...] = ()) -> int:
         entries = self.entries()
         self._pool.shutdown()
-        for i, proof in enumerate(proofs):
-            self._writer.add(proof_member(i), proof)
-        self._writer.add("trace.json", trace_document(entries))
+        if self.version == 1:
+            for i, proof in enumerate(proofs):
+                self._writer.add(proof_member(i), proof)
+            self._writer.add("trace.json", trace_document(entries))
+        elif not self._sealed:
+            raise InvalidInputError("a format 2 bundle is sealed before its envelope is added")
         self._writer.add("envelope.json", envelope.to_bytes())
         return self._writer.close()
 
@@ -92,25 +155,47 @@ class BundleWriter:
         self._writer.abort()
 
 
+def bundle_members(
+    entries: tuple[TensorRef, ...], tensors: dict[str, np.ndarray], proofs: tuple[bytes, ...] = (), *, version: int
+) -> list[tuple[str, bytes | memoryview]]:
+    """The members before the envelope, in order (for re-packing and for tests)."""
+    members: list[tuple[str, bytes | memoryview]] = [
+        (tensor_member(i), tensor_bytes(tensors[e.name])) for i, e in enumerate(entries)
+    ]
+    members += [(proof_member(i), p) for i, p in enumerate(proofs)]
+    members.append(("trace.json", trace_document(entries, version)))
+    return members
+
+
 def write_bundle(
     path: Path,
     envelope: Envelope,
     entries: tuple[TensorRef, ...],
     tensors: dict[str, np.ndarray],
     proofs: tuple[bytes, ...] = (),
+    *,
+    version: int = 1,
 ) -> int:
     """Write a bundle in one go (used for re-packing; ``BundleWriter`` streams)."""
-    members: list[tuple[str, bytes | memoryview]] = [
-        (tensor_member(i), tensor_bytes(tensors[e.name])) for i, e in enumerate(entries)
-    ]
-    members += [(proof_member(i), p) for i, p in enumerate(proofs)]
-    members += [("trace.json", trace_document(entries)), ("envelope.json", envelope.to_bytes())]
-    return write_container(path, members)
+    members = bundle_members(entries, tensors, proofs, version=version)
+    return write_container(path, [*members, ("envelope.json", envelope.to_bytes())])
 
 
-def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
-    """Parse a bundle within ``limits``; any structural inconsistency rejects the whole file."""
+def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS, version: int | None = None) -> Bundle:
+    """Parse a bundle of the given format within ``limits`` (from a private copy of its bytes).
+
+    ``version``: the format the job pins (a verifier always passes it, so a bundle cannot choose
+    an older format for itself); None reads the format the bundle's trace.json names (tools).
+    Format 1: any structural inconsistency refuses the whole file. Format 2: only the container
+    and the envelope must parse; the sealed members are interpreted here but what is wrong with
+    them is reported in ``problems`` (the node answers for sealed bytes)."""
     members = read_container_file(path, what=f"bundle {path}", limits=limits)
+    if version is None:
+        version = _declared_version(members)
+    if version == 2:
+        return _read_sealed(path, members)
+    if version != 1:
+        raise InvalidInputError(f"bundle format {version} is unknown")
     names = list(members)
     if names[-2:] != ["trace.json", "envelope.json"]:
         raise InvalidInputError(f"bundle {path} must end with trace.json and envelope.json")
@@ -131,6 +216,76 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS) -> Bundle:
     tensors = {e.name: decode_tensor(e, members[tensor_member(i)], what="bundle") for i, e in enumerate(entries)}
     proofs = tuple(bytes(members[proof_member(i)]) for i in range(n_proofs))
     return Bundle(envelope, entries, trace_bytes, tensors, proofs)
+
+
+def _declared_version(members: dict[str, memoryview]) -> int:
+    try:
+        doc = parse_canonical_json(bytes(members.get("trace.json", b"")), what="bundle trace.json")
+    except InvalidInputError:
+        return 2
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if version in BUNDLE_VERSIONS else 2
+
+
+def _read_sealed(path: Path, members: dict[str, memoryview]) -> Bundle:
+    names = list(members)
+    if not names or names[-1] != "envelope.json":
+        raise InvalidInputError(f"bundle {path} must end with envelope.json")
+    envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="bundle envelope")
+    sealed = tuple((name, members[name]) for name in names[:-1])
+    leaves = _leaves(sealed)
+    problems: list[tuple[str, str]] = []
+    entries: tuple[TensorRef, ...] = ()
+    tensors: dict[str, np.ndarray] = {}
+    proofs: tuple[bytes, ...] = ()
+    trace_bytes = bytes(members["trace.json"]) if "trace.json" in members else b""
+    try:
+        specs = trace_specs(trace_bytes) if names[-2:-1] == ["trace.json"] else None
+        if specs is None:
+            raise InvalidInputError("the last member before the envelope must be trace.json")
+        n_proofs = len(names) - 2 - len(specs)
+        expected = [tensor_member(i) for i in range(len(specs))] + [proof_member(i) for i in range(max(n_proofs, 0))]
+        if names[:-2] != expected:
+            raise InvalidInputError("members are not the tensors of trace.json one for one, then proofs")
+        leaf_of = dict(zip((n for n, _ in sealed), leaves, strict=True))
+        entries = tuple(
+            TensorRef(name, dtype, shape, leaf_digest(leaf_of[tensor_member(i)]))
+            for i, (name, dtype, shape) in enumerate(specs)
+        )
+        proofs = tuple(bytes(members[proof_member(i)]) for i in range(n_proofs))
+    except InvalidInputError as exc:
+        problems.append(("trace.json", exc.message))
+    for i, entry in enumerate(entries):
+        try:
+            tensors[entry.name] = decode_tensor(entry, members[tensor_member(i)], what="bundle")
+        except InvalidInputError as exc:
+            problems.append((tensor_member(i), exc.message))
+    return Bundle(envelope, entries, trace_bytes, tensors, proofs, 2, sealed, leaves, tuple(problems))
+
+
+def _leaves(sealed: tuple[tuple[str, memoryview], ...]) -> tuple[bytes, ...]:
+    """Every member's leaf; large bundles hash on every core (BLAKE3 releases the GIL)."""
+    total = sum(data.nbytes for _, data in sealed)
+    if total < 8 << 20 or (os.cpu_count() or 1) < 2:
+        return tuple(member_leaf(name, data) for name, data in sealed)
+    return tuple(member_leaf(name, data, threads=True) for name, data in sealed)
+
+
+def trace_specs(data: bytes) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    doc = parse_canonical_json(data, what="bundle trace.json")
+    if not isinstance(doc, dict) or set(doc) != {"version", "tensors"} or doc["version"] != 2:
+        raise InvalidInputError("trace.json must be {version: 2, tensors: [...]}")
+    if not isinstance(doc["tensors"], list):
+        raise InvalidInputError("trace.json tensors must be a list")
+    specs = []
+    for row in doc["tensors"]:
+        if not isinstance(row, dict) or set(row) != {"name", "dtype", "shape"}:
+            raise InvalidInputError("a trace.json entry must have exactly name, dtype, shape")
+        ref = TensorRef.from_json({**row, "digest": "sha256:" + "0" * 64}, what="trace.json")
+        specs.append((ref.name, ref.dtype, ref.shape))
+    if len({name for name, _, _ in specs}) != len(specs):
+        raise InvalidInputError("trace.json names a tensor twice")
+    return tuple(specs)
 
 
 def decode_tensor(entry: TensorRef, data: memoryview, *, what: str) -> np.ndarray:

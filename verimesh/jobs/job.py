@@ -12,7 +12,7 @@ import json
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -31,9 +31,15 @@ from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, load_tolerance_profile
 
 JOB_TYPE = "verimesh/job"
+# Version 2 jobs pin bundle format 2 (sealed bundles, docs/format.md §6); version 1 jobs, and the
+# bundles made for them, still verify as they always did.
+JOB_VERSIONS = (1, 2)
+CURRENT_VERSION = 2
+WINDOWS = (1, 2)
 MODES = ("spot", "zk")
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_STEPS = 4096
+_STEP_KEYS = frozenset({"index", "path", "digest", "inputs", "outputs", "cost", "nodes"})
 # Digests of step files that passed the model-safety check in this process (the bytes are
 # pinned by digest, so the check holds for every job that names the same file).
 _SAFE_STEPS: set[str] = set()
@@ -68,9 +74,24 @@ class Policy:
     optimization: str
     tolerance: Tolerance
     step_tolerances: tuple[Tolerance, ...] = ()  # from `verimesh calibrate`; empty: `tolerance` everywhere
+    # Steps a verifier runs in a chain from each sampled step: 2 also runs the step after it from
+    # the verifier's own outputs (docs/format.md §7, laundering); 1 checks each step alone.
+    window: int = 1
+    # Boundary tensors that feed an operator telling -0.0 from +0.0 (a divisor): their zeros must
+    # keep their sign. Found by the planner; version 2 jobs.
+    sign_sensitive: tuple[str, ...] = ()
+    # Calibrated tolerances of the windows ending at steps 1..S-1 (a window chains two steps'
+    # honest spread); empty: the job's tolerance, or the class default beside calibrated steps.
+    window_tolerances: tuple[Tolerance, ...] = ()
 
     def tolerance_for(self, step: int) -> Tolerance:
         return self.step_tolerances[step] if self.step_tolerances else self.tolerance
+
+    def window_tolerance_for(self, step: int) -> Tolerance:
+        """The tolerance of the window that ends at ``step`` (step >= 1)."""
+        if self.window_tolerances:
+            return self.window_tolerances[step - 1]
+        return DEFAULT_TOLERANCES[self.precision] if self.step_tolerances else self.tolerance
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -81,6 +102,12 @@ class Policy:
         }
         if self.step_tolerances:
             doc["step_tolerances"] = [t.to_json() for t in self.step_tolerances]
+        if self.window != 1:
+            doc["window"] = self.window
+        if self.sign_sensitive:
+            doc["sign_sensitive"] = list(self.sign_sensitive)
+        if self.window_tolerances:
+            doc["window_tolerances"] = [t.to_json() for t in self.window_tolerances]
         return doc
 
 
@@ -102,6 +129,7 @@ class Job:
     base_dir: Path
     circuit_path: str | None = None  # zk mode: the job owner's circuit folder
     circuit_digest: str | None = None
+    version: int = CURRENT_VERSION
 
     @property
     def trace_names(self) -> tuple[str, ...]:
@@ -118,7 +146,7 @@ class Job:
         """The job document without ``job_id`` (what ``job_id`` is the digest of)."""
         return {
             "type": JOB_TYPE,
-            "version": 1,
+            "version": self.version,
             "nonce": self.nonce,
             "created": self.created,
             "mode": self.mode,
@@ -166,16 +194,13 @@ class Job:
 
     def read_input(self) -> dict[str, np.ndarray]:
         """The job's input tensors, checked against their pinned digests."""
+        from verimesh.core.tensors import MAX_INPUT_BYTES, parse_npz
+
         path = self.resolve(self.input_path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidInputError(f"job input {path} is missing") from exc
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                tensors = {name: npz[name] for name in npz.files}
-        except (ValueError, OSError, EOFError) as exc:
-            raise InvalidInputError(f"job input {path} is not a readable .npz") from exc
+        if not path.is_file():  # a job may name any path: never a device or a FIFO
+            raise InvalidInputError(f"job input {path} is missing or not a regular file")
+        data = read_user_file(path, what="job input", max_bytes=MAX_INPUT_BYTES)
+        tensors = parse_npz(data, what=f"job input {path}")
         expected = {t.name: t for t in self.input_tensors}
         if set(tensors) != set(expected):
             raise IntegrityError(f"job input {path} holds {sorted(tensors)}, the job pins {sorted(expected)}")
@@ -270,7 +295,7 @@ def job_from_bytes(data: bytes, base_dir: Path, *, what: str = "job") -> Job:
 def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     if not isinstance(doc, dict) or doc.get("type") != JOB_TYPE:
         raise InvalidInputError(f"{what} is not a verimesh job (type {JOB_TYPE})")
-    if doc.get("version") != 1:
+    if doc.get("version") not in JOB_VERSIONS:
         raise InvalidInputError(f"{what} has unsupported version {doc.get('version')!r}")
     expected_keys = {"type", "version", "job_id", "nonce", "created", "mode", "model", "input", "steps", "policy"}
     if doc.get("mode") == "zk":
@@ -280,6 +305,10 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     if doc["mode"] not in MODES:
         raise InvalidInputError(f"{what} mode {doc['mode']!r} is not supported here", hint=f"modes: {MODES}")
     model, inp, pol = doc["model"], doc["input"], doc["policy"]
+    # Exact members everywhere: a member the job id does not cover would be a byte free to change.
+    for part, keys in ((model, {"digest", "path", "inputs", "outputs"}), (inp, {"digest", "path", "tensors"})):
+        if not isinstance(part, dict) or set(part) != keys:
+            raise InvalidInputError(f"{what}: model and input must have exactly {sorted(keys)}")
     tensors = []
     for t in inp["tensors"]:
         tensors.append(TensorRef.from_json(t, what=f"{what} input tensor"))
@@ -287,7 +316,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     if not isinstance(doc["steps"], list) or not 1 <= len(doc["steps"]) <= MAX_STEPS:
         raise InvalidInputError(f"{what} must have 1..{MAX_STEPS} steps")
     for i, s in enumerate(doc["steps"]):
-        if not isinstance(s, dict) or s.get("index") != i:
+        if not isinstance(s, dict) or s.get("index") != i or set(s) != _STEP_KEYS:
             raise InvalidInputError(f"{what} step {i} is malformed or out of order")
         if not all(isinstance(s[k], int) and s[k] >= 0 for k in ("cost", "nodes")):
             raise InvalidInputError(f"{what} step {i} cost/nodes must be non-negative integers")
@@ -312,6 +341,18 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
 
     if pol["optimization"] not in OPT_LEVELS:
         raise InvalidInputError(f"{what} optimization level {pol['optimization']!r} is unknown")
+    policy_keys = {
+        "samples", "precision", "optimization", "tolerance", "step_tolerances", "window", "sign_sensitive",
+        "window_tolerances",
+    }  # fmt: skip
+    if not isinstance(pol, dict) or not set(pol) <= policy_keys:
+        raise InvalidInputError(f"{what} policy has unknown fields {sorted(set(pol) - policy_keys)}")
+    window = pol.get("window", 1)
+    if window not in WINDOWS or isinstance(window, bool) or (doc["version"] == 1 and "window" in pol):
+        raise InvalidInputError(f"{what} policy window must be one of {WINDOWS} (version 2 jobs)")
+    sign_sensitive = _names(pol.get("sign_sensitive", []), "policy sign_sensitive")
+    if list(sign_sensitive) != sorted(set(sign_sensitive)) or (doc["version"] == 1 and sign_sensitive):
+        raise InvalidInputError(f"{what} policy sign_sensitive must be sorted, unique tensor names (version 2 jobs)")
     for key in ("digest",):
         parse_digest(model[key], what="model digest")
         parse_digest(inp[key], what="input digest")
@@ -335,10 +376,14 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
             pol["optimization"],
             Tolerance.from_json(pol["tolerance"]),
             tuple(Tolerance.from_json(t) for t in _list(pol.get("step_tolerances", []), "step_tolerances")),
+            window,
+            sign_sensitive,
+            tuple(Tolerance.from_json(t) for t in _list(pol.get("window_tolerances", []), "window_tolerances")),
         ),
         base_dir=base_dir,
         circuit_path=circuit[0] if circuit else None,
         circuit_digest=circuit[1] if circuit else None,
+        version=doc["version"],
     )
     _check_consistency(job, what)
     if compute_job_id(job.document()) != job.job_id:
@@ -346,9 +391,22 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     return job
 
 
+def _unique(names: Sequence[str], what: str) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidInputError(f"{what} names {repeated[:5]} more than once")
+
+
 def _check_consistency(job: Job, what: str) -> None:
-    """The trace must be well formed: every step input available, every name produced once."""
+    """The trace must be well formed: every name unique, every step input available, every name
+    produced once (a step that lists an output twice could never be verified: the node would do
+    the work and never be paid)."""
     available = [s.name for s in job.model_inputs]
+    _unique(available, f"{what}: the model inputs")
+    _unique(job.output_names, f"{what}: the model outputs")
+    for step in job.steps:
+        _unique(step.inputs, f"{what}: step {step.index}'s inputs")
+        _unique(step.outputs, f"{what}: step {step.index}'s outputs")
     if [t.name for t in job.input_tensors] != available:
         raise InvalidInputError(f"{what}: input tensors do not match the model inputs")
     if tensor_set_digest({t.name: t.digest for t in job.input_tensors}) != job.input_digest:
@@ -362,8 +420,13 @@ def _check_consistency(job: Job, what: str) -> None:
         if dup or not step.outputs:
             raise InvalidInputError(f"{what}: step {step.index} outputs {dup or 'nothing'} already produced")
         seen.update(step.outputs)
+    unknown = sorted(set(job.policy.sign_sensitive) - seen)
+    if unknown:
+        raise InvalidInputError(f"{what}: policy sign_sensitive names tensors no step produces: {unknown[:5]}")
     if job.policy.step_tolerances and len(job.policy.step_tolerances) != len(job.steps):
         raise InvalidInputError(f"{what}: step_tolerances must give one tolerance per step")
+    if job.policy.window_tolerances and len(job.policy.window_tolerances) != len(job.steps) - 1:
+        raise InvalidInputError(f"{what}: window_tolerances must give one tolerance per step after the first")
     absent = [s.name for s in job.model_outputs if s.name not in seen]
     if absent:
         raise InvalidInputError(f"{what}: model outputs {absent} are produced by no step")
@@ -371,22 +434,23 @@ def _check_consistency(job: Job, what: str) -> None:
 
 def _profile_tolerances(
     profile: Path, model_digest: str, precision: str, steps: list[StepRef]
-) -> tuple[Tolerance, ...]:
+) -> tuple[tuple[Tolerance, ...], tuple[Tolerance, ...]]:
+    """(step tolerances, window tolerances) pinned from a calibration profile."""
     loaded = load_tolerance_profile(profile)
-    profile_model, profile_precision, per_step = loaded.model_digest, loaded.precision, loaded.steps
-    if profile_model != model_digest:
+    if loaded.model_digest != model_digest:
         raise InvalidInputError(f"tolerance profile {profile} was calibrated for another model")
-    if profile_precision != precision:
+    if loaded.precision != precision:
         raise InvalidInputError(
-            f"tolerance profile {profile} is for precision {profile_precision}, the job uses {precision}"
+            f"tolerance profile {profile} is for precision {loaded.precision}, the job uses {precision}"
         )
-    digests = [per_step.get(s.index, ("", None))[0] for s in steps]
-    if len(per_step) != len(steps) or digests != [s.digest for s in steps]:
+    digests = [loaded.steps.get(s.index, ("", None))[0] for s in steps]
+    if len(loaded.steps) != len(steps) or digests != [s.digest for s in steps]:
         raise InvalidInputError(
             f"tolerance profile {profile} was calibrated for another step plan",
             hint="give job new the same --steps as calibrate",
         )
-    return tuple(per_step[s.index][1] for s in steps)
+    windows = tuple(loaded.windows[s.index] for s in steps[1:] if s.index in loaded.windows)
+    return tuple(loaded.steps[s.index][1] for s in steps), windows if len(windows) == len(steps) - 1 else ()
 
 
 def compute_job_id(document: dict[str, Any]) -> str:
@@ -412,16 +476,32 @@ def new_job(
     overwrite: bool = False,
     circuit: Path | None = None,
     profile: Path | None = None,
+    window: int = 2,
+    upgrade_opset: int | None = None,
 ) -> Job:
     """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder.
 
-    zk mode takes its steps from ``circuit`` (built by ``verimesh circuit build`` for this model).
-    ``profile`` (from ``verimesh calibrate``) pins per-step tolerances; it must have been
-    calibrated for this model, precision class and step plan."""
+    1. Read the model (refused unless verimesh will run it: jobs/modelsafety.py) and the input;
+       with ``upgrade_opset``, convert the model to that opset first and pin the converted model.
+    2. Run the model once on the input: what cannot run is refused now, and the values feed
+       the cut-safety check.
+    3. Plan the steps (zk: take them from ``circuit``, built by ``verimesh circuit build``) with
+       no cut where a boundary value sits near a later decision point, write the step files.
+    4. Pin the tolerances (``profile`` from ``verimesh calibrate`` must match the model,
+       precision class and step plan) and write the job; the files appear all at once."""
     import os
+    import shutil
 
     from verimesh.core.tensors import load_input_file
-    from verimesh.jobs.plan import build_step_models, load_model, model_io, plan_model
+    from verimesh.jobs.plan import (
+        build_step_models,
+        decision_inputs,
+        initializer_values,
+        load_model,
+        model_io,
+        plan_model,
+        with_outputs,
+    )
 
     if mode not in MODES:
         raise InvalidInputError(f"mode {mode!r} is not available", hint=f"available modes: {', '.join(MODES)}")
@@ -429,69 +509,140 @@ def new_job(
         raise InvalidInputError(f"unknown precision class {precision!r}", hint="use fp32-strict or tf32")
     if samples < 0:
         raise InvalidInputError("--samples must be 0 or more")
+    if window not in WINDOWS:
+        raise InvalidInputError(f"--window must be one of {WINDOWS}")
     if out.exists() and not overwrite:
         raise InvalidInputError(f"{out} already exists", hint="pass --force to overwrite it")
+    if mode != "zk" and circuit is not None:
+        raise InvalidInputError("--circuit goes with --mode zk")
+    if mode == "zk" and circuit is None:
+        raise InvalidInputError("zk mode needs --circuit DIR", hint="build one with `verimesh circuit build`")
+    # 1.
     model, model_bytes = load_model(model_path)
+    if upgrade_opset is not None:
+        model, model_bytes = _upgraded(model, upgrade_opset, model_path)
     specs_in, specs_out = model_io(model)
     tensors = load_input_file(input_path, specs_in)
+    tol = tolerance or DEFAULT_TOLERANCES[precision]
     base = out.resolve().parent
     files = out.with_name(out.stem + ".files")
-    files.mkdir(parents=True, exist_ok=True)
-    step_refs = []
-    circuit_ref: tuple[str, str] | None = None
-    if mode == "zk":
-        from verimesh.jobs.circuit import load_circuit
+    staging = out.with_name(f".{out.stem}.files.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        # 2.
+        wanted = decision_inputs(model) if mode == "spot" else []
+        extended, added = with_outputs(model, wanted)
+        reference = _run_once(extended, tensors, [*(s.name for s in specs_out), *added])
+        reference.update(initializer_values(model, wanted))
+        reference.update(tensors)
+        # 3.
+        step_refs: list[StepRef] = []
+        circuit_ref: tuple[str, str] | None = None
+        divided: tuple[str, ...] = ()
+        if mode == "zk":
+            from verimesh.jobs.circuit import load_circuit
 
-        if circuit is None:
-            raise InvalidInputError("zk mode needs --circuit DIR", hint="build one with `verimesh circuit build`")
-        spec = load_circuit(circuit)
-        if spec.model_digest != sha256_bytes(model_bytes):
-            raise IntegrityError(f"circuit {circuit} was built for another model (model digest mismatch)")
-        spec.check_files()
-        circuit_ref = (os.path.relpath(spec.folder, base), spec.digest)
-        for cs in spec.steps:
-            rel = os.path.relpath(spec.path(cs.model), base)
-            step_refs.append(StepRef(cs.index, rel, cs.model_digest, cs.inputs, cs.outputs, 0, 0))
-    else:
-        if circuit is not None:
-            raise InvalidInputError("--circuit goes with --mode zk")
-        plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in tensors.items()})
-        planned = build_step_models(model, model_bytes, plan)
-        for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
-            name = f"step-{step.index:03d}.onnx"
-            (files / name).write_bytes(blob)
-            ref = StepRef(
-                step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count
-            )
-            step_refs.append(ref)
-    buf = io.BytesIO()
-    np.savez(buf, **tensors)  # type: ignore[arg-type]
-    (files / "input.npz").write_bytes(buf.getvalue())
-    refs = tuple(TensorRef.of(s.name, tensors[s.name]) for s in specs_in)
-    job = Job(
-        job_id="",
-        nonce=secrets.token_hex(16),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        mode=mode,
-        model_digest=sha256_bytes(model_bytes),
-        model_path=os.path.relpath(model_path.resolve(), base),
-        model_inputs=specs_in,
-        model_outputs=specs_out,
-        input_digest=tensor_set_digest({r.name: r.digest for r in refs}),
-        input_path=f"{files.name}/input.npz",
-        input_tensors=refs,
-        steps=tuple(step_refs),
-        policy=Policy(
-            samples,
-            precision,
-            optimization,
-            tolerance or DEFAULT_TOLERANCES[precision],
-            _profile_tolerances(profile, sha256_bytes(model_bytes), precision, step_refs) if profile else (),
-        ),
-        base_dir=base,
-        circuit_path=circuit_ref[0] if circuit_ref else None,
-        circuit_digest=circuit_ref[1] if circuit_ref else None,
-    )
-    job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
-    out.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")
+            assert circuit is not None
+            spec = load_circuit(circuit)
+            if spec.model_digest != sha256_bytes(model_bytes):
+                raise IntegrityError(f"circuit {circuit} was built for another model (model digest mismatch)")
+            spec.check_files()
+            circuit_ref = (os.path.relpath(spec.folder, base), spec.digest)
+            for cs in spec.steps:
+                rel = os.path.relpath(spec.path(cs.model), base)
+                step_refs.append(StepRef(cs.index, rel, cs.model_digest, cs.inputs, cs.outputs, 0, 0))
+        else:
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            plan = plan_model(model, steps=steps, input_shapes=shapes, reference=reference, tolerance=tol)
+            planned = build_step_models(model, model_bytes, plan)
+            divided = plan.sign_sensitive
+            for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
+                name = f"step-{step.index:03d}.onnx"
+                (staging / name).write_bytes(blob)
+                ref = StepRef(
+                    step.index, f"{files.name}/{name}", digest, step.inputs, step.outputs, step.cost, step.node_count
+                )
+                step_refs.append(ref)
+        # 4.
+        profiled = (
+            _profile_tolerances(profile, sha256_bytes(model_bytes), precision, step_refs) if profile else ((), ())
+        )
+        buf = io.BytesIO()
+        np.savez(buf, **tensors)  # type: ignore[arg-type]
+        (staging / "input.npz").write_bytes(buf.getvalue())
+        model_rel = os.path.relpath(model_path.resolve(), base)
+        if upgrade_opset is not None:  # the job pins the converted model, kept with its files
+            (staging / "model.onnx").write_bytes(model_bytes)
+            model_rel = f"{files.name}/model.onnx"
+        refs = tuple(TensorRef.of(s.name, tensors[s.name]) for s in specs_in)
+        job = Job(
+            job_id="",
+            nonce=secrets.token_hex(16),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            mode=mode,
+            model_digest=sha256_bytes(model_bytes),
+            model_path=model_rel,
+            model_inputs=specs_in,
+            model_outputs=specs_out,
+            input_digest=tensor_set_digest({r.name: r.digest for r in refs}),
+            input_path=f"{files.name}/input.npz",
+            input_tensors=refs,
+            steps=tuple(step_refs),
+            policy=Policy(
+                samples,
+                precision,
+                optimization,
+                tol,
+                profiled[0],
+                window if mode == "spot" else 1,
+                divided,
+                profiled[1],
+            ),
+            base_dir=base,
+            circuit_path=circuit_ref[0] if circuit_ref else None,
+            circuit_digest=circuit_ref[1] if circuit_ref else None,
+        )
+        job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
+        if files.exists():
+            shutil.rmtree(files)
+        staging.replace(files)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")
+    partial.replace(out)
     return job
+
+
+def _run_once(model_bytes: bytes, tensors: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run the whole model on the job's input: a model that cannot run is refused here, not on a
+    worker; the returned values are what the cut-safety check reads."""
+    from verimesh.errors import StepExecutionError
+    from verimesh.jobs.runtime import StepRunner
+
+    names = list(dict.fromkeys(outputs))
+    try:
+        return StepRunner(device="cpu").run(sha256_bytes(model_bytes), model_bytes, tensors, names)
+    except StepExecutionError as exc:
+        raise StepExecutionError(
+            f"the model does not run on the given input: {exc.message}",
+            hint="check the input's shapes and values; a model of an old opset can be converted with --upgrade-opset",
+        ) from exc
+
+
+def _upgraded(model: Any, opset: int, path: Path) -> tuple[Any, bytes]:
+    """The model converted to ``opset`` by onnx's version converter (checked again afterwards)."""
+    from onnx import version_converter
+
+    from verimesh.jobs.plan import parse_model
+
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise InvalidInputError(
+            f"onnx cannot convert {path} to opset {opset}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    data = converted.SerializeToString(deterministic=True)
+    return parse_model(data, what=f"{path} converted to opset {opset}"), data

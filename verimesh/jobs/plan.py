@@ -30,6 +30,8 @@ from verimesh.core.tensors import ONNX_TO_DTYPE, Dim, TensorSpec
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.costs import node_flops, numel
 from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
+from verimesh.jobs.sensitivity import decisions, near_decision, sign_sensitive
+from verimesh.jobs.tolerance import Tolerance
 
 # Automatic step count: more steps make each spot check cheaper (a verifier re-runs a smaller
 # share) and cost the worker more boundary tensors to hash. Large models get 16, small ones 8.
@@ -56,6 +58,10 @@ class StepPlan:
     outputs: tuple[TensorSpec, ...]
     steps: tuple[Step, ...]
     whole_model: bool  # True: one step whose file is the model itself
+    # Boundary tensors a later step divides by (their zeros keep their sign in comparisons).
+    sign_sensitive: tuple[str, ...] = ()
+    # Cuts left out because a boundary value sat near a later operator's decision point.
+    hazard_cuts: int = 0
 
     @property
     def trace_names(self) -> tuple[str, ...]:
@@ -178,6 +184,32 @@ def _light_copy(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | 
     return light
 
 
+def _float_ancestors(
+    start: set[str],
+    compute: Sequence[onnx.NodeProto],
+    producer: Mapping[str, int],
+    free: frozenset[str],
+    types: Mapping[str, onnx.ValueInfoProto],
+    deciding: set[int],
+) -> set[str]:
+    """The float tensors produced by compute nodes that ``start`` is computed from, through nodes
+    that are not themselves decisions."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+    seen: set[str] = set()
+    stack = list(start)
+    while stack:
+        name = stack.pop()
+        index = producer.get(name, -1)
+        if name in seen or name in free or index < 0:
+            continue
+        if name not in types or types[name].type.tensor_type.elem_type not in float_types:
+            continue
+        seen.add(name)
+        if index not in deciding:
+            stack.extend(i for i in compute[index].input if i)
+    return seen
+
+
 def _has_subgraphs(model: onnx.ModelProto) -> bool:
     return any(_node_has_subgraph(node) for node in model.graph.node)
 
@@ -241,9 +273,15 @@ def plan_model(
     *,
     steps: int | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> StepPlan:
     """Choose the step plan. ``steps=None`` picks 8 steps (16 from 1 GFLOP up), fewer when the
-    model has fewer places to cut; 1 means no cut."""
+    model has fewer places to cut; 1 means no cut.
+
+    ``reference`` (the values of ``decision_inputs`` on the job's input) and ``tolerance``: no
+    cut is placed between a tensor and a later operator whose decision a within-tolerance move of
+    that tensor could flip (jobs/sensitivity.py); without them only the graph decides."""
     if steps is not None and steps < 1:
         raise InvalidInputError("--steps must be at least 1")
     inputs, outputs = model_io(model)
@@ -296,6 +334,22 @@ def plan_model(
     live = np.cumsum(live_bytes)
     cuttable = np.cumsum(blocked) == 0
     candidates = [c for c in range(1, n) if cuttable[c]]
+    hazards: list[tuple[int, int]] = []  # (producer, consumer): no cut in between
+    if reference is not None and tolerance is not None:
+        found = decisions(compute, types)
+        deciding = {d.index for d in found}
+        for decision in found:
+            movable = {name for name in decision.inputs if producer.get(name, -1) >= 0 and name not in free}
+            if not movable or not near_decision(decision, reference, movable, tolerance):
+                continue
+            # A nudge anywhere upstream of the deciding value moves it too: no cut may separate
+            # the decision from any float tensor it is computed from (back to the exact input,
+            # constants, or an earlier decision, whose discrete output is compared exactly).
+            for name in _float_ancestors(movable, compute, producer, free, types, deciding):
+                hazards.append((producer[name], min(last_use.get(name, decision.index), decision.index)))
+    before = len(candidates)
+    candidates = [c for c in candidates if not any(p < c <= q for p, q in hazards)]
+    hazard_cuts = before - len(candidates)
     auto = MAX_AUTO_STEPS_LARGE if sum(costs) >= LARGE_MODEL_FLOPS else MAX_AUTO_STEPS
     wanted = min(auto, n) if steps is None else steps
     if wanted > len(candidates) + 1:
@@ -345,7 +399,48 @@ def plan_model(
             )
         )
     # Graph outputs that are graph inputs (pass-through) need no step; everything else is produced.
-    return StepPlan(inputs, outputs, tuple(plan_steps), False)
+    divided: list[str] = []  # boundary tensors a later step reads where the sign of a zero matters
+    for step in plan_steps[:-1]:
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in compute[step.first_node + step.node_count :]:
+            for name in node.input:
+                if name in step.outputs:
+                    consumers.setdefault(name, []).append(node)
+        divided.extend(sign_sensitive(consumers, step.outputs))
+    return StepPlan(inputs, outputs, tuple(plan_steps), False, tuple(sorted(set(divided))), hazard_cuts)
+
+
+def decision_inputs(model: onnx.ModelProto) -> list[str]:
+    """The tensors whose values the cut-safety check needs (inputs of deciding nodes)."""
+    inputs, _ = model_io(model)
+    split = _split(model, [s.name for s in inputs])
+    types = _value_infos(_light_copy(model))
+    names = [name for d in decisions(split.compute, types) for name in d.node.input if name]
+    return list(dict.fromkeys(names))
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> tuple[bytes, list[str]]:
+    """The model with ``names`` as extra graph outputs (those computed inside the graph whose type
+    is known), serialized, and the names it added."""
+    types = _value_infos(_light_copy(model))
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output} | {i.name for i in extended.graph.input}
+    present |= {t.name for t in extended.graph.initializer}
+    added = []
+    for name in names:
+        if name not in present and name in types:
+            extended.graph.output.append(_io_info(name, types))
+            present.add(name)
+            added.append(name)
+    return bytes(extended.SerializeToString()), added
+
+
+def initializer_values(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    wanted = set(names)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
 
 
 def build_step_models(model: onnx.ModelProto, model_bytes: bytes, plan: StepPlan) -> PlannedModel:

@@ -130,7 +130,9 @@ class StepRunner:
         try:
             results = sess.run(list(outputs), dict(inputs))
         except failures as exc:
-            raise StepExecutionError(f"onnxruntime failed running step {digest[:19]}: {_first_line(exc)}") from exc
+            error = StepExecutionError(f"onnxruntime failed running step {digest[:19]}: {_first_line(exc)}")
+            error.data_dependent = _data_dependent(exc)
+            raise error from exc
         return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
 
 
@@ -147,3 +149,14 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(
         value for name in dir(state) if isinstance(value := getattr(state, name), type) and issubclass(value, Exception)
     )
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Did the inputs make the step fail (an index out of range, a shape that does not fit), as
+    opposed to the machine (memory, a provider)? Only the former is reproducible anywhere."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    text = str(exc).lower()
+    if any(word in text for word in ("alloc", "memory", "cuda", "device")):
+        return False
+    return isinstance(exc, (state.InvalidArgument, state.Fail))

@@ -66,12 +66,16 @@ class Comparison:
 
 
 def compare_tensors(
-    name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *, discrete: bool = False
+    name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance, *, discrete: bool = False, zero_sign: bool = False
 ) -> Comparison:
     """Compare a committed tensor (``got``) with the verifier's recomputation (``ref``).
 
     ``discrete``: the tensor is a model output whose argmax over the last axis is a decision
-    (class logits); intermediate feature maps have no such meaning and skip that metric."""
+    (class logits); intermediate feature maps have no such meaning and skip that metric.
+    Special values are compared exactly, never within a tolerance: NaN where NaN, +inf where
+    +inf, -inf where -inf (a later Reciprocal, Log or argmax turns a flipped infinity into another
+    result). ``zero_sign``: the tensor feeds an operator that tells -0.0 from +0.0 (a divisor),
+    so the sign of every zero must agree too."""
     if got.shape != ref.shape or got.dtype != ref.dtype:
         return Comparison(
             False, f"{name}: shape/dtype {got.dtype}{list(got.shape)} != recomputed {ref.dtype}{list(ref.shape)}", {}
@@ -88,14 +92,26 @@ def compare_tensors(
     )
     finite_g, finite_r = np.isfinite(g), np.isfinite(r)
     if not (finite_g.all() and finite_r.all()):
-        bad_nonfinite = int(np.count_nonzero(~finite_g & finite_r))
-        if bad_nonfinite or not np.array_equal(finite_g, finite_r):
+        special = int(
+            np.count_nonzero(
+                (np.isnan(g) != np.isnan(r)) | (np.isposinf(g) != np.isposinf(r)) | (np.isneginf(g) != np.isneginf(r))
+            )
+        )
+        if special:
             return Comparison(
                 False,
-                f"{name}: {bad_nonfinite} NaN/Inf values where the recomputation is finite",
-                {"nonfinite": bad_nonfinite},
+                f"{name}: {special} elements differ in NaN/infinity (special values must match exactly)",
+                {"special_values": special},
             )
-        g, r = np.where(finite_r, g, 0), np.where(finite_r, r, 0)  # same non-finite pattern: compare the rest
+        g, r = np.where(finite_r, g, 0), np.where(finite_r, r, 0)  # same special values: compare the rest
+    if zero_sign:
+        flipped = int(np.count_nonzero((g == 0) & (r == 0) & (np.signbit(g) != np.signbit(r))))
+        if flipped:
+            return Comparison(
+                False,
+                f"{name}: {flipped} zeros with the wrong sign (the tensor feeds a divisor)",
+                {"zero_signs": flipped},
+            )
     diff = np.abs(g - r)
     rel_fro = _norm(diff) / max(_norm(r), 1e-30) if diff.any() else 0.0
     outside = int(np.count_nonzero(diff > np.abs(r) * r.dtype.type(tol.rtol) + r.dtype.type(tol.atol)))
@@ -140,6 +156,7 @@ class ToleranceProfile:
     model_digest: str
     precision: str
     steps: dict[int, tuple[str, Tolerance]]
+    windows: dict[int, Tolerance]  # step index -> tolerance of the window ending at that step
 
 
 def load_tolerance_profile(path: Path) -> ToleranceProfile:
@@ -148,10 +165,12 @@ def load_tolerance_profile(path: Path) -> ToleranceProfile:
     if not isinstance(doc, dict) or doc.get("type") != PROFILE_TYPE or doc.get("version") != 1:
         raise InvalidInputError(f"{path} is not a verimesh tolerance profile")
     try:
-        steps = {}
+        steps, windows = {}, {}
         for entry in doc["steps"]:
             parse_digest(entry["digest"], what="profile step digest")
             steps[int(entry["index"])] = (str(entry["digest"]), Tolerance.from_json(entry["tolerance"]))
-        return ToleranceProfile(str(doc["model_digest"]), str(doc["precision"]), steps)
+            if "window_tolerance" in entry:
+                windows[int(entry["index"])] = Tolerance.from_json(entry["window_tolerance"])
+        return ToleranceProfile(str(doc["model_digest"]), str(doc["precision"]), steps, windows)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError(f"{path} is malformed ({exc})") from exc

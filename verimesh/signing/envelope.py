@@ -75,13 +75,21 @@ class Envelope:
             raise InvalidInputError(f"statement _type must be {STATEMENT_TYPE}")
         if not isinstance(doc["subject"], list) or not isinstance(doc["predicate"], dict):
             raise InvalidInputError("statement subject must be a list and predicate an object")
+        names = []
         for subject in doc["subject"]:
             if not isinstance(subject, dict) or set(subject) != {"name", "digest"}:
                 raise InvalidInputError("statement subject entries need exactly name and digest")
+            if not isinstance(subject["name"], str):
+                raise InvalidInputError("statement subject names must be strings")
+            names.append(subject["name"])
             digest = subject["digest"]
             if not isinstance(digest, dict) or set(digest) != {"sha256"}:
                 raise InvalidInputError("statement subject digest must be {sha256: hex}")
             parse_digest("sha256:" + str(digest["sha256"]), what="subject digest")
+        # One entry per name, in name order: a consumer reading the first entry for a name must
+        # read the one that was verified (a fake digest listed before the real one is refused).
+        if names != sorted(set(names)):
+            raise InvalidInputError("statement subjects must be unique and sorted by name")
         return doc
 
     def signed_by(self, public: PublicKey) -> bool:

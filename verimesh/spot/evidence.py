@@ -20,6 +20,9 @@ nothing it says is taken on trust.
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +41,10 @@ from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.modelsafety import check_model_bytes
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey
+from verimesh.spot.sealed_evidence import SEALED_KINDS, check_sealed_evidence
 
 EVIDENCE_TYPE = "verimesh/evidence"
+EVIDENCE_DIR_ENV = "VERIMESH_EVIDENCE_DIR"
 KINDS = ("step-mismatch", "binding", "equivocation")
 BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor")
 
@@ -55,6 +60,7 @@ class EvidenceResult:
     reason: str
     digest: str
     details: dict[str, Any] = field(default_factory=dict)
+    step_range: tuple[int, int] | None = None  # of the signed statement the claim is about
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +68,7 @@ class EvidenceResult:
             "kind": self.kind,
             "node_id": self.node_id,
             "job_id": self.job_id,
+            "step_range": list(self.step_range) if self.step_range else None,
             "reason": self.reason,
             "evidence_digest": self.digest,
             "details": self.details,
@@ -185,30 +192,46 @@ def check_evidence(path: Path) -> EvidenceResult:
     if names[:3] != ["evidence.json", "envelope.json", "node.pub.json"]:
         raise InvalidInputError(f"evidence {path} does not have the evidence members in order")
     doc = parse_canonical_json(bytes(members["evidence.json"]), what="evidence.json")
-    expected = {"type", "version", "kind", "step", "field", "tensors", "reason"}
-    if not isinstance(doc, dict) or set(doc) != expected or doc["type"] != EVIDENCE_TYPE or doc["version"] != 1:
-        raise InvalidInputError("evidence.json is not verimesh evidence v1")
+    version = doc.get("version") if isinstance(doc, dict) else None
+    last = "members" if version == 2 else "tensors"
+    expected = {"type", "version", "kind", "step", "field", last, "reason"}
+    if not isinstance(doc, dict) or set(doc) != expected or doc["type"] != EVIDENCE_TYPE or version not in (1, 2):
+        raise InvalidInputError("evidence.json is not verimesh evidence (version 1 or 2)")
     kind = doc["kind"]
-    if kind not in KINDS:
+    if kind not in KINDS + SEALED_KINDS:
         raise InvalidInputError(f"evidence kind {kind!r} is unknown")
     # 2.
-    pub_doc = parse_json(bytes(members["node.pub.json"]), what="evidence node.pub.json")
+    pub_bytes = bytes(members["node.pub.json"])
+    pub_doc = parse_json(pub_bytes, what="evidence node.pub.json")
     try:
         public = PublicKey(bytes.fromhex(pub_doc["public_key"]), bytes.fromhex(pub_doc["proof_of_possession"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInputError("evidence node.pub.json is malformed") from exc
+    # Every byte of evidence is determined by what it proves: no member may be spelled two ways.
+    if canonical_json(public.to_json()) != pub_bytes:
+        raise InvalidInputError("evidence node.pub.json is not the canonical public key document")
+    if not public.check_possession():  # else a flipped proof-of-possession bit re-encodes the same proof
+        raise InvalidInputError("evidence node.pub.json carries a proof of possession that does not verify")
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
     if kind == "equivocation":
-        if names[3:] != ["second.envelope.json"]:
+        if version != 1 or names[3:] != ["second.envelope.json"]:
             raise InvalidInputError("equivocation evidence must hold exactly two envelopes")
         second = Envelope.from_bytes(bytes(members["second.envelope.json"]), what="evidence second envelope")
         return _check_equivocation(envelope, second, public, digest)
     if names[3:4] != ["job.json"]:
         raise InvalidInputError(f"evidence {path} has no job.json")
     job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
+    if job.canonical_bytes() != bytes(members["job.json"]):
+        raise InvalidInputError("evidence job.json is not the job's canonical document")
+    step_range = _signed_step_range(envelope)
 
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:
-        return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details)
+        return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details, step_range)
+
+    if version == 2:
+        return check_sealed_evidence(members, doc, job, public, result)
+    if job.version != 1:
+        return result(False, "version 1 evidence concerns version 1 jobs only")
 
     # 3.
     if not envelope.signed_by(public):
@@ -264,6 +287,60 @@ def check_evidence(path: Path) -> EvidenceResult:
     if check.ok:
         return result(False, f"re-running step {step} matches the committed outputs; no fraud shown")
     return result(True, f"step {step} outputs do not follow from its committed inputs: {check.reason}", metrics=metrics)
+
+
+def _signed_step_range(envelope: Envelope) -> tuple[int, int] | None:
+    try:
+        value = envelope.statement()["predicate"].get("step_range")
+    except InvalidInputError:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def evidence_dir() -> Path:
+    """``$VERIMESH_EVIDENCE_DIR``, else the user data dir: where evidence is kept, named by digest."""
+    env = os.environ.get(EVIDENCE_DIR_ENV)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("verimesh")) / "evidence"
+
+
+def store_evidence(write: Callable[[Path], object], *, out: Path | None = None) -> tuple[Path, str | None]:
+    """Write evidence into the store as ``<sha256>.vme``, then copy it to ``out`` if asked.
+
+    Evidence must exist whatever the bundle is called and wherever it lies (a long name, a
+    read-only inbox): the store is the verifier's own folder and the name is the digest. Returns
+    the path to report (``out`` when the copy worked) and, when it did not, why."""
+    folder = evidence_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".incoming-{os.getpid()}-{secrets.token_hex(4)}.vme"
+        write(tmp)
+        digest = sha256_file(tmp)
+        final = folder / f"{digest.removeprefix('sha256:')}.vme"
+        tmp.replace(final)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot write evidence into {folder}: {exc.strerror or exc}",
+            code="evidence-store", hint=f"set {EVIDENCE_DIR_ENV} to a writable folder",
+        ) from exc  # fmt: skip
+    if out is None:
+        return final, None
+    try:
+        partial = out.with_name(out.name + ".partial")
+        shutil.copyfile(final, partial)
+        partial.replace(out)
+    except OSError as exc:
+        return final, f"could not write {out} ({exc.strerror or exc}); the evidence is at {final}"
+    return out, None
 
 
 def _check_binding(

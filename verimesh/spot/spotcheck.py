@@ -10,19 +10,23 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from verimesh.core import merkle
 from verimesh.core.digest import format_digest, parse_digest
 from verimesh.core.tensors import TensorRef
+from verimesh.errors import StepExecutionError
+from verimesh.jobs.bundle import SEAL_ALGORITHM
 from verimesh.jobs.job import Job
 from verimesh.jobs.runtime import StepRunner
 from verimesh.jobs.tolerance import Comparison, Tolerance, compare_tensors
 
-PREDICATE_TYPE = "https://verimesh.dev/spot-check/v1"
-COMMITMENT_ALGORITHM = "rfc9162-sha256/tensor-digest-leaves"
+# By job (and bundle) version: version 2 signs a root over every sealed member of the bundle.
+PREDICATE_TYPES = {1: "https://verimesh.dev/spot-check/v1", 2: "https://verimesh.dev/spot-check/v2"}
+COMMITMENT_ALGORITHMS = {1: "rfc9162-sha256/tensor-digest-leaves", 2: SEAL_ALGORITHM}
+PREDICATE_TYPE, COMMITMENT_ALGORITHM = PREDICATE_TYPES[1], COMMITMENT_ALGORITHMS[1]
 
 Progress = Callable[[int, int], None]
 
@@ -77,11 +81,13 @@ def commit_entries(entries: Sequence[TensorRef]) -> Commitment:
 
 
 def spot_predicate(
-    job: Job, *, node_id: str, runner: StepRunner, commitment: Commitment, proof_digest: str
+    job: Job, *, node_id: str, runner: StepRunner, root: bytes, leaves: int, proof_digest: str | None = None
 ) -> dict[str, object]:
+    """The signed claim. Version 1 also names trace.json's digest (its root covers only the
+    declared tensor digests); in version 2 the root covers every member, trace.json included."""
     from verimesh.jobs.runtime import onnxruntime_version
 
-    return {
+    predicate: dict[str, object] = {
         "job_id": job.job_id,
         "mode": "spot",
         "node_id": node_id,
@@ -94,13 +100,11 @@ def spot_predicate(
             "precision": runner.precision,
             "optimization": runner.optimization,
         },
-        "commitment": {
-            "algorithm": COMMITMENT_ALGORITHM,
-            "root": commitment.root_digest,
-            "leaves": len(commitment.leaf_hashes),
-        },
-        "proof_digest": proof_digest,
+        "commitment": {"algorithm": COMMITMENT_ALGORITHMS[job.version], "root": format_digest(root), "leaves": leaves},
     }
+    if job.version == 1:
+        predicate["proof_digest"] = proof_digest
+    return predicate
 
 
 def sample_steps(job: Job, samples: int | None, rng: random.Random) -> tuple[int, ...]:
@@ -128,12 +132,20 @@ def seeded_rng(seed: int) -> random.Random:
 
 @dataclass(frozen=True)
 class StepCheck:
+    """One re-check: ``index`` the step compared; ``window`` when it ran from the verifier's own
+    outputs of the step before; ``failed`` when the step could not run on its inputs at all."""
+
     index: int
     ok: bool
     comparisons: tuple[Comparison, ...]
+    recomputed: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)
+    window: bool = False
+    failed: str | None = None
 
     @property
     def reason(self) -> str:
+        if self.failed:
+            return f"step {self.index} does not run on its committed inputs: {self.failed}"
         return "; ".join(c.reason for c in self.comparisons if not c.ok)
 
 
@@ -144,12 +156,33 @@ def recheck_step(
     trace: Mapping[str, np.ndarray],
     runner: StepRunner,
     tolerance: Tolerance,
+    *,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    sign_sensitive: frozenset[str] = frozenset(),
+    compare: bool = True,
 ) -> StepCheck:
-    """Re-run one step from its committed inputs and compare with its committed outputs."""
+    """Re-run one step and compare with its committed outputs.
+
+    By default the step runs from its committed inputs. ``feeds`` overrides some of them: the
+    window check runs step i + 1 from the verifier's own outputs of step i, which catches a
+    boundary value nudged within the tolerance where the next step turns it into another result.
+    A step that cannot run on committed inputs (an index out of range, a shape that does not fit)
+    fails the check: the job's own input ran when the job was made, so only a wrong commitment
+    gets there. A failure of the machine (memory) is not a check result and propagates.
+    ``compare=False`` only runs the step (the first step of a window whose outputs are not at hand)."""
     step = job.steps[index]
-    recomputed = runner.run(step.digest, step_model, {n: trace[n] for n in step.inputs}, step.outputs)
+    inputs = {n: (feeds[n] if feeds is not None and n in feeds else trace[n]) for n in step.inputs}
+    try:
+        recomputed = runner.run(step.digest, step_model, inputs, step.outputs)
+    except StepExecutionError as exc:
+        if not exc.data_dependent:
+            raise
+        return StepCheck(index, False, (), {}, feeds is not None, exc.message)
+    if not compare:
+        return StepCheck(index, True, (), recomputed, feeds is not None)
     outputs = set(job.output_names)
     comparisons = tuple(
-        compare_tensors(n, trace[n], recomputed[n], tolerance, discrete=n in outputs) for n in step.outputs
+        compare_tensors(n, trace[n], recomputed[n], tolerance, discrete=n in outputs, zero_sign=n in sign_sensitive)
+        for n in step.outputs
     )
-    return StepCheck(index, all(c.ok for c in comparisons), comparisons)
+    return StepCheck(index, all(c.ok for c in comparisons), comparisons, recomputed, feeds is not None)

@@ -8,7 +8,6 @@ from the job owner's circuit only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,16 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from verimesh.core.canonical import parse_json
 from verimesh.core.digest import sha256_bytes, tensor_digest
 from verimesh.errors import InvalidInputError
-from verimesh.jobs.bundle import Bundle, BundleWriter
+from verimesh.jobs.bundle import SEAL_ALGORITHM, Bundle, BundleWriter, sealed_root
 from verimesh.jobs.circuit import Circuit
 from verimesh.jobs.job import Job
 from verimesh.jobs.verdict import Check
 from verimesh.signing.envelope import make_statement, sign_statement
 from verimesh.signing.keys import PublicKey, SecretKey
 
-PREDICATE_TYPE = "https://verimesh.dev/zk/v1"
+# By job (and bundle) version: version 2 also signs a root over every sealed member of the bundle.
+PREDICATE_TYPES = {1: "https://verimesh.dev/zk/v1", 2: "https://verimesh.dev/zk/v2"}
+PREDICATE_TYPE = PREDICATE_TYPES[1]
 MAX_PROOF_BYTES = 64 * 1024 * 1024
 
 
@@ -44,7 +46,20 @@ def claimed_outputs(circuit: Circuit, felts: list[str]) -> dict[str, np.ndarray]
     return out
 
 
-def zk_predicate(job: Job, circuit: Circuit, node_id: str, proofs: tuple[bytes, ...]) -> dict[str, Any]:
+def zk_predicate(
+    job: Job, circuit: Circuit, node_id: str, proofs: tuple[bytes, ...], leaves: tuple[bytes, ...] = ()
+) -> dict[str, Any]:
+    """The signed claim; version 2 adds the seal (the root over every member's leaf)."""
+    predicate = _zk_claim(job, circuit, node_id, proofs)
+    if job.version == 2:
+        from verimesh.core.digest import format_digest
+
+        root = format_digest(sealed_root(leaves))
+        predicate["commitment"] = {"algorithm": SEAL_ALGORITHM, "root": root, "leaves": len(leaves)}
+    return predicate
+
+
+def _zk_claim(job: Job, circuit: Circuit, node_id: str, proofs: tuple[bytes, ...]) -> dict[str, Any]:
     return {
         "job_id": job.job_id,
         "mode": "zk",
@@ -79,19 +94,54 @@ def prove_zk(
     proofs, felts = prover.prove(circuit, inputs, srs_path, progress=progress)
     # 3. Claimed outputs from the proof's own outputs, statement, signature, bundle.
     outputs = claimed_outputs(circuit, felts)
-    writer = BundleWriter(out)
+    writer = BundleWriter(out, version=job.version)
     try:
         for name in job.output_names:
             writer.add_tensor(name, outputs[name])
-        entries = writer.entries()
-        predicate = zk_predicate(job, circuit, key.node_id, tuple(proofs))
-        statement = make_statement({e.name: e.digest for e in entries}, PREDICATE_TYPE, predicate)
-        size = writer.finish(sign_statement(statement, key), tuple(proofs))
+        writer.entries()
+        leaves = writer.seal(tuple(proofs)) if job.version == 2 else ()
+        predicate = zk_predicate(job, circuit, key.node_id, tuple(proofs), leaves)
+        subjects = {name: tensor_digest(name, outputs[name]) for name in job.output_names}
+        statement = make_statement(subjects, PREDICATE_TYPES[job.version], predicate)
+        size = writer.finish(sign_statement(statement, key), () if job.version == 2 else tuple(proofs))
     except BaseException:
         writer.abort()
         raise
     proofs_digest = sha256_bytes("".join(predicate["proofs"]).encode())
-    return size, proofs_digest, {e.name: e.digest for e in entries}
+    return size, proofs_digest, subjects
+
+
+def _check_seal(parsed: Bundle, pred: dict[str, Any], checks: list[Check], fail: Callable[..., ZkReject]) -> None:
+    """Version 2: every member is the one the node sealed, and the sealed members are readable."""
+    from verimesh.core.digest import format_digest
+
+    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
+    want = {"algorithm": SEAL_ALGORITHM, "root": format_digest(sealed_root(parsed.leaves)),
+            "leaves": len(parsed.members)}  # fmt: skip
+    if commitment != want:
+        raise fail("seal", "the bundle's bytes are not the ones the node sealed", want, commitment)
+    if parsed.problems:
+        member, problem = parsed.problems[0]
+        raise fail("trace", f"sealed {member}: {problem}")
+    checks.append(Check("seal", True, f"every byte of {len(parsed.members)} members under the signed root"))
+
+
+def write_zk_bundle(
+    job: Job, circuit: Circuit, *, key: SecretKey, outputs: dict[str, np.ndarray], proofs: tuple[bytes, ...],
+    out: Path,
+) -> int:  # fmt: skip
+    """Write and sign a zk bundle of the job's format from outputs and proofs given whole (a worker
+    with its own proving loop, the tamper set); ``prove_zk`` streams the same members."""
+    from verimesh.core.digest import member_leaf
+    from verimesh.core.tensors import TensorRef
+    from verimesh.jobs.bundle import bundle_members, write_bundle
+
+    entries = tuple(TensorRef.of(n, outputs[n]) for n in job.output_names)
+    members = bundle_members(entries, outputs, proofs, version=job.version)
+    leaves = tuple(member_leaf(name, data) for name, data in members) if job.version == 2 else ()
+    predicate = zk_predicate(job, circuit, key.node_id, proofs, leaves)
+    statement = make_statement({e.name: e.digest for e in entries}, PREDICATE_TYPES[job.version], predicate)
+    return write_bundle(out, sign_statement(statement, key), entries, outputs, proofs, version=job.version)
 
 
 class ZkReject(Exception):
@@ -123,8 +173,8 @@ def check_zk(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *
         return ZkReject(Check(name, False, detail, exp, None if got is None else str(got)))
 
     # 3.
-    if statement["predicateType"] != PREDICATE_TYPE:
-        raise fail("statement", "wrong predicate type", PREDICATE_TYPE, statement["predicateType"])
+    if statement["predicateType"] != PREDICATE_TYPES[job.version]:
+        raise fail("statement", "wrong predicate type", PREDICATE_TYPES[job.version], statement["predicateType"])
     if pred.get("job_id") != job.job_id:
         raise fail("job-binding", "the bundle is for another job (replayed?)", job.job_id, pred.get("job_id"))
     expected = {
@@ -138,6 +188,8 @@ def check_zk(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *
     if len(parsed.proofs) != len(circuit.steps) or pred.get("proofs") != digests:
         raise fail("statement", "proof members are not the ones the statement signs", pred.get("proofs"), digests)
     checks.append(Check("statement", True, f"job {job.job_id[:19]}…, circuit {circuit.digest[:19]}…"))
+    if job.version == 2:
+        _check_seal(parsed, pred, checks, fail)
     # 4.
     names = tuple(e.name for e in parsed.trace)
     if names != job.output_names:
@@ -145,7 +197,8 @@ def check_zk(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *
     subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
     for entry in parsed.trace:
         actual = tensor_digest(entry.name, parsed.tensors[entry.name])
-        if actual != entry.digest or subjects.get(entry.name) != actual:
+        declared = actual if parsed.version == 2 else entry.digest  # format 2: the seal binds the bytes
+        if actual != declared or subjects.get(entry.name) != actual:
             raise fail(
                 "output-binding", f"output {entry.name!r} does not match its digest and subject", entry.digest, actual
             )
@@ -157,7 +210,10 @@ def check_zk(parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *
         if len(blob) > MAX_PROOF_BYTES:
             raise fail(f"proof-step-{step.index}", "proof is over the size limit")
         try:
-            doc = json.loads(blob)
+            # Bounded in depth before parsing: a proof is the worker's, untrusted bytes.
+            doc = parse_json(blob, what=f"proof of step {step.index}", max_bytes=MAX_PROOF_BYTES)
+            if not isinstance(doc, dict):
+                raise InvalidInputError("a proof is a JSON object")
             flat = zk.instances(doc)
         except (ValueError, InvalidInputError) as exc:
             raise fail(f"proof-step-{step.index}", f"proof is not an ezkl proof: {exc}") from exc
