@@ -23,6 +23,7 @@ from verimesh.errors import InvalidInputError
 from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, sealed_root, tensor_member, trace_document
 from verimesh.jobs.job import Job, load_job
 from verimesh.jobs.runtime import StepRunner
+from verimesh.jobs.tolerance import same_bits
 from verimesh.jobs.verdict import Check, Verdict
 from verimesh.signing.envelope import Envelope, make_statement, sign_statement
 from verimesh.signing.keys import PublicKey, SecretKey, load_public_key
@@ -410,7 +411,7 @@ def _recheck_sampled(
         following = index + 1
         if job.policy.window < 2 or following >= len(job.steps):
             continue
-        if all(_same_bits(own.recomputed[n], parsed.tensors[n]) for n in job.steps[index].outputs):
+        if all(same_bits(own.recomputed[n], parsed.tensors[n]) for n in job.steps[index].outputs):
             plain(following)
             continue
         load_next = lambda i=following: job.read_step_model(i)  # noqa: E731
@@ -422,10 +423,6 @@ def _recheck_sampled(
         if not window.ok:
             raise _Rejected(check, _rerun_evidence(parsed, job, public, "window-mismatch", index, check, leaf_hashes))
         state.checks.append(check)
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def _metrics(job: Job, index: int, result: StepCheck) -> dict[str, Any]:

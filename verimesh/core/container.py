@@ -14,10 +14,10 @@ import os
 import re
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from verimesh.core.threads import map_bytes
 from verimesh.errors import InvalidInputError
 
 try:  # ISA-L's CRC-32: the same polynomial and values as zlib's, about 3x faster, GIL released
@@ -147,13 +147,21 @@ def read_private(path: Path, *, what: str, max_bytes: int) -> bytearray:
     return buffer
 
 
-def read_container_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
+def read_container_file(
+    path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS, crcs: dict[str, int] | None = None
+) -> dict[str, memoryview]:
     """Parse a container file from a private copy of its bytes (see ``read_private``)."""
-    return read_container(read_private(path, what=what, max_bytes=limits.max_file_bytes), what=what, limits=limits)
+    data = read_private(path, what=what, max_bytes=limits.max_file_bytes)
+    return read_container(data, what=what, limits=limits, crcs=crcs)
 
 
-def read_container(data: bytes | bytearray, *, what: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, memoryview]:
-    """Parse a canonical container; returns name -> zero-copy view of the member's bytes."""
+def read_container(
+    data: bytes | bytearray, *, what: str, limits: Limits = DEFAULT_LIMITS, crcs: dict[str, int] | None = None
+) -> dict[str, memoryview]:
+    """Parse a canonical container; returns name -> zero-copy view of the member's bytes.
+
+    ``crcs``: the caller checks the members' CRC-32s itself (``crc_matches``), in the same pass as
+    other work over the bytes; they are put here instead of checked."""
     if len(data) > limits.max_file_bytes:
         raise InvalidInputError(f"{what} is over the {limits.max_file_bytes}-byte limit")
     view = memoryview(data).toreadonly()
@@ -173,7 +181,7 @@ def read_container(data: bytes | bytearray, *, what: str, limits: Limits = DEFAU
         raise bad("central directory does not end where the end record begins")
     # 2. Local entries, in order, from offset 0 up to the central directory.
     members: dict[str, memoryview] = {}
-    crcs: list[int] = []
+    expected_crcs: list[int] = []
     expected_central: list[bytes] = []
     pos = 0
     for _ in range(n_total):
@@ -203,7 +211,7 @@ def read_container(data: bytes | bytearray, *, what: str, limits: Limits = DEFAU
         if name in members:
             raise bad(f"duplicate member {name!r}")
         members[name] = view[data_start:data_end]
-        crcs.append(crc)
+        expected_crcs.append(crc)
         expected_central.append(
             _CENTRAL.pack(
                 _CENTRAL_SIG,
@@ -233,17 +241,22 @@ def read_container(data: bytes | bytearray, *, what: str, limits: Limits = DEFAU
     if view[cd_offset : cd_offset + cd_size] != b"".join(expected_central):
         raise bad("central directory does not match the local headers")
     # 4. CRCs last, in parallel for large containers (the CRC releases the GIL).
-    for name, ok in zip(members, _crcs_match(list(members.values()), crcs), strict=True):
+    if crcs is not None:
+        crcs.update(zip(members, expected_crcs, strict=True))
+        return members
+    for name, ok in zip(members, _crcs_match(list(members.values()), expected_crcs), strict=True):
         if not ok:
             raise bad(f"CRC mismatch in member {name!r}")
     return members
+
+
+def crc32(data: bytes | memoryview, value: int = 0) -> int:
+    """The ZIP CRC-32 (continuing from ``value``)."""
+    return int(_crc32(data, value)) & 0xFFFFFFFF
 
 
 def _crcs_match(payloads: list[memoryview], crcs: list[int]) -> list[bool]:
     def check(i: int) -> bool:
         return _crc32(payloads[i]) & 0xFFFFFFFF == crcs[i]
 
-    if sum(p.nbytes for p in payloads) < 4 << 20 or (os.cpu_count() or 1) < 2:
-        return [check(i) for i in range(len(payloads))]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(check, range(len(payloads))))
+    return map_bytes(check, range(len(payloads)), total_bytes=sum(p.nbytes for p in payloads))

@@ -108,3 +108,20 @@ def member_leaf(name: str, data: bytes | memoryview, *, threads: bool = False) -
     h.update(MEMBER_TAG + struct.pack(">H", len(name_b)) + name_b)
     h.update(data)
     return bytes(h.digest())
+
+
+def member_leaf_and_crc(name: str, data: bytes | memoryview) -> tuple[bytes, int]:
+    """``member_leaf`` and the member's ZIP CRC-32 in one pass over the bytes."""
+    import blake3
+
+    from verimesh.core.container import crc32
+
+    name_b = name.encode("ascii")
+    h = blake3.blake3(MEMBER_TAG + struct.pack(">H", len(name_b)) + name_b)
+    view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+    crc, chunk = 0, 1 << 18
+    for start in range(0, view.nbytes, chunk):
+        part = view[start : start + chunk]
+        crc = crc32(part, crc)
+        h.update(part)
+    return bytes(h.digest()), crc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,7 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+@cache
 def _ort_errors() -> tuple[type[BaseException], ...]:
     """onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, NotImplemented, ...):
     they derive from Exception, not RuntimeError, so they are named here."""

@@ -80,6 +80,8 @@ def compare_tensors(
         return Comparison(
             False, f"{name}: shape/dtype {got.dtype}{list(got.shape)} != recomputed {ref.dtype}{list(ref.shape)}", {}
         )
+    if same_bits(got, ref):  # bit for bit the same (an honest run on the same platform)
+        return Comparison(True, "", _identical(got, discrete))
     if got.dtype.kind in "biu":
         mismatched = int(np.count_nonzero(got != ref))
         detail = f"{name}: {mismatched} of {got.size} elements differ" if mismatched else ""
@@ -132,6 +134,24 @@ def compare_tensors(
         if flips:
             problems.append(f"argmax differs in {flips} rows")
     return Comparison(not problems, f"{name}: " + "; ".join(problems) if problems else "", metrics)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same dtype, shape and bytes (NaN payloads and the signs of zeros included), without copies."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+    return a.tobytes() == b.tobytes()
+
+
+def _identical(got: np.ndarray, discrete: bool) -> dict[str, Any]:
+    if got.dtype.kind in "biu":
+        return {"mismatched": 0}
+    metrics: dict[str, Any] = {"rel_frobenius": 0.0, "outside_fraction": 0.0, "max_abs_diff": 0.0}
+    if discrete and got.ndim >= 1 and got.shape[-1] > 1:
+        metrics["argmax_flips"] = 0
+    return metrics
 
 
 def _norm(x: np.ndarray) -> float:
