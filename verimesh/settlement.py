@@ -1,50 +1,80 @@
-"""Settlement: the ledger side of the workflows (docs/design.md §6).
+"""Settlement: the ledger side of the workflows (docs/design.md §6, docs/format.md §10).
 
-- ``register_node``: a node joins with a stake; its proof of possession is checked first.
+Every function here writes in one transaction signed by its ``writer`` (the ledger operator or a
+verifier the operator registered), after checking the log since its last checkpoint
+(``Ledger.view``): a ledger that does not verify is refused (exit 3) before anything is decided.
+
+- ``register_node``, ``top_up``, ``withdraw``, ``release``: stake moves only on a request signed
+  by the node's own key (``verimesh.ledger.events.sign_request``); a withdrawal unbonds, and
+  stays slashable, for ``unbonding_seconds``.
+- ``register_job``: a job owner posts a job with a deposit; only registered jobs earn rewards,
+  paid out of that deposit, never to the job's owner.
 - ``verify_and_settle``: ``verify`` with the node's key and audit policy taken from the ledger,
-  then one transaction appends the receipt (the node's signed envelope), the verdict, and a
-  reward (accept) or a fraud slash (a reject whose evidence the node's own signature proves).
-  A second, different statement by the node for the same job and step range is equivocation:
-  its evidence (the two envelopes) is written and the full stake slashed at once.
-- ``slash_with_evidence``: any verifier may submit evidence; it is re-checked from scratch, and
-  the same evidence never slashes twice.
+  then only an outcome the node's own signature is to blame for changes its standing: the
+  receipt, one verdict per (node, job, step range), a reward, or a fraud slash whose evidence
+  re-checks. A second, different statement by the node for the same job and step range is
+  equivocation: the two envelopes (each re-verified) are the evidence and the slashable stake
+  goes, once per (node, job, step range).
+- ``slash_with_evidence``: any writer may submit evidence; it is re-checked from scratch and
+  slashes once per (node, job, step range) claim, whatever bytes encode it.
+- ``audit_ledger``: ``ledger verify`` with the rules replayed, evidence re-checked here (the
+  ledger layer may not import the spot mechanism).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verimesh.core.canonical import b64encode
+from verimesh.core.canonical import b64decode_strict, b64encode
 from verimesh.core.container import DEFAULT_LIMITS, Limits
-from verimesh.core.digest import sha256_bytes, sha256_file
+from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, load_job
 from verimesh.jobs.runtime import StepRunner
 from verimesh.jobs.verdict import Verdict
-from verimesh.ledger.reputation import (
-    DEFAULT_FRAUD_FRACTION,
-    DEFAULT_REWARD,
-    Standing,
-    fraud_slash,
-    standing_of,
-    standings,
-)
-from verimesh.ledger.store import Ledger, Transaction
+from verimesh.ledger.events import SignedRequest, claim_key, fraction_of, sign_request, time_plus
+from verimesh.ledger.reputation import JobAccount, Standing, apply, fraud_slash, job_account, reward_due, standing_of
+from verimesh.ledger.reputation import standings as fold_standings
+from verimesh.ledger.rules import EvidenceClaim, RuleBook
+from verimesh.ledger.store import Checkpoint, Ledger, LedgerReport, LedgerView, Transaction, verify_ledger
 from verimesh.signing.envelope import Envelope
-from verimesh.signing.keys import PublicKey
-from verimesh.spot.evidence import check_evidence, store_evidence, write_equivocation_evidence
+from verimesh.signing.keys import PublicKey, SecretKey
+from verimesh.spot.evidence import EvidenceResult, check_evidence, store_evidence, write_equivocation_evidence
 from verimesh.workflows import Samples, verify
+
+MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
+NODE_KINDS = ("register", "top-up", "withdraw", "release", "verdict", "reward", "slash")
+
+__all__ = [
+    "Settlement",
+    "SlashResult",
+    "all_standings",
+    "audit_ledger",
+    "node_standing",
+    "register_job",
+    "register_node",
+    "registered_key",
+    "release",
+    "sign_request",
+    "slash_with_evidence",
+    "top_up",
+    "verify_and_settle",
+    "withdraw",
+]
 
 
 @dataclass(frozen=True)
 class Settlement:
     verdict: Verdict
-    appended: tuple[tuple[int, str], ...]  # (seq, kind) of each new entry
+    appended: tuple[tuple[int, str], ...]  # (seq, kind) of each new entry, the writer's commit last
     samples_in_force: int | None
     equivocation_evidence: str | None = None
+    note: str | None = None  # why the ledger recorded less than the verdict (or nothing)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,66 +82,351 @@ class Settlement:
             "ledger_entries": [{"seq": s, "kind": k} for s, k in self.appended],
             "samples_in_force": self.samples_in_force,
             "equivocation_evidence": self.equivocation_evidence,
+            "ledger_note": self.note,
         }
 
 
-def registered_key(ledger: Ledger, node_id: str) -> PublicKey | None:
-    for entry in ledger.entries(node_id=node_id, kinds=["register"]):
-        event = entry.event
-        return PublicKey(bytes.fromhex(event["public_key"]), bytes.fromhex(event["proof_of_possession"]))
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def _registration(view: LedgerView, event: dict[str, Any]) -> PublicKey | None:
+    """The key a registration entry registers, its request re-verified: the log is not trusted
+    for it (a registration its node did not sign registers nobody)."""
+    request = SignedRequest.from_json({"request": event["request"], "signature": event["signature"]})
+    if request.problem(ledger_id=view.ledger_id, action="register") is None and request.node_id == event["node_id"]:
+        return request.public
+    return None
+
+
+def registered_key(view: LedgerView, node_id: str) -> PublicKey | None:
+    for entry in view.entries(node_id=node_id, kinds=["register"]):
+        public = _registration(view, entry.event)
+        if public is not None:
+            return public
+    return None
+
+
+def _counted(view: LedgerView, events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A node's events as the rules count them: its first registration whose request verifies, no other."""
+    registered: set[str] = set()
+    for event in events:
+        if event["kind"] == "register":
+            if event["node_id"] in registered or _registration(view, event) is None:
+                continue
+            registered.add(event["node_id"])
+        yield event
+
+
+def _standing(view: LedgerView, node_id: str) -> Standing:
+    return standing_of(node_id, _counted(view, (e.event for e in view.entries(node_id=node_id, kinds=NODE_KINDS))))
+
+
+def _account(view: LedgerView, job_id: str) -> JobAccount | None:
+    """The job's account, from its first post whose owner's request verifies (a post nobody signed
+    posts nothing) and the rewards paid since."""
+    events = [e.event for e in view.entries(job_id=job_id, kinds=["job", "reward"])]
+    for i, event in enumerate(events):
+        if event["kind"] != "job":
+            continue
+        request = SignedRequest.from_json({"request": event["request"], "signature": event["signature"]})
+        if request.problem(ledger_id=view.ledger_id, action="job") is None and request.node_id == event["owner"]:
+            return job_account(job_id, events[i:])
     return None
 
 
 def node_standing(ledger: Ledger, node_id: str) -> Standing:
-    return standing_of(node_id, (e.event for e in ledger.entries(node_id=node_id)))
+    with ledger.view() as view:
+        return _standing(view, node_id)
 
 
 def all_standings(ledger: Ledger) -> dict[str, Standing]:
-    return standings(e.event for e in ledger.entries() if e.node_id is not None)
+    """Every node's standing, from every entry (all of them checked first)."""
+    with ledger.view() as view:
+        events = list(_counted(view, (e.event for e in view.scan() if e.node_id is not None and e.kind in NODE_KINDS)))
+    return fold_standings(events)
 
 
-def register_node(ledger: Ledger, public: PublicKey, *, stake: int) -> int:
-    """Append a registration after checking the proof of possession (about 1 s, py_ecc)."""
-    if stake <= 0:
-        raise InvalidInputError("stake must be a positive integer")
-    if not public.check_possession():
-        raise VerificationFailedError(f"node {public.node_id}: proof of possession does not verify", code="bad-pop")
-    with ledger.transaction() as txn:
-        if txn.events_of(public.node_id, ["register"]):
-            raise InvalidInputError(f"node {public.node_id} is already registered")
+def _writer_view(txn: Transaction) -> LedgerView:
+    view = txn.view()
+    if not view.may_write(txn.writer.public):
+        raise InvalidInputError(
+            f"{txn.writer.node_id} may not write to this ledger",
+            code="writer-not-registered",
+            hint="the operator registers verifiers with `verimesh ledger verifier add`",
+        )
+    return view
+
+
+# -- stake ----------------------------------------------------------------------------------------
+
+
+def _refuse_request(request: SignedRequest, view: LedgerView, action: str) -> None:
+    problem = request.problem(ledger_id=view.ledger_id, action=action)
+    if problem:
+        raise InvalidInputError(
+            f"{action} refused: {problem}",
+            code="bad-request",
+            hint="the party it speaks for signs it: `verimesh ledger request ...`",
+        )
+
+
+def register_node(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) -> int:
+    """Register the node that signed ``request`` (for this ledger, with its declared stake)."""
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        _refuse_request(request, view, "register")
+        if registered_key(view, request.node_id) is not None or txn.claimed(f"request:{request.digest}"):
+            raise InvalidInputError(
+                f"node {request.node_id} is already registered",
+                code="already-registered",
+                hint="add stake with `verimesh ledger stake top-up`",
+            )
         return txn.append(
-            {"kind": "register", "node_id": public.node_id, "public_key": public.key.hex(),
-             "proof_of_possession": public.proof_of_possession.hex(), "stake": stake}
-        )  # fmt: skip
+            {"kind": "register", "node_id": request.node_id, "stake": request.amount, **request.to_json()}
+        )
 
 
-def _fraction(ledger: Ledger) -> float:
-    return float(ledger.setting("fraud_fraction", str(DEFAULT_FRAUD_FRACTION)))
+def _own_request(txn: Transaction, request: SignedRequest, action: str) -> tuple[LedgerView, Standing]:
+    view = _writer_view(txn)
+    _refuse_request(request, view, action)
+    public = registered_key(view, request.node_id)
+    if public is None or public.key != request.public.key:
+        raise InvalidInputError(f"node {request.node_id} is not registered in this ledger", code="unknown-node")
+    taken = txn.claimed(f"request:{request.digest}")
+    if taken is not None:
+        raise InvalidInputError(
+            f"this request was already used (entry {taken.seq})", code="request-reused", hint="sign a new request"
+        )
+    return view, _standing(view, request.node_id)
 
 
-def _slash(txn: Transaction, standing: Standing, *, amount: int, reason: str, evidence_digest: str,
-           job_id: str | None) -> int | None:  # fmt: skip
-    """Append a slash citing its evidence; None when this evidence already slashed."""
-    seq = txn.size
-    if not txn.claim_evidence(evidence_digest, seq):
-        return None
-    return txn.append(
-        {"kind": "slash", "node_id": standing.node_id, "amount": amount, "reason": reason,
-         "evidence_digest": evidence_digest, "job_id": job_id}
-    )  # fmt: skip
+def top_up(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) -> int:
+    with ledger.transaction(writer) as txn:
+        _own_request(txn, request, "top-up")
+        return txn.append({"kind": "top-up", "node_id": request.node_id, "amount": request.amount, **request.to_json()})
 
 
-def _signer(ledger: Ledger, bundle: Path, limits: Limits) -> tuple[PublicKey, Envelope] | None:
-    """The registered node among the bundle's signers, or None (unreadable bundle or unknown node)."""
+def withdraw(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) -> int:
+    """Start unbonding ``request.amount`` of the bonded stake; it stays slashable until released."""
+    with ledger.transaction(writer) as txn:
+        view, standing = _own_request(txn, request, "withdraw")
+        if request.amount > standing.stake:
+            raise InvalidInputError(
+                f"node {request.node_id} has {standing.stake} bonded; cannot withdraw {request.amount}",
+                code="stake-too-low",
+            )
+        delay = int(view.settings["unbonding_seconds"])
+        return txn.append(
+            {
+                "kind": "withdraw",
+                "node_id": request.node_id,
+                "amount": request.amount,
+                "release_after": time_plus(txn.time, delay),
+                **request.to_json(),
+            }
+        )
+
+
+def release(ledger: Ledger, node_id: str, *, writer: SecretKey) -> list[int]:
+    """Release every withdrawal of the node whose unbonding delay has passed (what slashes left)."""
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        standing = _standing(view, node_id)
+        due = [u for u in standing.unbonding if u.release_after <= txn.time]
+        if not due:
+            waiting = min((u.release_after for u in standing.unbonding), default=None)
+            raise InvalidInputError(
+                f"node {node_id} has no withdrawal past its unbonding delay"
+                + (f" (the next is due {waiting})" if waiting else ""),
+                code="nothing-due",
+            )
+        return [
+            txn.append({"kind": "release", "node_id": node_id, "withdrawal": u.seq, "amount": u.amount}) for u in due
+        ]
+
+
+def register_job(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) -> int:
+    """Post the job ``request`` names with its owner's deposit; rewards for it come out of that deposit."""
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        _refuse_request(request, view, "job")
+        job_id = str(request.request["job_id"])
+        taken = txn.claimed(f"job:{job_id}")
+        if taken is not None:
+            raise InvalidInputError(f"job {job_id} is already registered (entry {taken.seq})", code="job-registered")
+        return txn.append(
+            {"kind": "job", "job_id": job_id, "owner": request.node_id, "deposit": request.amount, **request.to_json()}
+        )
+
+
+# -- evidence -------------------------------------------------------------------------------------
+
+
+def _check_evidence_bytes(body: bytes) -> EvidenceResult:
+    """check_evidence on a private copy: the bytes stored are the bytes checked."""
+    with tempfile.TemporaryDirectory(prefix="verimesh-evidence-") as tmp:
+        path = Path(tmp) / f"{sha256_bytes(body).removeprefix('sha256:')}.vme"
+        path.write_bytes(body)
+        return check_evidence(path)
+
+
+def _evidence_claim(body: bytes) -> EvidenceClaim:
     try:
-        envelope = read_bundle(bundle, limits=limits).envelope
+        r = _check_evidence_bytes(body)
+    except InvalidInputError as exc:
+        return EvidenceClaim(False, "malformed", "", "", None, exc.message)
+    return EvidenceClaim(r.proves_fraud, r.kind, r.node_id, r.job_id, r.step_range, r.reason)
+
+
+def _read_evidence(path: Path) -> bytes:
+    from verimesh.core.files import read_user_file
+
+    return read_user_file(path, what="evidence", max_bytes=MAX_EVIDENCE_BYTES)
+
+
+def _proves(result: EvidenceResult, node_id: str, job_id: str, step_range: tuple[int, int], *, fraud: bool) -> bool:
+    return (
+        result.proves_fraud
+        and (result.node_id, result.job_id, result.step_range) == (node_id, job_id, step_range)
+        and (result.kind != "equivocation") == fraud
+    )
+
+
+# -- settling a verification ----------------------------------------------------------------------
+
+
+def _own_statement(envelope: Envelope, public: PublicKey, job_id: str) -> tuple[dict[str, Any], tuple[int, int]] | None:
+    """The node's statement for this job: its own signature verifies and it names the node and the
+    job with a step range. Anything else (another signer, a replay) is nobody's fault here."""
+    try:
+        statement = envelope.statement()
     except InvalidInputError:
         return None
-    for signature in envelope.signatures:
-        key = registered_key(ledger, signature.keyid)
-        if key is not None:
-            return key, envelope
+    pred = statement["predicate"]
+    rng = pred.get("step_range")
+    well_formed = isinstance(rng, list) and len(rng) == 2 and all(type(v) is int and v >= 0 for v in rng)
+    if not well_formed or pred.get("node_id") != public.node_id or pred.get("job_id") != job_id:
+        return None
+    if not envelope.signed_by(public):
+        return None
+    return statement, (rng[0], rng[1])
+
+
+def _equivocation(
+    view: LedgerView, envelope: Envelope, public: PublicKey, job_id: str, claim: tuple[int, int], subjects: Any
+) -> Envelope | None:
+    """An earlier statement of the node for this job and step range, with other outputs. Each
+    earlier receipt's envelope is verified again: a receipt planted by a writer proves nothing."""
+    mine = sha256_bytes(envelope.to_bytes())
+    for entry in view.entries(node_id=public.node_id, kinds=["receipt"], job_id=job_id):
+        event = entry.event
+        if event["envelope_digest"] == mine or tuple(event["step_range"]) != claim:
+            continue
+        try:
+            earlier = Envelope.from_bytes(b64decode_strict(event["envelope"], what="receipt envelope"))
+        except InvalidInputError:
+            continue
+        own = _own_statement(earlier, public, job_id)
+        if own is not None and own[1] == claim and own[0]["subject"] != subjects:
+            return earlier
     return None
+
+
+class _Settle:
+    """The appends of one settlement, the node's standing and the job's account kept current."""
+
+    def __init__(
+        self, txn: Transaction, view: LedgerView, public: PublicKey, job_id: str, envelope: Envelope | None = None
+    ) -> None:
+        self.txn, self.view, self.public, self.job_id, self.envelope = txn, view, public, job_id, envelope
+        self.standing = _standing(view, public.node_id)
+        self.account = _account(view, job_id)
+        self.appended: list[tuple[int, str]] = []
+
+    def free(self, claim: str) -> bool:
+        return self.txn.claimed(claim) is None
+
+    def append(self, event: dict[str, Any]) -> int:
+        seq = self.txn.append(event)
+        self.appended.append((seq, str(event["kind"])))
+        self.standing = apply(self.standing, {**event, "seq": seq})
+        return seq
+
+    def receipt(self, statement: dict[str, Any], claim: tuple[int, int]) -> int:
+        """The node's envelope, logged once (an earlier receipt of the same envelope is reused)."""
+        assert self.envelope is not None
+        raw = self.envelope.to_bytes()
+        taken = self.txn.claimed(f"receipt:{sha256_bytes(raw)}")
+        if taken is not None:
+            return taken.seq
+        return self.append(
+            {
+                "kind": "receipt",
+                "node_id": self.public.node_id,
+                "job_id": self.job_id,
+                "step_range": list(claim),
+                "subjects": statement["subject"],
+                "envelope_digest": sha256_bytes(raw),
+                "envelope": b64encode(raw),
+            }
+        )
+
+    def slash(self, reason: str, claim: tuple[int, int], evidence: bytes) -> int | None:
+        """Slash once per (reason, node, job, step range), with the evidence kept in the ledger."""
+        if not self.free(claim_key(f"slash:{reason}", self.public.node_id, self.job_id, list(claim))):
+            return None
+        slashable = self.standing.slashable
+        amount = slashable if reason == "equivocation" else fraud_slash(slashable, fraction_of(self.view.settings))
+        if amount <= 0:
+            return None
+        digest = self.txn.store_evidence(evidence)
+        return self.append(
+            {
+                "kind": "slash",
+                "node_id": self.public.node_id,
+                "job_id": self.job_id,
+                "step_range": list(claim),
+                "amount": amount,
+                "reason": reason,
+                "evidence_digest": digest,
+            }
+        )
+
+
+def _find_signer(view: LedgerView, envelope: Envelope | None) -> PublicKey | None:
+    for signature in envelope.signatures if envelope is not None else ():
+        key = registered_key(view, signature.keyid)
+        if key is not None:
+            return key
+    return None
+
+
+def _envelope_of(bundle: Path, job: Job, limits: Limits) -> Envelope | None:
+    """The bundle's envelope, or None when the bundle cannot be read (then no node signed it)."""
+    try:
+        return read_bundle(bundle, limits=limits, version=job.version).envelope
+    except InvalidInputError:
+        return None
+
+
+def registered_signer(
+    bundle: Path, *, job: Job | Path, ledger: Ledger, limits: Limits = DEFAULT_LIMITS
+) -> tuple[PublicKey, Samples]:
+    """Read only: the registered key of the node that signed ``bundle`` and the audit policy in
+    force for it (what ``verify_and_settle`` verifies with), from a ledger checked since its last
+    checkpoint. An unreadable bundle or an unregistered signer is refused (exit 3)."""
+    job = job if isinstance(job, Job) else load_job(job)
+    envelope = _envelope_of(bundle, job, limits)
+    with ledger.view() as view:
+        public = _find_signer(view, envelope)
+        if public is None:
+            raise InvalidInputError(
+                f"{bundle} is unreadable or signed by no node registered in this ledger",
+                code="unknown-node",
+                hint="register the node with `verimesh ledger register`, or give --node-key",
+            )
+        standing = _standing(view, public.node_id)
+    return public, standing.samples_for(len(job.steps), job.policy.samples)
 
 
 def verify_and_settle(
@@ -119,100 +434,190 @@ def verify_and_settle(
     *,
     job: Job | Path,
     ledger: Ledger,
+    writer: SecretKey,
     samples: Samples = None,
     seed: int | None = None,
     evidence_out: Path | None = None,
     runner: StepRunner | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    outputs_out: Path | None = None,
 ) -> Settlement:
-    """Verify with the node's registered key and the audit policy in force, then settle.
+    """Verify with the node's registered key and the audit policy in force, then settle
+    (``outputs_out``: on an accept, also write the verified output values there).
 
-    1. Find the signer among registered nodes (none: the bundle cannot be settled; refused).
-    2. Samples: the caller's, else the policy in force for the node's standing; a node with no
-       stake left is refused.
+    1. Check the log since its last checkpoint and that ``writer`` may write; find the bundle's
+       signer among registered nodes; the job must be registered; a node with no bonded stake is
+       refused (all exit 3, nothing written).
+    2. Samples: the caller's, else the policy in force for the node's standing.
     3. ``verify`` against the registered key.
-    4. One transaction: the receipt if the signature verified (and an equivocation check against
-       the node's earlier receipts for the job), the verdict, then a reward or a fraud slash.
+    4. One transaction, the log checked again under the writer lock:
+       a. the node's own statement for this job (its signature verifies, it names the node and
+          the job) is compared with its earlier receipts for the step range, each re-verified:
+          other outputs are equivocation, whose evidence is written, re-checked and kept, and
+          the slashable stake goes, once per (node, job, step range);
+       b. an outcome the node's signature is to blame for (an accept, or a reject with evidence):
+          the receipt, the verdict once per (node, job, step range) unless the node posted the
+          job, then a reward out of the owner's deposit, or for a fraud the evidence re-checked,
+          kept, and the fraud fraction of the slashable stake, once per claim;
+       c. anything else (a signature by another key, a replay to another job, a broken seal)
+          changes no standing: nothing is written for it.
     """
     job = job if isinstance(job, Job) else load_job(job)
     # 1.
-    signer = _signer(ledger, bundle, limits)
-    if signer is None:
-        raise InvalidInputError(
-            f"{bundle} is unreadable or signed by no node registered in this ledger",
-            code="unknown-node",
-            hint="register the node with `verimesh ledger register`, or verify with --node-key",
-        )
-    public, envelope = signer
-    # 2.
-    standing = node_standing(ledger, public.node_id)
+    try:
+        envelope: Envelope | None = read_bundle(bundle, limits=limits, version=job.version).envelope
+    except InvalidInputError:
+        envelope = None
+    with ledger.view() as view:
+        if not view.may_write(writer.public):
+            raise InvalidInputError(
+                f"{writer.node_id} may not write to this ledger",
+                code="writer-not-registered",
+                hint="pass --verifier-key with the operator's or a registered verifier's key",
+            )
+        public = _find_signer(view, envelope)
+        if public is None:
+            raise InvalidInputError(
+                f"{bundle} is unreadable or signed by no node registered in this ledger",
+                code="unknown-node",
+                hint="register the node with `verimesh ledger register`, or verify with --node-key",
+            )
+        if _account(view, job.job_id) is None:
+            raise InvalidInputError(
+                f"job {job.job_id} is not registered in this ledger",
+                code="unknown-job",
+                hint="its owner posts it with a deposit: `verimesh ledger job register`",
+            )
+        standing = _standing(view, public.node_id)
     if standing.stake <= 0:
-        raise VerificationFailedError(f"node {public.node_id} has no stake left", code="no-stake")
+        raise InvalidInputError(
+            f"node {public.node_id} has no stake left",
+            code="no-stake",
+            hint="the node adds stake with `verimesh ledger stake top-up`",
+        )
+    # 2.
     in_force = samples if samples is not None else standing.samples_for(len(job.steps), job.policy.samples)
     # 3.
-    verdict = verify(bundle, job=job, node_key=public, samples=in_force, seed=seed, evidence_out=evidence_out,
-                     runner=runner, limits=limits)  # fmt: skip
+    verdict = verify(
+        bundle,
+        job=job,
+        node_key=public,
+        samples=in_force,
+        seed=seed,
+        evidence_out=evidence_out,
+        runner=runner,
+        limits=limits,
+        outputs_out=outputs_out,
+    )
+    in_force_count = None if in_force == "all" else int(in_force)
+    assert envelope is not None  # a signer was found in it
     # 4.
-    appended: list[tuple[int, str]] = []
     equivocation: str | None = None
-    signature_ok = any(c.name == "signature" and c.ok for c in verdict.checks)
-    with ledger.transaction() as txn:
-        standing = standing_of(public.node_id, (e.event for e in txn.events_of(public.node_id, _KINDS)))
-        if signature_ok:
-            statement = envelope.statement()
-            pred = statement["predicate"]
-            receipt = {
-                "kind": "receipt", "node_id": public.node_id, "job_id": pred.get("job_id"),
-                "step_range": pred.get("step_range"), "subjects": statement["subject"],
-                "envelope_digest": sha256_bytes(envelope.to_bytes()), "envelope": b64encode(envelope.to_bytes()),
-            }  # fmt: skip
-            earlier = _conflicting_receipt(txn, receipt)
-            appended.append((txn.append(receipt), "receipt"))
+    notes: list[str] = []
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        settle = _Settle(txn, view, public, job.job_id, envelope)
+        own = _own_statement(envelope, public, job.job_id)
+        # a.
+        if own is not None:
+            statement, claim = own
+            earlier = _equivocation(view, envelope, public, job.job_id, claim, statement["subject"])
             if earlier is not None:
                 path, _ = store_evidence(
                     lambda out: write_equivocation_evidence(out, first=earlier, second=envelope, public=public)
                 )
-                digest = sha256_file(path)
-                equivocation = str(path)
-                seq = _slash(txn, standing, amount=standing.stake, reason="equivocation", evidence_digest=digest,
-                             job_id=str(pred.get("job_id")))  # fmt: skip
-                if seq is not None:
-                    appended.append((seq, "slash"))
-                    standing = standing_of(public.node_id, (e.event for e in txn.events_of(public.node_id, _KINDS)))
-        verdict_event = {
-            "kind": "verdict", "node_id": public.node_id, "job_id": job.job_id, "status": verdict.status,
-            "reason": verdict.reason[:500], "seed": str(verdict.seed), "sampled_steps": list(verdict.sampled_steps),
-            "samples": "all" if in_force == "all" else in_force, "evidence": verdict.evidence is not None,
-            "verifier": ledger.meta["operator_node_id"],
-        }  # fmt: skip
-        appended.append((txn.append(verdict_event), "verdict"))
-        if verdict.status == "accept":
-            amount = int(ledger.setting("reward", str(DEFAULT_REWARD)))
-            if txn.claim_reward(public.node_id, job.job_id, txn.size):
-                reward = {"kind": "reward", "node_id": public.node_id, "job_id": job.job_id, "amount": amount}
-                appended.append((txn.append(reward), "reward"))
-        elif verdict.evidence is not None and standing.stake > 0:
-            amount = fraud_slash(standing.stake, _fraction(ledger))
-            digest = sha256_file(Path(verdict.evidence))
-            seq = _slash(txn, standing, amount=amount, reason="fraud", evidence_digest=digest, job_id=job.job_id)
-            if seq is not None:
-                appended.append((seq, "slash"))
-    return Settlement(verdict, tuple(appended), None if in_force == "all" else int(in_force), equivocation)
+                body = _read_evidence(path)
+                if _proves(_check_evidence_bytes(body), public.node_id, job.job_id, claim, fraud=False):
+                    equivocation = str(path)
+                    settle.receipt(statement, claim)
+                    if settle.slash("equivocation", claim, body) is None:
+                        notes.append("this equivocation was already slashed")
+        # b.
+        attributable = verdict.status == "accept" or (verdict.status == "reject" and verdict.evidence is not None)
+        if not attributable or own is None:
+            notes.append(
+                "nothing recorded: the outcome is not attributable to the node (no evidence its own signature proves)"
+            )
+        else:
+            statement, claim = own
+            evidence: bytes | None = None
+            if verdict.status == "reject":
+                assert verdict.evidence is not None
+                evidence = _read_evidence(Path(verdict.evidence))
+                if not _proves(_check_evidence_bytes(evidence), public.node_id, job.job_id, claim, fraud=True):
+                    evidence = None
+                    notes.append("nothing recorded: the evidence does not re-check")
+            if verdict.status == "accept" or evidence is not None:
+                _record(settle, verdict, statement, claim, in_force, evidence, notes)
+    appended = list(settle.appended)
+    if txn.commit_seq is not None:
+        appended.append((txn.commit_seq, "commit"))
+    return Settlement(verdict, tuple(appended), in_force_count, equivocation, "; ".join(notes) or None)
 
 
-_KINDS = ("register", "verdict", "reward", "slash")
-
-
-def _conflicting_receipt(txn: Transaction, receipt: dict[str, Any]) -> Envelope | None:
-    """An earlier receipt by the same node for the same job and step range with other outputs."""
-    from verimesh.core.canonical import b64decode_strict
-
-    for entry in txn.events_of(str(receipt["node_id"]), ["receipt"]):
-        event = entry.event
-        same_claim = event.get("job_id") == receipt["job_id"] and event.get("step_range") == receipt["step_range"]
-        if same_claim and event.get("subjects") != receipt["subjects"]:
-            return Envelope.from_bytes(b64decode_strict(event["envelope"], what="receipt envelope"))
-    return None
+def _record(
+    settle: _Settle,
+    verdict: Verdict,
+    statement: dict[str, Any],
+    claim: tuple[int, int],
+    in_force: Samples,
+    evidence: bytes | None,
+    notes: list[str],
+) -> None:
+    """The receipt, the verdict once per claim, then the reward or the fraud slash."""
+    node, job_id = settle.public.node_id, settle.job_id
+    account = settle.account
+    counted = account is not None and account.owner != node
+    verdict_seq: int | None = None
+    if not counted:
+        notes.append("no verdict recorded: the node's own key posted this job")
+    elif not settle.free(claim_key("verdict", node, job_id, list(claim))):
+        notes.append("no verdict recorded: this (node, job, step range) already has one")
+    else:
+        receipt_seq = settle.receipt(statement, claim)
+        digest = sha256_bytes(evidence) if evidence is not None else None
+        if evidence is not None:
+            settle.txn.store_evidence(evidence)
+        verdict_seq = settle.append(
+            {
+                "kind": "verdict",
+                "node_id": node,
+                "job_id": job_id,
+                "step_range": list(claim),
+                "status": verdict.status,
+                "reason": verdict.reason[:500],
+                "seed": str(verdict.seed),
+                "sampled_steps": list(verdict.sampled_steps),
+                "samples": "all" if in_force == "all" else int(in_force or 0),
+                "receipt": receipt_seq,
+                "evidence_digest": digest,
+                "verifier": settle.txn.writer.node_id,
+            }
+        )
+    if verdict.status == "accept":
+        if (
+            verdict_seq is not None
+            and account is not None
+            and settle.free(claim_key("reward", node, job_id, list(claim)))
+        ):
+            amount = reward_due(int(settle.view.settings["reward"]), account)
+            if amount > 0:
+                settle.append(
+                    {
+                        "kind": "reward",
+                        "node_id": node,
+                        "job_id": job_id,
+                        "step_range": list(claim),
+                        "amount": amount,
+                        "verdict": verdict_seq,
+                    }
+                )
+            else:
+                notes.append("no reward: the job's deposit is spent")
+    elif evidence is not None:
+        settle.receipt(statement, claim)
+        if settle.slash("fraud", claim, evidence) is None:
+            notes.append("no slash: this fraud claim was already slashed, or nothing is left to slash")
 
 
 @dataclass(frozen=True)
@@ -222,35 +627,75 @@ class SlashResult:
     amount: int
     reason: str
     evidence_digest: str
+    job_id: str = ""
+    step_range: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "node_id": self.node_id, "amount": self.amount, "reason": self.reason,
-                "evidence_digest": self.evidence_digest}  # fmt: skip
+        return {
+            "seq": self.seq,
+            "node_id": self.node_id,
+            "amount": self.amount,
+            "reason": self.reason,
+            "evidence_digest": self.evidence_digest,
+            "job_id": self.job_id,
+            "step_range": list(self.step_range) if self.step_range else None,
+        }
 
 
-def slash_with_evidence(ledger: Ledger, evidence: Path) -> SlashResult:
-    """Re-check the evidence, then slash: equivocation takes the stake, fraud a fraction of it.
+def slash_with_evidence(ledger: Ledger, evidence: Path, *, writer: SecretKey) -> SlashResult:
+    """Re-check the evidence, then slash: equivocation takes the slashable stake, fraud a fraction.
 
-    Refused (VerificationFailedError, exit 1) when the evidence does not prove fraud, names a node
-    this ledger does not know, or already slashed.
+    1. The evidence file is read once and re-checked from those bytes: not proven is a reject
+       (VerificationFailedError, exit 1).
+    2. Refused (exit 3, nothing written): a node this ledger does not know, no stake left, or a
+       claim (reason, node, job, step range) that already slashed, whatever file encoded it.
+    3. One transaction: the evidence kept in the ledger, the slash citing its digest.
     """
-    result = check_evidence(evidence)
+    # 1.
+    body = _read_evidence(evidence)
+    result = _check_evidence_bytes(body)
     if not result.proves_fraud:
         raise VerificationFailedError(f"evidence does not prove fraud: {result.reason}", code="evidence-not-proven")
-    with ledger.transaction() as txn:
-        events = txn.events_of(result.node_id, _KINDS)
-        if not any(e.kind == "register" for e in events):
-            raise VerificationFailedError(
-                f"node {result.node_id} is not registered in this ledger", code="unknown-node"
+    if result.step_range is None:
+        raise InvalidInputError("the evidence names no step range of a signed statement", code="evidence-unclaimed")
+    reason = "equivocation" if result.kind == "equivocation" else "fraud"
+    # 2. 3.
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        public = registered_key(view, result.node_id)
+        if public is None:
+            raise InvalidInputError(f"node {result.node_id} is not registered in this ledger", code="unknown-node")
+        settle = _Settle(txn, view, public, result.job_id)
+        claim = claim_key(f"slash:{reason}", result.node_id, result.job_id, list(result.step_range))
+        taken = txn.claimed(claim)
+        if taken is not None:
+            raise InvalidInputError(
+                f"this {reason} claim (node {result.node_id}, job {result.job_id}, steps {list(result.step_range)}) "
+                f"already slashed at entry {taken.seq}",
+                code="already-slashed",
+                hint="one fraud claim slashes once, whatever evidence file encodes it",
             )
-        standing = standing_of(result.node_id, (e.event for e in events))
-        if standing.stake <= 0:
-            raise VerificationFailedError(f"node {result.node_id} has no stake left to slash", code="no-stake")
-        if result.kind == "equivocation":
-            amount, reason = standing.stake, "equivocation"
-        else:
-            amount, reason = fraud_slash(standing.stake, _fraction(ledger)), "fraud"
-        seq = _slash(txn, standing, amount=amount, reason=reason, evidence_digest=result.digest, job_id=result.job_id)
-        if seq is None:
-            raise VerificationFailedError("this evidence has already slashed", code="evidence-reused")
-    return SlashResult(seq, result.node_id, amount, reason, result.digest)
+        if settle.standing.slashable <= 0:
+            raise InvalidInputError(f"node {result.node_id} has no stake left to slash", code="no-stake")
+        before = settle.standing.slashed
+        seq = settle.slash(reason, result.step_range, body)
+        assert seq is not None  # the claim is free and there is stake: the slash is written
+        amount = settle.standing.slashed - before
+    return SlashResult(seq, result.node_id, amount, reason, sha256_bytes(body), result.job_id, result.step_range)
+
+
+# -- auditing -------------------------------------------------------------------------------------
+
+
+def audit_ledger(
+    ledger: Ledger,
+    *,
+    operator: PublicKey | None = None,
+    checkpoint: Checkpoint | None = None,
+    rules: bool = True,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> LedgerReport:
+    """``verify_ledger``, with the protocol's rules replayed when ``rules`` (evidence re-checked)."""
+    book = RuleBook(check_evidence=_evidence_claim, workers=workers) if rules else None
+    return verify_ledger(ledger, checkpoint=checkpoint, operator=operator, rules=book, progress=progress)

@@ -1,6 +1,7 @@
 """The ledger on PostgreSQL (docs/design.md §6: several verifiers sharing one ledger), against a throwaway
-local server started for this module: settlement, checkpoints and proofs, an edited row found,
-and concurrent writers in separate processes losing nothing.
+local server started for this module: settlement, checkpoints and proofs, the same rules and
+attacks as on SQLite (`ledger verify --rules`, rows nobody signed, an edited setting, a rogue
+verifier), and concurrent writers in separate processes, each with its own key, losing nothing.
 
 Needs PostgreSQL's server binaries (initdb, pg_ctl): on PATH, or where Debian's postgresql package puts them
 (/usr/lib/postgresql/<version>/bin). `make install` installs them (`make system-deps`); without them this module
@@ -22,13 +23,15 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from tests.conftest import Keys
+from tests.integration.test_ledger import OWNER, filler, fraud_bundle, join, kinds, post, settle
 from verimesh.cli.app import cli
 from verimesh.core import merkle
+from verimesh.errors import IntegrityError, InvalidInputError
 from verimesh.jobs.job import Job
 from verimesh.ledger.store import Ledger, verify_ledger
-from verimesh.settlement import register_node, verify_and_settle
-from verimesh.signing.keys import generate_key, write_key_pair
-from verimesh.workflows import prove
+from verimesh.settlement import audit_ledger, node_standing, slash_with_evidence
+from verimesh.signing.keys import SecretKey, generate_key, write_key_pair
+from verimesh.workflows import prove, verify
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +65,17 @@ def server() -> Iterator[str]:
         shutil.chown(base, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     data = base / "data"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "verimesh", "-E", "UTF8", "--no-sync"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "verimesh", "-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-k {base} -c listen_addresses='' -c fsync=off"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://verimesh@/{{db}}?host={base}"
     finally:
@@ -85,63 +94,131 @@ def url(server: str) -> str:
     return server.format(db=name)
 
 
-def test_settlement_checkpoints_and_proofs(url: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+def pg_ledger(url: str, tmp_path: Path, **settings: object) -> tuple[Ledger, SecretKey]:
     op = generate_key()
-    led = Ledger.create(url, op)
-    register_node(led, keys.node.public, stake=1000)
+    write_key_pair(tmp_path / "op.key", op)
+    return Ledger.create(url, op, operator_key_path=tmp_path / "op.key", settings=settings or None), op
+
+
+def test_settlement_checkpoints_and_proofs(url: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+    led, op = pg_ledger(url, tmp_path)
+    join(led, keys.node, 1000)
     job = jobs["mlp"]
+    post(led, job.job_id)
     bundle = prove(job, key=keys.node, out=tmp_path / "ok.vmb", device="cpu").bundle
-    settled = verify_and_settle(bundle, job=job, ledger=led)
+    settled = settle(bundle, job, led)
     assert settled.verdict.status == "accept"
-    assert [k for _, k in settled.appended] == ["receipt", "verdict", "reward"]
+    assert kinds(settled) == ["receipt", "verdict", "reward", "commit"]
+    assert kinds(settle(bundle, job, led)) == []  # counted once
     first = led.checkpoint(op)
-    led.append([{"kind": "verdict", "node_id": "vm-x", "job_id": str(i), "status": "accept"} for i in range(37)])
+    filler(led, 37)
     second = led.checkpoint(op)
     proof = led.consistency_proof(first.tree_size, second.tree_size)
     assert merkle.verify_consistency(first.tree_size, second.tree_size, first.root, second.root, proof)
     for seq in (0, 3, 20, second.tree_size - 1):
         path = led.inclusion_proof(seq, second.tree_size)
         assert merkle.verify_inclusion(led.entry(seq).leaf_hash, seq, second.tree_size, path, second.root)
-    assert verify_ledger(Ledger.open(url), checkpoint=first).ok
+    assert verify_ledger(Ledger.open(url), checkpoint=first, operator=op.public).ok
 
 
-def test_an_edited_row_is_found(url: str) -> None:
-    led = Ledger.create(url, generate_key())
-    led.append([{"kind": "verdict", "node_id": "vm-x", "job_id": str(i), "status": "accept"} for i in range(25)])
-    body = led.entry(11).body.replace(b'"accept"', b'"reject"')
+def test_the_rules_on_postgres(url: str, jobs: dict[str, Job], keys: Keys, tmp_path: Path) -> None:
+    """Fraud and equivocation slash once per claim; a rogue verifier's made-up slash is named."""
+    led, op = pg_ledger(url, tmp_path, fraud_fraction="0.5")
+    join(led, keys.node, 1000)
+    job = jobs["mlp"]
+    post(led, job.job_id)
+    settle(prove(job, key=keys.node, out=tmp_path / "ok.vmb", device="cpu").bundle, job, led)
+    bad = fraud_bundle(job, keys.node, tmp_path / "bad.vmb")
+    settled = settle(bad, job, led)
+    assert settled.equivocation_evidence is not None and node_standing(led, keys.node.node_id).stake == 0
+    verdict = verify(bad, job=job, node_key=keys.node.public, evidence_out=tmp_path / "bad.vme")
+    assert verdict.status == "reject"
+    with pytest.raises(InvalidInputError, match=r"no stake|already slashed"):
+        slash_with_evidence(led, tmp_path / "bad.vme", writer=op)
+    report = audit_ledger(led)
+    assert report.ok, (report.problems, report.violations)
+    rogue = generate_key()
+    led.add_verifier(op, rogue.public)
+    claim = {"node_id": keys.node.node_id, "job_id": job.job_id, "step_range": [0, 1]}
+    seq = led.append(
+        [{"kind": "slash", **claim, "amount": 5, "reason": "fraud", "evidence_digest": "sha256:" + "e" * 64}],
+        writer=rogue,
+    )[0]
+    report = audit_ledger(led)
+    assert report.first_bad_entry == seq and any("not stored" in v for v in report.violations)
+
+
+def test_an_edited_row_or_setting_is_found_and_refused(url: str, keys: Keys, tmp_path: Path) -> None:
+    led, _ = pg_ledger(url, tmp_path)
+    join(led, keys.node, 1000)
+    filler(led, 25)
+    seq = next(e.seq for e in led.entries(kinds=["register"]))
+    body = led.entry(seq).body.replace(b'"stake":1000', b'"stake":9000')
     with led.engine.begin() as conn:
-        conn.execute(sa.text("UPDATE ledger_entries SET body = :b WHERE seq = 11"), {"b": body})
+        conn.execute(sa.text("UPDATE ledger_entries SET body = :b WHERE seq = :s"), {"b": body, "s": seq})
     report = verify_ledger(led)
-    assert not report.ok and report.first_bad_entry == 11
+    assert not report.ok and report.first_bad_entry == seq
+    with pytest.raises(IntegrityError):
+        node_standing(led, keys.node.node_id)
+    with led.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE ledger_entries SET body = :b WHERE seq = :s"),
+            {"b": body.replace(b'"stake":9000', b'"stake":1000'), "s": seq},
+        )
+        conn.execute(sa.text("UPDATE ledger_meta SET value = '\"0.99\"' WHERE key = 'setting.fraud_fraction'"))
+    report = verify_ledger(led)
+    assert not report.ok and any("ledger_meta" in p for p in report.problems)
+    with pytest.raises(IntegrityError, match="ledger_meta"):
+        node_standing(led, keys.node.node_id)
 
 
 WRITER = """
 import sys
+from pathlib import Path
+from verimesh.core.digest import sha256_bytes
+from verimesh.ledger.events import sign_request
 from verimesh.ledger.store import Ledger
+from verimesh.signing.keys import load_secret_key
 led = Ledger.open(sys.argv[1])
+key = load_secret_key(Path(sys.argv[2]))
 for i in range(40):
-    seqs = led.append([{"kind": "verdict", "node_id": "vm-" + sys.argv[2], "job_id": f"{i}-{k}",
-                        "status": "accept"} for k in range(5)])
-    print(*seqs, flush=True)
+    batch = []
+    for k in range(4):
+        job_id = "sha256:" + sha256_bytes(f"{sys.argv[2]}-{i}-{k}".encode())[7:]
+        request = sign_request(key, action="job", ledger_id=led.ledger_id, amount=3, job_id=job_id)
+        batch.append({"kind": "job", "job_id": job_id, "owner": key.node_id, "deposit": 3, **request.to_json()})
+    seqs = led.append(batch, writer=key)
+    print(*seqs, seqs[-1] + 1, flush=True)
 """
 
 
-def test_concurrent_writers_lose_nothing(url: str) -> None:
-    """Four processes append at once: the table lock serialises them, every reported seq is there."""
-    led = Ledger.create(url, generate_key())
+def test_concurrent_writers_lose_nothing(url: str, tmp_path: Path) -> None:
+    """Four processes, four verifier keys, append at once: the table lock serialises them, every
+    reported seq is there, every batch is signed by its own writer."""
+    led, op = pg_ledger(url, tmp_path)
+    base = led.size()
+    for w in range(4):
+        verifier = generate_key()
+        write_key_pair(tmp_path / f"w{w}.key", verifier)
+        led.add_verifier(op, verifier.public)
+    start = led.size()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, url, str(w)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", WRITER, url, str(tmp_path / f"w{w}.key")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in range(4)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     reported = sorted(int(s) for out, _ in outputs for s in out.split())
-    assert reported == list(range(4 * 40 * 5))  # none lost, none twice
-    assert led.size() == 800
-    report = verify_ledger(led)
-    assert report.ok, report.problems
+    assert reported == list(range(start, start + 4 * 40 * 5))  # none lost, none twice
+    assert led.size() == start + 800 and base < start
+    report = audit_ledger(led)
+    assert report.ok, (report.problems, report.violations)
+    assert report.commits_checked == 1 + 4 + 160  # genesis, the four verifier adds, one per batch
 
 
 def test_cli_on_postgres(url: str, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +226,23 @@ def test_cli_on_postgres(url: str, keys: Keys, tmp_path: Path, monkeypatch: pyte
     write_key_pair(tmp_path / "op.key", generate_key())
     run = CliRunner().invoke
     assert run(cli, ["ledger", "init", "--ledger", url, "--operator-key", "op.key"]).exit_code == 0
-    assert run(cli, ["ledger", "register", str(keys.node_pub), "--stake", "10", "--ledger", url]).exit_code == 0
+    result = run(
+        cli,
+        [
+            "ledger",
+            "register",
+            "--key",
+            str(keys.node_file),
+            "--stake",
+            "10",
+            "--ledger",
+            url,
+            "--verifier-key",
+            "op.key",
+        ],
+    )
+    assert result.exit_code == 0, result.output
     assert run(cli, ["ledger", "checkpoint", "--ledger", url, "-o", "cp.json"]).exit_code == 0
-    result = run(cli, ["ledger", "verify", "--ledger", url, "--checkpoint", "cp.json"])
+    result = run(cli, ["ledger", "verify", "--ledger", url, "--checkpoint", "cp.json", "--rules"])
     assert result.exit_code == 0 and "INTACT" in result.output
+    assert OWNER.node_id != keys.node.node_id

@@ -78,6 +78,7 @@ class Seeds:
 def seeds(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Seeds:
     from tests.integration.test_tamper import honest_trace, seal
     from verimesh.jobs.plan import load_model, model_io
+    from verimesh.ledger.events import sign_request
     from verimesh.ledger.store import Ledger, inclusion_document
     from verimesh.settlement import register_node
 
@@ -112,7 +113,8 @@ def seeds(keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> Seeds:
     files["encrypted-key"] = (folder / "enc.key").read_bytes()
     # A ledger with one entry, a checkpoint over it, and that entry's inclusion proof.
     ledger = Ledger.create(str(folder / "mesh.db"), keys.other, operator_key_path=keys.other_file)
-    seq = register_node(ledger, keys.node.public, stake=10)
+    request = sign_request(keys.node, action="register", ledger_id=ledger.ledger_id, amount=10)
+    seq = register_node(ledger, request, writer=keys.other)
     checkpoint = ledger.checkpoint(keys.other)
     files["checkpoint"] = json.dumps(checkpoint.to_json(), indent=2).encode()
     files["inclusion"] = json.dumps(inclusion_document(ledger, seq), indent=2).encode()

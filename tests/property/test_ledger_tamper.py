@@ -1,5 +1,6 @@
-"""Random edits to the rows of a SQLite ledger are always found by `ledger verify`, which never
-crashes on them; edits that only a signed root can expose are found through the checkpoint."""
+"""Random edits to the rows of a SQLite ledger (entries, their columns, stored hashes, the
+``ledger_meta`` cache) are always found by `ledger verify`, which never crashes on them; edits that
+only a signed root can expose are found through the batch signatures and the checkpoint."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from verimesh.core.digest import sha256_bytes
+from verimesh.ledger.events import sign_request
 from verimesh.ledger.store import Ledger, verify_ledger
 from verimesh.signing.keys import generate_key
 
-SIZE = 37
+SIZE = (
+    37  # genesis and its commit, 3 registrations and a commit, 28 job posts and a commit, a checkpoint and its commit
+)
+NODES = [generate_key() for _ in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +29,18 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ledger")
     op = generate_key()
     led = Ledger.create(str(d / "mesh.db"), op)
-    led.append([{"kind": "register", "node_id": f"vm-{i}", "public_key": "00", "stake": 10 + i} for i in range(3)])
     led.append(
-        [{"kind": "verdict", "node_id": f"vm-{i % 3}", "job_id": f"j{i}", "status": "accept"} for i in range(SIZE - 4)]
-    )
+        [{"kind": "register", "node_id": k.node_id, "stake": 10 + i,
+          **sign_request(k, action="register", ledger_id=led.ledger_id, amount=10 + i).to_json()}
+         for i, k in enumerate(NODES)],
+        writer=op,
+    )  # fmt: skip
+    jobs = []
+    for i in range(28):
+        job_id = "sha256:" + sha256_bytes(b"job %d" % i)[7:]
+        request = sign_request(op, action="job", ledger_id=led.ledger_id, amount=5, job_id=job_id)
+        jobs.append({"kind": "job", "job_id": job_id, "owner": op.node_id, "deposit": 5, **request.to_json()})
+    led.append(jobs, writer=op)
     led.checkpoint(op)
     with sqlite3.connect(d / "mesh.db") as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -38,8 +52,14 @@ edits = st.one_of(
     st.tuples(st.just("flip-body"), st.integers(0, SIZE - 1), st.integers(0, 10_000), st.integers(1, 255)),
     st.tuples(st.just("delete"), st.integers(0, SIZE - 1)),
     st.tuples(st.just("swap"), st.integers(0, SIZE - 1), st.integers(0, SIZE - 1)),
-    st.tuples(st.just("kind"), st.integers(0, SIZE - 1), st.sampled_from(["verdict", "slash", "reward", "x"])),
-    st.tuples(st.just("node"), st.integers(0, SIZE - 1), st.sampled_from(["vm-0", "vm-9", ""])),
+    st.tuples(st.just("kind"), st.integers(0, SIZE - 1), st.sampled_from(["verdict", "slash", "job", "commit", "x"])),
+    st.tuples(st.just("node"), st.integers(0, SIZE - 1), st.sampled_from([NODES[0].node_id, "vm-9", ""])),
+    st.tuples(st.just("claim"), st.integers(0, SIZE - 1), st.sampled_from([None, "job:x", "request:y"])),
+    st.tuples(
+        st.just("meta"),
+        st.sampled_from(["setting.reward", "setting.fraud_fraction", "ledger_id"]),
+        st.sampled_from(["", "7", '"0.9"', None]),
+    ),
     st.tuples(st.just("text-body"), st.integers(0, SIZE - 1)),
     st.tuples(st.just("hash"), st.integers(0, 5), st.integers(0, SIZE - 1), st.binary(min_size=0, max_size=40)),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=60)),
@@ -52,7 +72,7 @@ def apply_edit(db: Path, edit: tuple[object, ...]) -> bool:
     with sqlite3.connect(db) as conn:
         cur = conn.cursor()
         present = {r[0] for r in cur.execute("SELECT seq FROM ledger_entries")}
-        if kind in ("flip-body", "delete", "kind", "node", "text-body") and edit[1] not in present:
+        if kind in ("flip-body", "delete", "kind", "node", "claim", "text-body") and edit[1] not in present:
             return False  # an earlier edit removed the row
         if kind == "swap" and not {edit[1], edit[2]} <= present:
             return False
@@ -72,12 +92,23 @@ def apply_edit(db: Path, edit: tuple[object, ...]) -> bool:
             rb = cur.execute("SELECT kind, node_id, body FROM ledger_entries WHERE seq = ?", (b,)).fetchone()
             cur.execute("UPDATE ledger_entries SET kind = ?, node_id = ?, body = ? WHERE seq = ?", (*rb, a))
             cur.execute("UPDATE ledger_entries SET kind = ?, node_id = ?, body = ? WHERE seq = ?", (*ra, b))
-        elif kind in ("kind", "node"):
-            column = "kind" if kind == "kind" else "node_id"
+        elif kind == "meta":
+            _, key, value = edit
+            old = cur.execute("SELECT value FROM ledger_meta WHERE key = ?", (key,)).fetchone()
+            if value is None:
+                return cur.execute("DELETE FROM ledger_meta WHERE key = ?", (key,)).rowcount == 1
+            if old is not None and old[0] == value:
+                return False
+            cur.execute("INSERT OR REPLACE INTO ledger_meta (key, value) VALUES (?, ?)", (key, value))
+        elif kind in ("kind", "node", "claim"):
+            column = {"kind": "kind", "node": "node_id", "claim": "claim"}[str(kind)]
             old = cur.execute(f"SELECT {column} FROM ledger_entries WHERE seq = ?", (edit[1],)).fetchone()[0]
             if old == edit[2]:
                 return False
-            cur.execute(f"UPDATE ledger_entries SET {column} = ? WHERE seq = ?", (edit[2], edit[1]))
+            try:
+                cur.execute(f"UPDATE ledger_entries SET {column} = ? WHERE seq = ?", (edit[2], edit[1]))
+            except sqlite3.IntegrityError:
+                return False  # the unique claim column refused the edit itself
         elif kind == "text-body":
             cur.execute("UPDATE ledger_entries SET body = CAST(body AS TEXT) || ' ' WHERE seq = ?", (edit[1],))
         elif kind == "hash":
@@ -87,21 +118,22 @@ def apply_edit(db: Path, edit: tuple[object, ...]) -> bool:
                 return False
             cur.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (value, level, idx))
         elif kind == "append":
-            sql = "INSERT OR IGNORE INTO ledger_entries (seq, kind, node_id, body) VALUES (?, 'verdict', 'vm-0', ?)"
+            sql = "INSERT OR IGNORE INTO ledger_entries (seq, kind, node_id, body) VALUES (?, 'job', NULL, ?)"
             return cur.execute(sql, (SIZE, edit[1])).rowcount == 1
     return True
 
 
-def contents(db: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+def contents(db: Path) -> tuple[list[tuple[object, ...]], ...]:
     with sqlite3.connect(db) as conn:
         conn.text_factory = bytes
         entries = conn.execute(
-            "SELECT seq, kind, node_id, typeof(body), body FROM ledger_entries ORDER BY seq"
+            "SELECT seq, kind, node_id, claim, typeof(body), body FROM ledger_entries ORDER BY seq"
         ).fetchall()
         nodes = conn.execute(
             "SELECT level, idx, typeof(hash), hash FROM ledger_tree_nodes ORDER BY level, idx"
         ).fetchall()
-    return entries, nodes
+        meta = conn.execute("SELECT key, value FROM ledger_meta ORDER BY key").fetchall()
+    return entries, nodes, meta
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

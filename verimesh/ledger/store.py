@@ -1,38 +1,64 @@
-"""The tamper-evident event log (docs/design.md §6): SQLAlchemy Core storage, RFC 9162 Merkle tree.
+"""The tamper-evident event log (docs/design.md §6, docs/format.md §10): SQLAlchemy Core storage,
+an RFC 9162 Merkle tree, and a signature by its writer on every transaction.
 
 Every event is one canonical-JSON entry; entry ``seq`` is leaf ``seq`` of an RFC 9162 tree over
 the entries' bytes. The hashes of all perfect subtrees are stored (table ``tree_nodes``: level l,
 index i covers leaves [i*2^l, (i+1)*2^l)), so a root, an inclusion proof or a consistency proof
-needs O(log n) hashes fetched in one query. Appends run in one write transaction each (SQLite:
-WAL, ``BEGIN IMMEDIATE``, synchronous FULL; PostgreSQL: a table lock), so concurrent writers
-serialize and a crash loses nothing that was committed.
+needs O(log n) hashes fetched in one query.
 
-Reputation is never stored: ``verimesh.ledger.reputation`` derives it from the events.
+Entry 0 is the genesis: the ledger's id, the operator's public key and every setting. Each write
+transaction ends with a ``commit`` entry: its writer's signature (the operator, or a verifier the
+operator registered through the log) over the tree head and the first entry of the batch. So an
+entry nobody authorized, a setting edited in ``ledger_meta`` (a cache of the log) or history
+rewritten with another key shows in ``ledger verify``; ``--operator-key`` or a saved checkpoint
+anchors that check outside the database.
+
+Appends run in one write transaction each (SQLite: WAL, ``BEGIN IMMEDIATE``, synchronous FULL;
+PostgreSQL: a table lock), so concurrent writers serialize and a crash loses nothing that was
+committed. Reputation is never stored: ``verimesh.ledger.reputation`` derives it from the events.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 from verimesh.core import merkle
-from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json, parse_json
-from verimesh.core.digest import format_digest, parse_digest
-from verimesh.errors import BackendUnavailableError, ConfigurationError, InvalidInputError
-from verimesh.signing.keys import PublicKey, SecretKey
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_json
+from verimesh.core.digest import format_digest, parse_digest, sha256_bytes
+from verimesh.errors import BackendUnavailableError, ConfigurationError, IntegrityError, InvalidInputError
+from verimesh.ledger.events import (
+    DEFAULT_SETTINGS,
+    FORMAT,
+    KINDS,
+    OPERATOR_KINDS,
+    VERSION,
+    claim_of,
+    commit_statement,
+    decode_entry,
+    encode_entry,
+    job_id_of,
+    meta_for,
+    node_of,
+    now,
+    parse_setting,
+    settings_problem,
+    shape_problem,
+)
+from verimesh.signing.keys import PublicKey, SecretKey, node_id_for
 
-FORMAT = "verimesh/ledger"
 CHECKPOINT_TYPE = "verimesh/checkpoint"
-KINDS = ("register", "receipt", "verdict", "reward", "slash", "checkpoint")
+READ_ONLY = "verimesh_read_only"  # a connection execution option: reads only, a snapshot
 MAX_BODY_BYTES = 1024 * 1024
+MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
 
 metadata = sa.MetaData()
 meta_table = sa.Table(
@@ -46,8 +72,12 @@ entries_table = sa.Table(
     metadata,
     # On SQLite an INTEGER PRIMARY KEY is the rowid: it can only hold integers.
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
-    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, index=True),
     sa.Column("node_id", sa.String(64), nullable=True, index=True),
+    sa.Column("job_id", sa.String(71), nullable=True, index=True),
+    # What the event takes once (events.claim_of): unique, so two writers racing for one reward
+    # or one slash cannot both commit. Derived from the body; `ledger verify` checks it.
+    sa.Column("claim", sa.String(255), nullable=True, unique=True),
     sa.Column("body", sa.LargeBinary, nullable=False),
 )
 nodes_table = sa.Table(
@@ -57,19 +87,12 @@ nodes_table = sa.Table(
     sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
 )
-# Derived indexes that make two rules atomic under concurrency; `ledger verify` rebuilds them.
-slash_evidence_table = sa.Table(
-    "ledger_slash_evidence",
+# Evidence a slash cites, by the SHA-256 of its bytes, so `ledger verify --rules` can re-check it.
+evidence_table = sa.Table(
+    "ledger_evidence",
     metadata,
-    sa.Column("evidence_digest", sa.String(71), primary_key=True),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-)
-rewards_table = sa.Table(
-    "ledger_rewards",
-    metadata,
-    sa.Column("node_id", sa.String(64), primary_key=True),
-    sa.Column("job_id", sa.String(71), primary_key=True),
-    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),
 )
 
 
@@ -94,8 +117,13 @@ def display_url(url: str) -> str:
         return "<unparsable ledger URL>"
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def tampered(problem: str) -> IntegrityError:
+    """What a read used for a decision raises on a ledger that does not verify."""
+    return IntegrityError(
+        f"the ledger does not verify: {problem}",
+        code="ledger-tampered",
+        hint="nothing was decided or written; run `verimesh ledger verify` to see every problem",
+    )
 
 
 @dataclass(frozen=True)
@@ -104,10 +132,12 @@ class Entry:
     kind: str
     node_id: str | None
     body: bytes
+    job_id: str | None = None
+    claim: str | None = None
 
     @property
     def event(self) -> dict[str, Any]:
-        doc = parse_canonical_json(self.body, what=f"ledger entry {self.seq}", max_bytes=MAX_BODY_BYTES)
+        doc = decode_entry(self.body, what=f"ledger entry {self.seq}", max_bytes=MAX_BODY_BYTES)
         if not isinstance(doc, dict):
             raise InvalidInputError(f"ledger entry {self.seq} is not an object")
         return doc
@@ -115,6 +145,37 @@ class Entry:
     @property
     def leaf_hash(self) -> bytes:
         return merkle.leaf_hash(self.body)
+
+    def row_problem(self, event: Mapping[str, Any]) -> str | None:
+        """The stored columns must be what the body says: else the entry was moved or edited."""
+        if (
+            event.get("seq") != self.seq
+            or event.get("kind") != self.kind
+            or node_of(event) != self.node_id
+            or job_id_of(event) != self.job_id
+            or claim_of(event) != self.claim
+        ):
+            return f"entry {self.seq} does not match its own body (moved, reordered or edited)"
+        return None
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """Entry 0: who the operator is and the settings the ledger started with."""
+
+    ledger_id: str
+    operator: PublicKey
+    settings: dict[str, Any]
+    event: dict[str, Any]
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> Genesis:
+        problem = shape_problem(event)
+        if event.get("kind") != "genesis" or problem:
+            raise InvalidInputError(f"entry 0 is not a genesis entry ({problem or event.get('kind')})")
+        op = event["operator"]
+        operator = PublicKey(bytes.fromhex(op["public_key"]), bytes.fromhex(op["proof_of_possession"]))
+        return cls(str(event["ledger_id"]), operator, dict(event["settings"]), dict(event))
 
 
 @dataclass(frozen=True)
@@ -129,18 +190,29 @@ class Checkpoint:
 
     def statement(self) -> bytes:
         return canonical_json(
-            {"type": CHECKPOINT_TYPE, "version": 1, "ledger_id": self.ledger_id, "tree_size": self.tree_size,
-             "root": format_digest(self.root), "time": self.time}
-        )  # fmt: skip
+            {
+                "type": CHECKPOINT_TYPE,
+                "version": 1,
+                "ledger_id": self.ledger_id,
+                "tree_size": self.tree_size,
+                "root": format_digest(self.root),
+                "time": self.time,
+            }
+        )
 
     def verify(self, operator: PublicKey) -> bool:
         return operator.verify(self.statement(), self.signature)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": CHECKPOINT_TYPE, "version": 1, "ledger_id": self.ledger_id, "tree_size": self.tree_size,
-            "root": format_digest(self.root), "time": self.time, "signature": b64encode(self.signature),
-        }  # fmt: skip
+            "type": CHECKPOINT_TYPE,
+            "version": 1,
+            "ledger_id": self.ledger_id,
+            "tree_size": self.tree_size,
+            "root": format_digest(self.root),
+            "time": self.time,
+            "signature": b64encode(self.signature),
+        }
 
     @classmethod
     def from_json(
@@ -158,9 +230,12 @@ class Checkpoint:
         if not isinstance(doc["time"], str):
             raise InvalidInputError(f"{what} has a bad time")
         return cls(
-            doc["ledger_id"], doc["tree_size"], parse_digest(doc["root"], what=f"{what} root"), str(doc["time"]),
+            doc["ledger_id"],
+            doc["tree_size"],
+            parse_digest(doc["root"], what=f"{what} root"),
+            str(doc["time"]),
             b64decode_strict(doc["signature"], what=f"{what} signature"),
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> Checkpoint:
@@ -177,19 +252,44 @@ def _as_bytes(value: Any) -> bytes:
     return str(value).encode("utf-8", "surrogateescape")
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) or value is None else str(value)
+
+
 def _entry(row: Any) -> Entry:
-    node = row.node_id if isinstance(row.node_id, str) or row.node_id is None else str(row.node_id)
-    return Entry(int(row.seq), str(row.kind), node, _as_bytes(row.body))
+    return Entry(
+        int(row.seq), str(row.kind), _text(row.node_id), _as_bytes(row.body), _text(row.job_id), _text(row.claim)
+    )
+
+
+def _refuse_v1(meta: Mapping[str, str], target: str) -> None:
+    if meta.get("format") == FORMAT and meta.get("version") == "1":
+        raise InvalidInputError(
+            f"{target} is a version 1 ledger (verimesh 0.2): its entries are not signed by their writers and its "
+            "registrations carry no request signed by the node, so they cannot be carried over",
+            code="ledger-v1",
+            hint="keep it read-only as a record (verimesh 0.2 reads it) and start a version 2 ledger with "
+            "`verimesh ledger init`; nodes register again with a signed request",
+        )
+    if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
+        raise InvalidInputError(f"{target} is not a verimesh ledger (format {meta.get('format')!r:.60})")
 
 
 class Ledger:
-    """One ledger database. Open with ``Ledger.open(url)``; create with ``Ledger.create``."""
+    """One ledger database. Open with ``Ledger.open(url)``; create with ``Ledger.create``.
 
-    def __init__(self, engine: sa.Engine, meta: Mapping[str, str]) -> None:
+    ``meta`` is the ``ledger_meta`` cache as read at open; decisions read the log itself
+    (``view``), and ``ledger verify`` checks the cache against it."""
+
+    def __init__(self, engine: sa.Engine, meta: Mapping[str, str], url: str) -> None:
         self.engine = engine
         self.meta = dict(meta)
-        self.operator = PublicKey(bytes.fromhex(meta["operator_public_key"]), bytes.fromhex(meta["operator_pop"]))
-        self.ledger_id = meta["ledger_id"]
+        self.url = url
+        try:
+            self.operator = PublicKey(bytes.fromhex(meta["operator_public_key"]), bytes.fromhex(meta["operator_pop"]))
+        except (KeyError, ValueError, InvalidInputError) as exc:
+            raise InvalidInputError(f"{display_url(url)}: the ledger's operator key is unreadable") from exc
+        self.ledger_id = meta.get("ledger_id", "")
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -221,7 +321,9 @@ class Ledger:
 
             @sa_event.listens_for(engine, "begin")
             def _sqlite_begin(conn: sa.Connection) -> None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")  # one writer at a time, no lock upgrades
+                # Writers: one at a time, no lock upgrades. Readers: a snapshot (WAL), never waiting.
+                reading = conn.get_execution_options().get(READ_ONLY, False)
+                conn.exec_driver_sql("BEGIN DEFERRED" if reading else "BEGIN IMMEDIATE")
 
         return engine
 
@@ -232,29 +334,44 @@ class Ledger:
         operator: SecretKey,
         *,
         operator_key_path: Path | None = None,
-        settings: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        ledger_id: str | None = None,
     ) -> Ledger:
+        """A new ledger whose genesis (entry 0, signed by ``operator``) holds its id and settings."""
+        values = dict(DEFAULT_SETTINGS)
+        for name, value in (settings or {}).items():
+            values[name] = parse_setting(name, value) if isinstance(value, str) else value
+        if operator_key_path is not None:
+            values["operator_key_path"] = str(operator_key_path.resolve())
+        problem = settings_problem(values, complete=True)
+        if problem:
+            raise InvalidInputError(f"cannot create the ledger: {problem}")
+        genesis = {
+            "kind": "genesis",
+            "format": FORMAT,
+            "version": VERSION,
+            "ledger_id": ledger_id or "ledger-" + secrets.token_hex(8),
+            "operator": {
+                "public_key": operator.public.key.hex(),
+                "proof_of_possession": operator.public.proof_of_possession.hex(),
+            },
+            "settings": values,
+        }
         engine = cls._engine(url)
+        meta = meta_for(genesis, values)
         try:
             with engine.begin() as conn:
                 if sa.inspect(conn).has_table("ledger_meta"):
                     raise InvalidInputError(f"a ledger already exists at {display_url(url)}")
                 metadata.create_all(conn)
-                meta = {
-                    "format": FORMAT,
-                    "version": "1",
-                    "ledger_id": "ledger-" + secrets.token_hex(8),
-                    "created": now(),
-                    "operator_public_key": operator.public.key.hex(),
-                    "operator_pop": operator.public.proof_of_possession.hex(),
-                    "operator_node_id": operator.node_id,
-                    "operator_key_path": str(operator_key_path.resolve()) if operator_key_path else "",
-                    **(settings or {}),
-                }
                 conn.execute(meta_table.insert(), [{"key": k, "value": v} for k, v in meta.items()])
+                ledger = cls(engine, meta, url)
+                txn = Transaction(ledger, conn, operator, authorized=True)
+                txn.append(genesis)
+                txn.finish()
         except sa.exc.SQLAlchemyError as exc:
             raise InvalidInputError(f"cannot create ledger at {display_url(url)}: {_driver_reason(exc)}") from exc
-        return cls(engine, meta)
+        return ledger
 
     @classmethod
     def open(cls, url: str) -> Ledger:
@@ -264,36 +381,73 @@ class Ledger:
         engine = cls._engine(url)
         try:
             with engine.connect() as conn:
+                conn.execution_options(**{READ_ONLY: True})
                 if not sa.inspect(conn).has_table("ledger_meta"):
                     raise InvalidInputError(f"{target} is not a verimesh ledger")
-                meta = {r.key: r.value for r in conn.execute(sa.select(meta_table))}
+                meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
         except sa.exc.SQLAlchemyError as exc:
             raise InvalidInputError(f"cannot open ledger {target}: {_driver_reason(exc)}") from exc
-        if meta.get("format") != FORMAT or meta.get("version") != "1":
-            raise InvalidInputError(f"{target} is not a verimesh ledger (format {meta.get('format')!r})")
-        return cls(engine, meta)
+        _refuse_v1(meta, target)
+        return cls(engine, meta, url)
 
-    def setting(self, key: str, default: str) -> str:
-        return self.meta.get(key, default)
+    @contextmanager
+    def reading(self) -> Iterator[sa.Connection]:
+        """A connection for reads only: on SQLite a snapshot that neither waits for nor blocks writers."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            yield conn
+
+    def setting(self, key: str) -> Any:
+        """A setting as the ``ledger_meta`` cache has it (display only: decisions use ``view()``)."""
+        import json
+
+        raw = self.meta.get(f"setting.{key}")
+        return DEFAULT_SETTINGS[key] if raw is None else json.loads(raw)
 
     # -- writing ---------------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """One write transaction: the writer lock is held, appends are atomic together."""
+    def transaction(self, writer: SecretKey) -> Iterator[Transaction]:
+        """One write transaction: the writer lock is held, appends are atomic together, and the
+        batch ends with ``writer``'s signed commit. ``writer`` must be the operator or a verifier
+        registered in the log."""
         try:
             with self.engine.begin() as conn:
                 if self.engine.dialect.name == "postgresql":
                     conn.exec_driver_sql("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
-                txn = Transaction(self, conn)
+                txn = Transaction(self, conn, writer)
                 yield txn
-                txn.flush()
+                txn.finish()
+        except sa.exc.IntegrityError as exc:  # the unique claim column: someone else took it first
+            raise InvalidInputError(
+                f"ledger write refused: {_driver_reason(exc)}",
+                code="claim-taken",
+                hint="another writer recorded the same claim first; nothing was written",
+            ) from exc
         except sa.exc.OperationalError as exc:
             raise InvalidInputError(f"ledger write failed: {exc.orig}") from exc
 
-    def append(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
-        with self.transaction() as txn:
+    def append(self, events: Sequence[Mapping[str, Any]], *, writer: SecretKey) -> list[int]:
+        with self.transaction(writer) as txn:
             return [txn.append(e) for e in events]
+
+    def store_evidence(self, conn: sa.Connection, body: bytes) -> str:
+        """Keep evidence bytes by digest (inside the caller's transaction); returns the digest."""
+        digest = sha256_bytes(body)
+        exists = conn.execute(sa.select(evidence_table.c.digest).where(evidence_table.c.digest == digest)).first()
+        if exists is None:
+            conn.execute(evidence_table.insert(), [{"digest": digest, "body": body}])
+        return digest
+
+    def evidence(self, digest: str, conn: sa.Connection | None = None) -> bytes | None:
+        def q(c: sa.Connection) -> bytes | None:
+            row = c.execute(sa.select(evidence_table.c.body).where(evidence_table.c.digest == digest)).first()
+            return None if row is None else _as_bytes(row.body)
+
+        if conn is not None:
+            return q(conn)
+        with self.reading() as c:
+            return q(c)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -304,25 +458,79 @@ class Ledger:
 
         if conn is not None:
             return q(conn)
-        with self.engine.connect() as c:
+        with self.reading() as c:
             return q(c)
 
-    def entry(self, seq: int) -> Entry:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(entries_table).where(entries_table.c.seq == seq)).first()
+    def entry(self, seq: int, conn: sa.Connection | None = None) -> Entry:
+        def q(c: sa.Connection) -> Any:
+            return c.execute(sa.select(entries_table).where(entries_table.c.seq == seq)).first()
+
+        if conn is not None:
+            row = q(conn)
+        else:
+            with self.reading() as c:
+                row = q(c)
         if row is None:
             raise InvalidInputError(f"ledger has no entry {seq}")
         return _entry(row)
 
-    def entries(self, *, node_id: str | None = None, kinds: Sequence[str] | None = None) -> Iterator[Entry]:
+    def _query(
+        self,
+        *,
+        node_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        job_id: str | None = None,
+        claim: str | None = None,
+        since: int | None = None,
+    ) -> sa.Select[Any]:
         query = sa.select(entries_table).order_by(entries_table.c.seq)
         if node_id is not None:
             query = query.where(entries_table.c.node_id == node_id)
         if kinds:
             query = query.where(entries_table.c.kind.in_(list(kinds)))
-        with self.engine.connect() as conn:
-            for row in conn.execution_options(stream_results=True, yield_per=10_000).execute(query):
+        if job_id is not None:
+            query = query.where(entries_table.c.job_id == job_id)
+        if claim is not None:
+            query = query.where(entries_table.c.claim == claim)
+        if since is not None:
+            query = query.where(entries_table.c.seq >= since)
+        return query
+
+    def entries(
+        self,
+        *,
+        node_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        job_id: str | None = None,
+        conn: sa.Connection | None = None,
+        since: int | None = None,
+    ) -> Iterator[Entry]:
+        """Entries as stored, unchecked (``view()`` checks what it returns)."""
+        query = self._query(node_id=node_id, kinds=kinds, job_id=job_id, since=since)
+        query = query.execution_options(yield_per=10_000)
+        if conn is not None:
+            for row in conn.execute(query):
                 yield _entry(row)
+            return
+        with self.reading() as c:
+            for row in c.execute(query):
+                yield _entry(row)
+
+    def _fetch_nodes(self, keys: set[tuple[int, int]], conn: sa.Connection) -> dict[tuple[int, int], bytes]:
+        """Stored hashes of perfect subtrees (level, idx), one indexed query per level and chunk."""
+        found: dict[tuple[int, int], bytes] = {}
+        by_level: dict[int, list[int]] = {}
+        for level, idx in keys:
+            by_level.setdefault(level, []).append(idx)
+        for level, idxs in sorted(by_level.items()):
+            idxs.sort()
+            for at in range(0, len(idxs), 500):
+                query = sa.select(nodes_table).where(
+                    nodes_table.c.level == level, nodes_table.c.idx.in_(idxs[at : at + 500])
+                )
+                for row in conn.execute(query):
+                    found[(int(row.level), int(row.idx))] = _as_bytes(row.hash)
+        return found
 
     def _range_hashes(self, ranges: Sequence[tuple[int, int]], conn: sa.Connection | None = None) -> list[bytes]:
         parts = [merkle.perfect_parts(a, b) for a, b in ranges]
@@ -331,8 +539,9 @@ class Ledger:
         if wanted:
             # An OR of (level, idx) equalities: SQLite answers it with one index seek per key
             # (MULTI-INDEX OR, 0.1 ms for a proof at 10^5 entries); a row-value IN scans the table.
-            col = nodes_table.c
-            query = sa.select(nodes_table).where(sa.or_(*(sa.and_(col.level == lv, col.idx == i) for lv, i in wanted)))
+            query = sa.select(nodes_table).where(
+                sa.or_(*(sa.and_(nodes_table.c.level == lv, nodes_table.c.idx == i) for lv, i in wanted))
+            )
 
             def fetch(c: sa.Connection) -> None:
                 for row in c.execute(query):
@@ -341,7 +550,7 @@ class Ledger:
             if conn is not None:
                 fetch(conn)
             else:
-                with self.engine.connect() as c:
+                with self.reading() as c:
                     fetch(c)
         missing = [p for p in wanted if p not in found]
         if missing:
@@ -360,12 +569,26 @@ class Ledger:
     def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
         return self._range_hashes(merkle.consistency_ranges(old_size, new_size))
 
+    @contextmanager
+    def view(self) -> Iterator[LedgerView]:
+        """The log checked from its last checkpoint on (``LedgerView.build``), read from one
+        snapshot (SQLite WAL, PostgreSQL repeatable read); raises IntegrityError (exit 3) on a
+        ledger that does not verify. Writes check under their own lock (``Transaction.view``)."""
+        try:
+            with self.reading() as conn, conn.begin():
+                if self.engine.dialect.name == "postgresql":  # one snapshot for every read of the check
+                    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                yield LedgerView.build(self, conn)
+        except sa.exc.OperationalError as exc:
+            raise InvalidInputError(f"ledger read failed: {exc.orig}") from exc
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def operator_key(self, path: Path | None = None, *, passphrase: str | None = None) -> SecretKey:
         from verimesh.signing.keys import load_secret_key
 
-        where = path or (Path(self.meta["operator_key_path"]) if self.meta.get("operator_key_path") else None)
+        remembered = self.setting("operator_key_path")
+        where = path or (Path(remembered) if remembered else None)
         if where is None:
             raise ConfigurationError("this ledger does not know its operator key", hint="pass --operator-key")
         key = load_secret_key(where, passphrase=passphrase)
@@ -374,13 +597,16 @@ class Ledger:
         return key
 
     def checkpoint(self, key: SecretKey) -> Checkpoint:
-        """Sign the current tree head and log the checkpoint as an entry of its own."""
-        if key.public.key != self.operator.key:
-            raise InvalidInputError("only the ledger operator's key can sign checkpoints")
-        with self.transaction() as txn:
-            size = txn.size
-            root = txn.root()
-            cp = Checkpoint(self.ledger_id, size, root, now(), b"")
+        """Check the log since the last checkpoint, then sign the current tree head and log it.
+
+        An operator never signs what it has not checked: a row nobody signed, an edited setting
+        or a broken hash makes this refuse (IntegrityError) instead of covering it."""
+        with self.transaction(key) as txn:
+            view = txn.view()
+            if key.public.key != view.genesis.operator.key:
+                raise InvalidInputError("only the ledger operator's key can sign checkpoints")
+            size, root = txn.size, txn.root()
+            cp = Checkpoint(view.genesis.ledger_id, size, root, txn.time, b"")
             cp = Checkpoint(cp.ledger_id, size, root, cp.time, key.sign(cp.statement()))
             txn.append({"kind": "checkpoint", **{k: v for k, v in cp.to_json().items()}})
         return cp
@@ -393,30 +619,130 @@ class Ledger:
                 best = cp
         return best
 
+    def change_settings(self, operator: SecretKey, changes: Mapping[str, Any]) -> int:
+        """Log a settings change signed by the operator; ``ledger_meta`` follows in the same transaction."""
+        values = {k: parse_setting(k, v) if isinstance(v, str) else v for k, v in changes.items()}
+        with self.transaction(operator) as txn:
+            view = txn.view()
+            if operator.public.key != view.genesis.operator.key:
+                raise InvalidInputError("only the ledger operator changes settings", code="not-operator")
+            return txn.append({"kind": "settings", "changes": values})
+
+    def add_verifier(self, operator: SecretKey, public: PublicKey) -> int:
+        """Let ``public`` write to the ledger (verdicts, settlements, slashes), signed by the operator."""
+        if not public.check_possession():
+            raise InvalidInputError(f"verifier {public.node_id}: proof of possession does not verify", code="bad-pop")
+        with self.transaction(operator) as txn:
+            view = txn.view()
+            if operator.public.key != view.genesis.operator.key:
+                raise InvalidInputError("only the ledger operator adds verifiers", code="not-operator")
+            if public.node_id in view.verifiers or public.key == view.genesis.operator.key:
+                raise InvalidInputError(f"{public.node_id} may already write to this ledger", code="already-verifier")
+            return txn.append(
+                {
+                    "kind": "verifier-add",
+                    "node_id": public.node_id,
+                    "public_key": public.key.hex(),
+                    "proof_of_possession": public.proof_of_possession.hex(),
+                }
+            )
+
+    def remove_verifier(self, operator: SecretKey, node_id: str) -> int:
+        with self.transaction(operator) as txn:
+            view = txn.view()
+            if operator.public.key != view.genesis.operator.key:
+                raise InvalidInputError("only the ledger operator removes verifiers", code="not-operator")
+            if node_id not in view.verifiers:
+                raise InvalidInputError(f"{node_id} is not a verifier of this ledger", code="unknown-verifier")
+            return txn.append({"kind": "verifier-remove", "node_id": node_id})
+
 
 class Transaction:
-    """Appends inside one write transaction; the frontier (right edge of the tree) is kept in memory."""
+    """Appends inside one write transaction; the frontier (right edge of the tree) is kept in memory.
+    ``finish`` appends the writer's signed commit over the batch and flushes."""
 
-    def __init__(self, ledger: Ledger, conn: sa.Connection) -> None:
+    def __init__(self, ledger: Ledger, conn: sa.Connection, writer: SecretKey, *, authorized: bool = False) -> None:
         self.ledger = ledger
         self.conn = conn
+        self.writer = writer
         self.size = ledger.size(conn)
+        self.first = self.size
+        self.time = now()
+        if not authorized:
+            self._authorize()
         keys = merkle.perfect_parts(0, self.size) if self.size else []
         hashes = ledger._range_hashes([(i << lv, (i + 1) << lv) for lv, i in keys], conn) if keys else []
         self._frontier = [(lv, i, h) for (lv, i), h in zip(keys, hashes, strict=True)]
         self._entries: list[dict[str, Any]] = []
         self._nodes: list[dict[str, Any]] = []
+        self._settings: dict[str, Any] = {}
+        self._view: LedgerView | None = None
+        self._finished = False
+        self.commit_seq: int | None = None
+
+    def _authorize(self) -> None:
+        """The writer is the operator, or a verifier whose latest verifier event in the log adds it."""
+        key = self.writer.public.key
+        if key == self.ledger.operator.key:
+            return
+        latest = None
+        for entry in self.ledger.entries(
+            node_id=self.writer.node_id, kinds=["verifier-add", "verifier-remove"], conn=self.conn
+        ):
+            latest = entry
+        if latest is not None and latest.kind == "verifier-add":
+            event = latest.event
+            if event.get("public_key") == key.hex():
+                return
+        raise InvalidInputError(
+            f"{self.writer.node_id} may not write to this ledger",
+            code="writer-not-registered",
+            hint="the operator registers verifiers with `verimesh ledger verifier add`",
+        )
+
+    @property
+    def operator(self) -> bool:
+        return self.writer.public.key == self.ledger.operator.key
+
+    def view(self) -> LedgerView:
+        """The log checked from its last checkpoint on, read under this transaction's lock."""
+        if self._view is None:
+            if self._entries or self.size != self.first:
+                raise RuntimeError("Transaction.view() must come before the first append")
+            self._view = LedgerView.build(self.ledger, self.conn)
+        return self._view
 
     def append(self, event: Mapping[str, Any]) -> int:
+        if self._finished:
+            raise RuntimeError("this transaction is finished")
         kind = event.get("kind")
-        if kind not in KINDS:
-            raise InvalidInputError(f"unknown ledger event kind {kind!r}")
+        if kind not in KINDS or kind == "commit" or (kind == "genesis" and self.size != 0):
+            raise InvalidInputError(f"ledger event kind {kind!r:.40} cannot be appended")
+        if kind in OPERATOR_KINDS and not self.operator:
+            raise InvalidInputError(f"only the ledger operator writes {kind} entries", code="not-operator")
+        return self._append(event)
+
+    def _append(self, event: Mapping[str, Any]) -> int:
         seq = self.size
-        body = canonical_json({"time": now(), **event, "seq": seq})
+        stamped = {**event, "seq": seq, "time": event["time"] if event.get("kind") == "checkpoint" else self.time}
+        problem = shape_problem(stamped)
+        if problem:
+            raise InvalidInputError(f"malformed ledger event: {problem}")
+        body = encode_entry(stamped)
         if len(body) > MAX_BODY_BYTES:
             raise InvalidInputError(f"ledger event of {len(body)} bytes is over the limit")
-        node_id = event.get("node_id")
-        self._entries.append({"seq": seq, "kind": kind, "node_id": node_id, "body": body})
+        self._entries.append(
+            {
+                "seq": seq,
+                "kind": stamped["kind"],
+                "node_id": node_of(stamped),
+                "job_id": job_id_of(stamped),
+                "claim": claim_of(stamped),
+                "body": body,
+            }
+        )
+        if stamped["kind"] == "settings":
+            self._settings.update(stamped["changes"])
         level, idx, h = 0, seq, merkle.leaf_hash(body)
         self._nodes.append({"level": 0, "idx": seq, "hash": h})
         while self._frontier and self._frontier[-1][0] == level:
@@ -438,35 +764,444 @@ class Transaction:
             self.conn.execute(nodes_table.insert(), self._nodes)
             self._entries, self._nodes = [], []
 
-    def events_of(self, node_id: str, kinds: Sequence[str]) -> list[Entry]:
+    def finish(self) -> None:
+        """Sign the batch (one signature over the new tree head, not one per entry) and flush."""
+        if self._finished:
+            return
+        if self.size > self.first:
+            statement = commit_statement(
+                ledger_id=self.ledger.ledger_id,
+                writer=self.writer.node_id,
+                first=self.first,
+                tree_size=self.size,
+                root=format_digest(self.root()),
+            )
+            self.commit_seq = self._append(
+                {
+                    "kind": "commit",
+                    "writer": self.writer.node_id,
+                    "first": self.first,
+                    "tree_size": self.size,
+                    "root": format_digest(self.root()),
+                    "signature": b64encode(self.writer.sign(statement)),
+                }
+            )
         self.flush()
-        query = (
-            sa.select(entries_table)
-            .where(entries_table.c.node_id == node_id, entries_table.c.kind.in_(list(kinds)))
-            .order_by(entries_table.c.seq)
+        if self._settings:
+            for name, value in self._settings.items():
+                key = f"setting.{name}"
+                self.conn.execute(meta_table.delete().where(meta_table.c.key == key))
+                self.conn.execute(meta_table.insert(), [{"key": key, "value": canonical_json(value).decode()}])
+                self.ledger.meta[key] = canonical_json(value).decode()
+        self._finished = True
+
+    def entries(
+        self, *, node_id: str | None = None, kinds: Sequence[str] | None = None, job_id: str | None = None
+    ) -> list[Entry]:
+        """Entries, checked by this transaction's view (this transaction's own appends included)."""
+        self.flush()
+        return self.view().entries(node_id=node_id, kinds=kinds, job_id=job_id)
+
+    def claimed(self, claim: str) -> Entry | None:
+        """The entry that took ``claim``, checked; None while it is free."""
+        self.flush()
+        return self.view().claimed(claim)
+
+    def store_evidence(self, body: bytes) -> str:
+        return self.ledger.store_evidence(self.conn, body)
+
+
+# -- the checked reads ----------------------------------------------------------------------------
+
+
+class _Frontier:
+    """The right edge of an RFC 9162 tree grown one leaf at a time: its root at any size, and the
+    perfect-subtree hashes completed along the way."""
+
+    def __init__(self, parts: Sequence[tuple[int, int, bytes]] = (), *, keep: bool = False) -> None:
+        self.parts = list(parts)
+        self.completed: dict[tuple[int, int], bytes] | None = {} if keep else None
+
+    def push(self, seq: int, leaf: bytes) -> None:
+        level, idx, h = 0, seq, leaf
+        if self.completed is not None:
+            self.completed[(0, seq)] = h
+        while self.parts and self.parts[-1][0] == level:
+            _, _, left = self.parts.pop()
+            level, idx, h = level + 1, idx >> 1, merkle.node_hash(left, h)
+            if self.completed is not None:
+                self.completed[(level, idx)] = h
+        self.parts.append((level, idx, h))
+
+    def root(self) -> bytes:
+        return merkle.fold_parts([h for _, _, h in self.parts]) if self.parts else merkle.EMPTY_ROOT
+
+
+class RuleHook(Protocol):
+    """What ``verify_ledger`` feeds a rule book (``verimesh.ledger.rules``), entry by entry."""
+
+    def start(self, load_evidence: Callable[[str], bytes | None]) -> None: ...
+    def entry(self, seq: int, event: dict[str, Any]) -> None: ...
+    def commit(self, writer: str, first: int, seq: int) -> None: ...
+    def finish(self) -> list[tuple[int, str]]: ...
+
+
+@dataclass
+class _Walk:
+    """Entries in log order, checked one by one: body, columns, shape, claims, and every batch's
+    commit (writer allowed for what it wrote, signature over the recomputed root). Shared by the
+    full ``verify_ledger`` and by a view's check of the tail."""
+
+    frontier: _Frontier
+    genesis: Genesis | None = None
+    verifiers: dict[str, PublicKey] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    problems: list[tuple[int | None, str, bool]] = field(default_factory=list)  # (seq, message, exact entry)
+    claims: set[bytes] = field(default_factory=set)
+    tail_claims: dict[str, int] = field(default_factory=dict)
+    rules: RuleHook | None = None
+    start: int = 0  # the first entry walked: the first batch starts there
+    expected: int = 0
+    last_commit: int | None = None
+    pending: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # (seq, kind, event) since commit
+    leaves: list[bytes] = field(default_factory=list)
+    keep_leaves: bool = False
+    keep_claims: bool = False
+
+    def bad(self, seq: int | None, message: str, exact: bool = True) -> None:
+        self.problems.append((seq, message, exact))
+
+    def feed(self, entry: Entry) -> None:
+        # 1. Numbered with no gap; the body canonical; the columns what the body says.
+        if entry.seq != self.expected:
+            self.bad(self.expected, f"entry {self.expected} is missing (the next stored entry is {entry.seq})")
+            self.expected = entry.seq
+        self.expected += 1
+        leaf = entry.leaf_hash
+        root_before = self.frontier.root() if entry.kind == "commit" else None
+        self.frontier.push(entry.seq, leaf)
+        if self.keep_leaves:
+            self.leaves.append(leaf)
+        try:
+            event = entry.event
+        except InvalidInputError as exc:
+            self.bad(entry.seq, f"entry {entry.seq} body is not canonical JSON: {exc.message}")
+            return
+        problem = entry.row_problem(event) or shape_problem(event)
+        if problem:
+            self.bad(entry.seq, problem if problem.startswith("entry") else f"entry {entry.seq}: {problem}")
+            return
+        kind = event["kind"]
+        # 2. Claims are taken once.
+        if entry.claim is not None:
+            token = hashlib.blake2b(entry.claim.encode(), digest_size=16).digest()
+            if token in self.claims:
+                self.bad(entry.seq, f"entry {entry.seq} takes {entry.claim!r} a second time")
+            self.claims.add(token)
+            if self.keep_claims:
+                self.tail_claims[entry.claim] = entry.seq
+        # 3. The genesis first; the operator's identity comes from it.
+        if kind == "genesis":
+            if entry.seq != 0:
+                self.bad(entry.seq, f"entry {entry.seq} is a second genesis")
+            else:
+                self.genesis = Genesis.from_event(event)
+                self.settings = dict(self.genesis.settings)
+                if not self.genesis.operator.check_possession():
+                    self.bad(0, "the genesis operator key's proof of possession does not verify")
+        elif entry.seq == 0:
+            self.bad(0, "entry 0 is not the genesis")
+        if kind == "commit":
+            self._commit(entry.seq, event, self.frontier.root() if root_before is None else root_before)
+        else:
+            self.pending.append((entry.seq, kind, event))
+        if self.rules is not None and kind != "commit":
+            self.rules.entry(entry.seq, event)
+
+    def _commit(self, seq: int, event: dict[str, Any], root_before: bytes) -> None:
+        # 4. A commit covers the entries since the previous one, is signed by an allowed writer
+        # over the root recomputed here, and its writer may write what it covers.
+        first = event["first"]
+        batch, self.pending = self.pending, []
+        expected_first = self.start if self.last_commit is None else self.last_commit + 1
+        self.last_commit = seq
+        if first != expected_first or event["tree_size"] != seq:
+            self.bad(seq, f"commit {seq} claims entries [{first}, {event['tree_size']}), not the batch before it")
+            return
+        if self.genesis is None:
+            self.bad(seq, f"commit {seq} comes before any genesis")
+            return
+        writer = event["writer"]
+        operator = self.genesis.operator
+        key = operator if writer == operator.node_id else self.verifiers.get(writer)
+        if key is None:
+            self.bad(
+                seq,
+                f"entries {first}..{seq - 1} are signed by {writer}, which may not write to this ledger",
+                exact=False,
+            )
+            return
+        root = format_digest(root_before)
+        statement = commit_statement(
+            ledger_id=self.genesis.ledger_id, writer=writer, first=first, tree_size=seq, root=root
         )
-        return [_entry(r) for r in self.conn.execute(query)]
+        try:
+            signature = b64decode_strict(event["signature"], what="commit signature")
+        except InvalidInputError:
+            signature = b""
+        if event["root"] != root or not key.verify(statement, signature):
+            self.bad(
+                seq, f"entries {first}..{seq - 1} are not signed by their writer {writer} (commit {seq})", exact=False
+            )
+            return
+        for s, kind, ev in batch:
+            if kind in OPERATOR_KINDS and key is not operator:
+                self.bad(s, f"entry {s} ({kind}) is written by {writer}; only the operator writes it")
+            elif kind == "verifier-add":
+                try:
+                    public = PublicKey(bytes.fromhex(ev["public_key"]), bytes.fromhex(ev["proof_of_possession"]))
+                except InvalidInputError:
+                    self.bad(s, f"entry {s}: the verifier key is malformed")
+                    continue
+                if public.node_id != ev["node_id"] or not public.check_possession():
+                    self.bad(s, f"entry {s}: the verifier key does not match its id or its proof of possession")
+                else:
+                    self.verifiers[public.node_id] = public
+            elif kind == "verifier-remove":
+                self.verifiers.pop(ev["node_id"], None)
+            elif kind == "settings":
+                self.settings.update(ev["changes"])
+        if self.rules is not None:
+            self.rules.commit(writer, first, seq)
 
-    def claim_evidence(self, digest: str, seq: int) -> bool:
-        """Record that ``digest`` slashed; False if it already did (the same evidence slashes once)."""
-        self.flush()
-        exists = self.conn.execute(
-            sa.select(slash_evidence_table.c.seq).where(slash_evidence_table.c.evidence_digest == digest)
-        ).first()
-        if exists is not None:
-            return False
-        self.conn.execute(slash_evidence_table.insert(), [{"evidence_digest": digest, "seq": seq}])
-        return True
+    def finish(self) -> None:
+        if self.pending:
+            s = self.pending[0][0]
+            self.bad(s, f"entries {s}..{self.pending[-1][0]} are not signed by any writer (no commit follows them)")
 
-    def claim_reward(self, node_id: str, job_id: str, seq: int) -> bool:
-        self.flush()
-        exists = self.conn.execute(
-            sa.select(rewards_table.c.seq).where(rewards_table.c.node_id == node_id, rewards_table.c.job_id == job_id)
+
+class LedgerView:
+    """What a decision may rely on: the log from its last checkpoint on, checked.
+
+    ``build`` does, under the caller's connection (the writer lock, inside a transaction):
+
+    1. Entries 0..n-1 are all there (count and largest seq agree).
+    2. Entry 0 is a genesis; the latest checkpoint entry is signed by its operator, and the stored
+       tree gives the checkpoint's root at its size.
+    3. Every entry after that checkpoint: body, columns and shape; each batch signed by an
+       allowed writer over the root recomputed here; nothing after the last commit; the stored
+       hashes of that part are the recomputed ones; no claim taken twice.
+    4. The genesis, settings and verifier entries before the checkpoint are included under it.
+    5. ``ledger_meta`` holds exactly what the genesis and settings entries say.
+
+    Entries a decision reads through ``entries`` are checked again one by one: those before the
+    checkpoint by an inclusion proof under its root, those after by the recomputed leaf hashes.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        conn: sa.Connection,
+        *,
+        size: int,
+        genesis: Genesis,
+        anchor: int,
+        anchor_root: bytes,
+        tail_leaves: list[bytes],
+        settings: dict[str, Any],
+        verifiers: dict[str, PublicKey],
+    ) -> None:
+        self.ledger, self.conn, self.size, self.genesis = ledger, conn, size, genesis
+        self.anchor, self.anchor_root, self._tail_leaves = anchor, anchor_root, tail_leaves
+        self.settings, self.verifiers = settings, verifiers
+
+    @property
+    def ledger_id(self) -> str:
+        return self.genesis.ledger_id
+
+    def may_write(self, public: PublicKey) -> bool:
+        return public.key == self.genesis.operator.key or (
+            public.node_id in self.verifiers and self.verifiers[public.node_id].key == public.key
+        )
+
+    @classmethod
+    def build(cls, ledger: Ledger, conn: sa.Connection) -> LedgerView:
+        # 1.
+        size = ledger.size(conn)
+        count = int(conn.execute(sa.select(sa.func.count()).select_from(entries_table)).scalar() or 0)
+        if count != size:
+            raise tampered(f"{size - count} of entries 0..{size - 1} are missing")
+        if size == 0:
+            raise tampered("the log is empty (no genesis)")
+        # 2.
+        try:
+            genesis_entry = ledger.entry(0, conn)
+            genesis = Genesis.from_event(genesis_entry.event)
+        except InvalidInputError as exc:
+            raise tampered(exc.message) from exc
+        row = conn.execute(
+            sa.select(entries_table).where(entries_table.c.kind == "checkpoint").order_by(entries_table.c.seq.desc())
         ).first()
-        if exists is not None:
-            return False
-        self.conn.execute(rewards_table.insert(), [{"node_id": node_id, "job_id": job_id, "seq": seq}])
-        return True
+        anchor, anchor_root, parts = 0, merkle.EMPTY_ROOT, []
+        if row is not None:
+            entry = _entry(row)
+            try:
+                event = entry.event
+                cp = Checkpoint.from_json(event, what=f"checkpoint entry {entry.seq}")
+            except InvalidInputError as exc:
+                raise tampered(exc.message) from exc
+            if entry.row_problem(event) or cp.ledger_id != genesis.ledger_id or not cp.verify(genesis.operator):
+                raise tampered(f"checkpoint entry {entry.seq} is not signed by this ledger's operator")
+            if cp.tree_size > entry.seq:
+                raise tampered(f"checkpoint entry {entry.seq} claims a tree of {cp.tree_size} entries before it")
+            anchor, anchor_root = cp.tree_size, cp.root
+            if anchor:
+                keys = merkle.perfect_parts(0, anchor)
+                found = ledger._fetch_nodes(set(keys), conn)
+                if any(k not in found for k in keys):
+                    raise tampered(f"stored hashes of the tree below checkpoint entry {entry.seq} are missing")
+                parts = [(lv, i, found[(lv, i)]) for lv, i in keys]
+                if merkle.fold_parts([h for _, _, h in parts]) != cp.root:
+                    raise tampered(f"the stored tree does not give the root signed by checkpoint entry {entry.seq}")
+        # 4. The verifiers and settings in force at the checkpoint (after it, the walk follows them).
+        walk = _Walk(_Frontier(parts, keep=True), keep_leaves=True, keep_claims=True, start=anchor, expected=anchor)
+        view = cls(
+            ledger,
+            conn,
+            size=size,
+            genesis=genesis,
+            anchor=anchor,
+            anchor_root=anchor_root,
+            tail_leaves=[],
+            settings=dict(genesis.settings),
+            verifiers={},
+        )
+        if anchor:
+            walk.genesis, walk.settings = genesis, dict(genesis.settings)
+            before = [
+                e
+                for e in ledger.entries(kinds=["settings", "verifier-add", "verifier-remove"], conn=conn)
+                if e.seq < anchor
+            ]
+            view._check_included([genesis_entry, *before])
+            for e in before:
+                ev = e.event
+                if e.row_problem(ev) or shape_problem(ev):
+                    raise tampered(f"entry {e.seq} does not match its own body (moved, reordered or edited)")
+                if e.kind == "settings":
+                    walk.settings.update(ev["changes"])
+                elif e.kind == "verifier-add":
+                    walk.verifiers[ev["node_id"]] = PublicKey(
+                        bytes.fromhex(ev["public_key"]), bytes.fromhex(ev["proof_of_possession"])
+                    )
+                else:
+                    walk.verifiers.pop(ev["node_id"], None)
+        # 3.
+        for entry in ledger.entries(conn=conn, since=anchor):
+            walk.feed(entry)
+        walk.finish()
+        if walk.problems:
+            raise tampered(walk.problems[0][1])
+        computed = walk.frontier.completed or {}
+        stored = conn.execute(
+            sa.select(nodes_table).where(
+                sa.or_(
+                    *(
+                        sa.and_(nodes_table.c.level == lv, nodes_table.c.idx >= (anchor >> lv))
+                        for lv in range(max(size, 1).bit_length() + 1)
+                    ),
+                    nodes_table.c.level > max(size, 1).bit_length(),
+                )
+            )
+        )
+        seen = 0
+        for r in stored:
+            seen += 1
+            if computed.get((int(r.level), int(r.idx))) != _as_bytes(r.hash):
+                raise tampered(f"the stored hash of tree node ({r.level}, {r.idx}) is not the recomputed one")
+        if seen != len(computed):
+            raise tampered("stored tree nodes after the last checkpoint are missing")
+        if walk.tail_claims:
+            claims = list(walk.tail_claims)
+            for at in range(0, len(claims), 500):
+                q = sa.select(entries_table.c.seq, entries_table.c.claim).where(
+                    entries_table.c.claim.in_(claims[at : at + 500]), entries_table.c.seq < anchor
+                )
+                for r in conn.execute(q):
+                    raise tampered(f"entry {walk.tail_claims[str(r.claim)]} takes {r.claim!r}, taken by entry {r.seq}")
+        # 5.
+        meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
+        expected = meta_for(genesis.event, walk.settings)
+        if meta != expected:
+            changed = sorted(k for k in set(meta) | set(expected) if meta.get(k) != expected.get(k))
+            raise tampered(f"ledger_meta disagrees with the log on {changed[:4]}")
+        view._tail_leaves = walk.leaves
+        view.settings, view.verifiers = walk.settings, walk.verifiers
+        return view
+
+    def _check_included(self, entries: Sequence[Entry]) -> None:
+        """Entries before the anchor: an RFC 9162 inclusion proof each, under the checkpoint's root."""
+        early = [e for e in entries if e.seq < self.anchor]
+        if not early:
+            return
+        wanted: set[tuple[int, int]] = set()
+        ranges = {e.seq: merkle.inclusion_ranges(e.seq, self.anchor) for e in early}
+        for rs in ranges.values():
+            for a, b in rs:
+                wanted.update(merkle.perfect_parts(a, b))
+        found = self.ledger._fetch_nodes(wanted, self.conn)
+        for e in early:
+            try:
+                path = [merkle.fold_parts([found[p] for p in merkle.perfect_parts(a, b)]) for a, b in ranges[e.seq]]
+            except KeyError:
+                raise tampered(f"stored hashes on the path of entry {e.seq} are missing") from None
+            if not merkle.verify_inclusion(e.leaf_hash, e.seq, self.anchor, path, self.anchor_root):
+                raise tampered(f"entry {e.seq} is not the one the last checkpoint signed (edited)")
+
+    def _check(self, entries: list[Entry]) -> list[Entry]:
+        for e in entries:
+            if e.seq >= self.size:
+                continue  # appended by the caller's own transaction
+            if e.seq >= self.anchor and self._tail_leaves[e.seq - self.anchor] != e.leaf_hash:
+                raise tampered(f"entry {e.seq} changed while it was read")
+            try:
+                problem = e.row_problem(e.event)
+            except InvalidInputError as exc:
+                raise tampered(exc.message) from exc
+            if problem:
+                raise tampered(problem)
+        self._check_included(entries)
+        return entries
+
+    def entries(
+        self, *, node_id: str | None = None, kinds: Sequence[str] | None = None, job_id: str | None = None
+    ) -> list[Entry]:
+        return self._check(list(self.ledger.entries(node_id=node_id, kinds=kinds, job_id=job_id, conn=self.conn)))
+
+    def claimed(self, claim: str) -> Entry | None:
+        rows = [_entry(r) for r in self.conn.execute(self.ledger._query(claim=claim))]
+        return self._check(rows)[0] if rows else None
+
+    def scan(self) -> Iterator[Entry]:
+        """Every entry, checked: before the anchor by recomputing the root over all of them (the
+        error comes at the anchor, before any later entry is handed out), after it by the leaves."""
+        frontier = _Frontier()
+        for e in self.ledger.entries(conn=self.conn):
+            if e.seq < self.anchor:
+                frontier.push(e.seq, e.leaf_hash)
+            else:
+                if e.seq == self.anchor and frontier.root() != self.anchor_root:
+                    raise tampered("entries before the last checkpoint do not give its root (edited)")
+                self._check([e])
+            try:
+                problem = e.row_problem(e.event)
+            except InvalidInputError as exc:
+                raise tampered(exc.message) from exc
+            if problem:
+                raise tampered(problem)
+            yield e
+        if self.anchor >= self.size and frontier.root() != self.anchor_root:
+            raise tampered("entries before the last checkpoint do not give its root (edited)")
 
 
 # -- verification --------------------------------------------------------------------------------
@@ -480,94 +1215,136 @@ class LedgerReport:
     problems: tuple[str, ...]
     first_bad_entry: int | None
     checkpoints_checked: int
+    anchor: str | None = None  # what the result is anchored to outside the database; None: nothing
+    rules_checked: bool = False
+    violations: tuple[str, ...] = ()
+    commits_checked: int = 0
+
+    @property
+    def trust(self) -> str:
+        if self.anchor:
+            return f"anchored to {self.anchor}"
+        return (
+            "not anchored: checked against the operator key stored in this database, so only as good as "
+            "the database; pass --operator-key KEY.pub or --checkpoint FILE kept elsewhere"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "intact": self.ok, "tree_size": self.size, "root": format_digest(self.root),
-            "first_bad_entry": self.first_bad_entry, "checkpoints_checked": self.checkpoints_checked,
+            "intact": self.ok,
+            "tree_size": self.size,
+            "root": format_digest(self.root),
+            "first_bad_entry": self.first_bad_entry,
+            "checkpoints_checked": self.checkpoints_checked,
+            "commits_checked": self.commits_checked,
             "problems": list(self.problems),
-        }  # fmt: skip
+            "anchored": self.anchor is not None,
+            "anchor": self.anchor,
+            "trust": self.trust,
+            "rules_checked": self.rules_checked,
+            "violations": list(self.violations),
+        }
 
 
-def verify_ledger(ledger: Ledger, *, checkpoint: Checkpoint | None = None) -> LedgerReport:
+def verify_ledger(
+    ledger: Ledger,
+    *,
+    checkpoint: Checkpoint | None = None,
+    operator: PublicKey | None = None,
+    rules: RuleHook | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> LedgerReport:
     """Recompute everything from the entries' bytes.
 
-    1. Entries are numbered 0..n-1 with no gap, and each body names its own seq, kind and node.
-    2. Each leaf hash and every stored subtree hash equals the one recomputed from the bodies.
-    3. Every checkpoint entry is signed by the operator and its root is the recomputed root at its size.
-    4. A given (external) checkpoint: same, and the log has not shrunk below it.
-    5. The derived tables (slash evidence, rewards) match the events.
+    1. Entries are numbered 0..n-1 with no gap, each body canonical, well formed and naming its
+       own seq, kind, node, job and claim; no claim is taken twice.
+    2. Entry 0 is the genesis; with ``operator`` (a key kept outside the database) its operator
+       must be that key.
+    3. Every batch ends with a commit signed, over the recomputed root, by a writer allowed to
+       write it (the operator; a verifier the operator added before the batch); nothing follows
+       the last commit.
+    4. Each leaf hash and every stored subtree hash equals the one recomputed from the bodies.
+    5. Every checkpoint entry is signed by the operator and its root is the recomputed root at its size.
+    6. A given (external) checkpoint: same, and the log has not shrunk below it.
+    7. ``ledger_meta`` holds exactly what the genesis and settings entries say; stored evidence
+       hashes to its digest.
+    8. With ``rules``: the protocol's rules replayed over the events (``verimesh.ledger.rules``).
     """
-    problems: list[str] = []
-    exact: list[int] = []  # entries known to be bad
-    ranges: list[int] = []  # starts of ranges known to hold a bad entry (interior hashes, signed roots)
+    with ledger.reading() as conn:
+        return _verify(ledger, conn, checkpoint=checkpoint, operator=operator, rules=rules, progress=progress)
 
-    def bad(seq: int | None, message: str, *, exact_entry: bool = True) -> None:
-        problems.append(message)
-        if seq is not None:
-            (exact if exact_entry else ranges).append(seq)
 
-    # 1.
-    leaves: list[bytes] = []
+def _verify(
+    ledger: Ledger,
+    conn: sa.Connection,
+    *,
+    checkpoint: Checkpoint | None,
+    operator: PublicKey | None,
+    rules: RuleHook | None,
+    progress: Callable[[int, int], None] | None,
+) -> LedgerReport:
+    total = ledger.size(conn)
+    if rules is not None:
+        rules.start(lambda digest: ledger.evidence(digest, conn))
+    walk = _Walk(_Frontier(), keep_leaves=True, rules=rules)
     checkpoints: list[tuple[int, Checkpoint]] = []
-    slashes: dict[str, int] = {}
-    rewards: dict[tuple[str, str], int] = {}
-    expected = 0
-    for entry in ledger.entries():
-        if entry.seq != expected:
-            bad(expected, f"entry {expected} is missing (the next stored entry is {entry.seq})")
-            expected = entry.seq
-        try:
-            event = entry.event
-        except InvalidInputError as exc:
-            bad(entry.seq, f"entry {entry.seq} body is not canonical JSON: {exc.message}")
-            event = {}
-        if event and (
-            event.get("seq") != entry.seq or event.get("kind") != entry.kind or event.get("node_id") != entry.node_id
-        ):
-            bad(entry.seq, f"entry {entry.seq} does not match its own body (moved, reordered or edited)")
-        if event.get("kind") == "checkpoint":
+    commits = 0
+    # 1. 2. 3.
+    for entry in ledger.entries(conn=conn):
+        walk.feed(entry)
+        if entry.kind == "commit":
+            commits += 1
+        if entry.kind == "checkpoint":
             try:
-                checkpoints.append((entry.seq, Checkpoint.from_json(event, what=f"checkpoint entry {entry.seq}")))
+                checkpoints.append((entry.seq, Checkpoint.from_json(entry.event, what=f"checkpoint entry {entry.seq}")))
             except InvalidInputError as exc:
-                bad(entry.seq, exc.message)
-        elif event.get("kind") == "slash" and isinstance(event.get("evidence_digest"), str):
-            slashes[event["evidence_digest"]] = entry.seq
-        elif event.get("kind") == "reward":
-            rewards[(str(event.get("node_id")), str(event.get("job_id")))] = entry.seq
-        leaves.append(entry.leaf_hash)
-        expected += 1
+                walk.bad(entry.seq, exc.message)
+        if progress is not None and entry.seq % 10_000 == 0:
+            progress(entry.seq, total)
+    walk.finish()
+    genesis = walk.genesis
+    if genesis is None:
+        walk.bad(0, "the log has no genesis entry")
+    elif operator is not None and genesis.operator.key != operator.key:
+        walk.bad(
+            0,
+            f"the genesis names operator {genesis.operator.node_id}, not the given {operator.node_id} "
+            "(history rewritten under another key)",
+        )
+    leaves = walk.leaves
     size = len(leaves)
-    # 2. Recompute every perfect subtree level by level and compare with what is stored.
+    # 4. Recompute every perfect subtree level by level and compare with what is stored.
     levels = [leaves]
     while len(levels[-1]) > 1:
         prev = levels[-1]
         levels.append([merkle.node_hash(prev[i], prev[i + 1]) for i in range(0, len(prev) - 1, 2)])
     stored_count = 0
-    with ledger.engine.connect() as conn:
-        query = sa.select(nodes_table).order_by(nodes_table.c.level, nodes_table.c.idx)
-        for row in conn.execution_options(stream_results=True, yield_per=50_000).execute(query):
-            stored_count += 1
-            if not isinstance(row.level, int) or not isinstance(row.idx, int) or row.level < 0 or row.idx < 0:
-                bad(None, f"stored tree node key ({row.level!r}, {row.idx!r}) is malformed")
-                continue
-            level, idx, h = row.level, row.idx, _as_bytes(row.hash)
-            if level >= len(levels) or idx >= len(levels[level]):
-                bad(None, f"stored tree node ({level}, {idx}) lies beyond the entries (log truncated or node inserted)")
-            elif levels[level][idx] != h:
-                message = f"stored hash of leaves [{idx << level}, {(idx + 1) << level}) differs from the entries"
-                bad(idx << level, message, exact_entry=level == 0)
-        stored_slashes = {r.evidence_digest: int(r.seq) for r in conn.execute(sa.select(slash_evidence_table))}
-        stored_rewards = {(r.node_id, r.job_id): int(r.seq) for r in conn.execute(sa.select(rewards_table))}
+    query = sa.select(nodes_table).order_by(nodes_table.c.level, nodes_table.c.idx)
+    for row in conn.execute(query.execution_options(yield_per=50_000)):
+        stored_count += 1
+        if not isinstance(row.level, int) or not isinstance(row.idx, int) or row.level < 0 or row.idx < 0:
+            walk.bad(None, f"stored tree node key ({row.level!r}, {row.idx!r}) is malformed")
+            continue
+        level, idx, h = row.level, row.idx, _as_bytes(row.hash)
+        if level >= len(levels) or idx >= len(levels[level]):
+            walk.bad(
+                None, f"stored tree node ({level}, {idx}) lies beyond the entries (log truncated or node inserted)"
+            )
+        elif levels[level][idx] != h:
+            message = f"stored hash of leaves [{idx << level}, {(idx + 1) << level}) differs from the entries"
+            walk.bad(idx << level, message, exact=level == 0)
+    meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
+    evidence_rows = conn.execute(sa.select(evidence_table.c.digest, evidence_table.c.body))
+    bad_evidence = [str(r.digest) for r in evidence_rows if sha256_bytes(_as_bytes(r.body)) != r.digest]
     if stored_count != sum(len(lv) for lv in levels):
-        bad(None, f"{stored_count} stored tree nodes where the entries imply {sum(len(lv) for lv in levels)}")
+        walk.bad(None, f"{stored_count} stored tree nodes where the entries imply {sum(len(lv) for lv in levels)}")
 
     def root_at(n: int) -> bytes:
         if n == 0:
             return merkle.EMPTY_ROOT
         return merkle.fold_parts([levels[lv][i] for lv, i in merkle.perfect_parts(0, n)])
 
-    # 3. and 4. An entry rewritten together with every stored hash shows only against a signed
+    # 5. and 6. An entry rewritten together with every stored hash shows only against a signed
     # root; the first bad entry then lies between the last checkpoint that still holds and the
     # first that does not.
     signed: list[tuple[str, Checkpoint]] = [(f"checkpoint entry {seq}", cp) for seq, cp in checkpoints]
@@ -576,32 +1353,48 @@ def verify_ledger(ledger: Ledger, *, checkpoint: Checkpoint | None = None) -> Le
     holding = [0]
     failing: list[tuple[str, Checkpoint]] = []
     for where, cp in sorted(signed, key=lambda item: item[1].tree_size):
-        if cp.ledger_id != ledger.ledger_id or not cp.verify(ledger.operator):
-            bad(None, f"{where} is not signed by this ledger's operator")
+        if genesis is None or cp.ledger_id != genesis.ledger_id or not cp.verify(genesis.operator):
+            walk.bad(None, f"{where} is not signed by this ledger's operator")
         elif cp.tree_size > size:
-            bad(size, f"log truncated: {size} entries, {where} saw {cp.tree_size}")
+            walk.bad(size, f"log truncated: {size} entries, {where} saw {cp.tree_size}")
         elif root_at(cp.tree_size) != cp.root:
             failing.append((where, cp))
         else:
             holding.append(cp.tree_size)
     for where, cp in failing:
         lo = max(n for n in holding if n <= cp.tree_size)
-        bad(lo, f"entries {lo}..{cp.tree_size - 1} do not give the root signed by {where}", exact_entry=False)
+        walk.bad(lo, f"entries {lo}..{cp.tree_size - 1} do not give the root signed by {where}", exact=False)
     for seq, cp in checkpoints:
         if cp.tree_size > seq:
-            bad(seq, f"checkpoint entry {seq} claims a tree of {cp.tree_size} entries before it")
-    # 5.
-    if stored_slashes != slashes:
-        bad(None, "slash-evidence index does not match the slash events")
-    if stored_rewards != rewards:
-        bad(None, "reward index does not match the reward events")
+            walk.bad(seq, f"checkpoint entry {seq} claims a tree of {cp.tree_size} entries before it")
+    # 7.
+    if genesis is not None:
+        expected = meta_for(genesis.event, walk.settings)
+        changed = sorted(k for k in set(meta) | set(expected) if meta.get(k) != expected.get(k))
+        if changed:
+            walk.bad(None, f"ledger_meta disagrees with the log on {changed[:6]} (edited outside the log)")
+    for digest in bad_evidence:
+        walk.bad(None, f"stored evidence {digest} does not hash to its digest (edited)")
+    # 8.
+    violations: list[tuple[int, str]] = rules.finish() if rules is not None else []
+    exact = [s for s, _, e in walk.problems if s is not None and e] + [s for s, _ in violations]
+    ranges = [s for s, _, e in walk.problems if s is not None and not e]
+    anchor = None
+    if operator is not None:
+        anchor = f"operator key {operator.node_id}"
+    elif checkpoint is not None:
+        anchor = f"the given checkpoint ({checkpoint.tree_size} entries)"
     return LedgerReport(
-        not problems,
+        not walk.problems and not violations,
         size,
         root_at(size),
-        tuple(problems),
+        tuple(m for _, m, _ in walk.problems),
         min(exact or ranges) if exact or ranges else None,
         len(checkpoints),
+        anchor,
+        rules is not None,
+        tuple(m for _, m in sorted(violations)),
+        commits,
     )
 
 
@@ -615,11 +1408,15 @@ def inclusion_document(ledger: Ledger, seq: int) -> dict[str, Any]:
     if cp is None:
         raise InvalidInputError(f"no checkpoint covers entry {seq} yet", hint="run `verimesh ledger checkpoint` first")
     return {
-        "type": INCLUSION_TYPE, "version": 1, "ledger_id": ledger.ledger_id, "seq": seq,
-        "entry": b64encode(entry.body), "tree_size": cp.tree_size,
+        "type": INCLUSION_TYPE,
+        "version": 1,
+        "ledger_id": ledger.ledger_id,
+        "seq": seq,
+        "entry": b64encode(entry.body),
+        "tree_size": cp.tree_size,
         "inclusion_proof": [b64encode(h) for h in ledger.inclusion_proof(seq, cp.tree_size)],
         "checkpoint": cp.to_json(),
-    }  # fmt: skip
+    }
 
 
 def check_inclusion_document(path: Path, operator: PublicKey) -> tuple[bool, dict[str, Any] | None, str]:
@@ -650,3 +1447,20 @@ def check_inclusion_document(path: Path, operator: PublicKey) -> tuple[bool, dic
     if event.get("seq") != seq:
         return False, event, "the entry names another position"
     return True, event, f"entry {seq} ({event.get('kind')}) is in ledger {cp.ledger_id} of {cp.tree_size} entries"
+
+
+__all__ = [
+    "Checkpoint",
+    "Entry",
+    "Genesis",
+    "Ledger",
+    "LedgerReport",
+    "LedgerView",
+    "Transaction",
+    "check_inclusion_document",
+    "display_url",
+    "inclusion_document",
+    "node_id_for",
+    "normalize_url",
+    "verify_ledger",
+]
