@@ -261,3 +261,118 @@ def test_a_lazy_worker_gains_nothing_from_bytes_that_do_not_open(job: Job, keys:
     for samples in (0, "all"):
         verdict = verify(workdir / "unopened.vmb", job=job, node_key=keys.node.public, samples=samples)  # type: ignore[arg-type]
         assert verdict.status == "reject" and verdict.reason.startswith("seal:") and verdict.evidence is None
+
+
+GOLDEN_ZK = Path(__file__).resolve().parents[2] / "fixtures" / "golden" / "v0.2.0" / "mlp-zk"
+
+
+@pytest.mark.parametrize("members", [["trace.json"], []])
+def test_sealed_evidence_against_an_honest_zk_bundle_proves_nothing(workdir: Path, members: list[str]) -> None:
+    """Anyone holding an honest zk bundle can wrap its genuinely sealed members as evidence: the
+    zk statement seals outputs and proofs only, so no spot-check claim about a trace applies."""
+    from verimesh.signing.keys import load_public_key
+    from verimesh.spot.sealed_evidence import write_sealed_evidence
+
+    job = load_job(GOLDEN_ZK / "job.json")
+    assert job.mode == "zk" and job.version == 2
+    bundle = read_bundle(GOLDEN_ZK / "honest.vmb", version=job.version)
+    public = load_public_key(GOLDEN_ZK / "node.pub")
+    for kind in ("malformed", "binding"):
+        out = workdir / f"{kind}.vme"
+        write_sealed_evidence(out, kind=kind, job=job, bundle=bundle, public=public, reason="forged",
+                              members=members, field="trace")  # fmt: skip
+        found = check_evidence(out)
+        assert not found.proves_fraud, found.reason
+        assert "spot-check jobs" in found.reason
+        assert CliRunner().invoke(cli, ["evidence", "check", str(out)]).exit_code == 1
+
+
+def test_evidence_reason_is_one_bounded_string(job: Job, keys: Keys, workdir: Path) -> None:
+    from verimesh.core.container import read_container_file
+
+    trace = run_steps(job, None, job.read_input(), StepRunner())
+    last = job.steps[-1].outputs[0]
+    trace[last] = trace[last] + 1.0
+    seal_trace(job, trace, key=keys.node, runner=StepRunner(), out=workdir / "cheat.vmb")
+    verdict = verify(workdir / "cheat.vmb", job=job, node_key=keys.node.public, samples="all",
+                     evidence_out=workdir / "e.vme")  # fmt: skip
+    assert verdict.status == "reject" and check_evidence(workdir / "e.vme").proves_fraud
+    members = dict(read_container_file(workdir / "e.vme", what="evidence"))
+    doc = json.loads(bytes(members["evidence.json"]))
+    for reason in (7, None, "x" * 5000):
+        members["evidence.json"] = memoryview(canonical_json({**doc, "reason": reason}))
+        write_container(workdir / "r.vme", [(n, bytes(d)) for n, d in members.items()])
+        with pytest.raises(InvalidInputError, match="reason"):
+            check_evidence(workdir / "r.vme")
+
+
+def _two_head_model(path: Path) -> None:
+    """A side head ``aux`` computed early plus ``logits`` at the end (a multi-task net)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name: str, a: int, b: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), name)
+
+    inits = [w("w1", 16, 64), w("wa", 64, 4), w("w2", 64, 64), w("w3", 64, 64), w("w4", 64, 10)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "wa"], ["aux"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "w3"], ["h3"]), helper.make_node("Relu", ["h3"], ["r3"]),
+        helper.make_node("MatMul", ["r3", "w4"], ["logits"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "twohead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10]),
+         helper.make_tensor_value_info("aux", TensorProto.FLOAT, [1, 4])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_a_model_output_made_by_an_early_step_is_checked_every_time(workdir: Path, keys: Keys) -> None:
+    from verimesh.spot.spotcheck import mandatory_steps
+    from verimesh.workflows import verified_outputs
+
+    _two_head_model(workdir / "twohead.onnx")
+    np.save(workdir / "x.npy", np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32))
+    job = new_job(workdir / "twohead.onnx", workdir / "x.npy", workdir / "job.json", steps=6)
+    producer = next(s.index for s in job.steps if "aux" in s.outputs)
+    assert producer < len(job.steps) - 1  # the case that matters: the head is not in the last step
+    assert set(mandatory_steps(job)) == {producer, len(job.steps) - 1}
+    trace = honest_trace(job)
+    trace["aux"] = np.full_like(trace["aux"], 1234.5)
+    seal_trace(job, trace, key=keys.node, runner=StepRunner(), out=workdir / "cheat.vmb")
+    for seed in range(30):
+        verdict, values = verified_outputs(workdir / "cheat.vmb", job=job, node_key=keys.node.public, seed=seed,
+                                           samples=0, evidence_out=workdir / "e.vme")  # fmt: skip
+        assert verdict.status == "reject" and values == {}, (seed, verdict.sampled_steps)
+        assert producer in verdict.sampled_steps
+    assert check_evidence(workdir / "e.vme").proves_fraud
+    honest = workdir / "honest.vmb"
+    seal_trace(job, honest_trace(job), key=keys.node, runner=StepRunner(), out=honest)
+    assert verify(honest, job=job, node_key=keys.node.public, samples=0).status == "accept"
+
+
+@pytest.mark.parametrize("name", ["memory", "cuda_device_alloc", "x"])
+def test_a_tensor_name_cannot_make_a_bad_shape_look_like_the_machines(name: str) -> None:
+    """onnxruntime's message quotes the job's tensor and node names; a step failure on inputs
+    that do not fit stays data-dependent (the node's fault, with evidence) whatever they are called."""
+    from onnx import TensorProto, helper
+
+    from verimesh.errors import StepExecutionError
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", [name], ["y"], name=f"{name}/Relu")], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(StepExecutionError) as caught:
+        StepRunner().run(f"sha256:{name}", model.SerializeToString(), {name: np.zeros((1, 5), np.float32)}, ["y"])
+    assert caught.value.data_dependent is True

@@ -27,14 +27,14 @@ import numpy as np
 
 from verimesh.assurance.calibrate import cheat_step
 from verimesh.assurance.tamper import garble, swap_after_signing
-from verimesh.errors import InvalidInputError
+from verimesh.errors import InvalidInputError, StepExecutionError
 from verimesh.jobs.bundle import read_bundle, write_bundle
 from verimesh.jobs.job import Job, new_job
 from verimesh.jobs.runtime import OPT_LEVELS, StepRunner
 from verimesh.jobs.tolerance import compare_tensors
 from verimesh.ledger.reputation import minimum_deterring_stake
 from verimesh.signing.keys import SecretKey, generate_key
-from verimesh.spot.spotcheck import recheck_step, run_steps
+from verimesh.spot.spotcheck import mandatory_steps, recheck_step, run_steps
 from verimesh.workflows import seal_trace, verify
 
 STRATEGIES = (
@@ -60,12 +60,15 @@ STRATEGIES = (
 LAUNDERING = ("launder-special", "launder-threshold", "launder-chain")
 
 
-def miss_probability(costs: Sequence[int], cheated: frozenset[int], samples: int) -> float:
-    """P(the verifier checks none of ``cheated``): last step always, then ``samples`` weighted draws."""
-    last = len(costs) - 1
-    if last in cheated:
+def miss_probability(
+    costs: Sequence[int], cheated: frozenset[int], samples: int, always: frozenset[int] | None = None
+) -> float:
+    """P(the verifier checks none of ``cheated``): the ``always`` steps (default: the last one;
+    ``spotcheck.mandatory_steps``) every time, then ``samples`` weighted draws from the rest."""
+    always = frozenset({len(costs) - 1}) if always is None else always
+    if always & cheated:
         return 0.0
-    others = tuple(i for i in range(last))
+    others = tuple(i for i in range(len(costs)) if i not in always)
     weights = {i: max(costs[i], 1) for i in others}
 
     @cache
@@ -76,14 +79,6 @@ def miss_probability(costs: Sequence[int], cheated: frozenset[int], samples: int
         return sum(weights[j] / total * miss(available - {j}, k - 1) for j in available if j not in cheated)
 
     return miss(frozenset(others), min(samples, len(others)))
-
-
-def caught_at(cheated: frozenset[int], window: int) -> frozenset[int]:
-    """The sampled steps whose checks see a cheat in ``cheated``: the step itself and, with a
-    window of 2, the step before it (whose window re-runs the cheated step from its own outputs)."""
-    if window < 2:
-        return cheated
-    return cheated | frozenset(i - 1 for i in cheated if i >= 1)
 
 
 def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -136,9 +131,11 @@ class _Cheater:
         self.models = job.read_step_models()
         self.honest = run_steps(job, self.models, job.read_input(), self.runner)
         self.count = 0
+        self.last_trace: dict[str, np.ndarray] = {}  # what the last cheat sealed
         self._cheated: dict[str, tuple[bytes | None, ...]] = {}
 
     def _seal(self, trace: dict[str, np.ndarray]) -> Path:
+        self.last_trace = trace
         self.count += 1
         out = self.work / f"cheat-{self.count}.vmb"
         seal_trace(self.job, trace, key=self.key, runner=self.runner, out=out)
@@ -153,10 +150,12 @@ class _Cheater:
     def _garble(self, name: str, scale: float) -> np.ndarray:
         return garble(self.honest[name], self.rng, scale)
 
-    def lazy(self, fraction: float) -> tuple[Path, frozenset[int]]:
-        """Skip steps worth about ``fraction`` of the cost: their outputs are copied inputs or zeros."""
+    def lazy(self, fraction: float) -> Path:
+        """Skip steps worth about ``fraction`` of the cost: their outputs are copied inputs or zeros.
+        Steps with only integer outputs (shapes, indices) are not skipped: they cost nothing, and
+        garbage there would not run."""
         costs = [max(s.cost, 1) for s in self.job.steps]
-        order = list(range(len(costs)))
+        order = [s.index for s in self.job.steps if any(self.honest[n].dtype.kind == "f" for n in s.outputs)]
         self.rng.shuffle(order)
         skipped: set[int] = set()
         for i in order:
@@ -168,6 +167,9 @@ class _Cheater:
             if step.index in skipped:
                 for name in step.outputs:
                     like = self.honest[name]
+                    if like.dtype.kind != "f":  # shapes and indices: cheap, and garbage would not run
+                        trace[name] = like
+                        continue
                     src = next((trace[i] for i in step.inputs if trace[i].shape == like.shape), None)
                     trace[name] = np.array(src if src is not None else np.zeros_like(like), dtype=like.dtype)
             else:
@@ -176,7 +178,7 @@ class _Cheater:
                         step.digest, self.models[step.index], {n: trace[n] for n in step.inputs}, step.outputs
                     )
                 )
-        return self._seal(trace), frozenset(skipped)
+        return self._seal(trace)
 
     def perturb_step(self, index: int) -> Path:
         trace = dict(self.honest)
@@ -193,13 +195,13 @@ class _Cheater:
             self._cheated[cheat] = tuple(cheat_step(m, transform) for m in self.models)
         return self._cheated[cheat]
 
-    def altered_weights(self, cheat: str) -> tuple[Path, frozenset[int]]:
-        """A bundle computed with altered weights, and the steps whose weights the cheat changed."""
+    def altered_weights(self, cheat: str) -> Path:
+        """A bundle computed with altered weights."""
         cheated = self.cheated_models(cheat)
         models = [c or m for c, m in zip(cheated, self.models, strict=True)]
         trace = {n: self.honest[n] for n in (s.name for s in self.job.model_inputs)}
         self._recompute(trace, 0, models)
-        return self._seal(trace), frozenset(i for i, c in enumerate(cheated) if c is not None)
+        return self._seal(trace)
 
     def wrong_input(self) -> Path:
         trace = {n: self._garble(n, 0.5) for n in (s.name for s in self.job.model_inputs)}
@@ -213,7 +215,7 @@ class _Cheater:
 
     def unsealed_bytes(self, fraction: float) -> Path:
         """The lazy worker's old trick: seal the honest trace, ship garbage for skipped steps."""
-        lazy, _ = self.lazy(fraction)
+        lazy = self.lazy(fraction)
         honest = self._seal(dict(self.honest))
         shipped = read_bundle(lazy)
         envelope = read_bundle(honest).envelope
@@ -342,7 +344,7 @@ def run_redteam(
         key = generate_key()
         cheater = _Cheater(job, key, work, rng)
         costs = [s.cost for s in job.steps]
-        window = job.policy.window
+        always = frozenset(mandatory_steps(job))
         outcomes = {name: Outcome(name) for name in STRATEGIES}
 
         def judge(strategy: str, bundle: Path, predicted_miss: float, target: Job | None = None) -> bool:
@@ -379,40 +381,48 @@ def run_redteam(
                 samples="all" if t % 10 == 0 else None,
             )
             false_positives += verdict.status != "accept"
+
+        def play(strategy: str) -> None:
+            """One trial of ``strategy``."""
+            if strategy == "lazy":
+                bundle = cheater.lazy(lazy_fraction)
+                judge(strategy, bundle, miss_probability(costs, cheater.caught_by(cheater.last_trace), samples, always))
+            elif strategy == "perturb-final":
+                judge(strategy, cheater.perturb_step(len(job.steps) - 1), 0.0)
+            elif strategy == "perturb-intermediate":
+                index = rng.randrange(len(job.steps) - 1) if len(job.steps) > 1 else 0
+                bundle = cheater.perturb_step(index)
+                judge(strategy, bundle, miss_probability(costs, cheater.caught_by(cheater.last_trace), samples, always))
+            elif strategy in ("weights-fp16", "weights-bf16", "substituted-model", "tf32-emulated"):
+                bundle = cheater.altered_weights(strategy)
+                judge(strategy, bundle, miss_probability(costs, cheater.caught_by(cheater.last_trace), samples, always))
+            elif strategy == "wrong-input":
+                judge(strategy, cheater.wrong_input(), 0.0)
+            elif strategy == "replay":
+                judge(strategy, honest_bundles[0], 0.0, target=other_job)
+            elif strategy == "forged-commitment":
+                judge(strategy, cheater.forged_commitment(), 0.0)
+            elif strategy == "unsealed-bytes":
+                judge(strategy, cheater.unsealed_bytes(lazy_fraction), 0.0)
+            elif strategy in LAUNDERING:
+                made = cheater.launder(strategy)
+                if made is None:
+                    outcomes[strategy].inapplicable += 1
+                    return
+                bundle, laundered = made
+                caught = cheater.caught_by(laundered)
+                harmful = cheater.harmful(laundered)
+                accepted = judge(strategy, bundle, miss_probability(costs, caught, samples, always))
+                outcomes[strategy].harmful += harmful
+                outcomes[strategy].wrong_accepted += harmful and accepted
+
         for strategy in (s for s in STRATEGIES if s in strategies):
             say(f"{strategy}: {trials} trials")
             for _ in range(trials):
-                if strategy == "lazy":
-                    bundle, skipped = cheater.lazy(lazy_fraction)
-                    judge(strategy, bundle, miss_probability(costs, caught_at(skipped, window), samples))
-                elif strategy == "perturb-final":
-                    judge(strategy, cheater.perturb_step(len(job.steps) - 1), 0.0)
-                elif strategy == "perturb-intermediate":
-                    index = rng.randrange(len(job.steps) - 1) if len(job.steps) > 1 else 0
-                    caught = caught_at(frozenset({index}), window)
-                    judge(strategy, cheater.perturb_step(index), miss_probability(costs, caught, samples))
-                elif strategy in ("weights-fp16", "weights-bf16", "substituted-model", "tf32-emulated"):
-                    bundle, changed = cheater.altered_weights(strategy)
-                    judge(strategy, bundle, miss_probability(costs, caught_at(changed, window), samples))
-                elif strategy == "wrong-input":
-                    judge(strategy, cheater.wrong_input(), 0.0)
-                elif strategy == "replay":
-                    judge(strategy, honest_bundles[0], 0.0, target=other_job)
-                elif strategy == "forged-commitment":
-                    judge(strategy, cheater.forged_commitment(), 0.0)
-                elif strategy == "unsealed-bytes":
-                    judge(strategy, cheater.unsealed_bytes(lazy_fraction), 0.0)
-                elif strategy in LAUNDERING:
-                    made = cheater.launder(strategy)
-                    if made is None:
-                        outcomes[strategy].inapplicable += 1
-                        continue
-                    bundle, laundered = made
-                    caught = cheater.caught_by(laundered)
-                    harmful = cheater.harmful(laundered)
-                    accepted = judge(strategy, bundle, miss_probability(costs, caught, samples))
-                    outcomes[strategy].harmful += harmful
-                    outcomes[strategy].wrong_accepted += harmful and accepted
+                try:
+                    play(strategy)
+                except StepExecutionError:  # the model does not run on what the cheat changed
+                    outcomes[strategy].inapplicable += 1
             if strategy == "equivocation":
                 outcomes[strategy] = _equivocation_trials(
                     job, key, cheater, work, trials, Ledger, register_node, verify_and_settle
@@ -445,19 +455,27 @@ def _tf32(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _equivocation_trials(
     job: Job, key: SecretKey, cheater: _Cheater, work: Path, trials: int, ledger_cls: Any, register: Any, settle: Any
 ) -> Outcome:
-    """The node signs two different outputs for one job: the ledger must catch it every time."""
+    """The node signs two different outputs for one job: the ledger must catch it every time.
+
+    Each trial is a fresh ledger: the node registers with a request it signs, the job owner posts
+    the job, and the operator writes (and signs) what the verifications record."""
+    from verimesh.ledger.events import sign_request
+    from verimesh.settlement import register_job
+
     outcome = Outcome("equivocation")
-    op = generate_key()
+    op, owner = generate_key(), generate_key()
     for t in range(trials):
         ledger = ledger_cls.create(str(work / f"eq-{t}.db"), op)
-        register(ledger, key.public, stake=100)
+        register(ledger, sign_request(key, action="register", ledger_id=ledger.ledger_id, amount=100), writer=op)
+        post = sign_request(owner, action="job", ledger_id=ledger.ledger_id, amount=10, job_id=job.job_id)
+        register_job(ledger, post, writer=op)
         honest = cheater._seal(dict(cheater.honest))
-        settle(honest, job=job, ledger=ledger)
+        settle(honest, job=job, ledger=ledger, writer=op)
         second = cheater.perturb_step(len(job.steps) - 1)
-        settled = settle(second, job=job, ledger=ledger)
+        settled = settle(second, job=job, ledger=ledger, writer=op)
         outcome.trials += 1
         outcome.predicted.append(1.0)
-        if settled.equivocation_evidence is not None:
+        if settled.equivocation_evidence is not None and any(k == "slash" for _, k in settled.appended):
             outcome.detected += 1
             outcome.reasons["equivocation"] = outcome.reasons.get("equivocation", 0) + 1
     return outcome
@@ -481,6 +499,7 @@ def detection_curves(
         key = generate_key()
         cheater = _Cheater(job, key, work, rng)
         costs = [s.cost for s in job.steps]
+        always = frozenset(mandatory_steps(job))
         ks = list(range(0, len(job.steps)))
         curves: dict[str, dict[str, list[float]]] = {}
         for strategy in ("lazy", "perturb-intermediate"):
@@ -489,13 +508,13 @@ def detection_curves(
                 hits, preds = 0, []
                 for _ in range(trials):
                     if strategy == "lazy":
-                        bundle, cheated = cheater.lazy(lazy_fraction)
+                        bundle = cheater.lazy(lazy_fraction)
                     else:
                         index = rng.randrange(max(len(job.steps) - 1, 1))
-                        bundle, cheated = cheater.perturb_step(index), frozenset({index})
+                        bundle = cheater.perturb_step(index)
                     verdict = verify(bundle, job=job, node_key=key.public, samples=k, seed=rng.getrandbits(53))
                     hits += verdict.status != "accept"
-                    preds.append(1 - miss_probability(costs, caught_at(cheated, job.policy.window), k))
+                    preds.append(1 - miss_probability(costs, cheater.caught_by(cheater.last_trace), k, always))
                 measured.append(hits / trials)
                 predicted.append(sum(preds) / len(preds))
             curves[strategy] = {"measured": measured, "predicted": predicted}

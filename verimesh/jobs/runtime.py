@@ -8,6 +8,7 @@ under the ``fp32-strict`` precision class the CUDA provider runs with TF32 disab
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -65,7 +66,8 @@ class StepRunner:
     precision: str = "fp32-strict"
     optimization: str = "extended"
     threads: int = 0
-    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+    max_sessions: int = 256  # least recently used sessions beyond this are dropped
+    _sessions: OrderedDict[str, Any] = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -93,6 +95,7 @@ class StepRunner:
 
         cached = self._sessions.get(digest)
         if cached is not None:
+            self._sessions.move_to_end(digest)
             return cached
         if callable(model_bytes):
             model_bytes = model_bytes()
@@ -117,6 +120,8 @@ class StepRunner:
         except failures as exc:
             raise StepExecutionError(f"onnxruntime cannot load step {digest[:19]}: {_first_line(exc)}") from exc
         self._sessions[digest] = sess
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
         return sess
 
     def run(
@@ -132,7 +137,7 @@ class StepRunner:
             results = sess.run(list(outputs), dict(inputs))
         except failures as exc:
             error = StepExecutionError(f"onnxruntime failed running step {digest[:19]}: {_first_line(exc)}")
-            error.data_dependent = _data_dependent(exc)
+            error.data_dependent = _data_dependent(exc, (*inputs, *outputs))
             raise error from exc
         return {name: np.asarray(value) for name, value in zip(outputs, results, strict=True)}
 
@@ -153,12 +158,24 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _data_dependent(exc: BaseException) -> bool:
+# What onnxruntime says when the machine, not the inputs, made a step fail.
+_RESOURCE_PHRASES = ("alloc", "out of memory", "memory limit", "cuda", "cudnn", "cublas", "device")
+
+
+def _data_dependent(exc: BaseException, names: Sequence[str] = ()) -> bool:
     """Did the inputs make the step fail (an index out of range, a shape that does not fit), as
-    opposed to the machine (memory, a provider)? Only the former is reproducible anywhere."""
+    opposed to the machine (memory, a provider)? Only the former is reproducible anywhere.
+    onnxruntime's message quotes tensor names, which the job chose: they are taken out before the
+    message is read, so that a tensor called ``memory`` does not make a bad shape the machine's."""
+    import re
+
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    text = str(exc).lower()
-    if any(word in text for word in ("alloc", "memory", "cuda", "device")):
+    text = re.sub(r"Name:'[^']*'", "", str(exc))  # node names, chosen by the job too
+    for name in sorted(set(names), key=len, reverse=True):
+        if name:
+            text = text.replace(name, "")
+    text = text.lower()
+    if any(phrase in text for phrase in _RESOURCE_PHRASES):
         return False
     return isinstance(exc, (state.InvalidArgument, state.Fail))

@@ -42,10 +42,12 @@ from verimesh.jobs.modelsafety import check_model_bytes
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey
 from verimesh.spot.sealed_evidence import SEALED_KINDS, check_sealed_evidence
+from verimesh.spot.spotcheck import PREDICATE_TYPES
 
 EVIDENCE_TYPE = "verimesh/evidence"
 EVIDENCE_DIR_ENV = "VERIMESH_EVIDENCE_DIR"
 KINDS = ("step-mismatch", "binding", "equivocation")
+MAX_REASON_CHARS = 2000
 BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor")
 
 
@@ -123,7 +125,7 @@ def write_evidence(
         "step": step,
         "field": binding_field,
         "tensors": records,
-        "reason": reason[:2000],
+        "reason": reason[:MAX_REASON_CHARS],
     }
     members: list[tuple[str, bytes | memoryview]] = [
         ("evidence.json", canonical_json(doc)),
@@ -156,7 +158,7 @@ def write_equivocation_evidence(path: Path, *, first: Envelope, second: Envelope
 
 def _check_equivocation(first: Envelope, second: Envelope, public: PublicKey, digest: str) -> EvidenceResult:
     def result(ok: bool, reason: str, job_id: str = "") -> EvidenceResult:
-        return EvidenceResult(ok, "equivocation", public.node_id, job_id, reason, digest)
+        return EvidenceResult(ok, "equivocation", public.node_id, job_id, reason, digest, {}, _signed_step_range(first))
 
     if not (first.signed_by(public) and second.signed_by(public)):
         return result(False, "both envelopes must be signed by the node key in the evidence")
@@ -186,10 +188,14 @@ def check_evidence(path: Path) -> EvidenceResult:
     from verimesh.core.canonical import parse_json
 
     # 1.
-    members = read_container_file(path, what=f"evidence {path}")
+    members = read_container_file(path, what="evidence")
     digest = sha256_file(path)
     names = list(members)
     if names[:3] != ["evidence.json", "envelope.json", "node.pub.json"]:
+        if names[-1:] == ["envelope.json"] and "trace.json" in names:
+            raise InvalidInputError(
+                f"{path} is a bundle, not an evidence file", hint=f"verify it with `verimesh verify {path} --job ...`"
+            )
         raise InvalidInputError(f"evidence {path} does not have the evidence members in order")
     doc = parse_canonical_json(bytes(members["evidence.json"]), what="evidence.json")
     version = doc.get("version") if isinstance(doc, dict) else None
@@ -200,6 +206,9 @@ def check_evidence(path: Path) -> EvidenceResult:
     kind = doc["kind"]
     if kind not in KINDS + SEALED_KINDS:
         raise InvalidInputError(f"evidence kind {kind!r} is unknown")
+    # The reason is the verifier's words, shown to people and proving nothing: one string, bounded.
+    if not isinstance(doc["reason"], str) or len(doc["reason"]) > MAX_REASON_CHARS:
+        raise InvalidInputError(f"evidence reason must be a string of at most {MAX_REASON_CHARS} characters")
     # 2.
     pub_bytes = bytes(members["node.pub.json"])
     pub_doc = parse_json(pub_bytes, what="evidence node.pub.json")
@@ -227,6 +236,17 @@ def check_evidence(path: Path) -> EvidenceResult:
 
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:
         return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details, step_range)
+
+    # Evidence re-runs spot-check steps: a zk job's outputs are proven by its proofs, and its
+    # statement commits to no trace these kinds could speak about.
+    if job.mode != "spot":
+        return result(False, f"{kind} evidence concerns spot-check jobs; this job is {job.mode}")
+    try:
+        predicate_type = envelope.statement()["predicateType"]
+    except InvalidInputError:
+        predicate_type = None
+    if predicate_type != PREDICATE_TYPES.get(job.version):
+        return result(False, "the signed statement is not a spot-check statement of this job's format")
 
     if version == 2:
         return check_sealed_evidence(members, doc, job, public, result)

@@ -108,6 +108,12 @@ def check_sealed_evidence(
     kind, step, field = doc["kind"], doc["step"], doc["field"]
     if kind not in SEALED_KINDS:
         raise InvalidInputError(f"evidence kind {kind!r} is not one of {SEALED_KINDS}")
+    # One spelling per claim: a re-run claim names a step and no field, the others a field and no step.
+    rerun = kind in ("step-mismatch", "window-mismatch")
+    if rerun and (field is not None or not isinstance(step, int) or isinstance(step, bool)):
+        raise InvalidInputError(f"{kind} evidence names a step and no field")
+    if not rerun and (step is not None or not isinstance(field, str)):
+        raise InvalidInputError(f"{kind} evidence names a field and no step")
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
     # 3.
     if job.version != 2:

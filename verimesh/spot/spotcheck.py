@@ -107,21 +107,32 @@ def spot_predicate(
     return predicate
 
 
+def mandatory_steps(job: Job) -> tuple[int, ...]:
+    """The steps every verification re-runs: the last one and every step that produces a model
+    output (a model with two heads computes one of them early; a wrong value there must not hide
+    behind the sampling)."""
+    outputs = set(job.output_names)
+    last = len(job.steps) - 1
+    return tuple(s.index for s in job.steps if s.index == last or outputs.intersection(s.outputs))
+
+
 def sample_steps(job: Job, samples: int | None, rng: random.Random) -> tuple[int, ...]:
-    """The last step always, plus ``samples`` more drawn without replacement, weighted by cost.
+    """The mandatory steps (``mandatory_steps``) always, plus ``samples`` more drawn without
+    replacement, weighted by cost.
 
     ``None`` means every step. Weighted sampling without replacement uses the Efraimidis-Spirakis
     keys u^(1/w); the randomness is the verifier's alone (``rng``), never the worker's.
     """
-    last = len(job.steps) - 1
-    if samples is None or samples >= last:
+    always = set(mandatory_steps(job))
+    others = [step for step in job.steps if step.index not in always]
+    if samples is None or samples >= len(others):
         return tuple(range(len(job.steps)))
     keyed = []
-    for step in job.steps[:-1]:
+    for step in others:
         weight = max(step.cost, 1)
         keyed.append((rng.random() ** (1.0 / weight), step.index))
-    chosen = sorted(index for _, index in sorted(keyed, reverse=True)[:samples])
-    return (*chosen, last)
+    chosen = {index for _, index in sorted(keyed, reverse=True)[:samples]}
+    return tuple(sorted(chosen | always))
 
 
 def seeded_rng(seed: int) -> random.Random:
