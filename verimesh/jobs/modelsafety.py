@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from verimesh.errors import InvalidInputError, UnsafeModelError
@@ -100,103 +99,129 @@ class ModelSummary:
     tensors: int
 
 
-# -- a subset of onnx.proto (same field numbers), parsed by protobuf's own parser -----------------
+# -- a subset of onnx.proto, read from the protobuf wire format ------------------------------------
+#
+# protobuf's own Python package costs about 40 ms to import, a fifth of the verify path's start-up
+# budget, so the few fields the check needs are read here from the wire format (field numbers as in
+# onnx.proto; every other field is skipped by its length). The reading follows protobuf's rules
+# where they matter for safety: a message field that occurs twice is merged (its repeated fields
+# concatenate), and nesting deeper than protobuf's own limit of 100 is refused. A differential
+# test (tests/unit/test_modelsafety.py) compares it with protobuf on random mutations of models.
+
+_MAX_DEPTH = 100
+# message -> field number -> (field name, kind, message type, repeated)
+_FIELDS: dict[str, dict[int, tuple[str, str, str, bool]]] = {
+    "Model": {7: ("graph", "msg", "Graph", False), 20: ("training_info", "msg", "Training", True),
+              25: ("functions", "msg", "Function", True)},
+    "Training": {1: ("initialization", "msg", "Graph", False), 2: ("algorithm", "msg", "Graph", False)},
+    "Graph": {1: ("node", "msg", "Node", True), 5: ("initializer", "msg", "Tensor", True),
+              15: ("sparse_initializer", "msg", "Sparse", True)},
+    "Node": {1: ("input", "str", "", True), 2: ("output", "str", "", True), 3: ("name", "str", "", False),
+             4: ("op_type", "str", "", False), 5: ("attribute", "msg", "Attribute", True),
+             7: ("domain", "str", "", False)},
+    "Attribute": {1: ("name", "str", "", False), 5: ("t", "msg", "Tensor", False), 6: ("g", "msg", "Graph", False),
+                  10: ("tensors", "msg", "Tensor", True), 11: ("graphs", "msg", "Graph", True),
+                  22: ("sparse_tensor", "msg", "Sparse", False), 23: ("sparse_tensors", "msg", "Sparse", True)},
+    "Tensor": {8: ("name", "str", "", False), 13: ("external_data", "msg", "Entry", True),
+               14: ("data_location", "int", "", False)},
+    "Entry": {1: ("key", "str", "", False), 2: ("value", "str", "", False)},
+    "Sparse": {1: ("values", "msg", "Tensor", False), 2: ("indices", "msg", "Tensor", False)},
+    "Function": {1: ("name", "str", "", False), 7: ("node", "msg", "Node", True), 10: ("domain", "str", "", False)},
+}  # fmt: skip
 
 
-def _schema() -> Any:
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+class _Message:
+    """A decoded message of the subset: its fields as attributes, with protobuf's defaults."""
 
-    f = descriptor_pb2.FieldDescriptorProto
-    opt, rep = f.LABEL_OPTIONAL, f.LABEL_REPEATED
-    M, S, I64, I32 = f.TYPE_MESSAGE, f.TYPE_STRING, f.TYPE_INT64, f.TYPE_INT32
-    messages: dict[str, list[tuple[str, int, int, int, str | None]]] = {
-        "Model": [
-            ("ir_version", 1, I64, opt, None),
-            ("opset_import", 8, M, rep, "OpsetId"),
-            ("graph", 7, M, opt, "Graph"),
-            ("training_info", 20, M, rep, "Training"),
-            ("functions", 25, M, rep, "Function"),
-        ],
-        "OpsetId": [
-            ("domain", 1, S, opt, None),
-            ("version", 2, I64, opt, None),
-        ],
-        "Training": [
-            ("initialization", 1, M, opt, "Graph"),
-            ("algorithm", 2, M, opt, "Graph"),
-        ],
-        "Graph": [
-            ("node", 1, M, rep, "Node"),
-            ("name", 2, S, opt, None),
-            ("initializer", 5, M, rep, "Tensor"),
-            ("sparse_initializer", 15, M, rep, "Sparse"),
-        ],
-        "Node": [
-            ("input", 1, S, rep, None),
-            ("output", 2, S, rep, None),
-            ("name", 3, S, opt, None),
-            ("op_type", 4, S, opt, None),
-            ("attribute", 5, M, rep, "Attribute"),
-            ("domain", 7, S, opt, None),
-        ],
-        "Attribute": [
-            ("name", 1, S, opt, None),
-            ("t", 5, M, opt, "Tensor"),
-            ("g", 6, M, opt, "Graph"),
-            ("tensors", 10, M, rep, "Tensor"),
-            ("graphs", 11, M, rep, "Graph"),
-            ("sparse_tensor", 22, M, opt, "Sparse"),
-            ("sparse_tensors", 23, M, rep, "Sparse"),
-        ],
-        "Tensor": [
-            ("name", 8, S, opt, None),
-            ("external_data", 13, M, rep, "Entry"),
-            ("data_location", 14, I32, opt, None),
-        ],
-        "Entry": [
-            ("key", 1, S, opt, None),
-            ("value", 2, S, opt, None),
-        ],
-        "Sparse": [
-            ("values", 1, M, opt, "Tensor"),
-            ("indices", 2, M, opt, "Tensor"),
-        ],
-        "Function": [
-            ("name", 1, S, opt, None),
-            ("node", 7, M, rep, "Node"),
-            ("domain", 10, S, opt, None),
-        ],
-    }
-    package = "verimesh.onnxsubset"
-    proto = descriptor_pb2.FileDescriptorProto(name="verimesh/onnxsubset.proto", package=package, syntax="proto2")
-    for name, fields in messages.items():
-        message = proto.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            field = message.field.add(name=field_name, number=number, type=kind, label=label)
-            if type_name:
-                field.type_name = f".{package}.{type_name}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Model"))
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._present: set[str] = set()
+        for name, field_kind, _, repeated in _FIELDS[kind].values():
+            setattr(self, name, [] if repeated else (0 if field_kind == "int" else "" if field_kind == "str" else None))
+
+    def HasField(self, name: str) -> bool:
+        return name in self._present
 
 
-_model_class = cache(_schema)
+class _Malformed(ValueError):
+    pass
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _Malformed("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _decode(kind: str, data: memoryview, depth: int, into: _Message | None = None) -> _Message:
+    if depth > _MAX_DEPTH:
+        raise _Malformed(f"nested deeper than {_MAX_DEPTH}")
+    message = into or _Message(kind)
+    fields = _FIELDS[kind]
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if not 0 < number < 1 << 29 or key >> 32:  # protobuf's own bounds on a field key
+            raise _Malformed(f"field number {number} out of range")
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            payload = None
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            value, payload = 0, None
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise _Malformed("length runs past the end")
+            value, payload = 0, data[pos : pos + length]
+            pos += length
+        else:
+            raise _Malformed(f"wire type {wire} (groups are not used by ONNX)")
+        if pos > len(data):
+            raise _Malformed("truncated field")
+        spec = fields.get(number)
+        if spec is None:
+            continue
+        name, field_kind, sub, repeated = spec
+        if (field_kind == "int") != (wire == 0) or (field_kind != "int" and wire != 2):
+            raise _Malformed(f"field {kind}.{name} has wire type {wire}")
+        if field_kind == "int":
+            item: Any = value
+        elif field_kind == "str":
+            assert payload is not None
+            item = bytes(payload).decode("utf-8", "replace")
+        else:
+            assert payload is not None
+            existing = None if repeated else getattr(message, name)
+            item = _decode(sub, payload, depth + 1, existing)  # a message field seen twice is merged
+        if repeated:
+            getattr(message, name).append(item)
+        else:
+            setattr(message, name, item)
+            message._present.add(name)
+    return message
 
 
 def _parse(data: bytes, what: str) -> Any:
-    from google.protobuf.message import DecodeError
-
-    model = _model_class()()
     try:
-        model.ParseFromString(data)
-    except DecodeError as exc:  # malformed, or nested beyond protobuf's recursion limit
+        model = _decode("Model", memoryview(data), 0)
+    except (_Malformed, RecursionError) as exc:
         raise InvalidInputError(f"{what} is not an ONNX model ({exc})") from exc
+    if getattr(model, "graph", None) is None:
+        setattr(model, "graph", _Message("Graph"))  # noqa: B010 - fields are set by name
     return model
 
 
 def _sparse_parts(sparse: Any) -> Iterator[Any]:
-    yield sparse.values
-    yield sparse.indices
+    yield from (part for part in (sparse.values, sparse.indices) if part is not None)
 
 
 def _node_items(node: Any, where: str) -> Iterator[tuple[str, Any, str]]:
@@ -228,8 +253,9 @@ def _model_items(model: Any) -> Iterator[tuple[str, Any, str]]:
     """Every node and tensor of the model: main graph, training graphs, function bodies."""
     yield from _graph_items(model.graph, "graph")
     for info in model.training_info:
-        yield from _graph_items(info.initialization, "training initialization")
-        yield from _graph_items(info.algorithm, "training algorithm")
+        for graph, where in ((info.initialization, "training initialization"), (info.algorithm, "training algorithm")):
+            if graph is not None:
+                yield from _graph_items(graph, where)
     for function in model.functions:
         for node in function.node:
             yield from _node_items(node, f"function {function.domain}:{function.name}")

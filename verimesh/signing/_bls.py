@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from functools import cache
-from typing import Protocol
-
-from py_ecc.bls import G2ProofOfPossession as _ref  # type: ignore[attr-defined]
+from typing import Any, Protocol
 
 from verimesh.errors import ConfigurationError
 
@@ -23,6 +22,19 @@ SECRET_KEY_BYTES = 32
 PUBLIC_KEY_BYTES = 48
 SIGNATURE_BYTES = 96
 CURVE_ORDER = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
+
+
+@cache
+def _reference() -> Any:
+    """py_ecc's POP ciphersuite, imported on first use: it takes most of a second to import and
+    only key generation, proofs of possession and the reference backend need it. py_ecc raises the
+    interpreter's recursion limit on import; with it a deeply nested input would overflow the C
+    stack in C-level recursion (json, numpy) and kill the process, so the limit is put back."""
+    limit = sys.getrecursionlimit()
+    from py_ecc.bls import G2ProofOfPossession  # type: ignore[attr-defined]
+
+    sys.setrecursionlimit(limit)
+    return G2ProofOfPossession
 
 
 class Backend(Protocol):
@@ -40,29 +52,29 @@ class PyEccBackend:
     name = "py_ecc"
 
     def sk_to_pk(self, sk: int) -> bytes:
-        return bytes(_ref.SkToPk(sk))
+        return bytes(_reference().SkToPk(sk))
 
     def sign(self, sk: int, message: bytes) -> bytes:
-        return bytes(_ref.Sign(sk, message))
+        return bytes(_reference().Sign(sk, message))
 
     def verify(self, pk: bytes, message: bytes, signature: bytes) -> bool:
         try:
-            return bool(_ref.Verify(pk, message, signature))  # type: ignore[arg-type]
+            return bool(_reference().Verify(pk, message, signature))
         except (ValueError, TypeError, AssertionError):
             return False
 
     def aggregate(self, signatures: Sequence[bytes]) -> bytes:
-        return bytes(_ref.Aggregate(list(signatures)))  # type: ignore[arg-type]
+        return bytes(_reference().Aggregate(list(signatures)))
 
     def fast_aggregate_verify(self, pks: Sequence[bytes], message: bytes, signature: bytes) -> bool:
         try:
-            return bool(_ref.FastAggregateVerify(list(pks), message, signature))  # type: ignore[arg-type]
+            return bool(_reference().FastAggregateVerify(list(pks), message, signature))
         except (ValueError, TypeError, AssertionError):
             return False
 
     def aggregate_verify(self, pks: Sequence[bytes], messages: Sequence[bytes], signature: bytes) -> bool:
         try:
-            return bool(_ref.AggregateVerify(list(pks), list(messages), signature))  # type: ignore[arg-type]
+            return bool(_reference().AggregateVerify(list(pks), list(messages), signature))
         except (ValueError, TypeError, AssertionError):
             return False
 
@@ -184,11 +196,11 @@ def backend(name: str | None = None) -> Backend:
 
 
 def keygen(ikm: bytes) -> int:
-    return int(_ref.KeyGen(ikm))
+    return int(_reference().KeyGen(ikm))
 
 
 def pop_prove(sk: int) -> bytes:
-    return bytes(_ref.PopProve(sk))
+    return bytes(_reference().PopProve(sk))
 
 
 def pop_verify(pk: bytes, proof: bytes) -> bool:
@@ -203,6 +215,6 @@ def pop_verify(pk: bytes, proof: bytes) -> bool:
         except (ValueError, RuntimeError):
             return False
     try:
-        return bool(_ref.PopVerify(pk, proof))  # type: ignore[arg-type]
+        return bool(_reference().PopVerify(pk, proof))
     except (ValueError, TypeError, AssertionError):
         return False

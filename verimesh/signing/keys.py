@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,7 @@ from typing import Any
 from verimesh.core.canonical import parse_json
 from verimesh.core.files import read_user_file
 from verimesh.errors import InvalidInputError
-
-# py_ecc (imported by _bls) raises the interpreter's recursion limit to 100000 on import. With
-# that limit a deeply nested input overflows the C stack in C-level recursion (json, numpy, repr)
-# and kills the process instead of raising RecursionError, so the limit is put back; py_ecc's own
-# code runs within the default one (tests/unit/test_keys.py).
-_RECURSION_LIMIT = sys.getrecursionlimit()
-from verimesh.signing import _bls  # noqa: E402
-
-sys.setrecursionlimit(_RECURSION_LIMIT)
+from verimesh.signing import _bls
 
 SUITE = "BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_POP_"
 SECRET_TYPE = "verimesh/bls-secret-key"
