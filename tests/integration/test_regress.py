@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from verimesh import __version__
-from verimesh.assurance.regress import load_suite, run_suite
+from verimesh.assurance.regress import junit_xml, load_suite, run_suite
 from verimesh.cli.app import cli
 from verimesh.core.digest import sha256_file
 from verimesh.jobs.circuit import load_circuit, write_circuit
@@ -278,3 +278,132 @@ def test_a_verifier_that_cannot_reject_fails_the_suite(healthy: Path, monkeypatc
     assert all(failed.get(f"tamper:{name}") == "ACCEPTED a tampered bundle" for name in ("truncated", "wrong-input"))
     assert "recorded 'reject', now 'accept'" in failed[f"golden:v{__version__}/fraud.vmb"]
     assert "detection:perturb-final" in failed  # the red team's cheats now get through as well
+
+
+# -- budgets that travel, one case, golden files only from a case that holds ----------------------
+
+RELATIVE_CASE = """
+[[case]]
+name = "{name}"
+model = "{fix}/mlp.onnx"
+input = "{fix}/mlp.input.npy"
+steps = 3
+tamper = false
+{budget}
+"""
+
+
+def relative_case(name: str, budget: str = "") -> str:
+    return RELATIVE_CASE.format(name=name, fix=FIX, budget=budget)
+
+
+def test_relative_budgets_are_measured_against_a_reference_in_the_same_run(tmp_path: Path) -> None:
+    """No time budget given: the defaults are relative (ratio x reference, reference + floor), and
+    the report carries the measured value, the reference and the limit."""
+    tight = "[case.budget]\nmax_prove_ratio = 0.000001\nmax_verify_ratio = 1000\nfloor_seconds = 0"
+    suite = load_suite(write_suite(tmp_path, relative_case("default") + relative_case("tight", tight)))
+    report = run_suite(suite)
+    default, tightened = report.cases
+    checks = {c.name: c for c in default.checks}
+    prove = checks["budget:prove-seconds"]
+    assert prove.ok and prove.reason.startswith("within budget: max(3 x reference, reference + 0.05 s)")
+    assert 0 < prove.measured["reference"] < prove.measured["limit"] and prove.measured["value"] > 0
+    assert checks["budget:verify-seconds"].ok
+    failed = {c.name: c for c in tightened.failures}
+    assert set(failed) == {"budget:prove-seconds", "golden"}, failed
+    assert failed["budget:prove-seconds"].reason.startswith("over budget: max(1e-06 x reference, reference + 0 s)")
+    # JUnit testcases carry the time each check took.
+    junit = ElementTree.fromstring(junit_xml(report))
+    assert sum(float(tc.get("time") or 0) for tc in junit.iter("testcase")) > 0
+
+
+def test_case_runs_one_case_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    suite_file = write_suite(tmp_path, relative_case("a") + relative_case("b"))
+    report = run_suite(load_suite(suite_file), only="b")
+    assert [c.name for c in report.cases] == ["b"]
+    result = CliRunner().invoke(cli, ["regress", str(suite_file), "--case", "nope"])
+    assert result.exit_code == 3 and "error[invalid-suite]" in result.stderr and "no case 'nope'" in result.stderr
+
+
+def test_golden_files_are_not_written_for_a_failing_case(tmp_path: Path) -> None:
+    tight = "[case.budget]\nmax_proof_bytes = 1"
+    suite_file = write_suite(tmp_path, relative_case("fails", tight))
+    report = run_suite(load_suite(suite_file), update_golden=True)
+    update = next(c for c in report.cases[0].checks if c.name == "golden-update")
+    assert not update.ok and "not written" in update.reason
+    assert not list((tmp_path / "golden").glob("*/fails"))
+
+
+def test_a_circuit_built_for_another_model_is_refused_up_front(tmp_path: Path) -> None:
+    body = f"""
+[[case]]
+name = "mismatch"
+model = "{FIX}/rescnn.onnx"
+input = "{FIX}/rescnn.input.npy"
+mode = "zk"
+circuit = "{ROOT}/circuits/mlp"
+srs = "{FIX}/srs/kzg15.test-only.srs"
+"""
+    result = CliRunner().invoke(cli, ["regress", str(write_suite(tmp_path, body))])
+    assert result.exit_code == 3 and "built for another model" in result.stderr, result.output
+
+
+def _token_model(path: Path) -> tuple[Path, Path]:
+    """Embedding lookup of int64 token ids, then a GRU: what tripped the tamper set and the red team."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden = 8
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((32, hidden)).astype(np.float32), "embed"),
+        numpy_helper.from_array(rng.standard_normal((1, 3 * hidden, hidden)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 3 * hidden, hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array(np.array([6, 1, hidden], np.int64), "seq_shape"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"], axis=0),
+        helper.make_node("Reshape", ["e", "seq_shape"], ["x"]),
+        helper.make_node("GRU", ["x", "W", "R"], ["all", "h"], hidden_size=hidden),
+        helper.make_node("Reshape", ["h", "flat"], ["y"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, hidden], np.int64), "flat"))
+    graph = helper.make_graph(
+        nodes, "tokens", [helper.make_tensor_value_info("ids", TensorProto.INT64, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])], initializer=inits,
+    )  # fmt: skip
+    model = path / "tokens.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    inputs = path / "tokens.input.npy"
+    np.save(inputs, np.array([3, 1, 4, 1, 5, 9], np.int64))
+    return model, inputs
+
+
+def test_regress_and_red_team_run_on_token_ids_and_a_gru(tmp_path: Path) -> None:
+    """Integer inputs stay valid token ids in the tamper set and the red team; a tamper the model
+    offers nothing to says so instead of crashing, and the report is written."""
+    from verimesh.assurance.redteam import STRATEGIES, run_redteam
+
+    model, inputs = _token_model(tmp_path)
+    body = f"""
+[[case]]
+name = "tokens"
+model = "{model}"
+input = "{inputs}"
+steps = 3
+detection_trials = 4
+[case.min_detection]
+wrong-input = 1.0
+lazy = 0.0
+"""
+    suite_file = write_suite(tmp_path, body)
+    result = CliRunner().invoke(cli, ["regress", str(suite_file), "--json", str(tmp_path / "r.json")])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    failed = [k for c in doc["cases"] for k in c["checks"] if not k["ok"]]
+    assert [k["name"] for k in failed] == ["golden"], failed  # no golden files were made for it
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    played = [s for s in STRATEGIES if s != "equivocation"]  # through the ledger: its own tests
+    report = run_redteam(model, inputs, trials=4, honest=8, seed=1, steps=3, strategies=played)
+    assert report["honest"]["false_positives"] == 0
+    assert all(s["within_ci"] is not False for s in report["strategies"]), report["strategies"]

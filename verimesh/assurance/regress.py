@@ -49,7 +49,10 @@ _CASE_KEYS = {
     "name", "model", "input", "mode", "steps", "samples", "circuit", "srs", "tolerance_profile",
     "tamper", "detection_trials", "budget", "min_detection",
 }  # fmt: skip
-_BUDGET_KEYS = ("max_prove_seconds", "max_verify_seconds", "max_proof_bytes", "max_quantization_error")
+_BUDGET_KEYS = (
+    "max_prove_seconds", "max_verify_seconds", "max_proof_bytes", "max_quantization_error", "max_prove_ratio",
+    "max_verify_ratio", "floor_seconds",
+)  # fmt: skip
 
 
 # -- suite file -------------------------------------------------------------------------------------
@@ -57,10 +60,25 @@ _BUDGET_KEYS = ("max_prove_seconds", "max_verify_seconds", "max_proof_bytes", "m
 
 @dataclass(frozen=True)
 class Budget:
+    """What a case may cost. Time budgets are relative by default, measured against a reference
+    in the same run (seconds do not travel between machines): a limit is
+    ``max(ratio x reference, reference + floor)``, the reference being plain onnxruntime inference
+    for a spot proof, full re-execution for a spot verification, bare ezkl witness + proof for a
+    zk proof and bare ezkl verification for a zk verification. Absolute seconds remain available."""
+
     max_prove_seconds: float | None = None
     max_verify_seconds: float | None = None
     max_proof_bytes: int | None = None
     max_quantization_error: float | None = None
+    max_prove_ratio: float | None = None
+    max_verify_ratio: float | None = None
+    floor_seconds: float | None = None
+
+
+# Relative budgets a case gets when it names none: 3x the medians measured on the 2-core CI
+# machine (docs/ci.md), the floor covering what a tiny model's fixed costs are (signing, files).
+DEFAULT_RATIOS = {"spot": {"prove": 3.0, "verify": 3.0}, "zk": {"prove": 3.5, "verify": 3.0}}
+DEFAULT_FLOOR_SECONDS = {"spot": 0.05, "zk": 1.0}
 
 
 @dataclass(frozen=True)
@@ -95,16 +113,18 @@ class Suite:
     cases: tuple[Case, ...]
     profiles: Mapping[str, Profile]
 
-    def selected(self, profile: str | None) -> tuple[Case, ...]:
-        """The cases a profile runs, with its detection trials applied (no profile: every case as written)."""
+    def selected(self, profile: str | None, case: str | None = None) -> tuple[Case, ...]:
+        """The cases a profile runs, with its detection trials applied (no profile: every case as
+        written); ``case``: that one only."""
+        if case is not None and case not in {c.name for c in self.cases}:
+            raise _fail(self.path, f"no case {case!r}; cases: {', '.join(c.name for c in self.cases)}")
+        picked = tuple(c for c in self.cases if case is None or c.name == case)
         if profile is None:
-            return self.cases
+            return picked
         if profile not in self.profiles:
-            raise InvalidInputError(
-                f"suite {self.path} has no profile {profile!r}", hint=f"profiles: {', '.join(self.profiles) or 'none'}"
-            )
+            raise _fail(self.path, f"no profile {profile!r}; profiles: {', '.join(self.profiles) or 'none'}")
         chosen = self.profiles[profile]
-        cases = [c for c in self.cases if chosen.cases is None or c.name in chosen.cases]
+        cases = [c for c in picked if chosen.cases is None or c.name in chosen.cases]
         if chosen.detection_trials is not None:
             trials = chosen.detection_trials
             cases = [Case(**{**c.__dict__, "detection_trials": min(c.detection_trials, trials)}) for c in cases]
@@ -176,6 +196,7 @@ def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
             raise _fail(path, f"{what} zk mode needs circuit (a folder made by `verimesh circuit build`)")
         if detection:
             raise _fail(path, f"{what} min_detection measures spot-check sampling; zk cases have none")
+        _check_circuit_model(base, doc, what, path)
     else:
         for key in ("circuit", "srs"):
             if key in doc:
@@ -207,6 +228,22 @@ def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
         budget=budget,
         min_detection=tuple((str(k), float(v)) for k, v in detection.items()),
     )
+
+
+def _check_circuit_model(base: Path, doc: dict[str, Any], what: str, path: Path) -> None:
+    """A zk case's circuit must be built for its model: refused here, not after a rebuild."""
+    from verimesh.jobs.circuit import load_circuit
+
+    model, folder = (
+        _file(base, doc["model"], f"{what} model", path),
+        _file(base, doc["circuit"], f"{what} circuit", path, folder=True),
+    )
+    try:
+        circuit = load_circuit(folder)
+    except InvalidInputError as exc:
+        raise _fail(path, f"{what} circuit {doc['circuit']!r}: {exc.message}") from exc
+    if circuit.model_digest != sha256_file(model):
+        raise _fail(path, f"{what} circuit {doc['circuit']!r} was built for another model than {doc['model']!r}")
 
 
 def load_suite(path: Path) -> Suite:
@@ -261,13 +298,15 @@ class CheckResult:
     ok: bool
     reason: str
     measured: Mapping[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # how long the check took (JUnit's time); never part of the outcome
 
     def message(self) -> str:
         numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in self.measured.items())
         return f"{self.reason} ({numbers})" if numbers else self.reason
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "reason": self.reason, "measured": dict(self.measured)}
+        return {"name": self.name, "ok": self.ok, "reason": self.reason, "measured": dict(self.measured),
+                "seconds": round(self.seconds, 4)}  # fmt: skip
 
 
 def _fmt(value: float) -> str:
@@ -346,9 +385,12 @@ class _CaseRun:
         self.suite, self.case, self.work, self.update_golden = suite, case, work, update_golden
         self.seed = suite.case_seed(case)
         self.checks: list[CheckResult] = []
+        self._since = time.perf_counter()
 
     def check(self, name: str, ok: bool, reason: str, **measured: float) -> None:
-        self.checks.append(CheckResult(name, bool(ok), reason, measured))
+        now = time.perf_counter()
+        self.checks.append(CheckResult(name, bool(ok), reason, measured, now - self._since))
+        self._since = now
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -358,6 +400,8 @@ class _CaseRun:
             self.check(name, False, exc.one_line())
         except OSError as exc:
             self.check(name, False, f"error[io-error]: {exc.strerror or exc} {exc.filename or ''}".strip())
+        except Exception as exc:  # noqa: BLE001 - a suite runner reports a phase's bug and goes on, as pytest does
+            self.check(name, False, f"error[internal-error]: {type(exc).__name__}: {str(exc)[:300]}")
 
     def run(self) -> None:
         case = self.case
@@ -370,9 +414,15 @@ class _CaseRun:
             with self.phase("detection"):
                 self.detection()
         if self.update_golden:
-            with self.phase("golden-update"):
-                make_golden(self.suite, case)
-                self.check("golden-update", True, f"wrote {golden_folder(self.suite, case).parent.name}/{case.name}")
+            # Golden files record what a version does when it works: never from a failing case.
+            failing = [c.name for c in self.checks if not c.ok]
+            if failing:
+                self.check("golden-update", False, f"not written: the case fails ({', '.join(failing[:3])})")
+            else:
+                with self.phase("golden-update"):
+                    make_golden(self.suite, case)
+                    folder = golden_folder(self.suite, case)
+                    self.check("golden-update", True, f"wrote {folder.parent.name}/{case.name}")
         with self.phase("golden"):
             self.golden()
 
@@ -405,27 +455,49 @@ class _CaseRun:
 
     def honest(self) -> None:
         from verimesh.signing.keys import generate_key
-        from verimesh.workflows import prove, verify
+        from verimesh.workflows import Worker, verify
 
         case, budget = self.case, self.case.budget
         job = case_job(case, self.work / "job.json")
         key = generate_key()
-        start = time.perf_counter()
-        result = prove(job, key=key, out=self.work / "honest.vmb", device="cpu", srs=case.srs)
-        prove_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        verdict = verify(result.bundle, job=job, node_key=key.public, seed=self.seed, srs=case.srs)
-        verify_seconds = time.perf_counter() - start
-        self.check("honest-verify", verdict.accepted, "accepted" if verdict.accepted else _verdict_text(verdict),
-                   prove_seconds=prove_seconds, verify_seconds=verify_seconds)  # fmt: skip
-        self.budget("prove-seconds", prove_seconds, budget.max_prove_seconds, "s")
-        self.budget("verify-seconds", verify_seconds, budget.max_verify_seconds, "s")
+        worker = Worker(key, device="cpu", srs=case.srs)
+        try:
+            result = worker.prove(job, out=self.work / "honest.vmb")  # cold: fills the zk key cache
+            verdict = verify(result.bundle, job=job, node_key=key.public, seed=self.seed, srs=case.srs)
+            self.check("honest-verify", verdict.accepted, "accepted" if verdict.accepted else _verdict_text(verdict))
+            timings = _timings(job, worker, result.bundle, key, case, self.work, self.seed)
+        finally:
+            worker.close()
+        self.time_budget("prove-seconds", timings["prove"], timings["prove_reference"], budget.max_prove_seconds,
+                         budget.max_prove_ratio, "prove")  # fmt: skip
+        self.time_budget("verify-seconds", timings["verify"], timings["verify_reference"], budget.max_verify_seconds,
+                         budget.max_verify_ratio, "verify")  # fmt: skip
         self.budget("proof-bytes", result.bytes_written, budget.max_proof_bytes, "bytes")
         if budget.max_quantization_error is not None:
             self.budget("quantization-error", _quantization_error(job, result.bundle),
                         budget.max_quantization_error, "(relative Frobenius)")  # fmt: skip
         if case.tamper:
             self.tampers(job, result.bundle, key)
+
+    def time_budget(
+        self, name: str, value: float, reference: float, absolute: float | None, ratio: float | None, what: str
+    ) -> None:
+        """An absolute budget where the case gives one, else ``max(ratio x reference, reference + floor)``."""
+        case = self.case
+        if absolute is not None and ratio is None:
+            self.budget(name, value, absolute, "s")
+            return
+        ratio = DEFAULT_RATIOS[case.mode][what] if ratio is None else ratio
+        floor = DEFAULT_FLOOR_SECONDS[case.mode] if case.budget.floor_seconds is None else case.budget.floor_seconds
+        limit = max(ratio * reference, reference + floor)
+        if absolute is not None:
+            limit = min(limit, absolute)
+        ok = value <= limit
+        rule = f"max({_fmt(ratio)} x reference, reference + {_fmt(floor)} s)" + (
+            f", at most {_fmt(absolute)} s" if absolute is not None else ""
+        )
+        self.check(f"budget:{name}", ok, f"{'within' if ok else 'over'} budget: {rule}", value=value,
+                   reference=reference, limit=limit)  # fmt: skip
 
     def budget(self, name: str, value: float, limit: float | None, unit: str) -> None:
         if limit is None:
@@ -434,7 +506,7 @@ class _CaseRun:
         self.check(f"budget:{name}", ok, f"{'within' if ok else 'over'} budget: max {_fmt(limit)} {unit}", value=value)
 
     def tampers(self, job: Any, bundle: Path, key: Any) -> None:
-        from verimesh.assurance.tamper import tamper_set
+        from verimesh.assurance.tamper import Inapplicable, tamper_set
         from verimesh.signing.keys import generate_key
         from verimesh.workflows import verify
 
@@ -442,11 +514,15 @@ class _CaseRun:
         made = tamper_set(job, bundle, key=key, other_key=generate_key(), other_job=other_job,
                           work=self.work / "tamper", seed=self.seed)  # fmt: skip
         for tampered in made:
-            verdict = verify(tampered.bundle, job=tampered.job, node_key=key.public, samples="all", seed=self.seed,
-                             srs=self.case.srs)  # fmt: skip
-            caught = not verdict.accepted
-            reason = f"{verdict.status} at {_failed_check(verdict)}" if caught else "ACCEPTED a tampered bundle"
-            self.check(f"tamper:{tampered.name}", caught, reason)
+            if isinstance(tampered, Inapplicable):  # the model offers this tamper nothing to work on
+                self.check(f"tamper:{tampered.name}", True, f"not applicable: {tampered.reason}")
+                continue
+            with self.phase(f"tamper:{tampered.name}"):
+                verdict = verify(tampered.bundle, job=tampered.job, node_key=key.public, samples="all",
+                                 seed=self.seed, srs=self.case.srs)  # fmt: skip
+                caught = not verdict.accepted
+                reason = f"{verdict.status} at {_failed_check(verdict)}" if caught else "ACCEPTED a tampered bundle"
+                self.check(f"tamper:{tampered.name}", caught, reason)
 
     def detection(self) -> None:
         from verimesh.assurance.redteam import run_redteam
@@ -473,6 +549,48 @@ class _CaseRun:
                 srs = case_srs(self.case)
                 for name, ok, reason in check_golden(doc_path.parent, srs=srs, work=self.work):
                     self.check(f"golden:{doc_path.parent.parent.name}/{name}", ok, reason)
+
+
+def _timings(job: Any, worker: Any, bundle: Path, key: Any, case: Case, work: Path, seed: int) -> dict[str, float]:
+    """Warm medians of the case's proof and verification, each beside its reference measured in
+    the same process and moment: plain inference and full re-execution (spot), bare ezkl (zk)."""
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import run_steps
+    from verimesh.workflows import verify
+
+    def timed(fn: Callable[[], object], repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    repeats = 3 if case.mode == "spot" else 1
+    prove = timed(lambda: worker.prove(job, out=work / "warm.vmb"), repeats)
+    if case.mode == "zk":
+        from verimesh.zk import ezkl_backend as zk
+
+        circuit = job.load_circuit()
+        srs = circuit.resolve_srs(case.srs)
+        inputs = job.read_input()
+        prove_reference = timed(lambda: zk.bare_prove_seconds(circuit, inputs, srs), 1)
+        verify_s = timed(lambda: verify(bundle, job=job, node_key=key.public, seed=seed, srs=case.srs), repeats)
+        verify_reference = timed(lambda: zk.bare_verify_seconds(circuit, bundle, srs), 1)
+        return {"prove": prove, "prove_reference": prove_reference, "verify": verify_s,
+                "verify_reference": verify_reference}  # fmt: skip
+    runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+    model = job.resolve(job.model_path).read_bytes()
+    inputs = job.read_input()
+    names = list(job.output_names)
+    runner.run("plain-" + job.model_digest, model, inputs, names)  # warm-up: the session is made once
+    verify(bundle, job=job, node_key=key.public, runner=runner, samples="all", seed=seed)
+    return {
+        "prove": prove,
+        "prove_reference": timed(lambda: runner.run("plain-" + job.model_digest, model, inputs, names), repeats),
+        "verify": timed(lambda: verify(bundle, job=job, node_key=key.public, runner=runner, seed=seed), repeats),
+        "verify_reference": timed(lambda: run_steps(job, None, inputs, runner), repeats),
+    }
 
 
 def case_job(case: Case, out: Path, *, circuit: Path | None = None) -> Any:
@@ -547,13 +665,14 @@ def run_suite(
     jobs: int = 1,
     update_golden: bool = False,
     on_event: Event | None = None,
+    only: str | None = None,
 ) -> Report:
     """Run the cases of ``profile`` (serially, or in ``jobs`` processes); results keep suite order.
 
     ``on_event(name, None)`` when a case starts (serial runs), ``on_event(name, result)`` when it ends."""
     from verimesh.assurance.bench import machine
 
-    cases = suite.selected(profile)
+    cases = suite.selected(profile, only)
     tell = on_event or (lambda name, result: None)
     start = time.perf_counter()
     results: dict[str, CaseResult] = {}
@@ -734,7 +853,7 @@ def junit_xml(report: Report) -> bytes:
     for case in report.cases:
         for check in case.reported:
             element = ElementTree.SubElement(suite, "testcase", classname=f"regress.{case.name}", name=check.name,
-                                             time=f"{check.measured.get('seconds', 0.0):.3f}")  # fmt: skip
+                                             time=f"{check.seconds:.3f}")  # fmt: skip
             if not check.ok:
                 failure = ElementTree.SubElement(element, "failure", message=check.message(), type="regression")
                 failure.text = f"{case.name}: {check.name}: {check.message()}"
@@ -756,11 +875,9 @@ def markdown_summary(report: Report) -> str:
     ]
     for case in report.cases:
         by_name = {c.name: c for c in case.checks}
-        honest = by_name.get("honest-verify")
+        prove, verify = by_name.get("budget:prove-seconds"), by_name.get("budget:verify-seconds")
         size = by_name.get("budget:proof-bytes")
-        prove_s = _fmt(honest.measured["prove_seconds"]) if honest else "-"
-        verify_s = _fmt(honest.measured["verify_seconds"]) if honest else "-"
-        size_s = _fmt(size.measured["value"]) if size else "-"
+        prove_s, verify_s, size_s = (_fmt(c.measured["value"]) if c else "-" for c in (prove, verify, size))
         passed = sum(c.ok for c in case.checks)
         lines.append(f"| {case.name} | {case.mode} | {'pass' if case.ok else '**FAIL**'} | "
                      f"{passed}/{len(case.checks)} | {prove_s} | {verify_s} | {size_s} |")  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from verimesh.core.tensors import TensorRef
-from verimesh.errors import InvalidInputError
+from verimesh.errors import InvalidInputError, StepExecutionError
 from verimesh.jobs.bundle import Bundle, read_bundle, write_bundle
 from verimesh.jobs.job import Job
 from verimesh.jobs.runtime import StepRunner
@@ -53,6 +53,15 @@ ZK_TAMPERS = (
 
 
 @dataclass(frozen=True)
+class Inapplicable:
+    """A tamper the model offers nothing to work on (a step that cannot run on any change of an
+    integer input, say), and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Tampered:
     """A tampered bundle and the job it is to be verified against (another one for a replay)."""
 
@@ -62,10 +71,22 @@ class Tampered:
 
 
 def garble(array: np.ndarray, rng: random.Random, scale: float) -> np.ndarray:
-    """A copy with one element moved by ``scale`` times (1 + the largest magnitude)."""
+    """A copy with one element changed. Floats: moved by ``scale`` times (1 + the largest
+    magnitude). Integers and bools (token ids, indices, shapes): replaced by another value the
+    tensor already holds, or the next one within its range, so that the change stays a value the
+    model accepts wherever the tensor has more than one."""
     out = np.array(array, copy=True)
     flat = out.reshape(-1)
-    flat[rng.randrange(flat.size)] += out.dtype.type(scale * (1 + float(np.abs(flat).max())))
+    if not flat.size:
+        return out
+    i = rng.randrange(flat.size)
+    if out.dtype.kind == "f":
+        flat[i] += out.dtype.type(scale * (1 + float(np.abs(flat).max())))
+    elif out.dtype.kind == "b":
+        flat[i] = not flat[i]
+    else:
+        others = np.unique(flat[flat != flat[i]])
+        flat[i] = others[rng.randrange(others.size)] if others.size else flat[i] + 1
     return out
 
 
@@ -105,7 +126,13 @@ class Tamperer:
         self.names = SPOT_TAMPERS if job.mode == "spot" else ZK_TAMPERS
         self._makers = _spot_makers(job, key, other_key) if job.mode == "spot" else _zk_makers(job, key, other_key)
 
-    def make(self, name: str, bundle: Path, out: Path) -> Tampered:
+    def make(self, name: str, bundle: Path, out: Path) -> Tampered | Inapplicable:
+        try:
+            return self._make(name, bundle, out)
+        except StepExecutionError as exc:
+            return Inapplicable(name, f"the model does not run on the changed trace ({exc.message[:160]})")
+
+    def _make(self, name: str, bundle: Path, out: Path) -> Tampered:
         if name not in self.names:
             raise InvalidInputError(f"no tamper {name!r} in {self.job.mode} mode", hint=f"known: {self.names}")
         if name == "replayed-to-another-job":
@@ -128,8 +155,9 @@ def tamper_set(
     other_job: Job,
     work: Path,
     seed: int = 0,
-) -> Iterator[Tampered]:
-    """Yield every tamper of the job's mode made from the honest ``bundle``, written under ``work``."""
+) -> Iterator[Tampered | Inapplicable]:
+    """Yield every tamper of the job's mode made from the honest ``bundle``, written under ``work``
+    (or why the model offers it nothing to work on)."""
     work.mkdir(parents=True, exist_ok=True)
     tamperer = Tamperer(job, key=key, other_key=other_key, other_job=other_job, seed=seed)
     for name in tamperer.names:

@@ -28,7 +28,7 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed spot runs per model [default: 11; quick: 3].")
 @steps_option
 @click.option("--only", "only",
-              help="Comma-separated sections to run: spot,costs,zk,signatures,ledger [default: all].")  # fmt: skip
+              help="Comma-separated sections: spot,costs,zk,signatures,ledger,startup [default: all].")  # fmt: skip
 @click.option("--zk-model", "zk_models", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model for the zk section (repeatable) [default: fixtures/mlp.onnx].")  # fmt: skip
 @click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -84,6 +84,7 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
         sections=sections,
         quick=quick,
         cost_models=cost_models,
+        startup_model=next((p for p in (Path("fixtures/mlp.onnx"),) if p.exists()), None),
     )
     say = (lambda m: click.echo(f"bench: {m}", err=True)) if sys.stderr.isatty() else None
     report = run_benchmarks(options, progress=say)
@@ -216,9 +217,10 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
               help="Write a markdown summary (e.g. to $GITHUB_STEP_SUMMARY).")  # fmt: skip
 @click.option("--update-golden", is_flag=True,
               help="Rewrite this version's golden files for the cases run (older versions' are kept).")  # fmt: skip
+@click.option("--case", "only", metavar="NAME", help="Run only this case.")
 @click.pass_context
 def regress(ctx: click.Context, suite_file: Path, profile: str | None, jobs: int, junit_out: Path | None,
-            json_out: Path | None, md_out: Path | None, update_golden: bool) -> None:  # fmt: skip
+            json_out: Path | None, md_out: Path | None, update_golden: bool, only: str | None) -> None:  # fmt: skip
     """Run a proof regression suite: honest proofs accepted, tampering caught, budgets held,
     golden files from earlier versions still verifying, pinned circuits reproducing.
 
@@ -227,9 +229,10 @@ def regress(ctx: click.Context, suite_file: Path, profile: str | None, jobs: int
 
     init_runtime(ctx)
     suite = load_suite(suite_file)
-    cases = suite.selected(profile)
+    cases = suite.selected(profile, only)
     with _RegressBoard([c.name for c in cases], {c.name: c.mode for c in cases}) as board:
-        report = run_suite(suite, profile=profile, jobs=jobs, update_golden=update_golden, on_event=board.update)
+        report = run_suite(suite, profile=profile, jobs=jobs, update_golden=update_golden, on_event=board.update,
+                           only=only)  # fmt: skip
     if json_out:
         write_report(json_out, json.dumps(report.to_json(), indent=2) + "\n")
     if junit_out:
@@ -283,6 +286,8 @@ class _RegressBoard:
     def update(self, name: str, result: Any) -> None:
         if result is None:
             self.state[name] = "running"
+            if self.live is None:  # a CI log: one line when a case starts, one when it ends
+                click.echo(f"regress: {name}: started", err=True)
         else:
             failed = len(result.failures) if not result.ok else 0
             self.state[name] = (
