@@ -21,6 +21,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "prove": "verimesh.workflows",
     "verify": "verimesh.workflows",
+    "verified_outputs": "verimesh.workflows",
     "seal_trace": "verimesh.workflows",
     "ProveResult": "verimesh.workflows",
     "Worker": "verimesh.workflows",
@@ -40,6 +41,8 @@ _EXPORTS = {
     "Verdict": "verimesh.jobs.verdict",
     "Check": "verimesh.jobs.verdict",
     "VerimeshError": "verimesh.errors",
+    "VerificationFailedError": "verimesh.errors",
+    "InvalidInputError": "verimesh.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

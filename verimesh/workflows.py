@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from verimesh.core.container import DEFAULT_LIMITS, Limits
 from verimesh.core.digest import format_digest, parse_digest, sha256_bytes, tensor_digest
-from verimesh.core.tensors import DTYPES
+from verimesh.core.tensors import DTYPES, write_tensor_file
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, sealed_root, tensor_member, trace_document
 from verimesh.jobs.job import Job, load_job
@@ -269,8 +270,34 @@ def verify(
     limits: Limits = DEFAULT_LIMITS,
     check_all_digests: bool = False,
     srs: Path | None = None,
+    outputs_out: Path | None = None,
 ) -> Verdict:
-    """Verify a bundle against the job and the node key the job owner expects.
+    """Verify a bundle; see ``verified_outputs`` for the steps. ``outputs_out``: on an accept,
+    also write the verified output values there (.npz or .json)."""
+    verdict, outputs = verified_outputs(
+        bundle, job=job, node_key=node_key, samples=samples, seed=seed, evidence_out=evidence_out, runner=runner,
+        limits=limits, check_all_digests=check_all_digests, srs=srs,
+    )  # fmt: skip
+    if outputs_out is not None and verdict:
+        write_tensor_file(outputs_out, outputs)
+    return verdict
+
+
+def verified_outputs(
+    bundle: Path,
+    *,
+    job: Job | Path,
+    node_key: PublicKey | Path,
+    samples: Samples = None,
+    seed: int | None = None,
+    evidence_out: Path | None = None,
+    runner: StepRunner | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    check_all_digests: bool = False,
+    srs: Path | None = None,
+) -> tuple[Verdict, dict[str, np.ndarray]]:
+    """Verify a bundle against the job and the node key the job owner expects; the verdict, and
+    the output values when it is an accept (empty otherwise: nothing unverified is handed out).
 
     ``node_key``: the public key (or key file) the job owner expects; ``settlement`` takes it
     from the ledger.
@@ -307,11 +334,12 @@ def verify(
         parsed = read_bundle(bundle, limits=limits, version=job.version)
     except InvalidInputError as exc:
         state.checks.append(Check("bundle-format", False, exc.message))
-        return state.verdict("error")
+        return state.verdict("error"), {}
     detail = f"format {parsed.version}: {len(parsed.members) or len(parsed.trace)} members, {len(parsed.proofs)} proofs"
     state.checks.append(Check("bundle-format", True, detail))
     if job.mode == "zk":
-        return _verify_zk(parsed, state, srs=srs, evidence_out=evidence_out)
+        verdict = _verify_zk(parsed, state, srs=srs, evidence_out=evidence_out)
+        return verdict, _outputs(parsed, job) if verdict else {}
     try:
         # 2.-5.
         if job.version == 1:
@@ -330,17 +358,27 @@ def verify(
         state.sampled = sample_steps(job, k, seeded_rng(seed))
         state.checks.append(Check("sampling", True, f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"))
         # 7.
-        runner = runner or StepRunner(
-            device="cpu", precision=job.policy.precision, optimization=job.policy.optimization
-        )
+        runner = runner or shared_runner(job.policy.precision, job.policy.optimization)
         if job.version == 1:
             digests.require([n for i in state.sampled for n in (*job.steps[i].inputs, *job.steps[i].outputs)])
         _recheck_sampled(parsed, job, public, runner, state, leaf_hashes if job.version == 1 else ())
     except _Rejected as rejected:
         state.checks.append(rejected.check)
-        return state.verdict("reject", _write_evidence(rejected, state, evidence_out))
+        return state.verdict("reject", _write_evidence(rejected, state, evidence_out)), {}
     # 8.
-    return state.verdict("accept")
+    return state.verdict("accept"), _outputs(parsed, job)
+
+
+def _outputs(parsed: Bundle, job: Job) -> dict[str, np.ndarray]:
+    """The output values, copied out of the bundle's buffer."""
+    return {name: np.array(parsed.tensors[name]) for name in job.output_names}
+
+
+@cache
+def shared_runner(precision: str, optimization: str) -> StepRunner:
+    """The CPU runner ``verify`` uses when given none, one per configuration for the process, so
+    that verifying job after job reuses warm sessions (the runner keeps a bounded number)."""
+    return StepRunner(device="cpu", precision=precision, optimization=optimization)
 
 
 class _Verification:

@@ -243,3 +243,32 @@ def test_cli_zk_flow(single: ZkCase, keys: Keys, tmp_path: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.stdout)["verdict"] == "accept"
     with pytest.raises(InvalidInputError):
         new_job(model_path("mlp"), input_path("mlp"), tmp_path / "x.json", mode="zk")  # no circuit
+
+
+def test_dynamic_batch_axis_is_fixed_from_the_calibration_input(zk_home: Path, keys: Keys, tmp_path: Path) -> None:
+    """A model exported with a dynamic batch axis builds (ezkl's variables take the calibration
+    input's size); a job whose input has another batch size is refused up front, not by ezkl."""
+    model = onnx.load(model_path("mlp"))
+    del model.graph.value_info[:]
+    for vi in (*model.graph.input, *model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(model, tmp_path / "dynamic.onnx")
+    case = _case(zk_home, keys, "dynamic", tmp_path / "dynamic.onnx", 1)
+    settings = json.loads(case.circuit.path(case.circuit.steps[0].settings).read_text())
+    assert ["batch", 1] in settings["run_args"]["variables"]
+    assert verify(case.bundle, job=case.job, node_key=keys.node_pub).status == "accept"
+    np.save(tmp_path / "batch2.npy", np.zeros((2, 16), np.float32))
+    with pytest.raises(InvalidInputError, match="built for input 'input' of shape"):
+        new_job(tmp_path / "dynamic.onnx", tmp_path / "batch2.npy", tmp_path / "b2.json", mode="zk",
+                circuit=case.circuit.folder)  # fmt: skip
+
+
+def test_symbolic_output_dimension_is_refused_by_name() -> None:
+    from verimesh.zk.ezkl_backend import symbolic_dims
+
+    model = onnx.load(model_path("mlp"))
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    with pytest.raises(InvalidInputError, match=r"symbolic dimensions \(n\)"):
+        symbolic_dims(model, X)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    assert symbolic_dims(model, X) == {"n": 1}

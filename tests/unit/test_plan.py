@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import MODELS, model_path
+from tests.conftest import MODELS, control_flow_model, model_path
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.plan import build_step_models, load_model, parse_model, plan_model
 
@@ -107,42 +107,21 @@ def test_constants_never_cross_a_boundary() -> None:
 
 
 def test_control_flow_runs_as_one_step() -> None:
-    then = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["y_then"])],
-        "then",
-        [],
-        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [2])],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Abs", ["x"], ["y_else"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [2])],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-            helper.make_node("Greater", ["s", "zero"], ["c"]),
-            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
-            helper.make_node("Relu", ["y"], ["z"]),
-        ],
-        "iffy",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
-        initializer=[numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
+    model = control_flow_model()
     plan = plan_model(model, steps=3)
     assert plan.whole_model and len(plan.steps) == 1
+    assert len(plan.notes) == 1 and "control flow" in plan.notes[0]  # said, not silent
     planned = build_step_models(model, model.SerializeToString(), plan)
     assert planned.step_bytes == (model.SerializeToString(),)
 
 
 def test_steps_one_and_too_many() -> None:
     model = branchy(17)
-    assert len(plan_model(model, steps=1).steps) == 1
-    assert len(plan_model(model, steps=10_000).steps) <= len(model.graph.node)
+    assert len(plan_model(model, steps=1).steps) == 1 and not plan_model(model, steps=1).notes
+    many = plan_model(model, steps=10_000)
+    assert len(many.steps) <= len(model.graph.node)
+    assert many.notes == (f"--steps 10000: the model can be cut into {len(many.steps)} steps",)
+    assert not plan_model(model).notes  # the automatic choice needs no note
     with pytest.raises(InvalidInputError):
         plan_model(model, steps=0)
 

@@ -75,6 +75,11 @@ def emit(as_json: bool, payload: dict[str, Any], human: str) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=True) if as_json else human)
 
 
+def note(line: str) -> None:
+    """Something a user should know that is not an error: one line on stderr."""
+    click.echo(f"verimesh: note: {line}", err=True)
+
+
 def ask_passphrase(*, confirm: bool) -> str:
     env = os.environ.get("VERIMESH_PASSPHRASE")
     if env:

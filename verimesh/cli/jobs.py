@@ -16,6 +16,7 @@ from verimesh.cli.common import (
     input_option,
     json_option,
     load_signing_key,
+    note,
     progress_bar,
     srs_option,
     steps_option,
@@ -45,7 +46,10 @@ def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool)
         "whole_model": planned.plan.whole_model,
         "total_cost": planned.plan.total_cost,
         "steps": rows,
+        "notes": list(planned.plan.notes),
     }
+    for line in planned.plan.notes:
+        note(line)
     if as_json:
         emit(True, payload, "")
         return
@@ -142,6 +146,7 @@ def job_new(
         profile=tolerance_file,
         window=int(window),
         upgrade_opset=upgrade_opset,
+        on_note=note,
     )
     payload = {
         "job": str(out),
@@ -158,16 +163,30 @@ def job_new(
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
 def job_show(job_file: Path, as_json: bool) -> None:
-    """Check a job file's integrity and show what it pins."""
+    """Check a job file and the files it pins (step files, input; the model where it is), and show
+    what it pins. A file that does not match its digest is exit 3."""
+    from verimesh.errors import InvalidInputError
     from verimesh.jobs.job import load_job
 
     j = load_job(job_file)
-    doc = {**j.document(), "job_id": j.job_id}
+    j.read_input()
+    if j.mode == "zk":
+        j.load_circuit()
+    for index in range(len(j.steps)):
+        j.read_step_model(index)
+    try:
+        j.check_model_file()
+        model_state = "checked"
+    except InvalidInputError:  # not there: a worker passes --model; a mismatch is still an error
+        model_state = "not found (prove and calibrate take --model)"
+    checked = f"{len(j.steps)} step files and the input match their digests; model file {model_state}"
+    doc = {**j.document(), "job_id": j.job_id, "checked": checked}
     lines = [
         f"job id     {j.job_id}",
         f"mode       {j.mode}",
         f"model      {j.model_digest} ({j.model_path})",
         f"input      {j.input_digest}",
+        f"files      {checked}",
         f"policy     samples={j.policy.samples} precision={j.policy.precision} optimization={j.policy.optimization}",
     ]
     lines += [f"step {s.index:<4}  {s.digest}  {s.nodes} nodes -> {', '.join(s.outputs)[:50]}" for s in j.steps]
@@ -190,6 +209,7 @@ def job_show(job_file: Path, as_json: bool) -> None:
     help="Model file, if not where the job says.",
 )
 @srs_option
+@force_option
 @json_option
 @click.pass_context
 def prove(
@@ -200,12 +220,17 @@ def prove(
     device: str,
     model_file: Path | None,
     srs: Path | None,
+    force: bool,
     as_json: bool,
 ) -> None:
-    """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file."""
+    """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file (an existing
+    one only with --force)."""
+    from verimesh.errors import InvalidInputError
     from verimesh.workflows import prove as run_prove
 
     init_runtime(ctx)
+    if out.exists() and not force:
+        raise InvalidInputError(f"{out} already exists", hint="pass --force to overwrite it")
     key = load_signing_key(key_file)
     bar, update = progress_bar("proving", not as_json)
     if bar:
@@ -231,12 +256,21 @@ def prove(
     help="Ledger URL instead of --node-key: key and audit policy from the ledger; the result is recorded.",
 )  # fmt: skip
 @click.option(
+    "--verifier-key", type=click.Path(dir_okay=False, path_type=Path), envvar="VERIMESH_VERIFIER_KEY", default=None,
+    help="With --ledger: the secret key that signs what is recorded (the operator's, or a verifier registered in "
+    "the ledger); env VERIMESH_VERIFIER_KEY.",
+)  # fmt: skip
+@click.option(
     "--samples", type=SamplesType(), default=None, help="Steps checked beside the last (default: the job's policy)."
 )
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed, for reproducible audits.")
 @click.option(
     "--evidence-out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write evidence on a reject."
 )
+@click.option(
+    "--outputs-out", type=click.Path(dir_okay=False, path_type=Path),
+    help="On an accept, also write the verified output values here (.npz or .json).",
+)  # fmt: skip
 @click.option(
     "--max-bundle-size", type=click.IntRange(min=1), default=None, help="Refuse bundles larger than this (bytes)."
 )
@@ -252,33 +286,43 @@ def verify(
     job_file: Path,
     node_key: Path | None,
     ledger_url: str | None,
+    verifier_key: Path | None,
     samples: Any,
     seed: int | None,
     evidence_out: Path | None,
+    outputs_out: Path | None,
     max_bundle_size: int | None,
     check_all_digests: bool,
     srs: Path | None,
     as_json: bool,
 ) -> None:
     """Verify a worker's BUNDLE against the job and the node key (--node-key, or --ledger which also
-    records receipt, verdict and reward or slash); exit 0 accept, 1 reject."""
+    records receipt, verdict and reward or slash, signed with --verifier-key); exit 0 accept, 1 reject.
+    With --ledger, a ledger that does not verify, an unknown node or job, or a node without stake is
+    refused (exit 3) and nothing is recorded."""
     from verimesh.core.container import DEFAULT_LIMITS, Limits
     from verimesh.workflows import verify as run_verify
 
     init_runtime(ctx)
     limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
+    if outputs_out is not None and outputs_out.suffix.lower() not in (".npz", ".json"):
+        raise click.UsageError("--outputs-out writes .npz or .json")
     payload: dict[str, Any]
     if ledger_url and node_key is None:
         from verimesh.ledger.store import Ledger
         from verimesh.settlement import verify_and_settle
 
-        settled = verify_and_settle(bundle, job=job_file, ledger=Ledger.open(ledger_url), samples=samples, seed=seed,
-                                    evidence_out=evidence_out, limits=limits)  # fmt: skip
+        if verifier_key is None:
+            raise click.UsageError("--ledger needs --verifier-key: what is recorded is signed by its writer")
+        writer = load_signing_key(verifier_key)
+        settled = verify_and_settle(bundle, job=job_file, ledger=Ledger.open(ledger_url), writer=writer,
+                                    samples=samples, seed=seed, evidence_out=evidence_out, limits=limits,
+                                    outputs_out=outputs_out)  # fmt: skip
         verdict, payload = settled.verdict, settled.to_json()
     elif node_key is not None and not ledger_url:
         verdict = run_verify(bundle, job=job_file, node_key=node_key, samples=samples, seed=seed,
                              evidence_out=evidence_out, limits=limits, check_all_digests=check_all_digests,
-                             srs=srs)  # fmt: skip
+                             srs=srs, outputs_out=outputs_out)  # fmt: skip
         payload = verdict.to_json()
     else:
         raise click.UsageError("give exactly one of --node-key (a pinned key) or --ledger (keys from the ledger)")
@@ -292,10 +336,16 @@ def verify(
             click.echo(f"  {mark} {check.name:<16} {check.detail}{extra}")
         if verdict.evidence:
             click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
+        if outputs_out is not None and verdict.status == "accept":
+            click.echo(f"verified outputs written to {outputs_out}")
         for entry in payload.get("ledger_entries", []):
             click.echo(f"ledger: appended entry {entry['seq']} ({entry['kind']})")
+        if payload.get("ledger_note"):
+            click.echo(f"ledger: {payload['ledger_note']}")
         if payload.get("equivocation_evidence"):
-            click.echo(f"EQUIVOCATION: evidence written to {payload['equivocation_evidence']}; full stake slashed")
+            slashed = any(e["kind"] == "slash" for e in payload.get("ledger_entries", []))
+            click.echo(f"EQUIVOCATION: evidence written to {payload['equivocation_evidence']}"
+                       + ("; the slashable stake slashed" if slashed else ""))  # fmt: skip
     if verdict.status == "error":
         click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
         ctx.exit(EXIT_INVALID_INPUT)

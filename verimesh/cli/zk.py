@@ -75,10 +75,11 @@ def circuit() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Circuit folder (default: circuits/MODEL-NAME).",
 )
+@force_option
 @json_option
 @click.pass_context
 def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: Path, steps: int, target: str,
-                  tolerance: float, out: Path | None, as_json: bool) -> None:  # fmt: skip
+                  tolerance: float, out: Path | None, force: bool, as_json: bool) -> None:  # fmt: skip
     """Calibrate, compile and set up MODEL; refuse it if ezkl's output drifts from onnxruntime's."""
     from verimesh.core.tensors import load_input_file
     from verimesh.jobs.plan import load_model, model_io
@@ -86,6 +87,8 @@ def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: P
 
     init_runtime(ctx)
     folder = out or Path("circuits") / model.stem
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise InvalidInputError(f"{folder} already holds files", hint="pass --force to build over it")
     tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
     say = (lambda m: click.echo(f"  {m}", err=True)) if not as_json and sys.stderr.isatty() else None
     built = build_circuit(model, tensors, srs=srs_file, out=folder, steps=steps, target=target,
@@ -140,7 +143,12 @@ def circuit_bench(ctx: click.Context, models: tuple[Path, ...], srs_file: Path, 
     from verimesh.assurance.bench import bench_zk, zk_table
 
     init_runtime(ctx)
-    rows = [bench_zk(m, srs=srs_file, steps=steps, repeats=repeats) for m in models]
+    rows = []
+    for model in models:
+        # Minutes per model: say what runs, on a terminal or in a CI log alike.
+        click.echo(f"circuit bench: {model.name}: build, setup, {repeats} warm proofs, verification", err=True)
+        rows.append(bench_zk(model, srs=srs_file, steps=steps, repeats=repeats))
+        click.echo(f"circuit bench: {model.name}: done", err=True)
     click.echo("\n".join(zk_table(rows)))
     if json_out:
         write_report(json_out, json.dumps(rows, indent=2) + "\n")

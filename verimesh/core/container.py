@@ -150,9 +150,10 @@ def read_private(path: Path, *, what: str, max_bytes: int) -> bytearray:
 def read_container_file(
     path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS, crcs: dict[str, int] | None = None
 ) -> dict[str, memoryview]:
-    """Parse a container file from a private copy of its bytes (see ``read_private``)."""
+    """Parse a container file from a private copy of its bytes (see ``read_private``); ``what``
+    names the kind of file ("bundle"), the path is added to messages."""
     data = read_private(path, what=what, max_bytes=limits.max_file_bytes)
-    return read_container(data, what=what, limits=limits, crcs=crcs)
+    return read_container(data, what=f"{what} {path}", limits=limits, crcs=crcs)
 
 
 def read_container(

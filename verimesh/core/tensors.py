@@ -316,3 +316,36 @@ def _concrete_shape(spec: TensorSpec, size: int, path: Path) -> tuple[int, ...]:
     if dims.count(-1) == 1:
         dims[dims.index(-1)] = size // known if known else 0
     return tuple(dims)
+
+
+def tensors_to_json(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``{name: {"dtype", "shape", "values": nested lists}}``; NaN and infinities are refused
+    (JSON has no spelling for them: write an .npz)."""
+    out: dict[str, Any] = {}
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidInputError(f"tensor {name!r} holds NaN or Inf, which JSON cannot carry", hint="write an .npz")
+        out[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "values": array.tolist()}
+    return out
+
+
+def write_tensor_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write tensors as ``.npz`` (arrays named as given) or ``.json`` (``tensors_to_json``),
+    through a partial file renamed into place."""
+    import json
+
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".json"):
+        raise InvalidInputError(f"{path}: outputs are written as .npz or .json")
+    payload = json.dumps(tensors_to_json(tensors), indent=2) + "\n" if suffix == ".json" else None
+    partial = path.with_name(path.name + ".partial")
+    try:
+        if payload is not None:
+            partial.write_text(payload)
+        else:
+            with partial.open("wb") as fh:
+                np.savez(fh, **{n: np.asarray(a) for n, a in tensors.items()})  # type: ignore[arg-type]
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

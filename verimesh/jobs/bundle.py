@@ -197,7 +197,7 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS, version: int | N
     and the envelope must parse; the sealed members are interpreted here but what is wrong with
     them is reported in ``problems`` (the node answers for sealed bytes)."""
     crcs: dict[str, int] = {}
-    members = read_container_file(path, what=f"bundle {path}", limits=limits, crcs=crcs)
+    members = read_container_file(path, what="bundle", limits=limits, crcs=crcs)
     if version is None:
         version = _declared_version(members)
     if version == 2:

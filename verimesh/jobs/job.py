@@ -478,6 +478,7 @@ def new_job(
     profile: Path | None = None,
     window: int = 2,
     upgrade_opset: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Job:
     """Plan the model, pin every digest, and write ``out`` plus its ``.files`` folder.
 
@@ -488,7 +489,10 @@ def new_job(
     3. Plan the steps (zk: take them from ``circuit``, built by ``verimesh circuit build``) with
        no cut where a boundary value sits near a later decision point, write the step files.
     4. Pin the tolerances (``profile`` from ``verimesh calibrate`` must match the model,
-       precision class and step plan) and write the job; the files appear all at once."""
+       precision class and step plan) and write the job; the files appear all at once.
+
+    ``on_note`` hears what a user should know about the plan (one step because of control flow,
+    fewer steps than ``steps`` asked for)."""
     import os
     import shutil
 
@@ -548,6 +552,14 @@ def new_job(
             if spec.model_digest != sha256_bytes(model_bytes):
                 raise IntegrityError(f"circuit {circuit} was built for another model (model digest mismatch)")
             spec.check_files()
+            first = spec.steps[0]
+            for name, shape in zip(first.inputs, first.input_shapes, strict=False):
+                if name in tensors and tuple(tensors[name].shape) != tuple(shape):
+                    raise InvalidInputError(
+                        f"circuit {circuit} was built for input {name!r} of shape {tuple(shape)}; this input is "
+                        f"{tuple(tensors[name].shape)}",
+                        hint="build a circuit from an input of this shape (a circuit is for one shape)",
+                    )
             circuit_ref = (os.path.relpath(spec.folder, base), spec.digest)
             for cs in spec.steps:
                 rel = os.path.relpath(spec.path(cs.model), base)
@@ -557,6 +569,9 @@ def new_job(
             plan = plan_model(model, steps=steps, input_shapes=shapes, reference=reference, tolerance=tol)
             planned = build_step_models(model, model_bytes, plan)
             divided = plan.sign_sensitive
+            if on_note is not None:
+                for note in plan.notes:
+                    on_note(note)
             for step, blob, digest in zip(plan.steps, planned.step_bytes, planned.step_digests, strict=True):
                 name = f"step-{step.index:03d}.onnx"
                 (staging / name).write_bytes(blob)

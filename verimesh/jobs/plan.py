@@ -62,6 +62,9 @@ class StepPlan:
     sign_sensitive: tuple[str, ...] = ()
     # Cuts left out because a boundary value sat near a later operator's decision point.
     hazard_cuts: int = 0
+    # What a user should know about the plan: control flow made it one step, or fewer steps than
+    # asked for were possible (the CLI prints them as notes).
+    notes: tuple[str, ...] = ()
 
     @property
     def trace_names(self) -> tuple[str, ...]:
@@ -293,13 +296,18 @@ def plan_model(
     sized = _value_infos(_light_copy(model, input_shapes or {}))
     costs = [node_flops(node, sized) for node in compute]
 
-    def whole() -> StepPlan:
+    def whole(note: str = "", hazard_cuts: int = 0) -> StepPlan:
         step = Step(0, 0, n, tuple(graph_inputs), tuple(s.name for s in outputs), sum(costs), 0)
-        return StepPlan(inputs, outputs, (step,), True)
+        return StepPlan(inputs, outputs, (step,), True, hazard_cuts=hazard_cuts, notes=(note,) if note else ())
 
     if n == 0:
         raise InvalidInputError("model has no compute nodes to run")
-    if _has_subgraphs(model) or (steps is not None and steps == 1):
+    if _has_subgraphs(model):
+        return whole(
+            "the model has control flow (a node with a subgraph: If, Loop or Scan), so it is one step: "
+            "every check re-runs the whole model"
+        )
+    if steps is not None and steps == 1:
         return whole()
 
     # Live ranges: tensor t is live at cut c (between node c-1 and c) when producer(t) < c <= last_use(t).
@@ -352,12 +360,13 @@ def plan_model(
     hazard_cuts = before - len(candidates)
     auto = MAX_AUTO_STEPS_LARGE if sum(costs) >= LARGE_MODEL_FLOPS else MAX_AUTO_STEPS
     wanted = min(auto, n) if steps is None else steps
+    left_out = f"; {hazard_cuts} cuts were left out next to decision points (cut safety)" if hazard_cuts else ""
     if wanted > len(candidates) + 1:
         if steps is not None and steps > 1 and not candidates:
-            return whole()
+            return whole(f"--steps {steps}: the model has no place to cut, so it is one step{left_out}", hazard_cuts)
         wanted = len(candidates) + 1
     if wanted <= 1:
-        return whole()
+        return whole(hazard_cuts=hazard_cuts)
     prefix = np.concatenate([[0], np.cumsum(costs)])
     total = float(prefix[-1]) or 1.0
     cuts: list[int] = []
@@ -407,7 +416,10 @@ def plan_model(
                 if name in step.outputs:
                     consumers.setdefault(name, []).append(node)
         divided.extend(sign_sensitive(consumers, step.outputs))
-    return StepPlan(inputs, outputs, tuple(plan_steps), False, tuple(sorted(set(divided))), hazard_cuts)
+    notes: tuple[str, ...] = ()
+    if steps is not None and len(plan_steps) < steps:
+        notes = (f"--steps {steps}: the model can be cut into {len(plan_steps)} steps{left_out}",)
+    return StepPlan(inputs, outputs, tuple(plan_steps), False, tuple(sorted(set(divided))), hazard_cuts, notes)
 
 
 def decision_inputs(model: onnx.ModelProto) -> list[str]:

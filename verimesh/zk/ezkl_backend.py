@@ -239,6 +239,39 @@ def _flat_inputs(tensors: Sequence[np.ndarray]) -> list[list[float]]:
     return [np.asarray(t, dtype=np.float64).reshape(-1).tolist() for t in tensors]
 
 
+def symbolic_dims(model: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The model's symbolic input dimensions (a dynamic batch axis) fixed from the calibration
+    input, as ezkl's ``variables``: a circuit is built for one shape."""
+    fixed: dict[str, int] = {}
+    for vi in model.graph.input:
+        if vi.name not in inputs:
+            continue
+        shape = inputs[vi.name].shape
+        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if dim.dim_param and axis < len(shape):
+                if fixed.setdefault(dim.dim_param, int(shape[axis])) != shape[axis]:
+                    raise InvalidInputError(
+                        f"symbolic dimension {dim.dim_param!r} is {fixed[dim.dim_param]} in one input and "
+                        f"{shape[axis]} in another"
+                    )
+    unresolved: set[str] = set()
+
+    def collect(vis: Any) -> None:
+        for vi in vis:
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.dim_param and dim.dim_param not in fixed:
+                    unresolved.add(dim.dim_param)
+
+    collect(model.graph.output)
+    if unresolved:
+        raise InvalidInputError(
+            f"the model's output has symbolic dimensions ({', '.join(sorted(unresolved))}) that its inputs do not fix",
+            code="unsupported-model",
+            hint="export the model with fixed output shapes for zk mode",
+        )
+    return fixed
+
+
 def build_circuit(
     model_path: Path,
     inputs: Mapping[str, np.ndarray],
@@ -260,6 +293,7 @@ def build_circuit(
         raise InvalidInputError(f"target must be one of {TARGETS}")
     model, model_bytes = load_model(model_path)
     check_supported(model)
+    variables = symbolic_dims(model, inputs)  # a dynamic batch axis: this circuit is for the input's size
     plan = plan_model(model, steps=steps, input_shapes={k: tuple(v.shape) for k, v in inputs.items()})
     planned = build_step_models(model, model_bytes, plan)
     srs_k = srs_logrows(srs)
@@ -285,6 +319,8 @@ def build_circuit(
             args = ezkl.PyRunArgs()
             args.input_visibility, args.output_visibility = in_vis, out_vis
             args.param_visibility = "fixed"
+            if variables:
+                args.variables = sorted(variables.items())
             _call("gen_settings", ezkl.gen_settings, str(model_file), str(settings), py_run_args=args)
             data = tmp / f"calibration-{i}.json"
             data.write_text(json.dumps({"input_data": _flat_inputs([reference[n] for n in step.inputs])}))
@@ -488,6 +524,40 @@ class ZkProver:
             if progress:
                 progress(step.index + 1, len(circuit.steps))
         return proofs, carried or []
+
+
+def bare_prove_seconds(circuit: Circuit, inputs: Mapping[str, np.ndarray], srs: Path) -> float:
+    """Seconds ezkl alone takes for every step's witness and proof (cached compiled circuits and
+    keys, in this process): the reference a verimesh zk proof is budgeted against."""
+    ezkl = ezkl_module()
+    carried: list[str] | None = None
+    total = 0.0
+    with tempfile.TemporaryDirectory(prefix="verimesh-bare-") as tmp:
+        for step in circuit.steps:
+            compiled = compiled_circuit(
+                circuit.path(step.model), circuit.path(step.settings), step.model_digest, step.settings_digest
+            )
+            pk = proving_key(compiled, srs, circuit.srs_digest, step.vk_digest)
+            feed: list[Any] = _flat_inputs([inputs[n] for n in step.inputs]) if carried is None else [carried]
+            data, witness, proof = Path(tmp) / "in.json", Path(tmp) / "w.json", Path(tmp) / "p.json"
+            data.write_text(json.dumps({"input_data": feed}))
+            start = time.perf_counter()
+            result = _call("gen_witness", ezkl.gen_witness, str(data), str(compiled), str(witness), srs_path=str(srs))
+            _call("prove", ezkl.prove, str(witness), str(compiled), str(pk), str(proof), srs_path=str(srs))
+            total += time.perf_counter() - start
+            carried = [f for out in result["outputs"] for f in out]
+    return total
+
+
+def bare_verify_seconds(circuit: Circuit, bundle: Path, srs: Path) -> float:
+    """Seconds ezkl alone takes to verify the bundle's proofs (the zk verification's reference)."""
+    from verimesh.jobs.bundle import read_bundle
+
+    proofs = read_bundle(bundle).proofs
+    start = time.perf_counter()
+    for step, proof in zip(circuit.steps, proofs, strict=True):
+        verify_proof(proof, circuit.path(step.settings), circuit.path(step.vk), srs)
+    return time.perf_counter() - start
 
 
 # -- verify ---------------------------------------------------------------------------------------
