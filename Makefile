@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps test test-fast demo lint format bench fixtures circuits redteam regress regress-quick clean
+.PHONY: install system-deps test test-fast demo lint format bench fixtures circuits redteam regress regress-quick gpu-check clean
 
 install: system-deps $(VENV)/.installed
 
@@ -49,14 +49,14 @@ demo: install
 
 # Lint, formatting, types, and the layer contract (tools/check_layers.py: imports run one way).
 lint: install
-	$(BIN)/ruff check verimesh tests fixtures tools
-	$(BIN)/ruff format --check verimesh tests fixtures tools
+	$(BIN)/ruff check verimesh tests fixtures tools .ci
+	$(BIN)/ruff format --check verimesh tests fixtures tools .ci
 	$(BIN)/mypy
 	$(BIN)/python tools/check_layers.py
 
 format: install
-	$(BIN)/ruff format verimesh tests fixtures tools
-	$(BIN)/ruff check --fix verimesh tests fixtures tools
+	$(BIN)/ruff format verimesh tests fixtures tools .ci
+	$(BIN)/ruff check --fix verimesh tests fixtures tools .ci
 
 fixtures: install
 	$(BIN)/python fixtures/make_fixtures.py
@@ -95,6 +95,13 @@ bench: install
 	@test -f bench-out/recurrent.onnx || $(BIN)/python fixtures/make_fixtures.py --recurrent bench-out
 	@test -f bench-out/encoder.onnx || $(BIN)/python fixtures/make_fixtures.py --encoder bench-out
 	$(BIN)/verimesh bench --json bench-out/bench.json --markdown docs/benchmarks.md
+
+# The CUDA path on a machine with a GPU (.ci/gpu_check.py: onnxruntime-gpu, or a PyTorch-on-CUDA estimate where
+# onnxruntime is the CPU build). Downloads nothing and needs no `make install` where the dependencies are already
+# importable (a GPU machine's own Python); writes bench-out/gpu-check.json. Exit 4: no GPU here.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) .ci/gpu_check.py --json bench-out/gpu-check.json
 
 clean:
 	rm -rf $(VENV) bench-out demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

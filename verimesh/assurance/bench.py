@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from verimesh.assurance.startup import FLOOR_CODE
 from verimesh.errors import InvalidInputError
 
 PROVE_TARGET = 1.25
@@ -287,30 +288,83 @@ def bench_costs(
     }
 
 
-def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
-    """Append ``entries`` register-sized events in batches to a fresh SQLite ledger, then time a
-    root, inclusion and consistency proofs (medians of 200) at that size, and a full verify."""
+def bench_ledger(entries: int, *, batch: int = 1000, nodes: int = 97, rules: bool = True) -> dict[str, Any]:
+    """A log that passes the rules, on a fresh SQLite ledger: ``nodes`` registrations (each with
+    the node's signed request), job posts (the owner's signed request and deposit) and settlements
+    (receipt with a node-signed envelope, accepted verdict, reward) for distinct (node, job) pairs,
+    appended in batches of about ``batch`` entries, each batch signed once by the writer.
+
+    Timed: appends/s (the transactions alone: the nodes' envelope signatures are the nodes' work,
+    made before each batch is timed), a root, inclusion and consistency proofs (medians of 200), a
+    full ``ledger verify``, and ``ledger verify --rules`` (every request, envelope and batch
+    signature checked again, spread over the machine's cores)."""
     import random
 
+    from verimesh.core.canonical import b64encode
+    from verimesh.core.digest import sha256_bytes
+    from verimesh.ledger.events import sign_request
     from verimesh.ledger.store import Ledger, verify_ledger
+    from verimesh.settlement import audit_ledger
+    from verimesh.signing.envelope import make_statement, sign_statement
     from verimesh.signing.keys import generate_key
 
+    reward = 1
     with tempfile.TemporaryDirectory(prefix="verimesh-ledger-bench-") as tmp:
-        ledger = Ledger.create(str(Path(tmp) / "bench.db"), generate_key())
-        start = time.perf_counter()
-        for first in range(0, entries, batch):
-            ledger.append(
-                [
-                    {
-                        "kind": "verdict",
-                        "node_id": f"vm-{i % 97:020x}",
-                        "job_id": f"sha256:{i:064x}",
-                        "status": "accept",
-                    }
-                    for i in range(first, min(entries, first + batch))
-                ]
-            )
-        appends = entries / (time.perf_counter() - start)
+        operator, owner = generate_key(), generate_key()
+        ledger = Ledger.create(str(Path(tmp) / "bench.db"), operator, settings={"reward": reward})
+        keys = [generate_key() for _ in range(min(nodes, max(1, entries // 10)))]
+        appending = 0.0
+
+        def timed(events: list[dict[str, Any]] | None = None, settle: list[tuple[Any, str, Any]] | None = None) -> int:
+            nonlocal appending
+            start = time.perf_counter()
+            with ledger.transaction(operator) as txn:
+                for event in events or ():
+                    txn.append(event)
+                for key, job_id, envelope in settle or ():
+                    statement = envelope.statement()
+                    raw = envelope.to_bytes()
+                    claim = {"node_id": key.node_id, "job_id": job_id, "step_range": [0, 3]}
+                    r = txn.append({"kind": "receipt", **claim, "subjects": statement["subject"],
+                                    "envelope_digest": sha256_bytes(raw), "envelope": b64encode(raw)})  # fmt: skip
+                    v = txn.append({"kind": "verdict", **claim, "status": "accept", "reason": "all checks passed",
+                                    "seed": "1", "sampled_steps": [1, 3], "samples": 1, "receipt": r,
+                                    "evidence_digest": None, "verifier": operator.node_id})  # fmt: skip
+                    txn.append({"kind": "reward", **claim, "amount": reward, "verdict": v})
+            appending += time.perf_counter() - start
+            return ledger.size()
+
+        size = timed([{"kind": "register", "node_id": k.node_id, "stake": 1000,
+                       **sign_request(k, action="register", ledger_id=ledger.ledger_id, amount=1000).to_json()}
+                      for k in keys])  # fmt: skip
+        job_no = 0
+        pairs: list[tuple[Any, str]] = []
+        while entries - size >= 2:  # a batch is at least one event and its commit
+            take = min(batch, entries - size)
+            if entries - size - take == 1:
+                take -= 1  # leave the last batch room for its commit
+            room = take - 1
+            events: list[dict[str, Any]] = []
+            settle: list[tuple[Any, str, Any]] = []
+            while room > 0:
+                if not pairs or room < 3:
+                    job_id = f"sha256:{job_no:064x}"
+                    job_no += 1
+                    request = sign_request(owner, action="job", ledger_id=ledger.ledger_id,
+                                           amount=reward * len(keys), job_id=job_id)  # fmt: skip
+                    events.append({"kind": "job", "job_id": job_id, "owner": owner.node_id,
+                                   "deposit": request.amount, **request.to_json()})  # fmt: skip
+                    pairs = [(k, job_id) for k in keys]
+                    room -= 1
+                    continue
+                key, job_id = pairs.pop()
+                predicate = {"job_id": job_id, "node_id": key.node_id, "mode": "spot", "step_range": [0, 3]}
+                statement = make_statement({"logits": f"sha256:{job_no:064x}"},
+                                           "https://verimesh.dev/spot-check/v2", predicate)  # fmt: skip
+                settle.append((key, job_id, sign_statement(statement, key)))
+                room -= 3
+            size = timed(events, settle)
+        appends = size / appending
         rng = random.Random(0)
 
         def median_ms(fn: Callable[[], object]) -> float:
@@ -321,22 +375,32 @@ def bench_ledger(entries: int, *, batch: int = 1000) -> dict[str, Any]:
                 times.append(time.perf_counter() - t)
             return statistics.median(times) * 1e3
 
-        root_ms = median_ms(lambda: ledger.root(rng.randrange(1, entries + 1)))
-        inclusion_ms = median_ms(lambda: ledger.inclusion_proof(rng.randrange(entries), entries))
-        consistency_ms = median_ms(lambda: ledger.consistency_proof(rng.randrange(1, entries), entries))
+        root_ms = median_ms(lambda: ledger.root(rng.randrange(1, size + 1)))
+        inclusion_ms = median_ms(lambda: ledger.inclusion_proof(rng.randrange(size), size))
+        consistency_ms = median_ms(lambda: ledger.consistency_proof(rng.randrange(1, size), size))
         start = time.perf_counter()
         report = verify_ledger(ledger)
         verify_s = time.perf_counter() - start
         if not report.ok:
             raise RuntimeError(f"benchmark ledger does not verify: {report.problems[:1]}")
+        rules_s = None
+        if rules:
+            start = time.perf_counter()
+            audited = audit_ledger(ledger, rules=True)
+            rules_s = time.perf_counter() - start
+            if not audited.ok:
+                raise RuntimeError(f"benchmark ledger breaks a rule: {[*audited.problems, *audited.violations][:1]}")
     return {
-        "entries": entries,
+        "entries": size,
         "batch": batch,
         "appends_per_s": appends,
+        "signed_batches": report.commits_checked,
         "root_ms": root_ms,
         "inclusion_ms": inclusion_ms,
         "consistency_ms": consistency_ms,
         "verify_s": verify_s,
+        "verify_rules_s": rules_s,
+        "cores": os.cpu_count(),
         "machine": machine(),
     }
 
@@ -514,7 +578,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "costs", "zk", "signatures", "ledger")
+SECTIONS = ("spot", "costs", "zk", "signatures", "ledger", "startup")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -534,6 +598,7 @@ class BenchOptions:
     sections: tuple[str, ...] = SECTIONS
     quick: bool = False
     cost_models: tuple[Path, ...] = ()  # the costs section's models (the CLI's default: see `bench`)
+    startup_model: Path | None = None  # the startup section's model (the CLI's default: fixtures/mlp.onnx)
 
 
 def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -574,6 +639,17 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
         for entries in options.ledger_sizes:
             say(f"ledger: {entries:,} entries")
             report["ledger"].append(bench_ledger(entries))
+    if "startup" in options.sections:
+        from verimesh.assurance.startup import bench_startup
+
+        start_model = options.startup_model
+        input_file = _input_for(start_model) if start_model is not None else None
+        if start_model is None or input_file is None:
+            report["notes"].append("startup skipped: no model with an input beside it (fixtures/mlp.onnx)")
+        else:
+            repeats = 5 if options.quick else 11
+            say(f"startup: {start_model.name} ({repeats} repeats of each process)")
+            report["startup"] = bench_startup(start_model, input_file, repeats=repeats)
     report["targets"] = targets(report)
     return report
 
@@ -617,6 +693,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         # The goal is stated at 10^6 entries; a smaller ledger cannot show it.
         judged = worst <= PROOF_MS_TARGET if big["entries"] >= 1_000_000 else None
         add("inclusion / consistency proof ms", f"≤ {PROOF_MS_TARGET:g} at 10^6", worst, judged, where)
+    start = report.get("startup")
+    if start:
+        add("verify process / python + onnxruntime + numpy", f"≤ {start['target']:g}", start["verify_over_floor"],
+            start["target_met"], f"{start['model']}, bytecode cached, {start['repeats']} runs each")  # fmt: skip
     return rows
 
 
@@ -698,6 +778,27 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
     if report.get("ledger"):
         lines += ["", "### Ledger (SQLite, WAL, synchronous FULL; proofs are medians of 200)", ""]
         lines += ledger_table(report["ledger"])
+    start = report.get("startup")
+    if start:
+        sec = start["seconds"]
+        as_is = (
+            "set: an editable checkout compiles every module on every run" if start["dont_write_bytecode"] else "unset"
+        )
+        lines += [
+            "",
+            "### Start-up (whole processes, median wall seconds)",
+            "",
+            f'`verimesh verify` of an mlp bundle as a new process against `python -c "{FLOOR_CODE}"` (the '
+            "least an onnxruntime-based verifier pays), alternated in one run; `as is`: this environment's "
+            f"Python settings (PYTHONDONTWRITEBYTECODE {as_is}).",
+            "",
+            "| floor | verify (accept) | verify (reject) | verify / floor | as is: floor | as is: verify "
+            "| as is: ratio | `--version` | `import verimesh.workflows` |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {sec['floor']:.3f} | {sec['verify_accept']:.3f} | {sec['verify_reject']:.3f} | "
+            f"{start['verify_over_floor']:.2f} | {sec['as_is_floor']:.3f} | {sec['as_is_verify_accept']:.3f} | "
+            f"{start['as_is_verify_over_floor']:.2f} | {sec['version']:.3f} | {sec['import_workflows']:.3f} |",
+        ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]
     return "\n".join(lines) + "\n"
@@ -752,13 +853,16 @@ def zk_table(rows: list[dict[str, Any]]) -> list[str]:
 def ledger_table(rows: list[dict[str, Any]]) -> list[str]:
     """``bench_ledger`` rows as a markdown table (also what ``verimesh ledger bench`` prints)."""
     lines = [
-        "| entries | batch | appends/s | root ms | inclusion proof ms | consistency proof ms | full verify s |",
-        "|---|---|---|---|---|---|---|",
+        "| entries | batch | appends/s (signed batches) | root ms | inclusion proof ms | consistency proof ms "
+        "| full verify s | verify --rules s | cores |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        rules_s = r.get("verify_rules_s")
         lines.append(
             f"| {r['entries']:,} | {r['batch']:,} | {r['appends_per_s']:,.0f} | {r['root_ms']:.2f} | "
-            f"{r['inclusion_ms']:.2f} | {r['consistency_ms']:.2f} | {r['verify_s']:.1f} |"
+            f"{r['inclusion_ms']:.2f} | {r['consistency_ms']:.2f} | {r['verify_s']:.1f} | "
+            f"{'n/a' if rules_s is None else f'{rules_s:.1f}'} | {r.get('cores') or 'n/a'} |"
         )
     return lines
 

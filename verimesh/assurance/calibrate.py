@@ -169,7 +169,7 @@ def calibrate(
             got = runner.run(digest, blob, feeds, step.outputs)
             current[name_v] = got
             for name in step.outputs:
-                metrics = _metrics(name, got[name], trace[name], discrete=name in outputs)
+                metrics = spread_metrics(name, got[name], trace[name], discrete=name in outputs)
                 honest_fro = max(honest_fro, metrics["rel_frobenius"])
                 honest_abs = max(honest_abs, metrics["max_abs_diff"])
             if step.index:
@@ -177,7 +177,7 @@ def calibrate(
                 # before, against the reference chain (what a verifier's window compares).
                 chained = runner.run(digest, blob, {**feeds, **previous[name_v]}, step.outputs)
                 for name in step.outputs:
-                    metrics = _metrics(name, chained[name], trace[name], discrete=name in outputs)
+                    metrics = spread_metrics(name, chained[name], trace[name], discrete=name in outputs)
                     window_fro = max(window_fro, metrics["rel_frobenius"])
                     window_abs = max(window_abs, metrics["max_abs_diff"])
         previous = {v: {n: o[n] for n in o} for v, o in current.items()}
@@ -188,7 +188,7 @@ def calibrate(
                 continue
             key = "cheat-" + hashlib.sha256(cheated).hexdigest()
             got = reference_runner.run(key, cheated, feeds, step.outputs)
-            worst = max(_metrics(n, got[n], trace[n], discrete=False)["rel_frobenius"] for n in step.outputs)
+            worst = max(spread_metrics(n, got[n], trace[n], discrete=False)["rel_frobenius"] for n in step.outputs)
             if worst < cheat_fro:
                 cheat_fro, cheat_name = worst, cheat
         # 4.
@@ -215,7 +215,9 @@ def calibrate(
     return Profile(sha256_bytes(data), precision, optimization, headroom, tuple(h for h, _ in honest), tuple(results))
 
 
-def _metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: bool) -> dict[str, float]:
+def spread_metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: bool) -> dict[str, float]:
+    """How far ``got`` is from ``ref``: relative Frobenius distance and largest absolute difference
+    (inf for a special-value mismatch; 1.0 for any difference of integer or discrete outputs)."""
     loose = Tolerance(rtol=1.0, atol=1.0, max_outside_fraction=1.0, max_rel_frobenius=1.0, argmax_margin=1.0)
     result = compare_tensors(name, got, ref, loose, discrete=discrete)
     if "special_values" in result.metrics:
