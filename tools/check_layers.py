@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("jobs", ("verimesh.jobs",)),
     ("mechanisms", ("verimesh.spot", "verimesh.zk", "verimesh.ledger")),
     ("workflows", ("verimesh.workflows",)),
+    ("subtasks", ("verimesh.subtasks",)),
     ("settlement", ("verimesh.settlement",)),
     ("assurance", ("verimesh.assurance",)),
     ("cli", ("verimesh.cli",)),

@@ -20,7 +20,7 @@ import numpy as np
 from verimesh.core.container import DEFAULT_LIMITS, Limits
 from verimesh.core.digest import format_digest, parse_digest, sha256_bytes, tensor_digest
 from verimesh.core.tensors import DTYPES, write_tensor_file
-from verimesh.errors import InvalidInputError
+from verimesh.errors import IntegrityError, InvalidInputError
 from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, sealed_root, tensor_member, trace_document
 from verimesh.jobs.job import Job, load_job
 from verimesh.jobs.runtime import StepRunner
@@ -38,10 +38,12 @@ from verimesh.spot.spotcheck import (
     Progress,
     StepCheck,
     commit_entries,
+    mandatory_steps,
     recheck_step,
     run_steps,
     sample_steps,
     seeded_rng,
+    segment_claim,
     spot_predicate,
 )
 
@@ -96,8 +98,9 @@ class Sealed:
 
 
 def _sign_and_finish(
-    job: Job, writer: BundleWriter, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner
-) -> Sealed:
+    job: Job, writer: BundleWriter, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner,
+    links: Sequence[Mapping[str, object]] = (),
+) -> Sealed:  # fmt: skip
     """Commit, sign and close the bundle. Version 1: a root over the declared tensor digests (and
     trace.json's digest). Version 2: a root over every member's BLAKE3 leaf, so the signature
     covers every byte; the subjects are the outputs' SHA-256 tensor digests."""
@@ -114,20 +117,24 @@ def _sign_and_finish(
     else:
         sealed = writer.seal()
         root = sealed_root(sealed)
-        predicate = spot_predicate(job, node_id=key.node_id, runner=runner, root=root, leaves=len(sealed))
+        predicate = spot_predicate(job, node_id=key.node_id, runner=runner, root=root, leaves=len(sealed),
+                                   links=links)  # fmt: skip
         subjects = {n: tensor_digest(n, trace[n]) for n in job.output_names}
     envelope = sign_statement(make_statement(subjects, PREDICATE_TYPES[job.version], predicate), key)
     return Sealed(envelope, writer.finish(envelope), format_digest(root), subjects)
 
 
-def seal_trace(job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path) -> Sealed:
+def seal_trace(
+    job: Job, trace: Mapping[str, np.ndarray], *, key: SecretKey, runner: StepRunner, out: Path,
+    links: Sequence[Mapping[str, object]] = (),
+) -> Sealed:  # fmt: skip
     """Commit to a full trace, sign the statement and write the bundle (the job's format)."""
     _check_trace_dtypes(job, trace)
     writer = BundleWriter(out, version=job.version)
     try:
         for name in job.trace_names:
             writer.add_tensor(name, trace[name])
-        return _sign_and_finish(job, writer, trace, key=key, runner=runner)
+        return _sign_and_finish(job, writer, trace, key=key, runner=runner, links=links)
     except BaseException:
         writer.abort()
         raise
@@ -171,9 +178,13 @@ class Worker:
         return self._digests[key]
 
     def prove(
-        self, job: Job | Path, *, out: Path, model: Path | None = None, progress: Progress | None = None
-    ) -> ProveResult:
-        """Run a spot-mode job and write its bundle.
+        self, job: Job | Path, *, out: Path, model: Path | None = None, progress: Progress | None = None,
+        inputs_from: Sequence[Path] = (),
+    ) -> ProveResult:  # fmt: skip
+        """Run a spot-mode job (or a segment of one) and write its bundle.
+
+        ``inputs_from``: a segment's predecessors' bundles, whose committed outputs are the
+        segment's linked inputs (``linked_inputs``).
 
         1. Check the model, the step files and the input against the job's digests (refuse otherwise).
         2. Run the steps in order with onnxruntime, keeping every boundary tensor.
@@ -183,17 +194,25 @@ class Worker:
         started = time.perf_counter()
         job = _as_job(job)
         if job.mode == "zk":
+            if inputs_from:
+                raise InvalidInputError("--inputs-from goes with segments of a spot-mode job")
             return self._prove_zk(job, out=out, model=model, progress=progress, started=started)
-        # 1. (step files are checked when their session is first created, in run_steps)
-        job.check_model_file(model, digest_of=self._file_digest)
+        # 1. (step files are checked when their session is first created, in run_steps; a segment
+        # runs step files pinned by digest and needs no copy of the whole model)
+        if job.segment is None:
+            job.check_model_file(model, digest_of=self._file_digest)
+        elif model is not None:
+            raise InvalidInputError("--model goes with whole jobs: a segment runs only its step files")
         inputs = job.read_input()
+        linked, links = linked_inputs(job, inputs_from)
+        inputs.update(linked)
         runner = self.runner(job)
         # 2. and 3. overlap: each step's outputs are digested and written while the next step runs.
         writer = BundleWriter(out, version=job.version)
         try:
             trace = run_steps(job, None, inputs, runner, progress=progress, on_tensor=writer.add_tensor)
             _check_trace_dtypes(job, trace)
-            sealed = _sign_and_finish(job, writer, trace, key=self.key, runner=runner)
+            sealed = _sign_and_finish(job, writer, trace, key=self.key, runner=runner, links=links)
         except BaseException:
             writer.abort()
             raise
@@ -205,6 +224,8 @@ class Worker:
     def _prove_zk(
         self, job: Job, *, out: Path, model: Path | None, progress: Progress | None, started: float
     ) -> ProveResult:
+        if job.segment is not None:  # segment_view refuses zk jobs; never reached
+            raise InvalidInputError("zk jobs have no segments")
         from verimesh.zk.ezkl_backend import ZkProver
         from verimesh.zk.zkmode import prove_zk
 
@@ -224,6 +245,62 @@ class Worker:
             self._zk = None
 
 
+def linked_inputs(
+    job: Job, bundles: Sequence[Path], *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, np.ndarray], list[dict[str, object]]]:
+    """A segment's inputs from earlier segments: from each predecessor's bundle, the tensors this
+    segment takes, each checked against that bundle's seal and its signed output digest, and
+    the links the segment's statement signs (the predecessor's statement digest and each
+    tensor's digest). The predecessor's signature is the verifier's to check (it pins the keys);
+    a bundle whose bytes are not the ones its node sealed, or that is not a segment this one
+    builds on, is refused here."""
+    from verimesh.jobs.segments import segment_id
+
+    if job.segment is None:
+        if bundles:
+            raise InvalidInputError("--inputs-from goes with segments (`verimesh job split`), not whole jobs")
+        return {}, []
+    wanted = job.segment.links()
+    if not wanted and bundles:
+        raise InvalidInputError(f"segment {job.segment.index} takes no inputs from other segments: drop --inputs-from")
+    ids = {segment_id(job.segment.parent_job_id, job.segment.ranges, j): j for j in wanted}
+    found: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
+    for path in bundles:
+        parsed = read_bundle(path, limits=limits, version=2)
+        statement = parsed.envelope.statement()
+        pred = statement["predicate"]
+        commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
+        if parsed.problems or sealed_root(parsed.leaves) != parse_digest(commitment.get("root"), what="root"):
+            raise IntegrityError(f"{path}: its bytes are not a trace its node sealed")
+        j = ids.get(str(pred.get("job_id")))
+        if j is None:
+            raise InvalidInputError(
+                f"{path} is not a bundle of a segment this one takes inputs from (segments {sorted(wanted)})"
+            )
+        if j in found:
+            raise InvalidInputError(f"two bundles for segment {j} given to --inputs-from")
+        subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
+        taken: dict[str, np.ndarray] = {}
+        for name in wanted[j]:
+            array = parsed.tensors.get(name)
+            if array is None or subjects.get(name) != tensor_digest(name, array):
+                raise IntegrityError(f"{path}: segment {j}'s signed outputs do not include {name!r}")
+            taken[name] = np.array(array)
+        found[j] = (parsed.envelope.statement_digest(), taken)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise InvalidInputError(
+            f"segment {job.segment.index} takes inputs from segment(s) {missing}",
+            hint="pass their bundles with --inputs-from",
+        )
+    tensors = {n: a for _, taken in found.values() for n, a in taken.items()}
+    links: list[dict[str, object]] = [
+        {"segment": j, "statement": found[j][0], "tensors": {n: tensor_digest(n, a) for n, a in found[j][1].items()}}
+        for j in sorted(found)
+    ]
+    return tensors, links
+
+
 def prove(
     job: Job | Path,
     *,
@@ -233,11 +310,12 @@ def prove(
     model: Path | None = None,
     progress: Progress | None = None,
     srs: Path | None = None,
+    inputs_from: Sequence[Path] = (),
 ) -> ProveResult:
     """One-shot ``Worker(key, device=device).prove(job, out=out)``; see ``Worker.prove``."""
     worker = Worker(key, device=device, srs=srs)
     try:
-        return worker.prove(job, out=out, model=model, progress=progress)
+        return worker.prove(job, out=out, model=model, progress=progress, inputs_from=inputs_from)
     finally:
         worker.close()
 
@@ -326,15 +404,36 @@ def verified_outputs(
     """
     job = _as_job(job)
     public = node_key if isinstance(node_key, PublicKey) else load_public_key(node_key)
-    # 53 bits: seeds travel in JSON, whose safe integers stop at 2^53 (RFC 8785, I-JSON).
-    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
-    state = _Verification(job, public, seed)
     # 1.
     try:
         parsed = read_bundle(bundle, limits=limits, version=job.version)
     except InvalidInputError as exc:
+        state = _Verification(job, public, seed if seed is not None else 0)
         state.checks.append(Check("bundle-format", False, exc.message))
         return state.verdict("error"), {}
+    return verify_parsed(parsed, job=job, public=public, samples=samples, seed=seed, evidence_out=evidence_out,
+                         runner=runner, check_all_digests=check_all_digests, srs=srs)  # fmt: skip
+
+
+def verify_parsed(
+    parsed: Bundle,
+    *,
+    job: Job,
+    public: PublicKey,
+    samples: Samples = None,
+    seed: int | None = None,
+    evidence_out: Path | None = None,
+    runner: StepRunner | None = None,
+    check_all_digests: bool = False,
+    srs: Path | None = None,
+    steps: Sequence[int] | None = None,
+) -> tuple[Verdict, dict[str, np.ndarray]]:
+    """Steps 2-8 of ``verified_outputs`` on a bundle already read. ``steps``: re-check exactly
+    these steps (and the mandatory ones) instead of drawing ``samples`` (a chain verifier draws
+    over the whole job, then hands each segment its share)."""
+    # 53 bits: seeds travel in JSON, whose safe integers stop at 2^53 (RFC 8785, I-JSON).
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
+    state = _Verification(job, public, seed)
     detail = f"format {parsed.version}: {len(parsed.members) or len(parsed.trace)} members, {len(parsed.proofs)} proofs"
     state.checks.append(Check("bundle-format", True, detail))
     if job.mode == "zk":
@@ -352,11 +451,18 @@ def verified_outputs(
         else:
             _check_sealed(parsed, job, public, state)
         # 6.
-        k = len(job.steps) if samples == "all" else job.policy.samples if samples is None else samples
-        if not isinstance(k, int) or k < 0:
-            raise InvalidInputError("samples must be a non-negative integer or 'all'")
-        state.sampled = sample_steps(job, k, seeded_rng(seed))
-        state.checks.append(Check("sampling", True, f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"))
+        if steps is not None:
+            if not all(isinstance(i, int) and 0 <= i < len(job.steps) for i in steps):
+                raise InvalidInputError("steps to re-check must be step indices of the job")
+            state.sampled = tuple(sorted(set(steps) | set(mandatory_steps(job))))
+            detail = f"chain seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"
+        else:
+            k = len(job.steps) if samples == "all" else job.policy.samples if samples is None else samples
+            if not isinstance(k, int) or k < 0:
+                raise InvalidInputError("samples must be a non-negative integer or 'all'")
+            state.sampled = sample_steps(job, k, seeded_rng(seed))
+            detail = f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"
+        state.checks.append(Check("sampling", True, detail))
         # 7.
         runner = runner or shared_runner(job.policy.precision, job.policy.optimization)
         if job.version == 1:
@@ -537,7 +643,7 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
     commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
     expected = {
         "mode": ("spot", pred.get("mode")),
-        "step_range": ([0, len(job.steps)], pred.get("step_range")),
+        "step_range": (job.step_range, pred.get("step_range")),
         "precision": (job.policy.precision, runtime.get("precision")),
         "optimization": (job.policy.optimization, runtime.get("optimization")),
         "commitment algorithm": (COMMITMENT_ALGORITHMS[2], commitment.get("algorithm")),
@@ -546,6 +652,7 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
     for what, (want, got) in expected.items():
         if want != got:
             raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
+    links = _segment_links(pred, job)
     try:
         root = parse_digest(commitment.get("root"), what="commitment root")
     except InvalidInputError as exc:
@@ -580,6 +687,13 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
             members = ["trace.json", tensor_member(job.trace_names.index(ref.name))]
             check = Check("input-binding", False, reason, ref.digest, got)
             raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "input-tensor", reason, members))
+    for name, digest in links.items():
+        got = tensor_digest(name, parsed.tensors[name])
+        if got != digest:
+            reason = f"committed input {name!r} is not the tensor the statement's link names"
+            members = ["trace.json", tensor_member(job.trace_names.index(name))]
+            check = Check("link-binding", False, reason, digest, got)
+            raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "link-tensor", reason, members))
     subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
     claimed = {n: tensor_digest(n, parsed.tensors[n]) for n in job.output_names}
     if subjects != claimed:
@@ -589,6 +703,45 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "output-subject", reason, members))
     state.outputs.update(claimed)
     checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
+
+
+def _segment_links(pred: Mapping[str, Any], job: Job) -> dict[str, str]:
+    """A segment's signed claim against the segment the verifier expects (the split, the index,
+    one link per segment it takes inputs from, naming exactly those tensors); the digest each
+    link names per tensor. A whole job's statement must not claim to be a segment."""
+    claim = pred.get("segment")
+    if job.segment is None:
+        if "segment" in pred:
+            raise _Rejected(Check("statement", False, "a segment's statement, for a whole job"))
+        return {}
+    links = claim.get("links") if isinstance(claim, dict) else None
+    if not isinstance(claim, dict) or not isinstance(links, list) or len(links) > len(job.segment.ranges):
+        raise _Rejected(Check("segment", False, "the statement does not claim a segment of a split job"))
+    wanted = job.segment.links()
+    try:
+        by_segment = {int(link["segment"]): link for link in links}
+        ok = (
+            [link["segment"] for link in links] == sorted(wanted)
+            and all(type(link["segment"]) is int for link in links)
+            and all(set(link) == {"segment", "statement", "tensors"} for link in links)
+            and all(isinstance(link["tensors"], dict) for link in links)
+            and all(sorted(by_segment[j]["tensors"]) == sorted(names) for j, names in wanted.items())
+        )
+        if ok:
+            for link in links:
+                parse_digest(link["statement"], what="linked statement digest")
+                for digest in link["tensors"].values():
+                    parse_digest(digest, what="linked tensor digest")
+    except (TypeError, ValueError, KeyError, InvalidInputError):
+        ok = False
+    if not ok:
+        detail = f"the statement's links are not segment {job.segment.index}'s inputs from segments {sorted(wanted)}"
+        raise _Rejected(Check("segment", False, detail))
+    mine = segment_claim(job, links)
+    if claim != mine:
+        raise _Rejected(Check("segment", False, "the statement claims another split or segment", str(mine)[:200],
+                              str(claim)[:200]))  # fmt: skip
+    return {n: str(d) for link in links for n, d in link["tensors"].items()}
 
 
 def _signature_check(parsed: Bundle, public: PublicKey) -> Check:

@@ -558,17 +558,24 @@ def markdown_report(reports: Sequence[dict[str, Any]]) -> str:
             f"Honest: {h['false_positives']} false positives in {h['verifications']} verifications over "
             f"{len(h['variations'])} variations ({', '.join(h['variations'])}).",
             "",
-            "| strategy | detected | rate | 95% interval | predicted | within | min stake (gain 1) | caught by |",
-            "|---|---|---|---|---|---|---|---|",
+            "| strategy | detected | rate | 95% interval | predicted | within | min stake (gain 1) | harmful | "
+            "wrong accepted | caught by |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        idle = []
         for s in r["strategies"]:
+            if not s["trials"]:  # the strategy found nothing to attack in this model
+                idle.append(s["strategy"])
+                continue
             pred = "-" if s["predicted"] is None else f"{s['predicted']:.3f}"
             stake = "inf" if s["min_stake"] == float("inf") else f"{s['min_stake']:.2f}"
             reasons = ", ".join(f"{k} ({v})" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:3])
             lines.append(
                 f"| {s['strategy']} | {s['detected']}/{s['trials']} | {s['rate']:.3f} | "
                 f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {pred} | {'yes' if s['within_ci'] else 'NO'} | "
-                f"{stake} | {reasons} |"
+                f"{stake} | {s.get('harmful', 0)} | {s.get('wrong_accepted', 0)} | {reasons} |"
             )
+        if idle:
+            lines += ["", f"Not played (nothing in this model to attack that way): {', '.join(idle)}."]
         lines.append("")
     return "\n".join(lines)

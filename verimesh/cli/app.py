@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from verimesh import __version__
-from verimesh.cli import assurance, bundles, jobs, keys, ledger, zk
+from verimesh.cli import assurance, bundles, jobs, keys, ledger, subtasks, zk
 from verimesh.cli.common import EXIT_CODES_HELP
 from verimesh.errors import (
     EXIT_BACKEND_MISSING,
@@ -352,6 +352,8 @@ for command in (
     assurance.redteam, assurance.regress, zk.srs, zk.circuit, ledger.ledger,
 ):  # fmt: skip
     cli.add_command(command)
+jobs.job.add_command(subtasks.job_split)
+cli.add_command(subtasks.receipt)
 
 
 def main() -> None:

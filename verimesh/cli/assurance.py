@@ -194,6 +194,12 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
             f"step(s)), each trial a fresh cheat and fresh verifier randomness; predictions are exact for the "
             f"sampler; intervals are 95% Wilson intervals. Machine: {info['cpu']}, {info['cores']} cores, "
             f"onnxruntime {info['onnxruntime']}." + (" Plot: [redteam.png](redteam.png)." if plot_out else "") + "\n\n"
+            "Columns: *detected* trials the verifier rejected; *predicted* the sampler's exact detection "
+            "probability; *min stake* the stake that makes the cheat unprofitable for a gain of 1; *harmful* "
+            "trials whose model outputs differ from the honest ones beyond the job's tolerance (for the "
+            "laundering strategies, which nudge values inside the tolerance, the ones that did harm); "
+            "*wrong accepted* harmful trials the verifier accepted: wrong results a job owner would have "
+            "received.\n\n"
         )
         write_report(md_out, header + text)
     if plot_out:

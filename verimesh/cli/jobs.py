@@ -208,6 +208,10 @@ def job_show(job_file: Path, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Model file, if not where the job says.",
 )
+@click.option(
+    "--inputs-from", "inputs_from", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="A segment: the bundle of an earlier segment whose outputs it starts from (repeat per segment).",
+)  # fmt: skip
 @srs_option
 @force_option
 @json_option
@@ -219,12 +223,15 @@ def prove(
     out: Path,
     device: str,
     model_file: Path | None,
+    inputs_from: tuple[Path, ...],
     srs: Path | None,
     force: bool,
     as_json: bool,
 ) -> None:
     """Run JOB_FILE's steps, commit to the trace, sign, and write one bundle file (an existing
-    one only with --force)."""
+    one only with --force). JOB_FILE may be a segment from `job split`; a segment after the
+    first starts from the bundles of the segments it builds on (--inputs-from), checked against
+    their seals and signed outputs before anything runs."""
     from verimesh.errors import InvalidInputError
     from verimesh.workflows import prove as run_prove
 
@@ -236,7 +243,8 @@ def prove(
     if bar:
         bar.start()
     try:
-        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update, srs=srs)
+        result = run_prove(job_file, key=key, out=out, device=device, model=model_file, progress=update, srs=srs,
+                           inputs_from=inputs_from)  # fmt: skip
     finally:
         if bar:
             bar.stop()
@@ -248,9 +256,21 @@ def prove(
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--node-key", type=click.Path(dir_okay=False, path_type=Path), help="The node's public key file.")
+@click.option(
+    "--node-keys", default=None,
+    help="A chain of segments: the public key files of the nodes, comma-separated, one per bundle in order.",
+)  # fmt: skip
+@click.option(
+    "--receipt-out", type=click.Path(dir_okay=False, path_type=Path),
+    help="A chain: on an accept, write a receipt signed with --key.",
+)  # fmt: skip
+@click.option(
+    "--key", "receipt_key", type=click.Path(dir_okay=False, path_type=Path),
+    help="With --receipt-out: the verifier's secret key that signs the receipt.",
+)  # fmt: skip
 @click.option(
     "--ledger", "ledger_url", envvar="VERIMESH_LEDGER", default=None,
     help="Ledger URL instead of --node-key: key and audit policy from the ledger; the result is recorded.",
@@ -282,9 +302,12 @@ def prove(
 @click.pass_context
 def verify(
     ctx: click.Context,
-    bundle: Path,
+    bundles: tuple[Path, ...],
     job_file: Path,
     node_key: Path | None,
+    node_keys: str | None,
+    receipt_out: Path | None,
+    receipt_key: Path | None,
     ledger_url: str | None,
     verifier_key: Path | None,
     samples: Any,
@@ -296,10 +319,13 @@ def verify(
     srs: Path | None,
     as_json: bool,
 ) -> None:
-    """Verify a worker's BUNDLE against the job and the node key (--node-key, or --ledger which also
+    """Verify a worker's bundle against the job and the node key (--node-key, or --ledger which also
     records receipt, verdict and reward or slash, signed with --verifier-key); exit 0 accept, 1 reject.
     With --ledger, a ledger that does not verify, an unknown node or job, or a node without stake is
-    refused (exit 3) and nothing is recorded."""
+    refused (exit 3) and nothing is recorded.
+
+    A job split into segments (`job split`): give every segment's bundle and --node-keys, one key
+    per bundle; the chain is verified as one job (--receipt-out writes a signed receipt)."""
     from verimesh.core.container import DEFAULT_LIMITS, Limits
     from verimesh.workflows import verify as run_verify
 
@@ -307,6 +333,13 @@ def verify(
     limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
     if outputs_out is not None and outputs_out.suffix.lower() not in (".npz", ".json"):
         raise click.UsageError("--outputs-out writes .npz or .json")
+    if node_keys is not None or len(bundles) > 1:
+        _verify_chain(ctx, bundles, job_file, node_keys, receipt_out, receipt_key, samples, seed, evidence_out,
+                      outputs_out, limits, as_json, node_key=node_key, ledger_url=ledger_url)  # fmt: skip
+        return
+    if receipt_out is not None or receipt_key is not None:
+        raise click.UsageError("--receipt-out and --key go with a chain of segments (--node-keys)")
+    bundle = bundles[0]
     payload: dict[str, Any]
     if ledger_url and node_key is None:
         from verimesh.ledger.store import Ledger
@@ -346,6 +379,58 @@ def verify(
             slashed = any(e["kind"] == "slash" for e in payload.get("ledger_entries", []))
             click.echo(f"EQUIVOCATION: evidence written to {payload['equivocation_evidence']}"
                        + ("; the slashable stake slashed" if slashed else ""))  # fmt: skip
+    if verdict.status == "error":
+        click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
+        ctx.exit(EXIT_INVALID_INPUT)
+    if verdict.status == "reject":
+        ctx.exit(EXIT_REJECTED)
+
+
+def _verify_chain(
+    ctx: click.Context, bundles: tuple[Path, ...], job_file: Path, node_keys: str | None, receipt_out: Path | None,
+    receipt_key: Path | None, samples: Any, seed: int | None, evidence_out: Path | None, outputs_out: Path | None,
+    limits: Any, as_json: bool, *, node_key: Path | None, ledger_url: str | None,
+) -> None:  # fmt: skip
+    from verimesh.core.tensors import write_tensor_file
+    from verimesh.subtasks.chain import verify_chain
+
+    if node_keys is None:
+        raise click.UsageError("several bundles are a chain of segments: give --node-keys K0,K1,... (one per bundle)")
+    if node_key is not None or ledger_url:
+        raise click.UsageError("a chain takes --node-keys, not --node-key or --ledger")
+    if receipt_out is not None and receipt_key is None:
+        raise click.UsageError("--receipt-out needs --key: the verifier's secret key signs the receipt")
+    keys = [Path(k) for k in node_keys.split(",") if k]
+    signer = load_signing_key(receipt_key) if receipt_key is not None else None
+    verdict, values = verify_chain(bundles, job=job_file, node_keys=keys, samples=samples, seed=seed,
+                                   evidence_out=evidence_out, limits=limits)  # fmt: skip
+    payload = verdict.to_json()
+    if verdict and outputs_out is not None:
+        write_tensor_file(outputs_out, values)
+    if verdict and receipt_out is not None:
+        from verimesh.subtasks.receipt import receipt_body, sign_receipt, write_receipt
+
+        assert signer is not None
+        write_receipt(receipt_out, sign_receipt(receipt_body(verdict), signer))
+        payload["receipt"] = str(receipt_out)
+    if as_json:
+        emit(True, payload, "")
+    elif verdict.status != "error":
+        click.echo(f"{verdict.status.upper()}: {verdict.reason}")
+        for check in verdict.checks:
+            click.echo(f"  {'ok  ' if check.ok else 'FAIL'} {check.name:<16} {check.detail}")
+        for seg in verdict.segments:
+            mark = "ok  " if seg.verdict else "FAIL"
+            a, b = seg.step_range
+            click.echo(f"  {mark} segment {seg.index:<8} steps [{a}, {b}) by {seg.public.node_id}: "
+                       f"{seg.verdict.reason}; re-checked {list(seg.sampled_steps)}")  # fmt: skip
+        if verdict.evidence:
+            click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
+        if verdict and outputs_out is not None:
+            click.echo(f"verified outputs written to {outputs_out}")
+        if verdict and receipt_out is not None:
+            click.echo(f"receipt written to {receipt_out} (check: verimesh receipt check {receipt_out} "
+                       "--verifier-key ...)")  # fmt: skip
     if verdict.status == "error":
         click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
         ctx.exit(EXIT_INVALID_INPUT)

@@ -13,7 +13,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,32 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """What makes a job a segment of another (docs/format.md §13): steps ``ranges[index]`` of the
+    parent job, ``ranges`` the whole split (contiguous, end exclusive). ``linked`` names the
+    segment's inputs that earlier segments produce, with the segment that produces each; the
+    rest of its inputs are the parent job's own, pinned by digest."""
+
+    parent_job_id: str
+    index: int
+    ranges: tuple[tuple[int, int], ...]
+    linked: tuple[tuple[str, int], ...]
+    final_outputs: tuple[str, ...]  # the parent job's outputs this segment computes
+    parent: Job | None = field(default=None, compare=False, repr=False)  # what evidence carries
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return self.ranges[self.index]
+
+    def links(self) -> dict[int, tuple[str, ...]]:
+        """Producing segment -> the tensors this segment takes from it (in trace order)."""
+        out: dict[int, list[str]] = {}
+        for name, source in self.linked:
+            out.setdefault(source, []).append(name)
+        return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+@dataclass(frozen=True)
 class Job:
     job_id: str
     nonce: str
@@ -130,6 +156,26 @@ class Job:
     circuit_path: str | None = None  # zk mode: the job owner's circuit folder
     circuit_digest: str | None = None
     version: int = CURRENT_VERSION
+    # A segment of a split job (``verimesh job split``): a view of the parent job, never a
+    # document of its own; None for a whole job.
+    segment: Segment | None = None
+
+    @property
+    def step_range(self) -> list[int]:
+        """The parent job's step range this job covers (end exclusive): all of it for a whole job."""
+        if self.segment is None:
+            return [0, len(self.steps)]
+        return list(self.segment.range)
+
+    @property
+    def final_output_names(self) -> tuple[str, ...]:
+        """The model outputs computed here (compared as outputs: argmax and all); a segment's
+        other outputs are boundary tensors, compared under the tolerance like any other."""
+        return self.output_names if self.segment is None else self.segment.final_outputs
+
+    @property
+    def linked_names(self) -> tuple[str, ...]:
+        return () if self.segment is None else tuple(n for n, _ in self.segment.linked)
 
     @property
     def trace_names(self) -> tuple[str, ...]:
@@ -202,6 +248,10 @@ class Job:
         data = read_user_file(path, what="job input", max_bytes=MAX_INPUT_BYTES)
         tensors = parse_npz(data, what=f"job input {path}")
         expected = {t.name: t for t in self.input_tensors}
+        if self.segment is not None:  # the parent job's input: this segment needs a part of it
+            if not set(expected) <= set(tensors):
+                raise IntegrityError(f"job input {path} lacks {sorted(set(expected) - set(tensors))[:5]}")
+            tensors = {n: tensors[n] for n in expected}
         if set(tensors) != set(expected):
             raise IntegrityError(f"job input {path} holds {sorted(tensors)}, the job pins {sorted(expected)}")
         for name, array in tensors.items():
@@ -458,7 +508,15 @@ def compute_job_id(document: dict[str, Any]) -> str:
 
 
 def load_job(path: Path) -> Job:
+    """A job file, or a segment file written by ``verimesh job split`` (the segment's view of its
+    parent job, which must sit where the segment file says)."""
     data = read_user_file(path, what="job file", max_bytes=MAX_JOB_BYTES)
+    if b'"verimesh/segment"' in data:
+        from verimesh.jobs.segments import SEGMENT_TYPE, load_segment
+
+        doc = parse_json(data, what=f"job {path}", max_bytes=MAX_JOB_BYTES)
+        if isinstance(doc, dict) and doc.get("type") == SEGMENT_TYPE:
+            return load_segment(doc, path)
     return job_from_bytes(data, path.resolve().parent, what=f"job {path}")
 
 

@@ -92,6 +92,13 @@ class Envelope:
             raise InvalidInputError("statement subjects must be unique and sorted by name")
         return doc
 
+    def statement_digest(self) -> str:
+        """``sha256:`` digest of the signed statement (the payload): what a later segment names as
+        the statement it built on, and what a receipt lists; co-signatures do not change it."""
+        from verimesh.core.digest import sha256_bytes
+
+        return sha256_bytes(self.payload)
+
     def signed_by(self, public: PublicKey) -> bool:
         """True when a signature with this key's node id verifies over the PAE."""
         message = pae(self.payload_type, self.payload)

@@ -178,6 +178,13 @@ def _public_from_doc(doc: dict[str, Any], path: Path) -> PublicKey:
     return public
 
 
+def public_key_from_json(doc: Any, *, what: str = "public key") -> PublicKey:
+    """A public key from its JSON form (``PublicKey.to_json``), e.g. one a receipt carries."""
+    if not isinstance(doc, dict) or (doc.get("type"), doc.get("version"), doc.get("suite")) != (PUBLIC_TYPE, 1, SUITE):
+        raise InvalidInputError(f"{what} is not a verimesh public key")
+    return _public_from_doc(doc, Path(what))
+
+
 def load_public_key(path: Path) -> PublicKey:
     """A public key from a ``.pub`` file (or from a secret key file's public half)."""
     doc = _read_key_doc(path)

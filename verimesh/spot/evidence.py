@@ -201,6 +201,8 @@ def check_evidence(path: Path) -> EvidenceResult:
     version = doc.get("version") if isinstance(doc, dict) else None
     last = "members" if version == 2 else "tensors"
     expected = {"type", "version", "kind", "step", "field", last, "reason"}
+    if version == 2 and isinstance(doc, dict) and "segment" in doc:  # evidence against a segment of a split job
+        expected.add("segment")
     if not isinstance(doc, dict) or set(doc) != expected or doc["type"] != EVIDENCE_TYPE or version not in (1, 2):
         raise InvalidInputError("evidence.json is not verimesh evidence (version 1 or 2)")
     kind = doc["kind"]
@@ -232,6 +234,13 @@ def check_evidence(path: Path) -> EvidenceResult:
     job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
     if job.canonical_bytes() != bytes(members["job.json"]):
         raise InvalidInputError("evidence job.json is not the job's canonical document")
+    if "segment" in doc:
+        from verimesh.jobs.segments import segment_view
+
+        split = doc["segment"]
+        if not isinstance(split, dict) or set(split) != {"segments", "index"} or not isinstance(split["index"], int):
+            raise InvalidInputError("evidence segment must be {segments, index}")
+        job = segment_view(job, split["segments"], split["index"])
     step_range = _signed_step_range(envelope)
 
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:

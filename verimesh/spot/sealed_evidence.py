@@ -46,8 +46,22 @@ if TYPE_CHECKING:
     from verimesh.spot.evidence import EvidenceResult
 
 EVIDENCE_TYPE = "verimesh/evidence"
-SEALED_KINDS = ("step-mismatch", "window-mismatch", "binding", "malformed")
-BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor", "output-subject")
+SEALED_KINDS = ("step-mismatch", "window-mismatch", "binding", "malformed", "link")
+BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor", "output-subject", "link-tensor")
+LINKED_ENVELOPE = "linked.envelope.json"
+
+
+def job_document(job: Job) -> tuple[bytes, dict[str, Any]]:
+    """What evidence carries to name its job: the job's canonical document, or for a segment its
+    parent's and ``{"segment": {segments, index}}`` for evidence.json (the checker rebuilds the
+    segment from them)."""
+    if job.segment is None:
+        return job.canonical_bytes(), {}
+    assert job.segment.parent is not None
+    split = {"segments": [list(r) for r in job.segment.ranges], "index": job.segment.index}
+    return job.segment.parent.canonical_bytes(), {"segment": split}
+
+
 MALFORMED_FIELDS = ("trace", "tensor", "members")
 
 
@@ -76,22 +90,77 @@ def write_sealed_evidence(
         index = names.index(name)
         proof = merkle.inclusion_proof(hashes, index)
         records.append({"name": name, "index": index, "inclusion_proof": [b64encode(p) for p in proof]})
+    job_bytes, split = job_document(job)
     doc = {
         "type": EVIDENCE_TYPE, "version": 2, "kind": kind, "step": step, "field": field, "reason": reason[:2000],
-        "members": records,
+        "members": records, **split,
     }  # fmt: skip
     parts: list[tuple[str, bytes | memoryview]] = [
         ("evidence.json", canonical_json(doc)),
         ("envelope.json", bundle.envelope.to_bytes()),
         ("node.pub.json", canonical_json(public.to_json())),
-        ("job.json", job.canonical_bytes()),
+        ("job.json", job_bytes),
     ]
     parts += [(step_member(i), blob) for i, blob in step_models]
     parts += [(f"sealed/{r['name']}", bundle.member(str(r["name"]))) for r in records]
     write_container(path, parts)
 
 
+def write_link_evidence(
+    path: Path, *, job: Job, envelope: Envelope, public: PublicKey, linked: Envelope, reason: str, tensor: str
+) -> None:
+    """A segment's statement names ``linked`` (by its statement digest) as the statement it built
+    on and a digest for ``tensor`` that ``linked`` does not sign: the segment's node took a
+    tensor its predecessor never committed. Both envelopes prove it; no tensor is needed."""
+    job_bytes, split = job_document(job)
+    doc = {
+        "type": EVIDENCE_TYPE, "version": 2, "kind": "link", "step": None, "field": tensor, "reason": reason[:2000],
+        "members": [], **split,
+    }  # fmt: skip
+    write_container(path, [
+        ("evidence.json", canonical_json(doc)),
+        ("envelope.json", envelope.to_bytes()),
+        ("node.pub.json", canonical_json(public.to_json())),
+        ("job.json", job_bytes),
+        (LINKED_ENVELOPE, linked.to_bytes()),
+    ])  # fmt: skip
+
+
 Result = Callable[..., "EvidenceResult"]  # (proves_fraud, reason, **details)
+
+
+def _check_link(
+    members: Mapping[str, memoryview], tensor: str, job: Job, pred: Mapping[str, Any], result: Result
+) -> EvidenceResult:
+    from verimesh.jobs.segments import segment_id
+
+    if list(members) != ["evidence.json", "envelope.json", "node.pub.json", "job.json", LINKED_ENVELOPE]:
+        raise InvalidInputError("link evidence holds exactly the two envelopes, the node key and the job")
+    if job.segment is None:
+        return result(False, "link evidence concerns a segment of a split job")
+    linked = Envelope.from_bytes(bytes(members[LINKED_ENVELOPE]), what="evidence linked envelope")
+    claim: dict[str, Any] = pred["segment"] if isinstance(pred.get("segment"), dict) else {}
+    links: list[Any] = claim["links"] if isinstance(claim.get("links"), list) else []
+    digest = linked.statement_digest()
+    named = [link for link in links if isinstance(link, dict) and link.get("statement") == digest]
+    if not named:
+        return result(False, "the node's statement does not name the linked statement as one it built on")
+    source = named[0].get("segment")
+    other = linked.statement()["predicate"]
+    if (
+        not isinstance(source, int)
+        or source not in job.segment.links()
+        or other.get("job_id") != segment_id(job.segment.parent_job_id, job.segment.ranges, source)
+    ):
+        return result(False, "the linked statement is not one of the segment this one takes inputs from")
+    taken: dict[str, Any] = named[0]["tensors"] if isinstance(named[0].get("tensors"), dict) else {}
+    if tensor not in taken:
+        return result(False, f"the node's link does not name {tensor!r}")
+    signed = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in linked.statement()["subject"]}
+    if signed.get(tensor) == taken[tensor]:
+        return result(False, f"{tensor!r} is what the linked statement signs")
+    return result(True, f"the node took {tensor!r} as {str(taken[tensor])[:80]}, which its predecessor's statement "
+                        f"{digest[:19]}… does not sign")  # fmt: skip
 
 
 def check_sealed_evidence(
@@ -112,7 +181,7 @@ def check_sealed_evidence(
     rerun = kind in ("step-mismatch", "window-mismatch")
     if rerun and (field is not None or not isinstance(step, int) or isinstance(step, bool)):
         raise InvalidInputError(f"{kind} evidence names a step and no field")
-    if not rerun and (step is not None or not isinstance(field, str)):
+    if not rerun and (step is not None or not isinstance(field, str) or len(field) > 4096):
         raise InvalidInputError(f"{kind} evidence names a field and no step")
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
     # 3.
@@ -127,6 +196,8 @@ def check_sealed_evidence(
     commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
     if commitment.get("algorithm") != SEAL_ALGORITHM:
         return result(False, "the signed statement does not seal a format 2 bundle")
+    if kind == "link":
+        return _check_link(members, str(field), job, pred, result)
     root = parse_digest(commitment.get("root"), what="commitment root")
     size = commitment.get("leaves")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1_000_000:
@@ -245,6 +316,15 @@ def _check_binding(
             if name in tensors and subjects.get(name) != tensor_digest(name, tensors[name]):
                 return result(True, f"the node signed a subject for {name!r} that is not its committed output")
         return result(False, "every committed output carried is its signed subject")
+    if field == "link-tensor":
+        claim = statement["predicate"].get("segment")
+        links: list[Any] = claim["links"] if isinstance(claim, dict) and isinstance(claim.get("links"), list) else []
+        named = {n: d for link in links if isinstance(link, dict) and isinstance(link.get("tensors"), dict)
+                 for n, d in link["tensors"].items()}  # fmt: skip
+        for name, array in tensors.items():
+            if name in job.linked_names and name in named and tensor_digest(name, array) != named[name]:
+                return result(True, f"the node committed input {name!r} other than the tensor its link names")
+        return result(False, "the committed linked inputs are the tensors the node's links name")
     raise InvalidInputError(f"binding evidence field {field!r} is unknown")
 
 

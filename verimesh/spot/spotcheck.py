@@ -81,10 +81,13 @@ def commit_entries(entries: Sequence[TensorRef]) -> Commitment:
 
 
 def spot_predicate(
-    job: Job, *, node_id: str, runner: StepRunner, root: bytes, leaves: int, proof_digest: str | None = None
-) -> dict[str, object]:
+    job: Job, *, node_id: str, runner: StepRunner, root: bytes, leaves: int, proof_digest: str | None = None,
+    links: Sequence[Mapping[str, object]] = (),
+) -> dict[str, object]:  # fmt: skip
     """The signed claim. Version 1 also names trace.json's digest (its root covers only the
-    declared tensor digests); in version 2 the root covers every member, trace.json included."""
+    declared tensor digests); in version 2 the root covers every member, trace.json included.
+    A segment also names its split and, per earlier segment it took inputs from, the digest of
+    that segment's signed statement and of each tensor taken (``links``, docs/format.md §13)."""
     from verimesh.jobs.runtime import onnxruntime_version
 
     predicate: dict[str, object] = {
@@ -93,7 +96,7 @@ def spot_predicate(
         "node_id": node_id,
         "model_digest": job.model_digest,
         "input_digest": job.input_digest,
-        "step_range": [0, len(job.steps)],
+        "step_range": job.step_range,
         "runtime": {
             "onnxruntime": onnxruntime_version(),
             "provider": runner.provider,
@@ -104,26 +107,39 @@ def spot_predicate(
     }
     if job.version == 1:
         predicate["proof_digest"] = proof_digest
+    if job.segment is not None:
+        predicate["segment"] = segment_claim(job, links)
     return predicate
+
+
+def segment_claim(job: Job, links: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """The ``segment`` member of a segment's predicate."""
+    assert job.segment is not None
+    return {
+        "job_id": job.segment.parent_job_id,
+        "segments": [list(r) for r in job.segment.ranges],
+        "index": job.segment.index,
+        "links": [dict(link) for link in links],
+    }
 
 
 def mandatory_steps(job: Job) -> tuple[int, ...]:
     """The steps every verification re-runs: the last one and every step that produces a model
     output (a model with two heads computes one of them early; a wrong value there must not hide
     behind the sampling)."""
-    outputs = set(job.output_names)
+    outputs = set(job.final_output_names)
     last = len(job.steps) - 1
     return tuple(s.index for s in job.steps if s.index == last or outputs.intersection(s.outputs))
 
 
-def sample_steps(job: Job, samples: int | None, rng: random.Random) -> tuple[int, ...]:
-    """The mandatory steps (``mandatory_steps``) always, plus ``samples`` more drawn without
-    replacement, weighted by cost.
+def sample_steps(job: Job, samples: int | None, rng: random.Random, *, also: Sequence[int] = ()) -> tuple[int, ...]:
+    """The mandatory steps (``mandatory_steps``, and ``also``) always, plus ``samples`` more drawn
+    without replacement, weighted by cost.
 
     ``None`` means every step. Weighted sampling without replacement uses the Efraimidis-Spirakis
     keys u^(1/w); the randomness is the verifier's alone (``rng``), never the worker's.
     """
-    always = set(mandatory_steps(job))
+    always = set(mandatory_steps(job)) | set(also)
     others = [step for step in job.steps if step.index not in always]
     if samples is None or samples >= len(others):
         return tuple(range(len(job.steps)))
@@ -191,7 +207,7 @@ def recheck_step(
         return StepCheck(index, False, (), {}, feeds is not None, exc.message)
     if not compare:
         return StepCheck(index, True, (), recomputed, feeds is not None)
-    outputs = set(job.output_names)
+    outputs = set(job.final_output_names)
     comparisons = tuple(
         compare_tensors(n, trace[n], recomputed[n], tolerance, discrete=n in outputs, zero_sign=n in sign_sensitive)
         for n in step.outputs

@@ -1,0 +1,421 @@
+"""One job across several nodes (issue 15): segments, links, chain verification, receipts.
+
+Every accept path has its reject beside it, and every blame the test that an honest node is not
+blamed that way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import MODELS, input_path, model_path, perturbed
+from verimesh.cli.app import cli
+from verimesh.core.digest import tensor_digest
+from verimesh.errors import InvalidInputError
+from verimesh.jobs.bundle import read_bundle
+from verimesh.jobs.job import Job, Segment, load_job, new_job
+from verimesh.jobs.runtime import StepRunner
+from verimesh.jobs.segments import plan_segments, segment_view, write_segments
+from verimesh.signing.keys import SecretKey, generate_key, write_key_pair
+from verimesh.spot.evidence import check_evidence
+from verimesh.spot.sealed_evidence import write_link_evidence
+from verimesh.spot.spotcheck import run_steps
+from verimesh.subtasks.chain import verify_chain
+from verimesh.subtasks.receipt import (
+    check_receipt,
+    cosign_receipt,
+    receipt_body,
+    recheck_receipt,
+    sign_receipt,
+)
+from verimesh.workflows import Worker, linked_inputs, prove, seal_trace, verify
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> list[SecretKey]:
+    return [generate_key() for _ in range(3)]
+
+
+@dataclasses.dataclass
+class Chain:
+    job: Job
+    job_path: Path
+    parts: list[Path]
+    views: list[Job]
+    bundles: list[Path]
+    folder: Path
+
+
+def make_chain(folder: Path, name: str, nodes: list[SecretKey], *, count: int = 3) -> Chain:
+    job_path = folder / f"{name}.json"
+    job = new_job(model_path(name), input_path(name), job_path)
+    written = write_segments(job_path, count, folder / "parts")
+    bundles: list[Path] = []
+    for k, (part, _) in enumerate(written):
+        out = folder / f"s{k}.vmb"
+        prove(part, key=nodes[k], out=out, device="cpu", inputs_from=bundles[-1:] if k else ())
+        bundles.append(out)
+    return Chain(job, job_path, [p for p, _ in written], [v for _, v in written], bundles, folder)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory, nodes: list[SecretKey]) -> Chain:
+    return make_chain(tmp_path_factory.mktemp("chain"), "transformer", nodes)
+
+
+def publics(nodes: list[SecretKey]) -> list[Any]:
+    return [n.public for n in nodes]
+
+
+# -- accepted ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_three_segment_chain_by_three_nodes_is_accepted_and_equals_the_whole_job(
+    tmp_path: Path, name: str, nodes: list[SecretKey]
+) -> None:
+    c = make_chain(tmp_path, name, nodes)
+    verdict, values = verify_chain(c.bundles, job=c.job_path, node_keys=publics(nodes), samples="all")
+    assert verdict, verdict.reason
+    assert [s.index for s in verdict.segments] == [0, 1, 2]
+    assert {s.public.node_id for s in verdict.segments} == {n.node_id for n in nodes}
+    # One node running the whole job gets bit for bit the same outputs.
+    whole = tmp_path / "whole.vmb"
+    prove(c.job_path, key=nodes[0], out=whole, device="cpu")
+    parsed = read_bundle(whole, version=2)
+    assert set(values) == set(c.job.output_names)
+    for out in c.job.output_names:
+        assert np.array_equal(values[out], parsed.tensors[out])
+        assert verdict.outputs[out] == tensor_digest(out, parsed.tensors[out])
+
+
+def test_bundles_in_any_order_and_each_segment_alone(chain: Chain, nodes: list[SecretKey]) -> None:
+    order = [2, 0, 1]
+    verdict, _ = verify_chain(
+        [chain.bundles[i] for i in order], job=chain.job, node_keys=[nodes[i].public for i in order]
+    )
+    assert verdict, verdict.reason
+    for k in range(3):  # a job owner may also check one segment against its segment file
+        assert verify(chain.bundles[k], job=chain.parts[k], node_key=nodes[k].public)
+
+
+def test_sampling_spreads_over_the_job_and_always_checks_each_segments_last_step(
+    chain: Chain, nodes: list[SecretKey]
+) -> None:
+    verdict, _ = verify_chain(chain.bundles, job=chain.job, node_keys=publics(nodes), samples=0, seed=7)
+    assert verdict
+    for seg in verdict.segments:
+        assert seg.step_range[1] - 1 in seg.sampled_steps
+    sampled = sorted(s for seg in verdict.segments for s in seg.sampled_steps)
+    again, _ = verify_chain(chain.bundles, job=chain.job, node_keys=publics(nodes), samples=2, seed=7)
+    more = sorted(s for seg in again.segments for s in seg.sampled_steps)
+    assert set(sampled) < set(more) and len(more) == len(sampled) + 2
+
+
+# -- rejected: the chain -------------------------------------------------------------------------
+
+
+def test_missing_segment_is_rejected(chain: Chain, nodes: list[SecretKey]) -> None:
+    verdict, values = verify_chain(chain.bundles[::2], job=chain.job, node_keys=publics(nodes)[::2])
+    assert verdict.status == "reject" and not values
+    assert verdict.checks[-1].name == "split" and "missing: 1" in verdict.reason
+
+
+def test_segment_given_twice_is_rejected(chain: Chain, nodes: list[SecretKey]) -> None:
+    bundles = [chain.bundles[0], chain.bundles[1], chain.bundles[1]]
+    verdict, _ = verify_chain(bundles, job=chain.job, node_keys=[nodes[0].public, nodes[1].public, nodes[1].public])
+    assert verdict.status == "reject" and "given twice" in verdict.reason
+
+
+def test_segment_swapped_from_another_job_is_rejected(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    other = make_chain(tmp_path, "transformer", nodes)  # the same model and input, another job (nonce)
+    verdict, _ = verify_chain([chain.bundles[0], other.bundles[1], chain.bundles[2]], job=chain.job,
+                              node_keys=publics(nodes))  # fmt: skip
+    assert verdict.status == "reject"
+    assert verdict.checks[-1].name == "split" and "another job" in verdict.reason
+
+
+def test_segment_signed_by_another_node_is_rejected(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    resigned = tmp_path / "s1-by-n3.vmb"
+    prove(chain.parts[1], key=nodes[2], out=resigned, device="cpu", inputs_from=[chain.bundles[0]])
+    verdict, _ = verify_chain([chain.bundles[0], resigned, chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
+    assert verdict.status == "reject"
+    assert verdict.segments[-1].index == 1 and verdict.segments[-1].verdict.checks[-1].name == "signature"
+
+
+def test_whole_job_bundle_is_not_a_segment(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    whole = tmp_path / "whole.vmb"
+    prove(chain.job_path, key=nodes[0], out=whole, device="cpu")
+    verdict, _ = verify_chain([whole], job=chain.job, node_keys=[nodes[0].public])
+    assert verdict.status == "reject" and "claims no split" in verdict.reason
+    # ... and a segment's bundle is not the whole job's.
+    assert verify(chain.bundles[2], job=chain.job, node_key=nodes[2].public).status == "reject"
+
+
+def _forged(chain: Chain, view: Job, key: SecretKey, out: Path, *, trace_edit: Any = None, links: Any = None) -> Path:
+    """A segment bundle sealed with the honest code around whatever trace and links a cheat chooses."""
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    inputs = view.read_input()
+    linked, honest_links = linked_inputs(view, chain.bundles[: view.segment.index] if view.segment else [])
+    inputs.update(linked)
+    if trace_edit is not None:
+        inputs = trace_edit(inputs)
+    trace = run_steps(view, None, inputs, runner)
+    seal_trace(view, trace, key=key, runner=runner, out=out, links=honest_links if links is None else links(trace))
+    return out
+
+
+def test_overlapping_ranges_are_rejected(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    view = chain.views[0]
+    assert view.segment is not None
+    # A node claims segment 0 of a split whose ranges overlap: made with the honest sealing code.
+    bad = Segment(view.segment.parent_job_id, 0, ((0, 3), (2, 5), (5, 8)), view.segment.linked,
+                  view.segment.final_outputs, view.segment.parent)  # fmt: skip
+    steps = tuple(dataclasses.replace(s, index=i) for i, s in enumerate(chain.job.steps[:3]))
+    forged_view = dataclasses.replace(view, segment=bad, steps=steps, model_outputs=view.model_outputs[:0] + tuple(
+        dataclasses.replace(view.model_outputs[0], name=n) for n in chain.job.steps[2].outputs))  # fmt: skip
+    out = tmp_path / "overlap.vmb"
+    _forged(chain, forged_view, nodes[0], out)
+    verdict, _ = verify_chain([out, chain.bundles[1], chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
+    assert verdict.status == "reject" and verdict.checks[-1].name == "split"
+    assert "another split" in verdict.reason or "contiguous" in verdict.reason
+
+
+# -- links: the later node answers for what it took; an honest one is never blamed ---------------
+
+
+def test_link_to_a_tensor_the_predecessor_never_committed_is_the_later_nodes_fault(
+    tmp_path: Path, chain: Chain, nodes: list[SecretKey]
+) -> None:
+    view = chain.views[1]
+    name = view.linked_names[0]
+
+    def nudge(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**inputs, name: perturbed(inputs[name], delta=0.25)}
+
+    def own_links(trace: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        statement = read_bundle(chain.bundles[0], version=2).envelope.statement_digest()
+        tensors = {n: tensor_digest(n, trace[n]) for n in view.linked_names}
+        return [{"segment": 0, "statement": statement, "tensors": tensors}]
+
+    bad = _forged(chain, view, nodes[1], tmp_path / "s1-bad-link.vmb", trace_edit=nudge, links=own_links)
+    alone = verify(bad, job=chain.parts[1], node_key=nodes[1].public)
+    assert alone, alone.reason  # consistent on its own
+    verdict, _ = verify_chain([chain.bundles[0], bad, chain.bundles[2]], job=chain.job, node_keys=publics(nodes),
+                              evidence_out=tmp_path / "link.vme")  # fmt: skip
+    assert verdict.status == "reject" and verdict.checks[-1].name == "link-0-1"
+    result = check_evidence(tmp_path / "link.vme")
+    assert result.proves_fraud and result.kind == "link" and result.node_id == nodes[1].node_id
+    # The same evidence written over the honest pair proves nothing.
+    honest = tmp_path / "honest-link.vme"
+    write_link_evidence(honest, job=view, envelope=read_bundle(chain.bundles[1], version=2).envelope,
+                        public=nodes[1].public, linked=read_bundle(chain.bundles[0], version=2).envelope,
+                        reason="made up", tensor=name)  # fmt: skip
+    assert not check_evidence(honest).proves_fraud
+
+
+def test_committed_input_other_than_the_link_names_is_proven(
+    tmp_path: Path, chain: Chain, nodes: list[SecretKey]
+) -> None:
+    view = chain.views[1]
+    name = view.linked_names[0]
+    bad = _forged(chain, view, nodes[1], tmp_path / "s1-bad-input.vmb",
+                  trace_edit=lambda t: {**t, name: perturbed(t[name], delta=0.25)})  # fmt: skip
+    verdict = verify(bad, job=chain.parts[1], node_key=nodes[1].public, evidence_out=tmp_path / "bind.vme")
+    assert verdict.status == "reject" and verdict.checks[-1].name == "link-binding"
+    result = check_evidence(tmp_path / "bind.vme")
+    assert result.proves_fraud and result.node_id == nodes[1].node_id and result.job_id == view.job_id
+
+
+def test_a_predecessor_that_signs_two_statements_gets_the_later_node_no_blame(
+    tmp_path: Path, chain: Chain, nodes: list[SecretKey]
+) -> None:
+    view = chain.views[0]
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    trace = run_steps(view, None, view.read_input(), runner)
+    other_runtime = SimpleNamespace(provider="SomeOtherProvider", precision=runner.precision,
+                                    optimization=runner.optimization)  # fmt: skip
+    second = tmp_path / "s0-second.vmb"
+    seal_trace(view, trace, key=nodes[0], runner=other_runtime, out=second)  # type: ignore[arg-type]
+    assert verify(second, job=chain.parts[0], node_key=nodes[0].public)  # it verifies: the same work
+    verdict, _ = verify_chain([second, chain.bundles[1], chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
+    assert verdict.status == "reject" and verdict.checks[-1].name == "link-0-1"
+    assert verdict.evidence is None  # segment 1 built on segment 0's other statement: nobody is blamed
+
+
+def test_wrong_step_in_a_segment_is_that_nodes_fault(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    view = chain.views[2]
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    inputs = view.read_input()
+    inputs.update(linked_inputs(view, [chain.bundles[1]])[0])
+    trace = run_steps(view, None, inputs, runner)
+    last = view.steps[-1].outputs[0]
+    trace[last] = perturbed(trace[last], delta=5.0)
+    _, links = linked_inputs(view, [chain.bundles[1]])
+    bad = tmp_path / "s2-bad.vmb"
+    seal_trace(view, trace, key=nodes[2], runner=runner, out=bad, links=links)
+    verdict, values = verify_chain([*chain.bundles[:2], bad], job=chain.job, node_keys=publics(nodes),
+                                   evidence_out=tmp_path / "step.vme")  # fmt: skip
+    assert verdict.status == "reject" and not values
+    assert [s.verdict.status for s in verdict.segments] == ["accept", "accept", "reject"]
+    result = check_evidence(tmp_path / "step.vme")
+    assert result.proves_fraud and result.node_id == nodes[2].node_id and result.job_id == view.job_id
+    # Evidence made up over the honest segments proves nothing against them.
+    from tests.conftest import step_evidence
+
+    for k in (0, 1):
+        made_up = step_evidence(chain.views[k], chain.bundles[k], nodes[k].public, tmp_path / f"made-up-{k}.vme")
+        assert not check_evidence(made_up).proves_fraud
+
+
+# -- the prover's side --------------------------------------------------------------------------
+
+
+def test_prove_checks_what_it_builds_on(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    worker = Worker(nodes[1], device="cpu")
+    with pytest.raises(InvalidInputError, match="takes inputs from segment"):
+        worker.prove(chain.parts[1], out=tmp_path / "a.vmb")
+    with pytest.raises(InvalidInputError, match="not a bundle of a segment this one takes inputs from"):
+        worker.prove(chain.parts[1], out=tmp_path / "b.vmb", inputs_from=[chain.bundles[2]])
+    with pytest.raises(InvalidInputError, match="takes no inputs from other segments"):
+        worker.prove(chain.parts[0], out=tmp_path / "c.vmb", inputs_from=[chain.bundles[0]])
+    with pytest.raises(InvalidInputError, match="not whole jobs"):
+        worker.prove(chain.job_path, out=tmp_path / "d.vmb", inputs_from=[chain.bundles[0]])
+    # A predecessor whose sealed bytes were changed is refused before anything runs.
+    data = bytearray(chain.bundles[0].read_bytes())
+    parsed = read_bundle(chain.bundles[0], version=2)
+    name = chain.views[1].linked_names[0]
+    member = bytes(parsed.tensors[name].tobytes())
+    at = bytes(data).find(member[:64])
+    data[at + 8] ^= 0x40
+    tampered = tmp_path / "s0-tampered.vmb"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(InvalidInputError):
+        worker.prove(chain.parts[1], out=tmp_path / "e.vmb", inputs_from=[tampered])
+    assert not (tmp_path / "e.vmb").exists()
+
+
+def test_split_refuses_what_cannot_be_split(chain: Chain) -> None:
+    with pytest.raises(InvalidInputError, match="zk jobs cannot be split"):
+        plan_segments(dataclasses.replace(chain.job, mode="zk"), 2)
+    with pytest.raises(InvalidInputError, match="--segments must be"):
+        plan_segments(chain.job, len(chain.job.steps) + 1)
+    with pytest.raises(InvalidInputError, match="already a segment"):
+        plan_segments(chain.views[0], 2)
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        segment_view(chain.job, ((0, 3), (2, 8)), 0)
+    with pytest.raises(InvalidInputError, match="missing"):
+        segment_view(chain.job, ((0, 3), (3, 7)), 0)
+
+
+def test_segment_file_must_match_its_job(tmp_path: Path, chain: Chain) -> None:
+    doc = json.loads(chain.parts[1].read_text())
+    for edit in ({"index": 2}, {"segments": [[0, 4], [4, 5], [5, 8]]}, {"job_id": "sha256:" + "0" * 64}):
+        bad = chain.parts[1].with_name("edited.json")
+        bad.write_text(json.dumps({**doc, **edit}))
+        with pytest.raises(InvalidInputError):
+            load_job(bad)
+    assert load_job(chain.parts[1]).job_id == doc["segment_id"]
+
+
+# -- receipts ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verifiers() -> list[SecretKey]:
+    return [generate_key(), generate_key()]
+
+
+def test_receipt_signed_cosigned_and_checked(chain: Chain, nodes: list[SecretKey], verifiers: list[SecretKey]) -> None:
+    verdict, _ = verify_chain(chain.bundles, job=chain.job, node_keys=publics(nodes))
+    doc = sign_receipt(receipt_body(verdict), verifiers[0])
+    assert check_receipt(doc, [verifiers[0].public]).ok
+    both = cosign_receipt(doc, verifiers[1])
+    assert check_receipt(both, [v.public for v in verifiers]).ok
+    assert not check_receipt(both, [verifiers[0].public]).ok  # a signer the checker does not pin
+    assert not check_receipt(doc, [v.public for v in verifiers]).ok  # a pinned verifier that did not sign
+    assert recheck_receipt(both, job=chain.job_path, bundles=chain.bundles).ok
+    assert not recheck_receipt(both, job=chain.job_path, bundles=chain.bundles[:2]).ok
+    with pytest.raises(InvalidInputError, match="already signed"):
+        cosign_receipt(both, verifiers[1])
+
+
+def test_tampered_receipts_fail(chain: Chain, nodes: list[SecretKey], verifiers: list[SecretKey]) -> None:
+    verdict, _ = verify_chain(chain.bundles, job=chain.job, node_keys=publics(nodes))
+    doc = sign_receipt(receipt_body(verdict), verifiers[0])
+    pinned = [verifiers[0].public]
+    dropped = json.loads(json.dumps(doc))
+    dropped["receipt"]["subtasks"].pop(1)
+    assert not check_receipt(dropped, pinned).ok
+    foreign = {**doc, "signature": sign_receipt(receipt_body(verdict), verifiers[1])["signature"]}
+    assert not check_receipt(foreign, pinned).ok
+    edited = json.loads(json.dumps(doc))
+    name = next(iter(edited["receipt"]["outputs"]))
+    edited["receipt"]["outputs"][name] = "sha256:" + "1" * 64
+    assert not check_receipt(edited, pinned).ok
+    with pytest.raises(InvalidInputError):
+        receipt_body(dataclasses.replace(verdict, status="reject", segments=()))
+
+
+def test_receipt_byte_flip_from_the_cli(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    runner = CliRunner()
+    for i, key in enumerate([*nodes, generate_key()]):
+        write_key_pair(tmp_path / f"k{i}.key", key)
+    keys = ",".join(str(tmp_path / f"k{i}.key.pub") for i in range(3))
+    receipt = tmp_path / "receipt.json"
+    args = [
+        "verify",
+        *map(str, chain.bundles),
+        "--job",
+        str(chain.job_path),
+        "--node-keys",
+        keys,
+        "--receipt-out",
+        str(receipt),
+        "--key",
+        str(tmp_path / "k3.key"),
+        "--outputs-out",
+        str(tmp_path / "o.npz"),
+    ]
+    result = runner.invoke(cli, args)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o.npz").exists()
+    check = ["receipt", "check", str(receipt), "--verifier-key", str(tmp_path / "k3.key.pub")]
+    assert runner.invoke(cli, check).exit_code == 0
+    full = [*check, "--full", "--job", str(chain.job_path), *map(str, chain.bundles)]
+    assert runner.invoke(cli, full).exit_code == 0, runner.invoke(cli, full).output
+    data = bytearray(receipt.read_bytes())
+    flips = [data.find(b'"seed":') + 8, data.find(b'"statement":"sha256:') + 25, data.find(b'"signature":"') + 20]
+    for at in flips:
+        flipped = bytearray(data)
+        flipped[at] = ord("2") if flipped[at] != ord("2") else ord("3")
+        receipt.write_bytes(bytes(flipped))
+        assert runner.invoke(cli, check).exit_code in (1, 3)
+    # A reject writes no receipt.
+    receipt.unlink()
+    args_bad = [*args]
+    args_bad[1:4] = [str(chain.bundles[0]), str(chain.bundles[2]), str(chain.bundles[1])]
+    args_bad[args.index("--node-keys") + 1] = ",".join(str(tmp_path / f"k{i}.key.pub") for i in (0, 1, 2))
+    result = runner.invoke(cli, args_bad)
+    assert result.exit_code == 1 and not receipt.exists()
+
+
+def test_split_and_chain_from_the_cli(tmp_path: Path, chain: Chain) -> None:
+    runner = CliRunner()
+    out = tmp_path / "parts"
+    result = runner.invoke(cli, ["job", "split", str(chain.job_path), "--segments", "2", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["segments"]
+    assert [r["step_range"] for r in rows] == [[0, rows[0]["step_range"][1]], [rows[0]["step_range"][1], 8]]
+    assert rows[1]["inputs_from"] == [0]
+    again = runner.invoke(cli, ["job", "split", str(chain.job_path), "--segments", "2", "-o", str(out)])
+    assert again.exit_code == 3 and "already exists" in again.output
+    usage = runner.invoke(cli, ["verify", *map(str, chain.bundles), "--job", str(chain.job_path)])
+    assert usage.exit_code == 2 and "--node-keys" in usage.output

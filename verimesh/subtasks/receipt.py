@@ -1,0 +1,231 @@
+"""Receipts: a verifier's signed record that a split job was verified (docs/format.md §13).
+
+A receipt is canonical JSON::
+
+    {"type": "verimesh/receipt", "version": 1,
+     "receipt": {job_id, kind: "segments", seed, subtasks: [{index, step_range, node_id,
+                 node_key, statement, verdict, sampled_steps}], outputs: {name: digest}},
+     "signers": [verifier node ids, in signing order],
+     "signature": base64 BLS signature}
+
+Every signer signs the same message, ``"verimesh.receipt.v1\\0" || canonical(receipt)``;
+``signature`` is their aggregate (``receipt cosign`` adds one), checked with FastAggregateVerify
+against the verifier keys a checker pins, whose proofs of possession are checked first (a
+rogue key cannot be aggregated in). ``check_receipt`` re-checks the signatures and the chain of
+digests offline; with the parent job and the bundles, ``recheck_receipt`` verifies them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
+from verimesh.core.digest import parse_digest
+from verimesh.core.files import read_user_file
+from verimesh.errors import InvalidInputError
+from verimesh.signing import _bls
+from verimesh.signing.keys import PublicKey, SecretKey, public_key_from_json
+from verimesh.subtasks.chain import ChainVerdict
+
+RECEIPT_TYPE = "verimesh/receipt"
+RECEIPT_VERSION = 1
+MAX_RECEIPT_BYTES = 4 * 1024 * 1024
+MAX_SIGNERS = 64
+_TAG = b"verimesh.receipt.v1\x00"
+_SUBTASK_KEYS = frozenset({"index", "step_range", "node_id", "node_key", "statement", "verdict", "sampled_steps"})
+
+
+def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
+    """What the verifier signs: an accepted chain, sub-task by sub-task."""
+    if not chain:
+        raise InvalidInputError("a receipt records an accepted job; this one was not accepted")
+    return {
+        "job_id": chain.job_id,
+        "kind": "segments",
+        "seed": chain.seed,
+        "subtasks": [
+            {
+                "index": s.index,
+                "step_range": list(s.step_range),
+                "node_id": s.public.node_id,
+                "node_key": s.public.to_json(),
+                "statement": s.statement,
+                "verdict": s.verdict.status,
+                "sampled_steps": list(s.sampled_steps),
+            }
+            for s in chain.segments
+        ],
+        "outputs": dict(sorted(chain.outputs.items())),
+    }
+
+
+def _message(body: dict[str, Any]) -> bytes:
+    return _TAG + canonical_json(body)
+
+
+def sign_receipt(body: dict[str, Any], key: SecretKey) -> dict[str, Any]:
+    return {
+        "type": RECEIPT_TYPE,
+        "version": RECEIPT_VERSION,
+        "receipt": body,
+        "signers": [key.node_id],
+        "signature": b64encode(key.sign(_message(body))),
+    }
+
+
+def cosign_receipt(doc: dict[str, Any], key: SecretKey) -> dict[str, Any]:
+    """Add ``key``'s signature to the aggregate (the receipt's structure is checked first; its
+    signatures are the checker's to verify, against keys it pins)."""
+    body, signers, signature = _parse(doc)
+    if key.node_id in signers:
+        raise InvalidInputError(f"{key.node_id} has already signed this receipt")
+    if len(signers) >= MAX_SIGNERS:
+        raise InvalidInputError(f"a receipt holds at most {MAX_SIGNERS} signers")
+    aggregate = _bls.backend().aggregate([signature, key.sign(_message(body))])
+    return {**doc, "signers": [*signers, key.node_id], "signature": b64encode(aggregate)}
+
+
+def write_receipt(path: Path, doc: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(canonical_json(doc) + b"\n")
+    partial.replace(path)
+
+
+def load_receipt(path: Path) -> dict[str, Any]:
+    data = read_user_file(path, what="receipt", max_bytes=MAX_RECEIPT_BYTES)
+    doc = parse_canonical_json(data.rstrip(b"\n"), what=f"receipt {path}", max_bytes=MAX_RECEIPT_BYTES)
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"receipt {path} is not a JSON object")
+    _parse(doc)
+    return doc
+
+
+def _parse(doc: dict[str, Any]) -> tuple[dict[str, Any], list[str], bytes]:
+    if set(doc) != {"type", "version", "receipt", "signers", "signature"} or doc.get("type") != RECEIPT_TYPE:
+        raise InvalidInputError(f"not a verimesh receipt (type {RECEIPT_TYPE}, fields type, version, receipt, "
+                                "signers, signature)")  # fmt: skip
+    if doc["version"] != RECEIPT_VERSION:
+        raise InvalidInputError(f"receipt version {doc['version']!r} is not supported")
+    signers = doc["signers"]
+    if (
+        not isinstance(signers, list)
+        or not 1 <= len(signers) <= MAX_SIGNERS
+        or not all(isinstance(s, str) for s in signers)
+        or len(set(signers)) != len(signers)
+    ):
+        raise InvalidInputError(f"receipt signers must be 1..{MAX_SIGNERS} distinct node ids")
+    signature = b64decode_strict(doc["signature"], what="receipt signature")
+    if len(signature) != _bls.SIGNATURE_BYTES:
+        raise InvalidInputError("receipt signature is not a BLS signature")
+    body = doc["receipt"]
+    if not isinstance(body, dict) or set(body) != {"job_id", "kind", "seed", "subtasks", "outputs"}:
+        raise InvalidInputError("receipt body must have exactly job_id, kind, seed, subtasks, outputs")
+    return body, signers, signature
+
+
+@dataclass(frozen=True)
+class ReceiptCheck:
+    ok: bool
+    reason: str
+    job_id: str | None = None
+    signers: tuple[str, ...] = ()
+    subtasks: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "reason": self.reason, "job_id": self.job_id, "signers": list(self.signers),
+                "subtasks": self.subtasks}  # fmt: skip
+
+
+def check_receipt(doc: dict[str, Any], verifier_keys: Sequence[PublicKey]) -> ReceiptCheck:
+    """Offline: every signer is a pinned verifier key and the aggregate signature holds over the
+    receipt; the sub-tasks form one chain (indices 0..n-1, contiguous ranges from step 0, each
+    accepted, each node key the one its id names, sampled steps inside the range, distinct
+    statements); the outputs are digests."""
+    body, signers, signature = _parse(doc)
+
+    def fail(reason: str) -> ReceiptCheck:
+        return ReceiptCheck(False, reason, str(body.get("job_id")), tuple(signers))
+
+    if not verifier_keys:
+        raise InvalidInputError("pin at least one verifier key (--verifier-key)")
+    pinned = {k.node_id: k for k in verifier_keys}
+    foreign = [s for s in signers if s not in pinned]
+    if foreign:
+        return fail(f"signed by {foreign[0]}, which is not a pinned verifier key")
+    unsigned = [n for n in pinned if n not in signers]
+    if unsigned:
+        return fail(f"not signed by the pinned verifier {unsigned[0]}")
+    for key in pinned.values():
+        if not key.check_possession():
+            return fail(f"the key of {key.node_id} fails its proof of possession")
+    keys = [pinned[s].key for s in signers]
+    if not _bls.backend().fast_aggregate_verify(keys, _message(body), signature):
+        return fail("the signature does not hold over this receipt with the pinned verifier keys")
+    problem = _chain_problem(body)
+    if problem:
+        return fail(problem)
+    subtasks = body["subtasks"]
+    return ReceiptCheck(True, f"{len(subtasks)} sub-tasks, signed by {len(signers)} verifier(s)", body["job_id"],
+                        tuple(signers), len(subtasks))  # fmt: skip
+
+
+def _chain_problem(body: dict[str, Any]) -> str | None:
+    try:
+        parse_digest(body["job_id"], what="receipt job id")
+        if body["kind"] != "segments" or not isinstance(body["seed"], int):
+            return "receipt kind must be segments, with an integer seed"
+        subtasks, outputs = body["subtasks"], body["outputs"]
+        if not isinstance(subtasks, list) or not subtasks or not isinstance(outputs, dict) or not outputs:
+            return "a receipt lists sub-tasks and outputs"
+        start, statements = 0, set()
+        for i, sub in enumerate(subtasks):
+            if not isinstance(sub, dict) or set(sub) != _SUBTASK_KEYS:
+                return f"sub-task {i} is malformed"
+            a, b = sub["step_range"]
+            if sub["index"] != i or a != start or not (isinstance(b, int) and b > a):
+                return f"sub-task {i} does not continue the chain at step {start}"
+            start = b
+            if sub["verdict"] != "accept":
+                return f"sub-task {i} was not accepted"
+            if public_key_from_json(sub["node_key"], what=f"sub-task {i} node key").node_id != sub["node_id"]:
+                return f"sub-task {i}'s node key is not the key of {sub['node_id']}"
+            steps = sub["sampled_steps"]
+            inside = isinstance(steps, list) and all(isinstance(s, int) and a <= s < b for s in steps)
+            if not inside or b - 1 not in steps:
+                return f"sub-task {i}'s sampled steps are not inside its range, or miss its last step"
+            parse_digest(sub["statement"], what=f"sub-task {i} statement")
+            statements.add(sub["statement"])
+        if len(statements) != len(subtasks):
+            return "two sub-tasks name the same statement"
+        for name, digest in outputs.items():
+            parse_digest(digest, what=f"output {name!r}")
+    except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+        return f"the receipt is malformed: {exc}"
+    return None
+
+
+def recheck_receipt(doc: dict[str, Any], *, job: Path, bundles: Sequence[Path]) -> ReceiptCheck:
+    """``receipt check --full``: verify the bundles again (with the receipt's seed and node keys)
+    and compare with what the receipt records: every statement, every output digest."""
+    from verimesh.subtasks.chain import verify_chain
+
+    body, signers, _ = _parse(doc)
+    subtasks = body["subtasks"]
+    keys = [public_key_from_json(s["node_key"], what="receipt node key") for s in subtasks]
+    if len(bundles) != len(subtasks):
+        return ReceiptCheck(False, f"the receipt lists {len(subtasks)} sub-tasks; {len(bundles)} bundles given",
+                            str(body["job_id"]), tuple(signers))  # fmt: skip
+    verdict, _ = verify_chain(bundles, job=job, node_keys=keys, seed=body["seed"])
+    if verdict.job_id != body["job_id"]:
+        return ReceiptCheck(False, "the receipt is for another job", str(body["job_id"]), tuple(signers))
+    if not verdict:
+        return ReceiptCheck(False, f"the bundles do not verify again: {verdict.reason}", verdict.job_id, tuple(signers))
+    statements = [s.statement for s in verdict.segments]
+    if statements != [s["statement"] for s in subtasks] or verdict.outputs != body["outputs"]:
+        return ReceiptCheck(False, "the bundles verify, but are not the ones the receipt records", verdict.job_id,
+                            tuple(signers))  # fmt: skip
+    return ReceiptCheck(True, f"{len(subtasks)} bundles verified again, as recorded", verdict.job_id, tuple(signers),
+                        len(subtasks))  # fmt: skip
