@@ -44,6 +44,7 @@ from verimesh.spot.spotcheck import (
     sample_steps,
     seeded_rng,
     segment_claim,
+    shard_claim,
     spot_predicate,
 )
 
@@ -653,6 +654,11 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         if want != got:
             raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
     links = _segment_links(pred, job)
+    if pred.get("shard", None) != (shard_claim(job) if job.shard is not None else None) or (
+        job.shard is None and "shard" in pred
+    ):
+        raise _Rejected(Check("shard", False, "the statement's shard claim is not this job's", str(job.shard)[:200],
+                              str(pred.get("shard"))[:200]))  # fmt: skip
     try:
         root = parse_digest(commitment.get("root"), what="commitment root")
     except InvalidInputError as exc:

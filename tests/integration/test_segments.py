@@ -307,7 +307,7 @@ def test_split_refuses_what_cannot_be_split(chain: Chain) -> None:
         plan_segments(dataclasses.replace(chain.job, mode="zk"), 2)
     with pytest.raises(InvalidInputError, match="--segments must be"):
         plan_segments(chain.job, len(chain.job.steps) + 1)
-    with pytest.raises(InvalidInputError, match="already a segment"):
+    with pytest.raises(InvalidInputError, match="already a sub-job"):
         plan_segments(chain.views[0], 2)
     with pytest.raises(InvalidInputError, match="contiguous"):
         segment_view(chain.job, ((0, 3), (2, 8)), 0)
@@ -419,3 +419,127 @@ def test_split_and_chain_from_the_cli(tmp_path: Path, chain: Chain) -> None:
     assert again.exit_code == 3 and "already exists" in again.output
     usage = runner.invoke(cli, ["verify", *map(str, chain.bundles), "--job", str(chain.job_path)])
     assert usage.exit_code == 2 and "--node-keys" in usage.output
+
+
+# -- shards: one sub-job per row of a batch --------------------------------------------------------
+
+BATCH = Path(__file__).resolve().parents[2] / "fixtures" / "mlp_batch.rows.npz"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, nodes: list[SecretKey]) -> tuple[Chain, list[SecretKey]]:
+    from verimesh.jobs.segments import write_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    job_path = folder / "bjob.json"
+    job = new_job(model_path("mlp_batch"), input_path("mlp_batch"), job_path)
+    written = write_shards(job_path, BATCH, folder / "parts")
+    owners = [nodes[k % 3] for k in range(len(written))]
+    bundles = []
+    for k, ((part, _), key) in enumerate(zip(written, owners, strict=True)):
+        prove(part, key=key, out=folder / f"sh{k}.vmb", device="cpu")
+        bundles.append(folder / f"sh{k}.vmb")
+    return Chain(job, job_path, [p for p, _ in written], [v for _, v in written], bundles, folder), owners
+
+
+def test_shards_of_a_batch_reassemble_to_plain_onnxruntime_on_the_batch(sharded: tuple[Chain, list[SecretKey]]) -> None:
+    import onnxruntime as ort
+
+    from verimesh.subtasks.chain import verify_shards
+
+    c, owners = sharded
+    verdict, values = verify_shards(c.bundles, job=c.job, node_keys=[k.public for k in owners], batch=BATCH)
+    assert verdict, verdict.reason
+    assert len(verdict.segments) == 16 and verdict.kind == "shards"
+    rows = dict(np.load(BATCH))["input"]
+    session = ort.InferenceSession(str(model_path("mlp_batch")), providers=["CPUExecutionProvider"])
+    (batched,) = session.run(None, {"input": rows})
+    assert values["logits"].shape == batched.shape == (16, 10)
+    np.testing.assert_allclose(values["logits"], batched, rtol=1e-5, atol=1e-6)
+    one_by_one = np.concatenate([session.run(None, {"input": rows[k : k + 1]})[0] for k in range(16)])
+    np.testing.assert_allclose(values["logits"], one_by_one, rtol=1e-6, atol=1e-7)
+    assert verdict.outputs["logits"] == tensor_digest("logits", values["logits"])
+    doc = sign_receipt(receipt_body(verdict), owners[0])
+    assert check_receipt(doc, [owners[0].public]).ok and doc["receipt"]["kind"] == "shards"
+    assert recheck_receipt(doc, job=c.job_path, bundles=c.bundles, batch=BATCH).ok
+    with pytest.raises(InvalidInputError, match="batch that was split"):
+        recheck_receipt(doc, job=c.job_path, bundles=c.bundles)
+
+
+def test_missing_duplicated_or_misplaced_shards_are_rejected(
+    tmp_path: Path, sharded: tuple[Chain, list[SecretKey]]
+) -> None:
+    from verimesh.subtasks.chain import verify_shards
+
+    c, owners = sharded
+    keys = [k.public for k in owners]
+    verdict, _ = verify_shards(c.bundles[:-1], job=c.job, node_keys=keys[:-1], batch=BATCH)
+    assert verdict.status == "reject" and "missing shards: [15]" in verdict.reason
+    dup = [*c.bundles[:-1], c.bundles[0]]
+    verdict, _ = verify_shards(dup, job=c.job, node_keys=[*keys[:-1], keys[0]], batch=BATCH)
+    assert verdict.status == "reject" and "given twice" in verdict.reason
+    # Another batch: every row's shard id differs, so the first bundle already names another job.
+    other = dict(np.load(BATCH))
+    other["input"] = other["input"][::-1].copy()
+    verdict, _ = verify_shards(c.bundles, job=c.job, node_keys=keys, batch=other)
+    assert verdict.status == "reject" and verdict.segments[-1].verdict.checks[-1].name == "job-binding"
+    # A bundle made for row 3 proven over row 5's input does not pass as shard 3.
+    forged = tmp_path / "sh3-row5.vmb"
+    view = dataclasses.replace(c.views[3], input_tensors=c.views[5].input_tensors, input_path=c.views[5].input_path)
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    trace = run_steps(view, None, view.read_input(), runner)
+    seal_trace(view, trace, key=owners[3], runner=runner, out=forged)
+    bundles = [*c.bundles[:3], forged, *c.bundles[4:]]
+    verdict, _ = verify_shards(bundles, job=c.job, node_keys=keys, batch=BATCH)
+    assert verdict.status == "reject" and verdict.segments[-1].index == 3
+
+
+def test_wrong_row_output_is_that_nodes_fault(tmp_path: Path, sharded: tuple[Chain, list[SecretKey]]) -> None:
+    from verimesh.subtasks.chain import verify_shards
+
+    c, owners = sharded
+    view = c.views[7]
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    trace = run_steps(view, None, view.read_input(), runner)
+    trace["logits"] = perturbed(trace["logits"], delta=3.0)
+    bad = tmp_path / "sh7-bad.vmb"
+    seal_trace(view, trace, key=owners[7], runner=runner, out=bad)
+    bundles = [*c.bundles[:7], bad, *c.bundles[8:]]
+    verdict, values = verify_shards(bundles, job=c.job, node_keys=[k.public for k in owners], batch=BATCH,
+                                    evidence_out=tmp_path / "shard.vme")  # fmt: skip
+    assert verdict.status == "reject" and not values
+    result = check_evidence(tmp_path / "shard.vme")
+    assert result.proves_fraud and result.node_id == owners[7].node_id and result.job_id == view.job_id
+    from tests.conftest import step_evidence
+
+    made_up = step_evidence(c.views[6], c.bundles[6], owners[6].public, tmp_path / "made-up.vme")
+    assert not check_evidence(made_up).proves_fraud
+
+
+def test_shards_need_a_dynamic_batch_axis(tmp_path: Path, chain: Chain) -> None:
+    from verimesh.jobs.segments import write_shards
+
+    batch = tmp_path / "rows.npz"
+    np.savez(batch, input=np.zeros((4, 8, 32), dtype=np.float32))
+    with pytest.raises(InvalidInputError, match="no dynamic batch axis"):
+        write_shards(chain.job_path, batch, tmp_path / "parts")
+
+
+def test_shards_from_the_cli(tmp_path: Path, sharded: tuple[Chain, list[SecretKey]]) -> None:
+    c, owners = sharded
+    runner = CliRunner()
+    out = tmp_path / "parts"
+    result = runner.invoke(cli, ["job", "split", str(c.job_path), "--shards", str(BATCH), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["shards"]) == 16
+    both = runner.invoke(cli, ["job", "split", str(c.job_path), "--shards", str(BATCH), "--segments", "2", "-o", "x"])
+    assert both.exit_code == 2
+    for i, key in enumerate(owners[:3]):
+        write_key_pair(tmp_path / f"n{i}.key", key)
+    keys = ",".join(str(tmp_path / f"n{k % 3}.key.pub") for k in range(16))
+    outputs = tmp_path / "batch.npz"
+    args = ["verify", *map(str, c.bundles), "--job", str(c.job_path), "--shards", str(BATCH), "--node-keys", keys,
+            "--outputs-out", str(outputs)]  # fmt: skip
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert np.load(outputs)["logits"].shape == (16, 10)

@@ -264,6 +264,10 @@ def prove(
     help="A chain of segments: the public key files of the nodes, comma-separated, one per bundle in order.",
 )  # fmt: skip
 @click.option(
+    "--shards", "batch_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="A job split into shards: the batch that was split (one bundle per row, with --node-keys).",
+)  # fmt: skip
+@click.option(
     "--receipt-out", type=click.Path(dir_okay=False, path_type=Path),
     help="A chain: on an accept, write a receipt signed with --key.",
 )  # fmt: skip
@@ -306,6 +310,7 @@ def verify(
     job_file: Path,
     node_key: Path | None,
     node_keys: str | None,
+    batch_file: Path | None,
     receipt_out: Path | None,
     receipt_key: Path | None,
     ledger_url: str | None,
@@ -333,12 +338,13 @@ def verify(
     limits = DEFAULT_LIMITS if max_bundle_size is None else Limits(max_file_bytes=max_bundle_size)
     if outputs_out is not None and outputs_out.suffix.lower() not in (".npz", ".json"):
         raise click.UsageError("--outputs-out writes .npz or .json")
-    if node_keys is not None or len(bundles) > 1:
+    if node_keys is not None or len(bundles) > 1 or batch_file is not None:
         _verify_chain(ctx, bundles, job_file, node_keys, receipt_out, receipt_key, samples, seed, evidence_out,
-                      outputs_out, limits, as_json, node_key=node_key, ledger_url=ledger_url)  # fmt: skip
+                      outputs_out, limits, as_json, node_key=node_key, ledger_url=ledger_url,
+                      batch_file=batch_file)  # fmt: skip
         return
     if receipt_out is not None or receipt_key is not None:
-        raise click.UsageError("--receipt-out and --key go with a chain of segments (--node-keys)")
+        raise click.UsageError("--receipt-out and --key go with a chain of segments or shards (--node-keys)")
     bundle = bundles[0]
     payload: dict[str, Any]
     if ledger_url and node_key is None:
@@ -389,10 +395,10 @@ def verify(
 def _verify_chain(
     ctx: click.Context, bundles: tuple[Path, ...], job_file: Path, node_keys: str | None, receipt_out: Path | None,
     receipt_key: Path | None, samples: Any, seed: int | None, evidence_out: Path | None, outputs_out: Path | None,
-    limits: Any, as_json: bool, *, node_key: Path | None, ledger_url: str | None,
+    limits: Any, as_json: bool, *, node_key: Path | None, ledger_url: str | None, batch_file: Path | None,
 ) -> None:  # fmt: skip
     from verimesh.core.tensors import write_tensor_file
-    from verimesh.subtasks.chain import verify_chain
+    from verimesh.subtasks.chain import verify_chain, verify_shards
 
     if node_keys is None:
         raise click.UsageError("several bundles are a chain of segments: give --node-keys K0,K1,... (one per bundle)")
@@ -402,8 +408,12 @@ def _verify_chain(
         raise click.UsageError("--receipt-out needs --key: the verifier's secret key signs the receipt")
     keys = [Path(k) for k in node_keys.split(",") if k]
     signer = load_signing_key(receipt_key) if receipt_key is not None else None
-    verdict, values = verify_chain(bundles, job=job_file, node_keys=keys, samples=samples, seed=seed,
-                                   evidence_out=evidence_out, limits=limits)  # fmt: skip
+    if batch_file is not None:
+        verdict, values = verify_shards(bundles, job=job_file, node_keys=keys, batch=batch_file, samples=samples,
+                                        seed=seed, evidence_out=evidence_out, limits=limits)  # fmt: skip
+    else:
+        verdict, values = verify_chain(bundles, job=job_file, node_keys=keys, samples=samples, seed=seed,
+                                       evidence_out=evidence_out, limits=limits)  # fmt: skip
     payload = verdict.to_json()
     if verdict and outputs_out is not None:
         write_tensor_file(outputs_out, values)
@@ -422,8 +432,9 @@ def _verify_chain(
         for seg in verdict.segments:
             mark = "ok  " if seg.verdict else "FAIL"
             a, b = seg.step_range
-            click.echo(f"  {mark} segment {seg.index:<8} steps [{a}, {b}) by {seg.public.node_id}: "
-                       f"{seg.verdict.reason}; re-checked {list(seg.sampled_steps)}")  # fmt: skip
+            what = f"shard {seg.index:<10}" if verdict.kind == "shards" else f"segment {seg.index:<8} steps [{a}, {b})"
+            click.echo(f"  {mark} {what} by {seg.public.node_id}: {seg.verdict.reason}; "
+                       f"re-checked {list(seg.sampled_steps)}")  # fmt: skip
         if verdict.evidence:
             click.echo(f"evidence written to {verdict.evidence} (re-check: verimesh evidence check {verdict.evidence})")
         if verdict and outputs_out is not None:

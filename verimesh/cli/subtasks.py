@@ -14,17 +14,33 @@ from verimesh.errors import EXIT_REJECTED
 
 @click.command("split", epilog=EXIT_CODES_HELP)
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--segments", type=click.IntRange(min=1), required=True,
+@click.option("--segments", type=click.IntRange(min=1), default=None,
               help="Cut the job's steps into this many contiguous segments of about equal cost.")  # fmt: skip
+@click.option("--shards", "batch_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="One sub-job per row of this .npz/.npy batch (arrays named after the model inputs, a leading "
+              "batch axis; the model needs a dynamic batch axis).")  # fmt: skip
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for seg-0.json, seg-1.json, ... (each points at JOB_FILE).")  # fmt: skip
+              help="Folder for seg-K.json (or shard-K.json and its input), each pointing at JOB_FILE.")  # fmt: skip
 @force_option
 @json_option
-def job_split(job_file: Path, segments: int, out_dir: Path, force: bool, as_json: bool) -> None:
-    """Split JOB_FILE into segments that different nodes prove: segment K runs steps [a, b) and
-    starts from the outputs of the segments before it (`prove --inputs-from`)."""
-    from verimesh.jobs.segments import write_segments
+def job_split(
+    job_file: Path, segments: int | None, batch_file: Path | None, out_dir: Path, force: bool, as_json: bool
+) -> None:
+    """Split JOB_FILE into sub-jobs that different nodes prove: --segments N (segment K runs steps
+    [a, b) and starts from the outputs of the segments before it: `prove --inputs-from`), or
+    --shards BATCH (shard K is the whole job on row K of the batch)."""
+    from verimesh.jobs.segments import write_segments, write_shards
 
+    if (segments is None) == (batch_file is None):
+        raise click.UsageError("give exactly one of --segments N and --shards BATCH")
+    if batch_file is not None:
+        shards = write_shards(job_file, batch_file, out_dir, overwrite=force)
+        rows_out = [{"file": str(p), "index": k, "shard_id": v.job_id, "input_digest": v.input_digest}
+                    for k, (p, v) in enumerate(shards)]  # fmt: skip
+        human = f"split {job_file} into {len(shards)} shards in {out_dir} (one per row of {batch_file})"
+        emit(as_json, {"job": str(job_file), "shards": rows_out}, human)
+        return
+    assert segments is not None
     written = write_segments(job_file, segments, out_dir, overwrite=force)
     rows: list[dict[str, Any]] = []
     for path, view in written:
@@ -54,11 +70,13 @@ def receipt() -> None:
 @click.option("--full", is_flag=True, help="Also verify BUNDLES again (needs --job).")
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path),
               help="With --full: the job that was split.")  # fmt: skip
+@click.option("--shards", "batch_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --full, a shards receipt: the batch that was split.")  # fmt: skip
 @json_option
 @click.pass_context
 def receipt_check(
     ctx: click.Context, receipt_file: Path, bundles: tuple[Path, ...], verifier_keys: tuple[Path, ...], full: bool,
-    job_file: Path | None, as_json: bool,
+    job_file: Path | None, batch_file: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Check RECEIPT_FILE offline: the verifiers' aggregate signature and the chain of digests;
     with --full, verify the BUNDLES again. Exit 0 if it holds, 1 if it does not."""
@@ -77,7 +95,7 @@ def receipt_check(
         from verimesh.cli.common import init_runtime
 
         init_runtime(ctx)
-        again = recheck_receipt(doc, job=job_file, bundles=bundles)
+        again = recheck_receipt(doc, job=job_file, bundles=bundles, batch=batch_file)
         payload = {**again.to_json(), "signatures": result.reason}
         result = again
     emit(as_json, payload, f"{'HOLDS' if result.ok else 'DOES NOT HOLD'}: {result.reason}")

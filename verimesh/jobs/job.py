@@ -138,6 +138,17 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """What makes a job a shard of another (docs/format.md §13): the parent's steps and policy
+    on row ``index`` of a batch of ``count`` rows (its input, pinned by digest as in any job)."""
+
+    parent_job_id: str
+    index: int
+    count: int
+    parent: Job | None = field(default=None, compare=False, repr=False)  # what evidence carries
+
+
+@dataclass(frozen=True)
 class Job:
     job_id: str
     nonce: str
@@ -159,6 +170,7 @@ class Job:
     # A segment of a split job (``verimesh job split``): a view of the parent job, never a
     # document of its own; None for a whole job.
     segment: Segment | None = None
+    shard: Shard | None = None  # one row of a batch (``verimesh job split --shards``)
 
     @property
     def step_range(self) -> list[int]:
@@ -511,12 +523,14 @@ def load_job(path: Path) -> Job:
     """A job file, or a segment file written by ``verimesh job split`` (the segment's view of its
     parent job, which must sit where the segment file says)."""
     data = read_user_file(path, what="job file", max_bytes=MAX_JOB_BYTES)
-    if b'"verimesh/segment"' in data:
-        from verimesh.jobs.segments import SEGMENT_TYPE, load_segment
+    if b'"verimesh/segment"' in data or b'"verimesh/shard"' in data:
+        from verimesh.jobs.segments import SEGMENT_TYPE, SHARD_TYPE, load_segment, load_shard
 
         doc = parse_json(data, what=f"job {path}", max_bytes=MAX_JOB_BYTES)
         if isinstance(doc, dict) and doc.get("type") == SEGMENT_TYPE:
             return load_segment(doc, path)
+        if isinstance(doc, dict) and doc.get("type") == SHARD_TYPE:
+            return load_shard(doc, path)
     return job_from_bytes(data, path.resolve().parent, what=f"job {path}")
 
 

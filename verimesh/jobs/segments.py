@@ -1,4 +1,7 @@
-"""Segments: one job's steps cut into contiguous ranges that different nodes run (docs/format.md §13).
+"""Segments and shards: one job cut into sub-jobs that different nodes run (docs/format.md §13).
+
+Shards (``job split --shards``) are the other cut: one sub-job per row of a batch, each the
+parent's steps and policy on that row, named by ``shard_id(parent, count, index, input digest)``.
 
 A segment is not a new job document: it is a view of its parent job (same step files, same
 policy), named by ``segment_id(parent job id, ranges, index)``. ``verimesh job split`` writes a
@@ -14,6 +17,7 @@ outputs are what later segments consume and the parent's model outputs it comput
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -22,12 +26,14 @@ from typing import Any
 
 from verimesh.core.canonical import canonical_json
 from verimesh.core.digest import sha256_bytes, tensor_set_digest
-from verimesh.core.tensors import TensorSpec
+from verimesh.core.tensors import TensorRef, TensorSpec
 from verimesh.errors import IntegrityError, InvalidInputError
-from verimesh.jobs.job import Job, Policy, Segment, StepRef, load_job
+from verimesh.jobs.job import Job, Policy, Segment, Shard, StepRef, load_job
 
 SEGMENT_TYPE = "verimesh/segment"
+SHARD_TYPE = "verimesh/shard"
 SEGMENT_VERSION = 1
+MAX_SHARDS = 4096
 MAX_SEGMENTS = 256
 _POINTER_KEYS = frozenset({"type", "version", "job", "job_id", "segments", "index", "segment_id"})
 
@@ -70,8 +76,8 @@ def plan_segments(job: Job, count: int) -> Ranges:
     """``count`` contiguous ranges of about equal cost (each cut at the step boundary nearest to
     an equal share of the cumulative cost, at least one step each)."""
     steps = len(job.steps)
-    if job.segment is not None:
-        raise InvalidInputError("this is already a segment; split the parent job")
+    if job.segment is not None or job.shard is not None:
+        raise InvalidInputError("this is already a sub-job; split the parent job")
     if job.mode != "spot":
         raise InvalidInputError(
             "zk jobs cannot be split: a zk job's steps are proven by one node against one circuit",
@@ -100,7 +106,7 @@ def segment_view(parent: Job, ranges: Ranges, index: int) -> Job:
     ranges = check_ranges(ranges, len(parent.steps))
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(ranges):
         raise InvalidInputError(f"segment index {index} is not in 0..{len(ranges) - 1}")
-    if parent.mode != "spot" or parent.version < 2 or parent.segment is not None:
+    if parent.mode != "spot" or parent.version < 2 or parent.segment is not None or parent.shard is not None:
         raise InvalidInputError("only a whole spot-mode job of version 2 has segments")
     a, b = ranges[index]
     producer: dict[str, int] = {s.name: -1 for s in parent.model_inputs}
@@ -206,17 +212,7 @@ def load_segment(doc: dict[str, Any], path: Path) -> Job:
     what = f"segment file {path}"
     if set(doc) != _POINTER_KEYS or doc.get("version") != SEGMENT_VERSION:
         raise InvalidInputError(f"{what} fields differ from the format (version {SEGMENT_VERSION})")
-    location = doc["job"]
-    if not isinstance(location, str) or not location or "\x00" in location or location.startswith("/"):
-        raise InvalidInputError(f"{what}: job must be a relative path to the parent job")
-    parent_path = path.resolve().parent / location
-    if not parent_path.is_file():
-        raise InvalidInputError(f"{what}: the parent job {parent_path} is missing", hint="keep parts/ beside the job")
-    parent = load_job(parent_path)
-    if parent.segment is not None:
-        raise InvalidInputError(f"{what}: its parent is a segment itself")
-    if parent.job_id != doc["job_id"]:
-        raise IntegrityError(f"{what}: {parent_path} is not the job it was split from (job id mismatch)")
+    parent = _parent_of(doc, path, what)
     index = doc["index"]
     if not isinstance(index, int) or isinstance(index, bool):
         raise InvalidInputError(f"{what}: index must be an integer")
@@ -230,3 +226,149 @@ def views_of(parent: Job, ranges: Sequence[Sequence[int]]) -> list[Job]:
     """Every segment of one split (the chain verifier's view, rebuilt from the parent job)."""
     checked = check_ranges(ranges, len(parent.steps))
     return [segment_view(parent, checked, k) for k in range(len(checked))]
+
+
+# -- shards ----------------------------------------------------------------------------------------
+
+
+def shard_id(parent_job_id: str, count: int, index: int, input_digest: str) -> str:
+    """The id a shard's statement binds: the parent, the number of rows, the row and its input."""
+    body = {"job_id": parent_job_id, "count": count, "index": index, "input_digest": input_digest}
+    return sha256_bytes(b"verimesh.shard.v1\x00" + canonical_json(body))
+
+
+def check_batchable(parent: Job) -> None:
+    """A whole spot-mode job (version 2) whose model declares a dynamic batch axis on every input."""
+    if parent.segment is not None or parent.shard is not None:
+        raise InvalidInputError("this is already a sub-job; split the parent job")
+    if parent.mode != "spot" or parent.version < 2:
+        raise InvalidInputError("only spot-mode jobs of version 2 are split into shards (zk jobs are not split)")
+    for spec in parent.model_inputs:
+        if not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            raise InvalidInputError(
+                f"the model's input {spec.name!r} has no dynamic batch axis (its shape is {spec.describe()})",
+                hint="export the model with a dynamic first axis (torch.onnx.export(..., dynamic_axes=...))",
+            )
+
+
+def batch_rows(parent: Job, batch: dict[str, Any], *, what: str = "--shards") -> list[dict[str, Any]]:
+    """The rows of a batch (arrays named after the model inputs, one leading batch axis each),
+    each row keeping a batch axis of 1; the model must declare that axis dynamic."""
+    import numpy as np
+
+    check_batchable(parent)
+    names = [s.name for s in parent.model_inputs]
+    if sorted(batch) != sorted(names):
+        raise InvalidInputError(f"{what} holds {sorted(batch)[:5]}; the model's inputs are {names}")
+    counts = {int(np.asarray(a).shape[0]) if np.asarray(a).ndim else 0 for a in batch.values()}
+    if len(counts) != 1 or not 1 <= next(iter(counts)) <= MAX_SHARDS:
+        raise InvalidInputError(f"{what}: every array needs the same leading batch axis of 1..{MAX_SHARDS} rows")
+    for ref in parent.input_tensors:
+        array = np.asarray(batch[ref.name])
+        if array.dtype.name != ref.dtype or tuple(array.shape[1:]) != tuple(ref.shape[1:]):
+            raise InvalidInputError(
+                f"{what}: rows of {ref.name!r} are {array.dtype.name} {tuple(array.shape[1:])}, the job's input is "
+                f"{ref.dtype} {tuple(ref.shape[1:])}"
+            )
+    count = next(iter(counts))
+    return [{n: np.ascontiguousarray(np.asarray(batch[n])[k : k + 1]) for n in names} for k in range(count)]
+
+
+def shard_view(parent: Job, count: int, index: int, refs: tuple[TensorRef, ...], input_path: str | None = None) -> Job:
+    """Shard ``index`` of ``count``: the parent job on the row whose tensors ``refs`` pin."""
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SHARDS:
+        raise InvalidInputError(f"a shard count is 1..{MAX_SHARDS}")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+        raise InvalidInputError(f"shard index {index!r} is not in 0..{count - 1}")
+    if parent.mode != "spot" or parent.version < 2 or parent.segment is not None or parent.shard is not None:
+        raise InvalidInputError("only a whole spot-mode job of version 2 has shards")
+    if [r.name for r in refs] != [s.name for s in parent.model_inputs]:
+        raise InvalidInputError("a shard's input tensors must be the model's inputs, in order")
+    digest = tensor_set_digest({r.name: r.digest for r in refs})
+    return dataclasses.replace(
+        parent,
+        job_id=shard_id(parent.job_id, count, index, digest),
+        input_digest=digest,
+        input_tensors=refs,
+        input_path=input_path or parent.input_path,
+        shard=Shard(parent.job_id, index, count, parent),
+    )
+
+
+def write_shards(job_path: Path, batch_file: Path, out_dir: Path, *, overwrite: bool = False) -> list[tuple[Path, Job]]:
+    """``verimesh job split --shards``: a pointer file and an input file per row in ``out_dir``."""
+    import io
+
+    import numpy as np
+
+    from verimesh.core.tensors import load_input_file
+
+    parent = load_job(job_path)
+    check_batchable(parent)
+    batch = load_input_file(batch_file, parent.model_inputs)
+    rows = batch_rows(parent, batch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"shard-{k}.json" for k in range(len(rows))]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise InvalidInputError(f"{existing[0]} already exists", hint="pass --force to overwrite it")
+    rel = Path(os.path.relpath(job_path.resolve(), out_dir.resolve())).as_posix()
+    written = []
+    for k, (path, row) in enumerate(zip(paths, rows, strict=True)):
+        refs = tuple(TensorRef.of(s.name, row[s.name]) for s in parent.model_inputs)
+        buf = io.BytesIO()
+        np.savez(buf, **row)
+        input_file = out_dir / f"shard-{k}.npz"
+        input_file.write_bytes(buf.getvalue())
+        view = shard_view(parent, len(rows), k, refs, os.path.relpath(input_file.resolve(), parent.base_dir))
+        doc = {
+            "type": SHARD_TYPE,
+            "version": SEGMENT_VERSION,
+            "job": rel,
+            "job_id": parent.job_id,
+            "count": len(rows),
+            "index": k,
+            "input": {"path": input_file.name, "tensors": [r.to_json() for r in refs]},
+            "shard_id": view.job_id,
+        }
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(doc, indent=2) + "\n")
+        partial.replace(path)
+        written.append((path, view))
+    return written
+
+
+def load_shard(doc: dict[str, Any], path: Path) -> Job:
+    """The shard a pointer file names, from its parent job (which must be where it says)."""
+    what = f"shard file {path}"
+    keys = {"type", "version", "job", "job_id", "count", "index", "input", "shard_id"}
+    if set(doc) != keys or doc.get("version") != SEGMENT_VERSION:
+        raise InvalidInputError(f"{what} fields differ from the format (version {SEGMENT_VERSION})")
+    parent = _parent_of(doc, path, what)
+    spec = doc["input"]
+    if not isinstance(spec, dict) or set(spec) != {"path", "tensors"} or not isinstance(spec["tensors"], list):
+        raise InvalidInputError(f"{what}: input must be {{path, tensors}}")
+    location = spec["path"]
+    if not isinstance(location, str) or location in ("", ".", "..") or "/" in location or "\x00" in location:
+        raise InvalidInputError(f"{what}: input path must be a file name beside the shard file")
+    refs = tuple(TensorRef.from_json(t, what=f"{what} input tensor") for t in spec["tensors"])
+    input_path = os.path.relpath(path.resolve().parent / location, parent.base_dir)
+    view = shard_view(parent, doc["count"], doc["index"], refs, input_path)
+    if view.job_id != doc["shard_id"]:
+        raise IntegrityError(f"{what}: shard_id does not match the parent job, count, index and input")
+    return view
+
+
+def _parent_of(doc: dict[str, Any], path: Path, what: str) -> Job:
+    location = doc["job"]
+    if not isinstance(location, str) or not location or "\x00" in location or location.startswith("/"):
+        raise InvalidInputError(f"{what}: job must be a relative path to the parent job")
+    parent_path = path.resolve().parent / location
+    if not parent_path.is_file():
+        raise InvalidInputError(f"{what}: the parent job {parent_path} is missing", hint="keep parts/ beside the job")
+    parent = load_job(parent_path)
+    if parent.segment is not None or parent.shard is not None:
+        raise InvalidInputError(f"{what}: its parent is a sub-job itself")
+    if parent.job_id != doc["job_id"]:
+        raise IntegrityError(f"{what}: {parent_path} is not the job it was split from (job id mismatch)")
+    return parent

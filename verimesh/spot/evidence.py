@@ -201,8 +201,8 @@ def check_evidence(path: Path) -> EvidenceResult:
     version = doc.get("version") if isinstance(doc, dict) else None
     last = "members" if version == 2 else "tensors"
     expected = {"type", "version", "kind", "step", "field", last, "reason"}
-    if version == 2 and isinstance(doc, dict) and "segment" in doc:  # evidence against a segment of a split job
-        expected.add("segment")
+    if version == 2 and isinstance(doc, dict):  # evidence against a segment or a shard of a split job
+        expected.update({"segment"} & set(doc) or {"shard"} & set(doc))
     if not isinstance(doc, dict) or set(doc) != expected or doc["type"] != EVIDENCE_TYPE or version not in (1, 2):
         raise InvalidInputError("evidence.json is not verimesh evidence (version 1 or 2)")
     kind = doc["kind"]
@@ -241,6 +241,15 @@ def check_evidence(path: Path) -> EvidenceResult:
         if not isinstance(split, dict) or set(split) != {"segments", "index"} or not isinstance(split["index"], int):
             raise InvalidInputError("evidence segment must be {segments, index}")
         job = segment_view(job, split["segments"], split["index"])
+    if "shard" in doc:
+        from verimesh.core.tensors import TensorRef
+        from verimesh.jobs.segments import shard_view
+
+        row = doc["shard"]
+        if not isinstance(row, dict) or set(row) != {"count", "index", "tensors"} or type(row["tensors"]) is not list:
+            raise InvalidInputError("evidence shard must be {count, index, tensors}")
+        refs = tuple(TensorRef.from_json(t, what="evidence shard input") for t in row["tensors"])
+        job = shard_view(job, row["count"], row["index"], refs)
     step_range = _signed_step_range(envelope)
 
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:

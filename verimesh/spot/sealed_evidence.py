@@ -53,8 +53,12 @@ LINKED_ENVELOPE = "linked.envelope.json"
 
 def job_document(job: Job) -> tuple[bytes, dict[str, Any]]:
     """What evidence carries to name its job: the job's canonical document, or for a segment its
-    parent's and ``{"segment": {segments, index}}`` for evidence.json (the checker rebuilds the
-    segment from them)."""
+    parent's and ``{"segment": {segments, index}}`` for evidence.json, for a shard the parent's
+    and ``{"shard": {count, index, tensors}}`` (the checker rebuilds the sub-job from them)."""
+    if job.shard is not None:
+        assert job.shard.parent is not None
+        row = {"count": job.shard.count, "index": job.shard.index, "tensors": [t.to_json() for t in job.input_tensors]}
+        return job.shard.parent.canonical_bytes(), {"shard": row}
     if job.segment is None:
         return job.canonical_bytes(), {}
     assert job.segment.parent is not None

@@ -109,7 +109,15 @@ def spot_predicate(
         predicate["proof_digest"] = proof_digest
     if job.segment is not None:
         predicate["segment"] = segment_claim(job, links)
+    if job.shard is not None:
+        predicate["shard"] = shard_claim(job)
     return predicate
+
+
+def shard_claim(job: Job) -> dict[str, object]:
+    """The ``shard`` member of a shard's predicate."""
+    assert job.shard is not None
+    return {"job_id": job.shard.parent_job_id, "count": job.shard.count, "index": job.shard.index}
 
 
 def segment_claim(job: Job, links: Sequence[Mapping[str, object]]) -> dict[str, object]:

@@ -15,7 +15,7 @@ over all steps; each segment re-checks its share.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ class SegmentResult:
     verdict: Verdict
     statement: str  # digest of the node's signed statement
     public: PublicKey
+    input_digest: str = ""  # the sub-job's pinned input (a shard's row)
 
     @property
     def sampled_steps(self) -> tuple[int, ...]:
@@ -61,6 +62,7 @@ class SegmentResult:
             "step_range": list(self.step_range),
             "node_id": self.public.node_id,
             "statement": self.statement,
+            "input_digest": self.input_digest,
             "sampled_steps": list(self.sampled_steps),
             **{k: v for k, v in self.verdict.to_json().items() if k in ("verdict", "reason", "evidence", "checks")},
         }
@@ -77,6 +79,7 @@ class ChainVerdict:
     segments: tuple[SegmentResult, ...] = ()
     outputs: dict[str, str] = field(default_factory=dict)
     link_evidence: str | None = None  # a broken link the later node's signature proves
+    kind: str = "segments"  # or "shards": one sub-job per row of a batch
 
     def __post_init__(self) -> None:
         if self.status == "accept" and (
@@ -98,7 +101,9 @@ class ChainVerdict:
         for seg in self.segments:
             if not seg.verdict:
                 return f"segment {seg.index}: {seg.verdict.reason}"
-        return "every segment and every link checked" if self.status == "accept" else "no checks ran"
+        if self.status != "accept":
+            return "no checks ran"
+        return "every shard checked" if self.kind == "shards" else "every segment and every link checked"
 
     @property
     def evidence(self) -> str | None:
@@ -110,6 +115,7 @@ class ChainVerdict:
             "verdict": self.status,
             "reason": self.reason,
             "job_id": self.job_id,
+            "kind": self.kind,
             "seed": self.seed,
             "outputs": self.outputs,
             "evidence": self.evidence,
@@ -208,7 +214,7 @@ def verify_chain(
             steps=[g - a for g in sampled if a <= g < b],
         )  # fmt: skip
         results.append(SegmentResult(int(claims[i]["index"]), names[i], (a, b), verdict,
-                                     parsed[i].envelope.statement_digest(), keys[i]))  # fmt: skip
+                                     parsed[i].envelope.statement_digest(), keys[i], view.input_digest))  # fmt: skip
         if not verdict:
             return done("reject" if verdict.status == "reject" else "error", results)
         values.update(outputs)
@@ -285,3 +291,90 @@ def _link_writer(
     return lambda path: write_link_evidence(
         path, job=view, envelope=bundle.envelope, public=public, linked=linked.envelope, reason=reason, tensor=tensor
     )
+
+
+def verify_shards(
+    bundles: Sequence[Path],
+    *,
+    job: Job | Path,
+    node_keys: Sequence[PublicKey | Path],
+    batch: Mapping[str, np.ndarray] | Path,
+    samples: Samples = None,
+    seed: int | None = None,
+    evidence_out: Path | None = None,
+    runner: StepRunner | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[ChainVerdict, dict[str, np.ndarray]]:
+    """Verify a job split into shards (one per row of ``batch``, the file the job owner split):
+    one bundle per row, each checked as a whole job on its row under its node's key (with the
+    verifier's sampling per shard); on an accept, the outputs reassembled into the batch.
+
+    1. Read every bundle. 2. ``shards``: every statement claims a shard of this job and this
+    batch's row count, each row exactly once. 3. Verify each shard in row order; stop at the
+    first reject. 4. Concatenate each output along the batch axis."""
+    from verimesh.core.digest import tensor_digest
+    from verimesh.core.tensors import TensorRef, load_input_file
+    from verimesh.jobs.segments import batch_rows, shard_view
+
+    parent = job if isinstance(job, Job) else load_job(job)
+    if len(node_keys) != len(bundles) or not bundles:
+        raise InvalidInputError(f"{len(bundles)} bundles need {len(bundles)} node keys, one per bundle, in order")
+    values = load_input_file(batch, parent.model_inputs) if isinstance(batch, Path) else dict(batch)
+    rows = batch_rows(parent, values)
+    keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in node_keys]
+    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
+    checks: list[Check] = []
+
+    def done(status: Status, segments: Sequence[SegmentResult] = ()) -> tuple[ChainVerdict, dict[str, np.ndarray]]:
+        return ChainVerdict(status, tuple(checks), parent.job_id, seed, tuple(segments), kind="shards"), {}
+
+    parsed: list[Bundle] = []
+    for path in bundles:
+        try:
+            parsed.append(read_bundle(path, limits=limits, version=parent.version))
+        except InvalidInputError as exc:
+            checks.append(Check("bundle-format", False, f"{path}: {exc.message}"))
+            return done("error")
+    names = [str(p) for p in bundles]
+    indices: list[int] = []
+    for bundle, name in zip(parsed, names, strict=True):
+        try:
+            claim = bundle.envelope.statement()["predicate"].get("shard")
+        except InvalidInputError as exc:
+            checks.append(Check("shards", False, f"{name}: {exc.message}"))
+            return done("reject")
+        if not isinstance(claim, dict) or claim.get("job_id") != parent.job_id or claim.get("count") != len(rows):
+            detail = f"{name} is not a shard of this job over a batch of {len(rows)} rows"
+            checks.append(Check("shards", False, detail))
+            return done("reject")
+        index = claim.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(rows) or index in indices:
+            checks.append(Check("shards", False, f"{name}: shard index {index!r} is out of range or given twice"))
+            return done("reject")
+        indices.append(index)
+    missing = [k for k in range(len(rows)) if k not in indices]
+    if missing:
+        checks.append(Check("shards", False, f"the batch has {len(rows)} rows; missing shards: {missing[:10]}"))
+        return done("reject")
+    checks.append(Check("shards", True, f"{len(rows)} shards, one per row"))
+    results: list[SegmentResult] = []
+    produced: list[dict[str, np.ndarray]] = []
+    for i in sorted(range(len(bundles)), key=lambda i: indices[i]):
+        k = indices[i]
+        refs = tuple(TensorRef.of(s.name, rows[k][s.name]) for s in parent.model_inputs)
+        view = shard_view(parent, len(rows), k, refs)
+        verdict, outputs = verify_parsed(parsed[i], job=view, public=keys[i], samples=samples, seed=seed,
+                                         evidence_out=evidence_out, runner=runner)  # fmt: skip
+        results.append(SegmentResult(k, names[i], (0, len(parent.steps)), verdict,
+                                     parsed[i].envelope.statement_digest(), keys[i], view.input_digest))  # fmt: skip
+        if not verdict:
+            return done("reject" if verdict.status == "reject" else "error", results)
+        produced.append(outputs)
+    try:
+        batched = {n: np.concatenate([p[n] for p in produced], axis=0) for n in parent.output_names}
+    except ValueError as exc:  # outputs without a batch axis to join along
+        checks.append(Check("outputs", False, f"the shards' outputs do not join along a batch axis: {exc}"))
+        return done("reject", results)
+    digests = {n: tensor_digest(n, a) for n, a in batched.items()}
+    checks.append(Check("outputs", True, f"{len(produced)} rows joined along the batch axis"))
+    return ChainVerdict("accept", tuple(checks), parent.job_id, seed, tuple(results), digests, kind="shards"), batched

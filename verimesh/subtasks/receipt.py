@@ -35,7 +35,9 @@ RECEIPT_VERSION = 1
 MAX_RECEIPT_BYTES = 4 * 1024 * 1024
 MAX_SIGNERS = 64
 _TAG = b"verimesh.receipt.v1\x00"
-_SUBTASK_KEYS = frozenset({"index", "step_range", "node_id", "node_key", "statement", "verdict", "sampled_steps"})
+_SUBTASK_KEYS = frozenset(
+    {"index", "step_range", "node_id", "node_key", "statement", "input_digest", "verdict", "sampled_steps"}
+)
 
 
 def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
         raise InvalidInputError("a receipt records an accepted job; this one was not accepted")
     return {
         "job_id": chain.job_id,
-        "kind": "segments",
+        "kind": chain.kind,
         "seed": chain.seed,
         "subtasks": [
             {
@@ -53,6 +55,7 @@ def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
                 "node_id": s.public.node_id,
                 "node_key": s.public.to_json(),
                 "statement": s.statement,
+                "input_digest": s.input_digest,
                 "verdict": s.verdict.status,
                 "sampled_steps": list(s.sampled_steps),
             }
@@ -175,8 +178,9 @@ def check_receipt(doc: dict[str, Any], verifier_keys: Sequence[PublicKey]) -> Re
 def _chain_problem(body: dict[str, Any]) -> str | None:
     try:
         parse_digest(body["job_id"], what="receipt job id")
-        if body["kind"] != "segments" or not isinstance(body["seed"], int):
-            return "receipt kind must be segments, with an integer seed"
+        kind = body["kind"]
+        if kind not in ("segments", "shards") or not isinstance(body["seed"], int):
+            return "receipt kind must be segments or shards, with an integer seed"
         subtasks, outputs = body["subtasks"], body["outputs"]
         if not isinstance(subtasks, list) or not subtasks or not isinstance(outputs, dict) or not outputs:
             return "a receipt lists sub-tasks and outputs"
@@ -185,9 +189,13 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
             if not isinstance(sub, dict) or set(sub) != _SUBTASK_KEYS:
                 return f"sub-task {i} is malformed"
             a, b = sub["step_range"]
-            if sub["index"] != i or a != start or not (isinstance(b, int) and b > a):
+            if kind == "shards":  # every shard runs every step, on its own row
+                if sub["index"] != i or a != 0 or [a, b] != subtasks[0]["step_range"] or not isinstance(b, int):
+                    return f"sub-task {i} is not shard {i} over all of the job's steps"
+            elif sub["index"] != i or a != start or not (isinstance(b, int) and b > a):
                 return f"sub-task {i} does not continue the chain at step {start}"
             start = b
+            parse_digest(sub["input_digest"], what=f"sub-task {i} input digest")
             if sub["verdict"] != "accept":
                 return f"sub-task {i} was not accepted"
             if public_key_from_json(sub["node_key"], what=f"sub-task {i} node key").node_id != sub["node_id"]:
@@ -207,10 +215,13 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
     return None
 
 
-def recheck_receipt(doc: dict[str, Any], *, job: Path, bundles: Sequence[Path]) -> ReceiptCheck:
-    """``receipt check --full``: verify the bundles again (with the receipt's seed and node keys)
-    and compare with what the receipt records: every statement, every output digest."""
-    from verimesh.subtasks.chain import verify_chain
+def recheck_receipt(
+    doc: dict[str, Any], *, job: Path, bundles: Sequence[Path], batch: Path | None = None
+) -> ReceiptCheck:
+    """``receipt check --full``: verify the bundles again (with the receipt's seed and node keys;
+    a shards receipt also needs the ``batch`` that was split) and compare with what the receipt
+    records: every statement, every output digest."""
+    from verimesh.subtasks.chain import verify_chain, verify_shards
 
     body, signers, _ = _parse(doc)
     subtasks = body["subtasks"]
@@ -218,7 +229,12 @@ def recheck_receipt(doc: dict[str, Any], *, job: Path, bundles: Sequence[Path]) 
     if len(bundles) != len(subtasks):
         return ReceiptCheck(False, f"the receipt lists {len(subtasks)} sub-tasks; {len(bundles)} bundles given",
                             str(body["job_id"]), tuple(signers))  # fmt: skip
-    verdict, _ = verify_chain(bundles, job=job, node_keys=keys, seed=body["seed"])
+    if body["kind"] == "shards":
+        if batch is None:
+            raise InvalidInputError("a shards receipt is re-verified with the batch that was split (--shards FILE)")
+        verdict, _ = verify_shards(bundles, job=job, node_keys=keys, batch=batch, seed=body["seed"])
+    else:
+        verdict, _ = verify_chain(bundles, job=job, node_keys=keys, seed=body["seed"])
     if verdict.job_id != body["job_id"]:
         return ReceiptCheck(False, "the receipt is for another job", str(body["job_id"]), tuple(signers))
     if not verdict:
