@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
+from verimesh.core.canonical import canonical_json
 from verimesh.core.container import DEFAULT_LIMITS, Limits
 from verimesh.core.digest import format_digest, parse_digest, sha256_bytes, tensor_digest
 from verimesh.core.tensors import DTYPES, write_tensor_file
@@ -352,7 +353,15 @@ def verify(
     outputs_out: Path | None = None,
 ) -> Verdict:
     """Verify a bundle; see ``verified_outputs`` for the steps. ``outputs_out``: on an accept,
-    also write the verified output values there (.npz or .json)."""
+    also write the verified output values there (.npz or .json); not for a segment, whose
+    outputs are verified only with the chain (its links name statements only the chain checks)."""
+    if outputs_out is not None and isinstance(job, Path):
+        job = load_job(job)
+    if outputs_out is not None and isinstance(job, Job) and job.segment is not None:
+        raise InvalidInputError(
+            "a segment's outputs are verified only as part of its chain",
+            hint="verify every segment's bundle together: verify s0.vmb s1.vmb ... --job JOB --node-keys ...",
+        )
     verdict, outputs = verified_outputs(
         bundle, job=job, node_key=node_key, samples=samples, seed=seed, evidence_out=evidence_out, runner=runner,
         limits=limits, check_all_digests=check_all_digests, srs=srs,
@@ -654,9 +663,8 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         if want != got:
             raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
     links = _segment_links(pred, job)
-    if pred.get("shard", None) != (shard_claim(job) if job.shard is not None else None) or (
-        job.shard is None and "shard" in pred
-    ):
+    expected_shard = shard_claim(job) if job.shard is not None else None
+    if canonical_json(pred.get("shard")) != canonical_json(expected_shard) or (job.shard is None and "shard" in pred):
         raise _Rejected(Check("shard", False, "the statement's shard claim is not this job's", str(job.shard)[:200],
                               str(pred.get("shard"))[:200]))  # fmt: skip
     try:
@@ -708,7 +716,11 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         check = Check("output-binding", False, reason, str(claimed), str(subjects))
         raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "output-subject", reason, members))
     state.outputs.update(claimed)
-    checks.append(Check("bindings", True, "input is the job's, outputs are the signed subjects"))
+    detail = "input is the job's, outputs are the signed subjects"
+    if job.linked_names:
+        detail = ("pinned inputs are the job's, linked inputs the tensors the links name (links checked only "
+                  "when the chain is verified), outputs are the signed subjects")  # fmt: skip
+    checks.append(Check("bindings", True, detail))
 
 
 def _segment_links(pred: Mapping[str, Any], job: Job) -> dict[str, str]:
@@ -744,7 +756,7 @@ def _segment_links(pred: Mapping[str, Any], job: Job) -> dict[str, str]:
         detail = f"the statement's links are not segment {job.segment.index}'s inputs from segments {sorted(wanted)}"
         raise _Rejected(Check("segment", False, detail))
     mine = segment_claim(job, links)
-    if claim != mine:
+    if canonical_json(claim) != canonical_json(mine):  # JSON-exact: true is not 1
         raise _Rejected(Check("segment", False, "the statement claims another split or segment", str(mine)[:200],
                               str(claim)[:200]))  # fmt: skip
     return {n: str(d) for link in links for n, d in link["tensors"].items()}

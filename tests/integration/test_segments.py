@@ -242,12 +242,77 @@ def test_a_predecessor_that_signs_two_statements_gets_the_later_node_no_blame(
     trace = run_steps(view, None, view.read_input(), runner)
     other_runtime = SimpleNamespace(provider="SomeOtherProvider", precision=runner.precision,
                                     optimization=runner.optimization)  # fmt: skip
+    # A second statement with the same outputs: segment 1 took exactly what it signs, so the
+    # chain holds whichever of the two the verifier is given.
+    same = tmp_path / "s0-same-outputs.vmb"
+    seal_trace(view, trace, key=nodes[0], runner=other_runtime, out=same)  # type: ignore[arg-type]
+    verdict, _ = verify_chain([same, chain.bundles[1], chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
+    assert verdict, verdict.reason
+    # A second statement with other outputs (inside the tolerance, so it verifies on its own):
+    # segment 1 built on the first one and is not to blame.
+    name = view.output_names[0]
+    nudged = {**trace, name: perturbed(trace[name], delta=1e-7)}
     second = tmp_path / "s0-second.vmb"
-    seal_trace(view, trace, key=nodes[0], runner=other_runtime, out=second)  # type: ignore[arg-type]
-    assert verify(second, job=chain.parts[0], node_key=nodes[0].public)  # it verifies: the same work
+    seal_trace(view, nudged, key=nodes[0], runner=runner, out=second)
+    assert verify(second, job=chain.parts[0], node_key=nodes[0].public, samples="all")
     verdict, _ = verify_chain([second, chain.bundles[1], chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
     assert verdict.status == "reject" and verdict.checks[-1].name == "link-0-1"
-    assert verdict.evidence is None  # segment 1 built on segment 0's other statement: nobody is blamed
+    assert verdict.evidence is None
+
+
+def test_a_tampered_tensor_a_later_segment_consumes_is_always_caught(
+    tmp_path: Path, chain: Chain, nodes: list[SecretKey]
+) -> None:
+    """Every step producing what a later segment builds on, and every segment's first step, is
+    re-run whatever the draw (the review found a tampered first-step residual accepted 86% of the time)."""
+    view = chain.views[1]
+    first = view.steps[0].outputs[0]
+
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    inputs = view.read_input()
+    linked, links = linked_inputs(view, [chain.bundles[0]])
+    inputs.update(linked)
+    trace: dict[str, np.ndarray] = dict(inputs)
+    for step in view.steps:  # the cheat: step 0 of the segment off by 0.5, the rest honest from it
+        produced = runner.run(step.digest, view.read_step_model(step.index), {n: trace[n] for n in step.inputs},
+                              step.outputs)  # fmt: skip
+        if step.index == 0:
+            produced = {**produced, first: perturbed(produced[first], delta=0.5)}
+        trace.update(produced)
+    bad = tmp_path / "s1-first.vmb"
+    seal_trace(view, trace, key=nodes[1], runner=runner, out=bad, links=links)
+    for seed in range(10):
+        verdict, _ = verify_chain([chain.bundles[0], bad, chain.bundles[2]], job=chain.job,
+                                  node_keys=publics(nodes), samples=0, seed=seed)  # fmt: skip
+        assert verdict.status == "reject", seed
+        assert verdict.segments[-1].index == 1
+
+
+def test_a_segment_alone_hands_out_no_outputs(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    verdict = verify(chain.bundles[2], job=chain.parts[2], node_key=nodes[2].public)
+    assert verdict and "links checked only when the chain is verified" in next(
+        c.detail for c in verdict.checks if c.name == "bindings"
+    )
+    with pytest.raises(InvalidInputError, match="only as part of its chain"):
+        verify(chain.bundles[2], job=chain.parts[2], node_key=nodes[2].public, outputs_out=tmp_path / "o.npz")
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_claims_are_json_exact(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    """A segment claiming index true (equal to 1 in Python) is not segment 1."""
+    from verimesh.signing.envelope import make_statement, sign_statement
+
+    parsed = read_bundle(chain.bundles[1], version=2)
+    statement = parsed.envelope.statement()
+    statement["predicate"]["segment"]["index"] = True
+    subjects = {s["name"]: "sha256:" + s["digest"]["sha256"] for s in statement["subject"]}
+    envelope = sign_statement(make_statement(subjects, statement["predicateType"], statement["predicate"]), nodes[1])
+    from verimesh.jobs.bundle import write_bundle
+
+    out = tmp_path / "s1-bool.vmb"
+    write_bundle(out, envelope, parsed.trace, dict(parsed.tensors), version=2)
+    verdict, _ = verify_chain([chain.bundles[0], out, chain.bundles[2]], job=chain.job, node_keys=publics(nodes))
+    assert verdict.status == "reject"
 
 
 def test_wrong_step_in_a_segment_is_that_nodes_fault(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
@@ -543,3 +608,49 @@ def test_shards_from_the_cli(tmp_path: Path, sharded: tuple[Chain, list[SecretKe
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert np.load(outputs)["logits"].shape == (16, 10)
+
+
+def test_full_recheck_pairs_bundles_by_statement_and_checks_the_samples_and_a_fresh_seed(
+    chain: Chain, nodes: list[SecretKey], verifiers: list[SecretKey]
+) -> None:
+    verdict, _ = verify_chain(chain.bundles, job=chain.job, node_keys=publics(nodes))
+    body = receipt_body(verdict)
+    doc = sign_receipt(body, verifiers[0])
+    assert recheck_receipt(doc, job=chain.job_path, bundles=chain.bundles[::-1]).ok  # any order
+    # A receipt the verifier signed over sampled steps it did not re-run holds offline (the
+    # signature is the verifier's word) but not under --full, which replays the verification.
+    inflated = json.loads(json.dumps(body))
+    for sub in inflated["subtasks"]:
+        sub["sampled_steps"] = list(range(*sub["step_range"]))
+    claimed = sign_receipt(inflated, verifiers[0])
+    assert check_receipt(claimed, [verifiers[0].public]).ok
+    assert not recheck_receipt(claimed, job=chain.job_path, bundles=chain.bundles).ok
+    assert not recheck_receipt(
+        doc, job=chain.job_path, bundles=[chain.bundles[0], chain.bundles[0], chain.bundles[1]]
+    ).ok
+
+
+def test_link_evidence_has_one_spelling(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    from verimesh.core.canonical import canonical_json
+    from verimesh.core.container import read_container_file, write_container
+
+    view, name = chain.views[1], chain.views[1].linked_names[0]
+    path = tmp_path / "link.vme"
+    write_link_evidence(path, job=view, envelope=read_bundle(chain.bundles[1], version=2).envelope,
+                        public=nodes[1].public, linked=read_bundle(chain.bundles[0], version=2).envelope,
+                        reason="made up", tensor=name)  # fmt: skip
+    members = {k: bytes(v) for k, v in read_container_file(path, what="evidence").items()}
+    doc = json.loads(members["evidence.json"])
+    doc["members"] = [{"name": "trace.json", "index": 0, "inclusion_proof": []}]
+    members["evidence.json"] = canonical_json(doc)
+    write_container(path, list(members.items()))
+    with pytest.raises(InvalidInputError, match="no sealed members"):
+        check_evidence(path)
+
+
+def test_pointer_files_do_not_chain(tmp_path: Path, chain: Chain) -> None:
+    doc = json.loads(chain.parts[1].read_text())
+    looped = tmp_path / "loop.json"
+    looped.write_text(json.dumps({**doc, "job": "loop.json"}))
+    with pytest.raises(InvalidInputError, match="sub-job itself"):
+        load_job(looped)

@@ -366,9 +366,14 @@ def _parent_of(doc: dict[str, Any], path: Path, what: str) -> Job:
     parent_path = path.resolve().parent / location
     if not parent_path.is_file():
         raise InvalidInputError(f"{what}: the parent job {parent_path} is missing", hint="keep parts/ beside the job")
-    parent = load_job(parent_path)
-    if parent.segment is not None or parent.shard is not None:
-        raise InvalidInputError(f"{what}: its parent is a sub-job itself")
+    from verimesh.core.files import read_user_file
+    from verimesh.jobs.job import MAX_JOB_BYTES, job_from_bytes
+
+    # The parent is read as a job document, never as another pointer (no chains, no cycles).
+    data = read_user_file(parent_path, what="parent job", max_bytes=MAX_JOB_BYTES)
+    if b'"verimesh/segment"' in data or b'"verimesh/shard"' in data:
+        raise InvalidInputError(f"{what}: its parent {parent_path} is a sub-job itself, not the job that was split")
+    parent = job_from_bytes(data, parent_path.resolve().parent, what=f"job {parent_path}")
     if parent.job_id != doc["job_id"]:
         raise IntegrityError(f"{what}: {parent_path} is not the job it was split from (job id mismatch)")
     return parent

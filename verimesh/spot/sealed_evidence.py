@@ -134,12 +134,15 @@ Result = Callable[..., "EvidenceResult"]  # (proves_fraud, reason, **details)
 
 
 def _check_link(
-    members: Mapping[str, memoryview], tensor: str, job: Job, pred: Mapping[str, Any], result: Result
-) -> EvidenceResult:
+    members: Mapping[str, memoryview], tensor: str, job: Job, pred: Mapping[str, Any], result: Result,
+    json_members: object,
+) -> EvidenceResult:  # fmt: skip
     from verimesh.jobs.segments import segment_id
 
     if list(members) != ["evidence.json", "envelope.json", "node.pub.json", "job.json", LINKED_ENVELOPE]:
         raise InvalidInputError("link evidence holds exactly the two envelopes, the node key and the job")
+    if json_members != []:
+        raise InvalidInputError("link evidence carries no sealed members")
     if job.segment is None:
         return result(False, "link evidence concerns a segment of a split job")
     linked = Envelope.from_bytes(bytes(members[LINKED_ENVELOPE]), what="evidence linked envelope")
@@ -201,7 +204,7 @@ def check_sealed_evidence(
     if commitment.get("algorithm") != SEAL_ALGORITHM:
         return result(False, "the signed statement does not seal a format 2 bundle")
     if kind == "link":
-        return _check_link(members, str(field), job, pred, result)
+        return _check_link(members, str(field), job, pred, result, doc["members"])
     root = parse_digest(commitment.get("root"), what="commitment root")
     size = commitment.get("leaves")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1_000_000:

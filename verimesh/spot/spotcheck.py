@@ -134,9 +134,15 @@ def segment_claim(job: Job, links: Sequence[Mapping[str, object]]) -> dict[str, 
 def mandatory_steps(job: Job) -> tuple[int, ...]:
     """The steps every verification re-runs: the last one and every step that produces a model
     output (a model with two heads computes one of them early; a wrong value there must not hide
-    behind the sampling)."""
-    outputs = set(job.final_output_names)
+    behind the sampling); for a segment, its first step and every step producing a tensor later
+    segments consume."""
     last = len(job.steps) - 1
+    if job.segment is not None:
+        # A segment also answers for everything later segments build on (every step producing one
+        # of its outputs) and for its first step, which no window from the segment before covers.
+        outputs = set(job.output_names)
+        return tuple(s.index for s in job.steps if s.index in (0, last) or outputs.intersection(s.outputs))
+    outputs = set(job.final_output_names)
     return tuple(s.index for s in job.steps if s.index == last or outputs.intersection(s.outputs))
 
 

@@ -32,7 +32,7 @@ from verimesh.jobs.verdict import Check, Verdict
 from verimesh.signing.keys import PublicKey, load_public_key
 from verimesh.spot.evidence import store_evidence
 from verimesh.spot.sealed_evidence import write_link_evidence
-from verimesh.spot.spotcheck import sample_steps, seeded_rng
+from verimesh.spot.spotcheck import mandatory_steps, sample_steps, seeded_rng
 from verimesh.workflows import Samples, verify_parsed
 
 Status = Literal["accept", "reject", "error"]
@@ -133,7 +133,7 @@ def _claims(parsed: Sequence[Bundle], names: Sequence[str]) -> list[dict[str, An
         except InvalidInputError as exc:
             return Check("split", False, f"{name}: {exc.message}")
         claim = pred.get("segment")
-        if not isinstance(claim, dict) or not isinstance(claim.get("index"), int):
+        if not isinstance(claim, dict) or type(claim.get("index")) is not int:
             return Check("split", False, f"{name} is not a bundle of a segment (its statement claims no split)")
         claims.append(claim)
     return claims
@@ -197,11 +197,13 @@ def verify_chain(
     views = views_of(parent, ranges)
     order = sorted(range(len(bundles)), key=lambda i: int(claims[i]["index"]))
     # 3.
-    lasts = [b - 1 for _, b in ranges]
+    # Each segment's mandatory steps (first, last, every producer of what later segments consume)
+    # are re-run whatever the draw; the verifier's budget is drawn by cost over the others.
+    always = [a + i for view, (a, _) in zip(views, ranges, strict=True) for i in mandatory_steps(view)]
     k = len(parent.steps) if samples == "all" else parent.policy.samples if samples is None else samples
     if not isinstance(k, int) or k < 0:
         raise InvalidInputError("samples must be a non-negative integer or 'all'")
-    sampled = sample_steps(parent, k, seeded_rng(seed), also=lasts)
+    sampled = sample_steps(parent, k, seeded_rng(seed), also=always)
     checks.append(Check("sampling", True, f"seed {seed}: steps {list(sampled)} of {len(parent.steps)}"))
     # 4.
     results: list[SegmentResult] = []
@@ -270,12 +272,15 @@ def _check_links(
         for link in links:
             j = int(link["segment"])
             source = results[j]
-            if link["statement"] != source.statement:
+            same = all(source.verdict.outputs.get(n) == d for n, d in link["tensors"].items())
+            if link["statement"] != source.statement and not same:
                 detail = (
                     f"segment {result.index} built on a statement of segment {j} that is not the one in "
                     f"{source.bundle} (segment {j}'s node signed another, or segment {result.index}'s link is wrong)"
                 )
                 return Check(f"link-{j}-{result.index}", False, detail, source.statement, str(link["statement"])), None
+            # Built on another statement of segment j with the same tensors: what it took is what the
+            # verified bundle of segment j signs, and that is all the chain's soundness needs.
             for name, digest in link["tensors"].items():
                 if source.verdict.outputs.get(name) != digest:
                     detail = f"segment {result.index} took {name!r} that segment {j} never committed"
@@ -348,7 +353,12 @@ def verify_shards(
             checks.append(Check("shards", False, detail))
             return done("reject")
         index = claim.get("index")
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(rows) or index in indices:
+        if (
+            type(index) is not int
+            or type(claim.get("count")) is not int
+            or not 0 <= index < len(rows)
+            or index in indices
+        ):
             checks.append(Check("shards", False, f"{name}: shard index {index!r} is out of range or given twice"))
             return done("reject")
         indices.append(index)

@@ -178,9 +178,9 @@ def check_receipt(doc: dict[str, Any], verifier_keys: Sequence[PublicKey]) -> Re
 def _chain_problem(body: dict[str, Any]) -> str | None:
     try:
         parse_digest(body["job_id"], what="receipt job id")
-        kind = body["kind"]
-        if kind not in ("segments", "shards") or not isinstance(body["seed"], int):
-            return "receipt kind must be segments or shards, with an integer seed"
+        kind, seed = body["kind"], body["seed"]
+        if kind not in ("segments", "shards") or type(seed) is not int or seed < 0:
+            return "receipt kind must be segments or shards, with a non-negative integer seed"
         subtasks, outputs = body["subtasks"], body["outputs"]
         if not isinstance(subtasks, list) or not subtasks or not isinstance(outputs, dict) or not outputs:
             return "a receipt lists sub-tasks and outputs"
@@ -188,6 +188,8 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
         for i, sub in enumerate(subtasks):
             if not isinstance(sub, dict) or set(sub) != _SUBTASK_KEYS:
                 return f"sub-task {i} is malformed"
+            if type(sub["index"]) is not int or any(type(x) is not int for x in sub["step_range"]):
+                return f"sub-task {i}'s index and step range must be integers"
             a, b = sub["step_range"]
             if kind == "shards":  # every shard runs every step, on its own row
                 if sub["index"] != i or a != 0 or [a, b] != subtasks[0]["step_range"] or not isinstance(b, int):
@@ -201,7 +203,7 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
             if public_key_from_json(sub["node_key"], what=f"sub-task {i} node key").node_id != sub["node_id"]:
                 return f"sub-task {i}'s node key is not the key of {sub['node_id']}"
             steps = sub["sampled_steps"]
-            inside = isinstance(steps, list) and all(isinstance(s, int) and a <= s < b for s in steps)
+            inside = isinstance(steps, list) and all(type(s) is int and a <= s < b for s in steps)
             if not inside or b - 1 not in steps:
                 return f"sub-task {i}'s sampled steps are not inside its range, or miss its last step"
             parse_digest(sub["statement"], what=f"sub-task {i} statement")
@@ -221,27 +223,51 @@ def recheck_receipt(
     """``receipt check --full``: verify the bundles again (with the receipt's seed and node keys;
     a shards receipt also needs the ``batch`` that was split) and compare with what the receipt
     records: every statement, every output digest."""
+    from verimesh.jobs.bundle import read_bundle
     from verimesh.subtasks.chain import verify_chain, verify_shards
 
     body, signers, _ = _parse(doc)
     subtasks = body["subtasks"]
-    keys = [public_key_from_json(s["node_key"], what="receipt node key") for s in subtasks]
+    job_id = str(body["job_id"])
+
+    def fail(reason: str) -> ReceiptCheck:
+        return ReceiptCheck(False, reason, job_id, tuple(signers))
+
+    if body["kind"] == "shards" and batch is None:
+        raise InvalidInputError("a shards receipt is re-verified with the batch that was split (--shards FILE)")
     if len(bundles) != len(subtasks):
-        return ReceiptCheck(False, f"the receipt lists {len(subtasks)} sub-tasks; {len(bundles)} bundles given",
-                            str(body["job_id"]), tuple(signers))  # fmt: skip
-    if body["kind"] == "shards":
-        if batch is None:
-            raise InvalidInputError("a shards receipt is re-verified with the batch that was split (--shards FILE)")
-        verdict, _ = verify_shards(bundles, job=job, node_keys=keys, batch=batch, seed=body["seed"])
-    else:
-        verdict, _ = verify_chain(bundles, job=job, node_keys=keys, seed=body["seed"])
-    if verdict.job_id != body["job_id"]:
-        return ReceiptCheck(False, "the receipt is for another job", str(body["job_id"]), tuple(signers))
-    if not verdict:
-        return ReceiptCheck(False, f"the bundles do not verify again: {verdict.reason}", verdict.job_id, tuple(signers))
-    statements = [s.statement for s in verdict.segments]
-    if statements != [s["statement"] for s in subtasks] or verdict.outputs != body["outputs"]:
-        return ReceiptCheck(False, "the bundles verify, but are not the ones the receipt records", verdict.job_id,
-                            tuple(signers))  # fmt: skip
-    return ReceiptCheck(True, f"{len(subtasks)} bundles verified again, as recorded", verdict.job_id, tuple(signers),
-                        len(subtasks))  # fmt: skip
+        return fail(f"the receipt lists {len(subtasks)} sub-tasks; {len(bundles)} bundles given")
+    # Bundles in any order: each is paired with the sub-task whose statement it carries.
+    by_statement = {s["statement"]: s for s in subtasks}
+    paired = []
+    for path in bundles:
+        statement = read_bundle(path, version=2).envelope.statement_digest()
+        if statement not in by_statement:
+            return fail(f"{path} is not a bundle the receipt records")
+        paired.append((by_statement.pop(statement), path))
+    paired.sort(key=lambda pair: int(pair[0]["index"]))
+    ordered = [path for _, path in paired]
+    keys = [public_key_from_json(sub["node_key"], what="receipt node key") for sub, _ in paired]
+
+    def run(seed: int | None) -> ChainVerdict:
+        if body["kind"] == "shards":
+            assert batch is not None
+            return verify_shards(ordered, job=job, node_keys=keys, batch=batch, seed=seed)[0]
+        return verify_chain(ordered, job=job, node_keys=keys, seed=seed)[0]
+
+    # 1. The receipt's own verification, replayed: the same verdicts, statements, samples, outputs.
+    replay = run(body["seed"])
+    if replay.job_id != job_id:
+        return fail("the receipt is for another job")
+    if not replay:
+        return fail(f"the bundles do not verify again: {replay.reason}")
+    recorded = [(s["statement"], s["sampled_steps"]) for s in subtasks]
+    if [(s.statement, list(s.sampled_steps)) for s in replay.segments] != recorded or replay.outputs != body["outputs"]:
+        return fail("the bundles verify, but not as the receipt records (statements, sampled steps or outputs)")
+    # 2. An independent check with this checker's own randomness: a seed the verifier chose proves
+    # nothing about the steps it did not sample.
+    fresh = run(None)
+    if not fresh:
+        return fail(f"with a fresh seed ({fresh.seed}) the bundles do not verify: {fresh.reason}")
+    return ReceiptCheck(True, f"{len(subtasks)} bundles verified again as recorded, and with a fresh seed "
+                              f"{fresh.seed}", job_id, tuple(signers), len(subtasks))  # fmt: skip
