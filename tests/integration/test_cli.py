@@ -250,14 +250,17 @@ def test_oversized_bundle_is_refused(job_file: Path, keys: Keys) -> None:
 def test_bench_commands_print_a_table_and_write_json(workdir: Path) -> None:
     doc = workdir / "bench.md"
     doc.write_text("# Benchmarks\n\nAnalysis written by hand.\n")
-    args = ["bench", model_path("mlp"), "--quick", "--only", "spot,signatures,ledger", "--ledger-entries", "300",
-            "--json", "bench.json", "--markdown", doc]  # fmt: skip
+    args = ["bench", model_path("mlp"), "--quick", "--only", "spot,subtasks,signatures,ledger", "--ledger-entries",
+            "300", "--json", "bench.json", "--markdown", doc]  # fmt: skip
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert "| mlp.onnx |" in result.stdout and "verifications/s, blspy" in result.stdout
     report = json.loads((workdir / "bench.json").read_text())
     assert report["signatures"]["py_ecc_verifications_per_s"] > 0 and report["signatures"]["aggregate_verify_ms"] > 0
     assert report["signatures"]["fast_backend"] == "blspy" and "zk" not in report
+    sub = report["subtasks"][0]
+    assert sub["model"] == "mlp.onnx" and sub["segments"] == 4 and len(sub["segment_prove_s"]) == 4
+    assert sub["chain_verify_s"] > 0 and sub["chain_steps_rechecked"] >= 4 and "Sub-tasks" in result.stdout
     spot = report["spot"][0]
     assert spot["steps"] >= 1 and spot["prove_s"] > 0 and spot["verify_s"] > 0 and "prove_overhead" in spot
     targets = {t["target"]: t for t in report["targets"]}

@@ -58,9 +58,10 @@ def make_chain(folder: Path, name: str, nodes: list[SecretKey], *, count: int = 
     job = new_job(model_path(name), input_path(name), job_path)
     written = write_segments(job_path, count, folder / "parts")
     bundles: list[Path] = []
-    for k, (part, _) in enumerate(written):
+    for k, (part, view) in enumerate(written):
         out = folder / f"s{k}.vmb"
-        prove(part, key=nodes[k], out=out, device="cpu", inputs_from=bundles[-1:] if k else ())
+        assert view.segment is not None
+        prove(part, key=nodes[k], out=out, device="cpu", inputs_from=[bundles[j] for j in view.segment.links()])
         bundles.append(out)
     return Chain(job, job_path, [p for p, _ in written], [v for _, v in written], bundles, folder)
 

@@ -578,7 +578,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "costs", "zk", "signatures", "ledger", "startup")
+SECTIONS = ("spot", "subtasks", "costs", "zk", "signatures", "ledger", "startup")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -617,6 +617,18 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
         for model in options.models:
             say(f"spot: {model.name} ({options.repeats} repeats)")
             report["spot"].append(bench_spot(model, repeats=options.repeats, steps=options.steps).to_json())
+    if "subtasks" in options.sections:
+        from verimesh.assurance.subtask_bench import bench_subtasks
+
+        report["subtasks"] = []
+        largest = max(options.models, key=lambda m: m.stat().st_size) if options.models else None
+        input_file = _input_for(largest) if largest is not None else None
+        if largest is None or input_file is None:
+            report["notes"].append("subtasks skipped: no spot model with an input beside it")
+        else:
+            repeats = max(3, options.repeats // 2)
+            say(f"subtasks: {largest.name} in 4 segments ({repeats} repeats)")
+            report["subtasks"].append(bench_subtasks(largest, input_file, segments=4, repeats=repeats))
     if "costs" in options.sections:
         report["costs"] = []
         for model in options.cost_models:
@@ -742,6 +754,19 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
                 f"{r['prove_s'] * 1e3:.2f} | {r['prove_overhead']:.2f} | {r['verify_s'] * 1e3:.2f} | "
                 f"{r['verify_ratio']:.2f} | {r['verify_all_s'] * 1e3:.2f} | {r['bundle_bytes'] / 1024:.1f} |"
             )
+    if report.get("subtasks"):
+        from verimesh.assurance.subtask_bench import subtasks_table
+
+        lines += [
+            "",
+            "### Sub-tasks: one job in segments by several nodes",
+            "",
+            "The largest spot model, proven whole by one node and split into 4 segments each proven by "
+            "its own warm worker (reading its predecessor's bundle first), then verified whole and as a "
+            "chain at the job's default policy (the same 3 seeds each); medians.",
+            "",
+            *subtasks_table(report["subtasks"]),
+        ]
     if report.get("costs"):
         lines += [
             "",
