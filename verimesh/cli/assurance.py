@@ -28,7 +28,8 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed spot runs per model [default: 11; quick: 3].")
 @steps_option
 @click.option("--only", "only",
-              help="Comma-separated sections: spot,subtasks,costs,zk,signatures,ledger,startup [default: all].")  # fmt: skip
+              help="Comma-separated sections: spot,subtasks,costs,zk,signatures,ledger,startup "
+              "[default: all].")  # fmt: skip
 @click.option("--zk-model", "zk_models", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model for the zk section (repeatable) [default: fixtures/mlp.onnx].")  # fmt: skip
 @click.option("--srs", "srs_file", type=click.Path(dir_okay=False, path_type=Path),
