@@ -12,9 +12,11 @@ verifier the operator registered), after checking the log since its last checkpo
 - ``verify_and_settle``: ``verify`` with the node's key and audit policy taken from the ledger,
   then only an outcome the node's own signature is to blame for changes its standing: the
   receipt, one verdict per (node, job, step range), a reward, or a fraud slash whose evidence
-  re-checks. A second, different statement by the node for the same job and step range is
-  equivocation: the two envelopes (each re-verified) are the evidence and the slashable stake
-  goes, once per (node, job, step range).
+  re-checks. A second, different statement by the node for a (node, job, step range) that
+  already has a verdict is a duplicate: if it verifies nothing is written (no reward, no slash:
+  an honest node may re-prove on another platform and sign other bits); if not, its own evidence
+  slashes it as a fraud. Equivocation is proven only by evidence (``spot.equivocation``) that the
+  two committed outputs differ beyond the job's tolerance, through ``slash_with_evidence``.
 - ``slash_with_evidence``: any writer may submit evidence; it is re-checked from scratch and
   slashes once per (node, job, step range) claim, whatever bytes encode it.
 - ``audit_ledger``: ``ledger verify`` with the rules replayed, evidence re-checked here (the
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verimesh.core.canonical import b64decode_strict, b64encode
+from verimesh.core.canonical import b64encode
 from verimesh.core.container import DEFAULT_LIMITS, Limits
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError, VerificationFailedError
@@ -40,11 +42,11 @@ from verimesh.jobs.verdict import Verdict
 from verimesh.ledger.events import SignedRequest, claim_key, fraction_of, sign_request, time_plus
 from verimesh.ledger.reputation import JobAccount, Standing, apply, fraud_slash, job_account, reward_due, standing_of
 from verimesh.ledger.reputation import standings as fold_standings
-from verimesh.ledger.rules import EvidenceClaim, RuleBook
+from verimesh.ledger.rules import EvidenceClaim, RuleBook, receipt_problem
 from verimesh.ledger.store import Checkpoint, Ledger, LedgerReport, LedgerView, Transaction, verify_ledger
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey, SecretKey
-from verimesh.spot.evidence import EvidenceResult, check_evidence, store_evidence, write_equivocation_evidence
+from verimesh.spot.evidence import EvidenceResult, check_evidence
 from verimesh.workflows import Samples, verify
 
 MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
@@ -73,7 +75,7 @@ class Settlement:
     verdict: Verdict
     appended: tuple[tuple[int, str], ...]  # (seq, kind) of each new entry, the writer's commit last
     samples_in_force: int | None
-    equivocation_evidence: str | None = None
+    equivocation_evidence: str | None = None  # always None: settlement proves no equivocation (see verify_and_settle)
     note: str | None = None  # why the ledger recorded less than the verdict (or nothing)
 
     def to_json(self) -> dict[str, Any]:
@@ -175,6 +177,7 @@ def register_node(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) 
     with ledger.transaction(writer) as txn:
         view = _writer_view(txn)
         _refuse_request(request, view, "register")
+        txn.not_before(str(request.request["time"]))
         if registered_key(view, request.node_id) is not None or txn.claimed(f"request:{request.digest}"):
             raise InvalidInputError(
                 f"node {request.node_id} is already registered",
@@ -189,6 +192,7 @@ def register_node(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) 
 def _own_request(txn: Transaction, request: SignedRequest, action: str) -> tuple[LedgerView, Standing]:
     view = _writer_view(txn)
     _refuse_request(request, view, action)
+    txn.not_before(str(request.request["time"]))
     public = registered_key(view, request.node_id)
     if public is None or public.key != request.public.key:
         raise InvalidInputError(f"node {request.node_id} is not registered in this ledger", code="unknown-node")
@@ -250,6 +254,7 @@ def register_job(ledger: Ledger, request: SignedRequest, *, writer: SecretKey) -
     with ledger.transaction(writer) as txn:
         view = _writer_view(txn)
         _refuse_request(request, view, "job")
+        txn.not_before(str(request.request["time"]))
         job_id = str(request.request["job_id"])
         taken = txn.claimed(f"job:{job_id}")
         if taken is not None:
@@ -312,26 +317,6 @@ def _own_statement(envelope: Envelope, public: PublicKey, job_id: str) -> tuple[
     return statement, (rng[0], rng[1])
 
 
-def _equivocation(
-    view: LedgerView, envelope: Envelope, public: PublicKey, job_id: str, claim: tuple[int, int], subjects: Any
-) -> Envelope | None:
-    """An earlier statement of the node for this job and step range, with other outputs. Each
-    earlier receipt's envelope is verified again: a receipt planted by a writer proves nothing."""
-    mine = sha256_bytes(envelope.to_bytes())
-    for entry in view.entries(node_id=public.node_id, kinds=["receipt"], job_id=job_id):
-        event = entry.event
-        if event["envelope_digest"] == mine or tuple(event["step_range"]) != claim:
-            continue
-        try:
-            earlier = Envelope.from_bytes(b64decode_strict(event["envelope"], what="receipt envelope"))
-        except InvalidInputError:
-            continue
-        own = _own_statement(earlier, public, job_id)
-        if own is not None and own[1] == claim and own[0]["subject"] != subjects:
-            return earlier
-    return None
-
-
 class _Settle:
     """The appends of one settlement, the node's standing and the job's account kept current."""
 
@@ -353,23 +338,33 @@ class _Settle:
         return seq
 
     def receipt(self, statement: dict[str, Any], claim: tuple[int, int]) -> int:
-        """The node's envelope, logged once (an earlier receipt of the same envelope is reused)."""
+        """The node's envelope, logged once (an earlier receipt of the same envelope is reused),
+        after the receipt rule ``ledger verify --rules`` applies to it holds (else nothing is
+        written: a receipt the rules refuse would be held against this writer for good)."""
         assert self.envelope is not None
         raw = self.envelope.to_bytes()
         taken = self.txn.claimed(f"receipt:{sha256_bytes(raw)}")
         if taken is not None:
             return taken.seq
-        return self.append(
-            {
-                "kind": "receipt",
-                "node_id": self.public.node_id,
-                "job_id": self.job_id,
-                "step_range": list(claim),
-                "subjects": statement["subject"],
-                "envelope_digest": sha256_bytes(raw),
-                "envelope": b64encode(raw),
-            }
-        )
+        event = {
+            "kind": "receipt",
+            "node_id": self.public.node_id,
+            "job_id": self.job_id,
+            "step_range": list(claim),
+            "subjects": statement["subject"],
+            "envelope_digest": sha256_bytes(raw),
+            "envelope": b64encode(raw),
+        }
+        problem, signed = receipt_problem(event, self.public)
+        if problem is None and (signed is None or not self.public.verify(*signed)):
+            problem = f"the receipt's envelope is not signed by {self.public.node_id}"
+        if problem:
+            raise InvalidInputError(
+                f"settlement refused: {problem}",
+                code="receipt-refused",
+                hint="nothing was written; the bundle's envelope is not one the ledger's rules accept",
+            )
+        return self.append(event)
 
     def slash(self, reason: str, claim: tuple[int, int], evidence: bytes) -> int | None:
         """Slash once per (reason, node, job, step range), with the evidence kept in the ledger."""
@@ -394,11 +389,23 @@ class _Settle:
 
 
 def _find_signer(view: LedgerView, envelope: Envelope | None) -> PublicKey | None:
-    for signature in envelope.signatures if envelope is not None else ():
-        key = registered_key(view, signature.keyid)
-        if key is not None:
+    """The registered key to verify ``envelope`` with: the key of the node its statement names when
+    that node's signature verifies, else the first registered signer whose signature verifies, else
+    (nothing verifies: the verdict says so, and blames no one) the statement's node or the first
+    registered key id. Signatures are not sealed: a junk one put first must not choose the key."""
+    if envelope is None:
+        return None
+    try:
+        named = envelope.statement()["predicate"].get("node_id")
+    except InvalidInputError:
+        named = None
+    candidates = [named] if isinstance(named, str) else []
+    candidates += [s.keyid for s in envelope.signatures if s.keyid not in candidates]
+    keys = [k for k in (registered_key(view, c) for c in candidates) if k is not None]
+    for key in keys:
+        if envelope.signed_by(key):
             return key
-    return None
+    return keys[0] if keys else None
 
 
 def _envelope_of(bundle: Path, job: Job, limits: Limits) -> Envelope | None:
@@ -446,20 +453,20 @@ def verify_and_settle(
     (``outputs_out``: on an accept, also write the verified output values there).
 
     1. Check the log since its last checkpoint and that ``writer`` may write; find the bundle's
-       signer among registered nodes; the job must be registered; a node with no bonded stake is
-       refused (all exit 3, nothing written).
+       signer among registered nodes (the statement's node when its signature verifies); the job
+       must be registered; the writer is not that node; a node with nothing slashable left
+       (bonded or unbonding) is refused (all exit 3, nothing written).
     2. Samples: the caller's, else the policy in force for the node's standing.
     3. ``verify`` against the registered key.
     4. One transaction, the log checked again under the writer lock:
-       a. the node's own statement for this job (its signature verifies, it names the node and
-          the job) is compared with its earlier receipts for the step range, each re-verified:
-          other outputs are equivocation, whose evidence is written, re-checked and kept, and
-          the slashable stake goes, once per (node, job, step range);
-       b. an outcome the node's signature is to blame for (an accept, or a reject with evidence):
-          the receipt, the verdict once per (node, job, step range) unless the node posted the
-          job, then a reward out of the owner's deposit, or for a fraud the evidence re-checked,
-          kept, and the fraud fraction of the slashable stake, once per claim;
-       c. anything else (a signature by another key, a replay to another job, a broken seal)
+       a. an outcome the node's signature is to blame for (an accept, or a reject with evidence):
+          the receipt (after the receipt rule of ``--rules`` holds for it), the verdict once per
+          (node, job, step range) unless the node posted the job, then a reward out of the
+          owner's deposit, or for a fraud the evidence re-checked, kept, and the fraud fraction
+          of the slashable stake, once per claim. A second statement for a claim that already
+          has a verdict is a duplicate: accepted, it writes nothing (two statements that both
+          verify are not equivocation); rejected, its own evidence slashes it as a fraud;
+       b. anything else (a signature by another key, a replay to another job, a broken seal)
           changes no standing: nothing is written for it.
     """
     job = job if isinstance(job, Job) else load_job(job)
@@ -488,8 +495,16 @@ def verify_and_settle(
                 code="unknown-job",
                 hint="its owner posts it with a deposit: `verimesh ledger job register`",
             )
+        if public.node_id == writer.node_id:
+            raise InvalidInputError(
+                f"{writer.node_id} may not verify its own result",
+                code="self-verification",
+                hint="another verifier settles this node's bundles",
+            )
         standing = _standing(view, public.node_id)
-    if standing.stake <= 0:
+    # What a fraud could still take: the bonded stake and every withdrawal still unbonding (a node
+    # that withdraws all of it right after cheating is still re-checked and slashed).
+    if standing.slashable <= 0:
         raise InvalidInputError(
             f"node {public.node_id} has no stake left",
             code="no-stake",
@@ -512,27 +527,12 @@ def verify_and_settle(
     in_force_count = None if in_force == "all" else int(in_force)
     assert envelope is not None  # a signer was found in it
     # 4.
-    equivocation: str | None = None
     notes: list[str] = []
     with ledger.transaction(writer) as txn:
         view = _writer_view(txn)
         settle = _Settle(txn, view, public, job.job_id, envelope)
         own = _own_statement(envelope, public, job.job_id)
-        # a.
-        if own is not None:
-            statement, claim = own
-            earlier = _equivocation(view, envelope, public, job.job_id, claim, statement["subject"])
-            if earlier is not None:
-                path, _ = store_evidence(
-                    lambda out: write_equivocation_evidence(out, first=earlier, second=envelope, public=public)
-                )
-                body = _read_evidence(path)
-                if _proves(_check_evidence_bytes(body), public.node_id, job.job_id, claim, fraud=False):
-                    equivocation = str(path)
-                    settle.receipt(statement, claim)
-                    if settle.slash("equivocation", claim, body) is None:
-                        notes.append("this equivocation was already slashed")
-        # b.
+        # a. (b: the rest)
         attributable = verdict.status == "accept" or (verdict.status == "reject" and verdict.evidence is not None)
         if not attributable or own is None:
             notes.append(
@@ -552,7 +552,7 @@ def verify_and_settle(
     appended = list(settle.appended)
     if txn.commit_seq is not None:
         appended.append((txn.commit_seq, "commit"))
-    return Settlement(verdict, tuple(appended), in_force_count, equivocation, "; ".join(notes) or None)
+    return Settlement(verdict, tuple(appended), in_force_count, None, "; ".join(notes) or None)
 
 
 def _record(
@@ -572,7 +572,11 @@ def _record(
     if not counted:
         notes.append("no verdict recorded: the node's own key posted this job")
     elif not settle.free(claim_key("verdict", node, job_id, list(claim))):
-        notes.append("no verdict recorded: this (node, job, step range) already has one")
+        notes.append(
+            "no verdict recorded: this (node, job, step range) already has one (a duplicate result: "
+            + ("no reward, no slash" if verdict.status == "accept" else "its own evidence goes to the fraud rule")
+            + ")"
+        )
     else:
         receipt_seq = settle.receipt(statement, claim)
         digest = sha256_bytes(evidence) if evidence is not None else None

@@ -197,19 +197,31 @@ def test_settle_accept_then_fraud_then_replayed_evidence(
 def test_equivocation_takes_the_slashable_stake(
     ledger: Ledger, jobs: dict[str, Job], keys: Keys, tmp_path: Path
 ) -> None:
+    """A second statement that does not verify is a fraud on its own (its evidence); the two
+    bundles' outputs, differing beyond the tolerance, are equivocation evidence: the rest goes."""
+    from verimesh.jobs.bundle import read_bundle
+    from verimesh.spot.equivocation import write_equivocation_evidence
+    from verimesh.spot.evidence import check_evidence
+
     job = jobs["mlp"]
     post(ledger, job.job_id)
     honest = prove(job, key=keys.node, out=tmp_path / "a.vmb", device="cpu").bundle
     settle(honest, job, ledger)
     other = fraud_bundle(job, keys.node, tmp_path / "b.vmb")
-    settled = settle(other, job, ledger)
-    assert settled.equivocation_evidence is not None
-    assert kinds(settled)[:2] == ["receipt", "slash"] and kinds(settled)[-1] == "commit"
-    assert node_standing(ledger, keys.node.node_id).stake == 0
-    from verimesh.spot.evidence import check_evidence
-
-    result = check_evidence(Path(settled.equivocation_evidence))
+    settled = settle(other, job, ledger, evidence_out=tmp_path / "b.vme")
+    assert settled.verdict.status == "reject" and settled.equivocation_evidence is None
+    assert kinds(settled) == ["receipt", "slash", "commit"]
+    assert ledger.entry(settled.appended[1][0]).event["reason"] == "fraud"
+    assert node_standing(ledger, keys.node.node_id).stake == 750
+    evidence = tmp_path / "eq.vme"
+    write_equivocation_evidence(
+        evidence, job=job, first=read_bundle(honest), second=read_bundle(other), public=keys.node.public
+    )
+    result = check_evidence(evidence)
     assert result.proves_fraud and result.kind == "equivocation" and result.step_range == (0, len(job.steps))
+    slashed = slash_with_evidence(ledger, evidence, writer=operator(ledger))
+    assert (slashed.reason, slashed.amount) == ("equivocation", 750)
+    assert node_standing(ledger, keys.node.node_id).stake == 0
     # A node without stake is refused before any work is done (exit 3, not a reject).
     with pytest.raises(InvalidInputError, match="no stake") as info:
         settle(honest, job, ledger)

@@ -301,7 +301,10 @@ def test_a_slash_a_writer_makes_up_breaks_the_rules(mesh: Ledger, keys: Keys, jo
         writer=rogue,
     )[0]
     report = audit_ledger(mesh)
-    assert report.first_bad_entry == seq and any("not stored" in v for v in report.violations)
+    # Evidence that is not stored is the storage's damage (plain `ledger verify` names it), the
+    # amount the writer's breach of the rules.
+    assert report.first_bad_entry == seq and any("not stored" in p for p in report.problems)
+    assert any("rules take 500" in v for v in report.violations)
     code, output = cli_run("ledger", "verify", "--ledger", mesh.url, "--rules")
     assert code == 1 and f"entry {seq}" in output
 

@@ -127,14 +127,25 @@ def test_the_rules_on_postgres(url: str, jobs: dict[str, Job], keys: Keys, tmp_p
     join(led, keys.node, 1000)
     job = jobs["mlp"]
     post(led, job.job_id)
-    settle(prove(job, key=keys.node, out=tmp_path / "ok.vmb", device="cpu").bundle, job, led)
+    from verimesh.jobs.bundle import read_bundle
+    from verimesh.spot.equivocation import write_equivocation_evidence
+
+    ok = prove(job, key=keys.node, out=tmp_path / "ok.vmb", device="cpu").bundle
+    settle(ok, job, led)
     bad = fraud_bundle(job, keys.node, tmp_path / "bad.vmb")
-    settled = settle(bad, job, led)
-    assert settled.equivocation_evidence is not None and node_standing(led, keys.node.node_id).stake == 0
+    settled = settle(bad, job, led)  # a second statement that does not verify: a fraud of its own
+    assert kinds(settled)[:2] == ["receipt", "slash"] and node_standing(led, keys.node.node_id).stake == 500
     verdict = verify(bad, job=job, node_key=keys.node.public, evidence_out=tmp_path / "bad.vme")
     assert verdict.status == "reject"
-    with pytest.raises(InvalidInputError, match=r"no stake|already slashed"):
+    with pytest.raises(InvalidInputError, match=r"already slashed"):
         slash_with_evidence(led, tmp_path / "bad.vme", writer=op)
+    write_equivocation_evidence(
+        tmp_path / "eq.vme", job=job, first=read_bundle(ok), second=read_bundle(bad), public=keys.node.public
+    )
+    assert slash_with_evidence(led, tmp_path / "eq.vme", writer=op).amount == 500
+    assert node_standing(led, keys.node.node_id).stake == 0
+    with pytest.raises(InvalidInputError, match=r"already slashed"):
+        slash_with_evidence(led, tmp_path / "eq.vme", writer=op)
     report = audit_ledger(led)
     assert report.ok, (report.problems, report.violations)
     rogue = generate_key()
@@ -145,7 +156,7 @@ def test_the_rules_on_postgres(url: str, jobs: dict[str, Job], keys: Keys, tmp_p
         writer=rogue,
     )[0]
     report = audit_ledger(led)
-    assert report.first_bad_entry == seq and any("not stored" in v for v in report.violations)
+    assert report.first_bad_entry == seq and any("not stored" in p for p in report.problems)
 
 
 def test_an_edited_row_or_setting_is_found_and_refused(url: str, keys: Keys, tmp_path: Path) -> None:

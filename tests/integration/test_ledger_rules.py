@@ -178,20 +178,26 @@ def test_stake_moved_without_the_nodes_signature(mesh: Ledger, keys: Keys) -> No
         top_up(mesh, sign_request(keys.other, action="top-up", ledger_id=mesh.ledger_id, amount=5), writer=writer)
 
 
-def test_a_withdrawal_beyond_the_stake_or_released_early(mesh: Ledger, keys: Keys) -> None:
+def test_a_withdrawal_beyond_the_stake_or_released_early(
+    mesh: Ledger, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from verimesh.ledger.store import Transaction
+
     writer = rogue(mesh)
-    seq = mesh.append(
-        [
-            {
-                "kind": "withdraw",
-                "node_id": keys.node.node_id,
-                "amount": 5000,
-                "release_after": "2000-01-01T00:00:00Z",
-                **request(keys.node, mesh, "withdraw", 5000),
-            }
-        ],
-        writer=writer,
-    )[0]
+    early = [
+        {
+            "kind": "withdraw",
+            "node_id": keys.node.node_id,
+            "amount": 5000,
+            "release_after": "2000-01-01T00:00:00Z",
+            **request(keys.node, mesh, "withdraw", 5000),
+        }
+    ]
+    with pytest.raises(InvalidInputError, match="release_after") as info:
+        mesh.append(early, writer=writer)  # the store refuses an unbonding delay that is not the setting's
+    assert info.value.code == "bad-entry-time"
+    monkeypatch.setattr(Transaction, "_time_problem", lambda self, stamped: None)  # a client of its own
+    seq = mesh.append(early, writer=writer)[0]
     violation(mesh, seq, "withdraws 5000 of a bonded stake of 1000")
     with pytest.raises(InvalidInputError, match="cannot withdraw"):
         withdraw(
@@ -201,15 +207,22 @@ def test_a_withdrawal_beyond_the_stake_or_released_early(mesh: Ledger, keys: Key
         )
 
 
-def test_a_release_before_the_unbonding_delay(mesh: Ledger, keys: Keys) -> None:
+def test_a_release_before_the_unbonding_delay(mesh: Ledger, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from verimesh.ledger.store import Transaction
+
     seq = withdraw(
         mesh, sign_request(keys.node, action="withdraw", ledger_id=mesh.ledger_id, amount=100), writer=operator(mesh)
     )
     with pytest.raises(InvalidInputError, match="no withdrawal past its unbonding delay"):
         release(mesh, keys.node.node_id, writer=operator(mesh))
-    bad = mesh.append(
-        [{"kind": "release", "node_id": keys.node.node_id, "withdrawal": seq, "amount": 100}], writer=rogue(mesh)
-    )[0]
+    early = [{"kind": "release", "node_id": keys.node.node_id, "withdrawal": seq, "amount": 100}]
+    writer = rogue(mesh)
+    with pytest.raises(InvalidInputError, match="before the withdrawal's release_after") as info:
+        mesh.append(early, writer=writer)  # the store refuses it at append
+    assert info.value.code == "bad-entry-time"
+    # A writer with a client of its own skips that check: the rules still name the entry.
+    monkeypatch.setattr(Transaction, "_time_problem", lambda self, stamped: None)
+    bad = mesh.append(early, writer=writer)[0]
     violation(mesh, bad, "before")
 
 

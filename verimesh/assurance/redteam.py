@@ -455,12 +455,17 @@ def _tf32(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _equivocation_trials(
     job: Job, key: SecretKey, cheater: _Cheater, work: Path, trials: int, ledger_cls: Any, register: Any, settle: Any
 ) -> Outcome:
-    """The node signs two different outputs for one job: the ledger must catch it every time.
+    """The node signs two results for one job whose outputs differ beyond the tolerance: the
+    equivocation evidence made from the two bundles must slash it every time.
 
     Each trial is a fresh ledger: the node registers with a request it signs, the job owner posts
-    the job, and the operator writes (and signs) what the verifications record."""
+    the job, the operator settles the honest bundle, then anyone holding both bundles writes the
+    evidence (``spot.equivocation``) and the operator slashes with it. (Two statements whose
+    outputs agree within the tolerance, an honest re-prove on another platform, prove nothing.)"""
+    from verimesh.errors import VerificationFailedError
     from verimesh.ledger.events import sign_request
-    from verimesh.settlement import register_job
+    from verimesh.settlement import register_job, slash_with_evidence
+    from verimesh.spot.equivocation import write_equivocation_evidence
 
     outcome = Outcome("equivocation")
     op, owner = generate_key(), generate_key()
@@ -471,11 +476,22 @@ def _equivocation_trials(
         register_job(ledger, post, writer=op)
         honest = cheater._seal(dict(cheater.honest))
         settle(honest, job=job, ledger=ledger, writer=op)
-        second = cheater.perturb_step(len(job.steps) - 1)
-        settled = settle(second, job=job, ledger=ledger, writer=op)
+        second = cheater.perturb_step(len(job.steps) - 1)  # other outputs, beyond the tolerance
+        evidence = work / f"eq-{t}.vme"
+        write_equivocation_evidence(
+            evidence,
+            job=job,
+            first=read_bundle(honest, version=job.version),
+            second=read_bundle(second, version=job.version),
+            public=key.public,
+        )
         outcome.trials += 1
         outcome.predicted.append(1.0)
-        if settled.equivocation_evidence is not None and any(k == "slash" for _, k in settled.appended):
+        try:
+            slashed = slash_with_evidence(ledger, evidence, writer=op)
+        except VerificationFailedError:
+            continue
+        if slashed.reason == "equivocation" and slashed.amount > 0:
             outcome.detected += 1
             outcome.reasons["equivocation"] = outcome.reasons.get("equivocation", 0) + 1
     return outcome

@@ -33,6 +33,11 @@ OPERATOR_KINDS = frozenset({"genesis", "settings", "verifier-add", "verifier-rem
 WRITER_KINDS = frozenset({"register", "top-up", "withdraw", "release", "job", "receipt", "verdict", "reward", "slash"})
 KINDS = OPERATOR_KINDS | WRITER_KINDS | {"commit"}
 REQUEST_ACTIONS = ("register", "top-up", "withdraw", "job")
+# How far ahead of the appending writer's clock an entry may be dated: a writer's clock that runs a
+# little fast (or a request signed on one) is tolerated; a date chosen to skip a delay is not.
+MAX_CLOCK_SKEW_SECONDS = 300
+# Entries that carry a request signed by the party they speak for; none is dated before its request.
+REQUEST_KINDS = frozenset({"register", "top-up", "withdraw", "job"})
 
 # Settings: every one has a default, a type, and is changed only by a logged, operator-signed event.
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -113,6 +118,12 @@ def decode_entry(data: bytes, *, what: str, max_bytes: int) -> Any:
 
 def now() -> str:
     return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())
+
+
+def is_time(value: Any) -> bool:
+    """``value`` is a time in the ledger's format (``YYYY-MM-DDTHH:MM:SSZ``, UTC): such times
+    compare as strings in the order of the instants they name."""
+    return isinstance(value, str) and bool(_TIME.match(value))
 
 
 def time_plus(stamp: str, seconds: int) -> str:
@@ -263,21 +274,26 @@ _SHAPES: dict[str, dict[str, Callable[[Any], bool]]] = {
     },
     "checkpoint": {
         "type": lambda v: v == "verimesh/checkpoint",
-        "version": lambda v: v == 1,
+        "version": lambda v: v == 2,
         "ledger_id": _is_str,
         "tree_size": _is_int,
         "root": _is_digest,
+        "governance": _is_digest,
         "signature": _is_str,
     },
     "commit": {"writer": _is_node, "first": _is_int, "tree_size": _is_int, "root": _is_digest, "signature": _is_str},
 }
 # The checkpoint entry's own ``time`` is the signed checkpoint time (one member, two roles).
+# Version 1 checkpoints (no ``governance``) are still read: verimesh 0.3 wrote them.
+_CHECKPOINT_V1 = {k: v for k, v in _SHAPES["checkpoint"].items() if k != "governance"} | {"version": lambda v: v == 1}
 
 
 def shape_problem(event: Mapping[str, Any]) -> str | None:
     """Why ``event`` (as stored: with kind, seq and time) is not a well-formed entry; None if it is."""
     kind = event.get("kind")
     shape = _SHAPES.get(kind) if isinstance(kind, str) else None
+    if kind == "checkpoint" and "governance" not in event:
+        shape = _CHECKPOINT_V1
     if shape is None:
         return f"unknown kind {kind!r:.40}"
     expected = _COMMON | set(shape)
@@ -371,6 +387,14 @@ def meta_for(genesis: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[st
     return rows
 
 
+def governance_digest(verifiers: Mapping[str, PublicKey], settings: Mapping[str, Any]) -> str:
+    """What a checkpoint pins besides the root: the writers (verifier node id -> public key) and
+    the settings in force at its size. A decision read takes the governance entries before its
+    checkpoint from the database; this digest, signed by the operator, says they are all there."""
+    doc = {"settings": dict(settings), "verifiers": {n: k.key.hex() for n, k in sorted(verifiers.items())}}
+    return sha256_bytes(canonical_json(doc))
+
+
 def fraction_of(settings: Mapping[str, Any]) -> Fraction:
     return Fraction(str(settings.get("fraud_fraction", DEFAULT_SETTINGS["fraud_fraction"])))
 
@@ -459,7 +483,7 @@ def _request_shape(request: Any) -> str | None:
         return "the request's public key is malformed"
     if not _is_int(request["amount"], minimum=1) or not _is_hex(request["nonce"], 32):
         return "the request's amount or nonce is malformed"
-    if not isinstance(request["ledger_id"], str) or not isinstance(request["time"], str):
+    if not isinstance(request["ledger_id"], str) or not is_time(request["time"]):
         return "the request's ledger id or time is malformed"
     if action == "job" and not _is_digest(request["job_id"]):
         return "the request's job id is malformed"

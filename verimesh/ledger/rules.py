@@ -9,15 +9,21 @@ each entry that breaks a rule, the way a tampered hash is named:
   than the bonded stake, released no earlier than ``unbonding_seconds`` later and for what the
   slashes left of it.
 - job: a request signed by the job owner's key for this job and deposit; once per job.
-- receipt: the envelope verifies under the node's registered key and says what the receipt says.
+- receipt: the envelope (one signature per key id) verifies under the node's registered key and
+  says what the receipt says (``receipt_problem``, which settlement applies before it writes).
 - verdict: follows a receipt of the same (node, job, step range), for a job the ledger knows that
-  the node did not post; a reject cites stored evidence that re-checks; written by the writer
-  that signed its batch.
+  the node did not post; a reject cites evidence that re-checks; written by the writer that
+  signed its batch, which is not the node.
 - reward: follows an accepted verdict for that claim, out of the job owner's deposit, never to
   the job's owner, of the amount in force.
-- slash: cites stored evidence that re-checks and proves this (node, job, step range) and this
+- slash: cites evidence that re-checks and proves this (node, job, step range) and this
   reason; takes what the rules say (all the slashable stake for equivocation, the fraud
   fraction of it for fraud); stake never goes below zero.
+- no entry is dated more than the clock skew after the time of the check.
+
+Cited evidence that is not stored (or whose stored bytes are another file) is damage to the
+storage, which the store's own walk names; the rule of the entry citing it is then unchecked,
+never held against its writer.
 
 Claims taken twice (a second verdict, reward or slash for one claim) are found by the store's
 own walk. Evidence is re-checked by a function passed in (``verimesh.settlement`` passes
@@ -36,7 +42,7 @@ from typing import Any
 from verimesh.core.canonical import b64decode_strict, canonical_json
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
-from verimesh.ledger.events import fraction_of, request_problem, time_plus
+from verimesh.ledger.events import MAX_CLOCK_SKEW_SECONDS, fraction_of, now, request_problem, time_plus
 from verimesh.ledger.reputation import JobAccount, Standing, apply, fraud_slash, reward_due
 from verimesh.signing.envelope import Envelope, pae
 from verimesh.signing.keys import PublicKey
@@ -58,6 +64,33 @@ class EvidenceClaim:
 
 
 EvidenceChecker = Callable[[bytes], EvidenceClaim]
+
+
+def receipt_problem(event: dict[str, Any], registered: PublicKey) -> tuple[str | None, tuple[bytes, bytes] | None]:
+    """The receipt rule, shared by ``--rules`` and by settlement before it writes one: the envelope
+    parses (one signature per key id), ``envelope_digest`` is its digest, its statement names the
+    entry's node, job, step range and subjects, and it carries exactly one signature by the node.
+    Returns (why not, None), or (None, (message, signature)) for the caller to verify under
+    ``registered`` (``--rules`` batches those checks)."""
+    try:
+        raw = b64decode_strict(event["envelope"], what="receipt envelope")
+        envelope = Envelope.from_bytes(raw, what="receipt envelope")
+        statement = envelope.statement()
+    except InvalidInputError as exc:
+        return f"the receipt's envelope is unreadable: {exc.message}", None
+    pred = statement["predicate"]
+    if sha256_bytes(raw) != event["envelope_digest"]:
+        return "the receipt's envelope digest is not the envelope's", None
+    if (pred.get("node_id"), pred.get("job_id"), pred.get("step_range")) != (
+        event["node_id"],
+        event["job_id"],
+        event["step_range"],
+    ) or statement["subject"] != event["subjects"]:
+        return "the receipt does not say what its envelope says (node, job, step range or outputs)", None
+    mine = [s for s in envelope.signatures if s.keyid == registered.node_id]
+    if len(mine) != 1:
+        return f"the receipt's envelope carries {len(mine)} signatures by {registered.node_id}", None
+    return None, (pae(envelope.payload_type, envelope.payload), mine[0].sig)
 
 
 def _verify_chunk(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
@@ -143,8 +176,10 @@ class RuleBook:
         self.receipts: dict[int, tuple[str, str, tuple[int, int]]] = {}
         self.verdicts: dict[int, tuple[str, str, tuple[int, int], str]] = {}
         self._batch_verdicts: list[tuple[int, str]] = []
-        self._evidence: dict[str, EvidenceClaim | str] = {}
+        self._evidence: dict[str, EvidenceClaim | str | None] = {}
         self.evidence_checked = 0
+        # Entries dated beyond this (the clock now, plus the skew a writer's append tolerates).
+        self._horizon = time_plus(now(), MAX_CLOCK_SKEW_SECONDS)
 
     def bad(self, seq: int, message: str) -> None:
         self.violations.append((seq, f"entry {seq}: {message}"))
@@ -157,6 +192,8 @@ class RuleBook:
 
     def entry(self, seq: int, event: dict[str, Any]) -> None:
         kind = event["kind"]
+        if event["time"] > self._horizon:
+            self.bad(seq, f"the entry is dated {event['time']}, in the future of this check ({now()})")
         handler = getattr(self, "_" + kind.replace("-", "_"), None)
         if handler is not None:
             handler(seq, event)
@@ -290,34 +327,12 @@ class RuleBook:
         node = self._node(seq, event["node_id"], "a receipt")
         if node is None:
             return
-        try:
-            raw = b64decode_strict(event["envelope"], what="receipt envelope")
-            envelope = Envelope.from_bytes(raw, what="receipt envelope")
-            statement = envelope.statement()
-        except InvalidInputError as exc:
-            self.bad(seq, f"the receipt's envelope is unreadable: {exc.message}")
-            return
-        pred = statement["predicate"]
-        if sha256_bytes(raw) != event["envelope_digest"]:
-            self.bad(seq, "the receipt's envelope digest is not the envelope's")
-            return
-        if (pred.get("node_id"), pred.get("job_id"), pred.get("step_range")) != (
-            event["node_id"],
-            event["job_id"],
-            event["step_range"],
-        ) or statement["subject"] != event["subjects"]:
-            self.bad(seq, "the receipt does not say what its envelope says (node, job, step range or outputs)")
-            return
-        mine = [s for s in envelope.signatures if s.keyid == node.public.node_id]
-        if len(mine) != 1:
-            self.bad(seq, f"the receipt's envelope carries {len(mine)} signatures by {node.public.node_id}")
+        problem, signed = receipt_problem(event, node.public)
+        if problem or signed is None:
+            self.bad(seq, problem or "the receipt is unreadable")
             return
         self._signatures.signature(
-            seq,
-            f"the receipt's envelope is not signed by {node.public.node_id}",
-            node.public.key,
-            pae(envelope.payload_type, envelope.payload),
-            mine[0].sig,
+            seq, f"the receipt's envelope is not signed by {node.public.node_id}", node.public.key, *signed
         )
         self.receipts[seq] = (event["node_id"], event["job_id"], (event["step_range"][0], event["step_range"][1]))
 
@@ -346,6 +361,9 @@ class RuleBook:
             )
             return
         if self._counted_job(seq, event, "a verdict") is None:
+            return
+        if event["verifier"] == event["node_id"]:
+            self.bad(seq, f"the verdict is by {event['verifier']} on its own result: a node never verifies itself")
             return
         self._batch_verdicts.append((seq, event["verifier"]))
         if event["status"] == "accept" and event["evidence_digest"] is not None:
@@ -398,18 +416,22 @@ class RuleBook:
         self._apply(seq, node, event)
 
     def _proven(self, seq: int, digest: str, claim: tuple[str, str, tuple[int, int]], *, fraud: bool) -> bool:
-        """The evidence is stored, re-checks, and proves this claim (fraud, or equivocation)."""
-        result = self._evidence.get(digest)
-        if result is None:
+        """The evidence is stored, re-checks, and proves this claim (fraud, or equivocation).
+
+        Evidence that is not stored, or whose stored bytes are another file, is damage to the
+        storage, which ``ledger verify`` names; it is not the writer's doing (the writer stored it
+        in the same transaction), so it is not held against the entry: the rule is unchecked and
+        the entry counts as written."""
+        if digest not in self._evidence:
             body = self._load_evidence(digest)
-            if body is None:
-                result = f"cites evidence {digest} that is not stored"
-            elif sha256_bytes(body) != digest:
-                result = f"cites evidence {digest} whose stored bytes are another file"
+            if body is None or sha256_bytes(body) != digest:
+                self._evidence[digest] = None
             else:
                 self.evidence_checked += 1
-                result = self._check_evidence(body)
-            self._evidence[digest] = result
+                self._evidence[digest] = self._check_evidence(body)
+        result = self._evidence[digest]
+        if result is None:
+            return True
         if isinstance(result, str):
             self.bad(seq, result)
             return False

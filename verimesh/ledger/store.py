@@ -39,12 +39,16 @@ from verimesh.ledger.events import (
     DEFAULT_SETTINGS,
     FORMAT,
     KINDS,
+    MAX_CLOCK_SKEW_SECONDS,
     OPERATOR_KINDS,
+    REQUEST_KINDS,
     VERSION,
     claim_of,
     commit_statement,
     decode_entry,
     encode_entry,
+    governance_digest,
+    is_time,
     job_id_of,
     meta_for,
     node_of,
@@ -52,6 +56,7 @@ from verimesh.ledger.events import (
     parse_setting,
     settings_problem,
     shape_problem,
+    time_plus,
 )
 from verimesh.signing.keys import PublicKey, SecretKey, node_id_for
 
@@ -180,39 +185,43 @@ class Genesis:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signed tree head: the operator's signature over the canonical statement of (size, root)."""
+    """A signed tree head: the operator's signature over the canonical statement of (size, root)
+    and, from version 2 on, ``governance``: the digest of the writers and settings in force at that
+    size (``events.governance_digest``), so that no decision depends on how governance rows before
+    it are labelled in the database."""
 
     ledger_id: str
     tree_size: int
     root: bytes
     time: str
     signature: bytes
+    governance: str | None = None  # None: a version 1 checkpoint (verimesh 0.3)
+
+    @property
+    def version(self) -> int:
+        return 1 if self.governance is None else 2
+
+    def _members(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": CHECKPOINT_TYPE,
+            "version": self.version,
+            "ledger_id": self.ledger_id,
+            "tree_size": self.tree_size,
+            "root": format_digest(self.root),
+            "time": self.time,
+        }
+        if self.governance is not None:
+            doc["governance"] = self.governance
+        return doc
 
     def statement(self) -> bytes:
-        return canonical_json(
-            {
-                "type": CHECKPOINT_TYPE,
-                "version": 1,
-                "ledger_id": self.ledger_id,
-                "tree_size": self.tree_size,
-                "root": format_digest(self.root),
-                "time": self.time,
-            }
-        )
+        return canonical_json(self._members())
 
     def verify(self, operator: PublicKey) -> bool:
         return operator.verify(self.statement(), self.signature)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "type": CHECKPOINT_TYPE,
-            "version": 1,
-            "ledger_id": self.ledger_id,
-            "tree_size": self.tree_size,
-            "root": format_digest(self.root),
-            "time": self.time,
-            "signature": b64encode(self.signature),
-        }
+        return {**self._members(), "signature": b64encode(self.signature)}
 
     @classmethod
     def from_json(
@@ -220,21 +229,27 @@ class Checkpoint:
     ) -> Checkpoint:
         """``extra_keys``: what a checkpoint entry of the ledger adds; a checkpoint file has none."""
         keys = {"type", "version", "ledger_id", "tree_size", "root", "time", "signature"}
+        if isinstance(doc, dict) and doc.get("version") == 2 and not isinstance(doc.get("version"), bool):
+            keys.add("governance")
         if not isinstance(doc, dict) or set(doc) - extra_keys != keys or doc["type"] != CHECKPOINT_TYPE:
             raise InvalidInputError(f"{what} is not a verimesh checkpoint")
-        if doc["version"] != 1 or isinstance(doc["version"], bool):  # the signed statement says version 1
+        if doc["version"] not in (1, 2) or isinstance(doc["version"], bool):  # the signed statement says it
             raise InvalidInputError(f"{what} has unsupported version {doc['version']!r:.40}")
         size = doc["tree_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(doc["ledger_id"], str):
             raise InvalidInputError(f"{what} has a bad tree size or ledger id")
         if not isinstance(doc["time"], str):
             raise InvalidInputError(f"{what} has a bad time")
+        governance = doc.get("governance")
+        if governance is not None:
+            parse_digest(governance, what=f"{what} governance")
         return cls(
             doc["ledger_id"],
             doc["tree_size"],
             parse_digest(doc["root"], what=f"{what} root"),
             str(doc["time"]),
             b64decode_strict(doc["signature"], what=f"{what} signature"),
+            None if governance is None else str(governance),
         )
 
     @classmethod
@@ -250,6 +265,15 @@ def _as_bytes(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     return str(value).encode("utf-8", "surrogateescape")
+
+
+def _node_key(row: Any) -> tuple[int, int]:
+    """A stored tree node's (level, idx). SQLite keeps whatever an editor writes in a column, so
+    text or a fraction there is a damaged ledger (exit 3), never a crash."""
+    level, idx = row.level, row.idx
+    if type(level) is not int or type(idx) is not int or level < 0 or idx < 0:
+        raise tampered(f"stored tree node key ({level!r:.40}, {idx!r:.40}) is malformed (edited)")
+    return level, idx
 
 
 def _text(value: Any) -> str | None:
@@ -529,7 +553,7 @@ class Ledger:
                     nodes_table.c.level == level, nodes_table.c.idx.in_(idxs[at : at + 500])
                 )
                 for row in conn.execute(query):
-                    found[(int(row.level), int(row.idx))] = _as_bytes(row.hash)
+                    found[_node_key(row)] = _as_bytes(row.hash)
         return found
 
     def _range_hashes(self, ranges: Sequence[tuple[int, int]], conn: sa.Connection | None = None) -> list[bytes]:
@@ -545,7 +569,7 @@ class Ledger:
 
             def fetch(c: sa.Connection) -> None:
                 for row in c.execute(query):
-                    found[(int(row.level), int(row.idx))] = _as_bytes(row.hash)
+                    found[_node_key(row)] = _as_bytes(row.hash)
 
             if conn is not None:
                 fetch(conn)
@@ -605,9 +629,15 @@ class Ledger:
             view = txn.view()
             if key.public.key != view.genesis.operator.key:
                 raise InvalidInputError("only the ledger operator's key can sign checkpoints")
+            # The view checked the log since the last checkpoint, taking what lies before it on that
+            # checkpoint's word: a new head covers the whole log, so the whole log is checked first.
+            report = _verify(self, txn.conn, checkpoint=None, operator=None, rules=None, progress=None)
+            if not report.ok:
+                raise tampered(report.problems[0] if report.problems else "the log does not verify")
             size, root = txn.size, txn.root()
-            cp = Checkpoint(view.genesis.ledger_id, size, root, txn.time, b"")
-            cp = Checkpoint(cp.ledger_id, size, root, cp.time, key.sign(cp.statement()))
+            governance = governance_digest(view.verifiers, view.settings)
+            cp = Checkpoint(view.genesis.ledger_id, size, root, txn.time, b"", governance)
+            cp = Checkpoint(cp.ledger_id, size, root, cp.time, key.sign(cp.statement()), governance)
             txn.append({"kind": "checkpoint", **{k: v for k, v in cp.to_json().items()}})
         return cp
 
@@ -668,6 +698,14 @@ class Transaction:
         self.size = ledger.size(conn)
         self.first = self.size
         self.time = now()
+        # Entry times never go backwards along the log: this batch is dated no earlier than the
+        # last entry (a writer whose clock ran a little ahead wrote it), and never far ahead of ours.
+        # (A last entry dated beyond the skew makes every append refuse, after the checked view has
+        # had its say: `ledger verify --rules` names an entry dated in the future.)
+        self._floor = self._last_time()
+        self._horizon = time_plus(self.time, MAX_CLOCK_SKEW_SECONDS)
+        if self.time < self._floor <= time_plus(self.time, MAX_CLOCK_SKEW_SECONDS):
+            self.time = self._floor
         if not authorized:
             self._authorize()
         keys = merkle.perfect_parts(0, self.size) if self.size else []
@@ -700,6 +738,73 @@ class Transaction:
             hint="the operator registers verifiers with `verimesh ledger verifier add`",
         )
 
+    def _last_time(self) -> str:
+        """The time of the log's last entry ('' for an empty log, or one whose last body does not
+        parse: the checked view refuses that ledger before anything is written)."""
+        if self.size == 0:
+            return ""
+        try:
+            stamp = self.ledger.entry(self.size - 1, self.conn).event.get("time")
+        except InvalidInputError:
+            return ""
+        return str(stamp) if is_time(stamp) else ""
+
+    def not_before(self, stamp: str) -> None:
+        """Date this batch's entries no earlier than ``stamp`` (the time of a signed request it
+        carries): a request signed on a clock a little ahead is appended at its own time; one dated
+        more than the skew ahead of this machine's clock is refused."""
+        if not is_time(stamp) or stamp <= self.time:
+            return
+        if stamp > time_plus(now(), MAX_CLOCK_SKEW_SECONDS):
+            raise InvalidInputError(
+                f"the request is dated {stamp}, more than {MAX_CLOCK_SKEW_SECONDS} s after this machine's clock",
+                code="request-in-future",
+                hint="the party signs a new request once its clock is right",
+            )
+        self.time = stamp
+
+    def _time_problem(self, stamped: Mapping[str, Any]) -> str | None:
+        """Why ``stamped`` may not be appended at its time; None when it may.
+
+        1. Not earlier than the entry before it (times never go backwards along the log).
+        2. Not more than the skew ahead of this machine's clock.
+        3. Not earlier than the signed request it carries.
+        4. A withdrawal is released after exactly ``unbonding_seconds`` after its time; a release
+           comes at or after the withdrawal's release_after."""
+        stamp = stamped["time"]
+        # 1.
+        if stamp < self._floor:
+            return f"it is dated {stamp}, before the entry before it ({self._floor}): entry times never go backwards"
+        # 2. (The clock is read again only when the cached horizon is passed: appends stay cheap.)
+        if stamp > self._horizon:
+            self._horizon = time_plus(now(), MAX_CLOCK_SKEW_SECONDS)
+        if stamp > self._horizon:
+            return f"it is dated {stamp}, more than {MAX_CLOCK_SKEW_SECONDS} s after this machine's clock"
+        kind = stamped["kind"]
+        # 3.
+        if kind in REQUEST_KINDS and str(stamped["request"].get("time")) > stamp:
+            return f"it is dated {stamp}, before the request it carries ({stamped['request'].get('time')})"
+        # 4.
+        if kind == "withdraw":
+            # The view's settings (checked) when the caller built one, else the ledger_meta cache
+            # (which every checked view compares with the log).
+            settings = self._view.settings if self._view is not None else {"unbonding_seconds": self.ledger.setting(
+                "unbonding_seconds")}  # fmt: skip
+            delay = int({**settings, **self._settings}["unbonding_seconds"])
+            if stamped["release_after"] != time_plus(stamp, delay):
+                return f"its release_after is not its time + unbonding_seconds ({time_plus(stamp, delay)})"
+        if kind == "release":
+            self.flush()
+            try:
+                withdrawal = self.ledger.entry(int(stamped["withdrawal"]), self.conn).event
+            except InvalidInputError:
+                withdrawal = {}
+            if withdrawal.get("kind") != "withdraw" or withdrawal.get("node_id") != stamped["node_id"]:
+                return f"entry {stamped['withdrawal']} is not a withdrawal of {stamped['node_id']}"
+            if stamp < str(withdrawal.get("release_after")):
+                return f"it is dated {stamp}, before the withdrawal's release_after ({withdrawal.get('release_after')})"
+        return None
+
     @property
     def operator(self) -> bool:
         return self.writer.public.key == self.ledger.operator.key
@@ -724,10 +829,20 @@ class Transaction:
 
     def _append(self, event: Mapping[str, Any]) -> int:
         seq = self.size
+        request = event.get("request")
+        if event.get("kind") in REQUEST_KINDS and isinstance(request, dict) and isinstance(request.get("time"), str):
+            self.not_before(request["time"])  # never dated before the request it carries
         stamped = {**event, "seq": seq, "time": event["time"] if event.get("kind") == "checkpoint" else self.time}
         problem = shape_problem(stamped)
         if problem:
             raise InvalidInputError(f"malformed ledger event: {problem}")
+        problem = self._time_problem(stamped)
+        if problem:
+            raise InvalidInputError(
+                f"ledger event {stamped['kind']} refused: {problem}",
+                code="bad-entry-time",
+                hint="entries are dated by the appending writer's clock, in log order",
+            )
         body = encode_entry(stamped)
         if len(body) > MAX_BODY_BYTES:
             raise InvalidInputError(f"ledger event of {len(body)} bytes is over the limit")
@@ -751,6 +866,7 @@ class Transaction:
             self._nodes.append({"level": level, "idx": idx, "hash": h})
         self._frontier.append((level, idx, h))
         self.size += 1
+        self._floor = stamped["time"]
         return seq
 
     def root(self) -> bytes:
@@ -867,6 +983,8 @@ class _Walk:
     leaves: list[bytes] = field(default_factory=list)
     keep_leaves: bool = False
     keep_claims: bool = False
+    last_time: str = ""  # the time of the entry before the next one fed
+    cited: list[tuple[int, str]] = field(default_factory=list)  # (seq, evidence digest) verdicts and slashes cite
 
     def bad(self, seq: int | None, message: str, exact: bool = True) -> None:
         self.problems.append((seq, message, exact))
@@ -892,7 +1010,26 @@ class _Walk:
             self.bad(entry.seq, problem if problem.startswith("entry") else f"entry {entry.seq}: {problem}")
             return
         kind = event["kind"]
-        # 2. Claims are taken once.
+        # 2. Times never go backwards along the log, and no entry is dated before the request it carries.
+        stamp = event["time"]
+        if stamp < self.last_time:
+            self.bad(
+                entry.seq,
+                f"entry {entry.seq} is dated {stamp}, before the entry before it ({self.last_time}): entry times "
+                "never go backwards",
+            )
+        self.last_time = max(self.last_time, stamp)
+        if kind in REQUEST_KINDS and isinstance(event["request"].get("time"), str) and event["request"]["time"] > stamp:
+            self.bad(entry.seq, f"entry {entry.seq} is dated {stamp}, before the request it carries")
+        if kind in ("verdict", "slash") and event["evidence_digest"] is not None:
+            self.cited.append((entry.seq, str(event["evidence_digest"])))
+        if kind == "checkpoint" and "governance" in event:
+            if event["tree_size"] != entry.seq:
+                self.bad(entry.seq, f"checkpoint entry {entry.seq} signs a tree of {event['tree_size']} entries, not "
+                                    "the log up to itself")  # fmt: skip
+            elif self.genesis is not None and governance_digest(self.verifiers, self.settings) != event["governance"]:
+                self.bad(entry.seq, f"checkpoint entry {entry.seq} pins other writers or settings than the log's")
+        # Claims are taken once.
         if entry.claim is not None:
             token = hashlib.blake2b(entry.claim.encode(), digest_size=16).digest()
             if token in self.claims:
@@ -988,10 +1125,13 @@ class LedgerView:
     1. Entries 0..n-1 are all there (count and largest seq agree).
     2. Entry 0 is a genesis; the latest checkpoint entry is signed by its operator, and the stored
        tree gives the checkpoint's root at its size.
-    3. Every entry after that checkpoint: body, columns and shape; each batch signed by an
-       allowed writer over the root recomputed here; nothing after the last commit; the stored
-       hashes of that part are the recomputed ones; no claim taken twice.
-    4. The genesis, settings and verifier entries before the checkpoint are included under it.
+    3. Every entry after that checkpoint: body, columns and shape; times in order (from the entry
+       before the checkpoint on) and none before its request; each batch signed by an allowed
+       writer over the root recomputed here; nothing after the last commit; the stored hashes of
+       that part are the recomputed ones; no claim taken twice.
+    4. The genesis, settings and verifier entries before the checkpoint are included under it
+       and give the writers and settings digest it signed (a version 2 checkpoint; under a
+       version 1 one every entry before it is read).
     5. ``ledger_meta`` holds exactly what the genesis and settings entries say.
 
     Entries a decision reads through ``entries`` are checked again one by one: those before the
@@ -1043,6 +1183,7 @@ class LedgerView:
             sa.select(entries_table).where(entries_table.c.kind == "checkpoint").order_by(entries_table.c.seq.desc())
         ).first()
         anchor, anchor_root, parts = 0, merkle.EMPTY_ROOT, []
+        cp: Checkpoint | None = None
         if row is not None:
             entry = _entry(row)
             try:
@@ -1076,18 +1217,11 @@ class LedgerView:
             settings=dict(genesis.settings),
             verifiers={},
         )
-        if anchor:
+        if anchor and cp is not None:
             walk.genesis, walk.settings = genesis, dict(genesis.settings)
-            before = [
-                e
-                for e in ledger.entries(kinds=["settings", "verifier-add", "verifier-remove"], conn=conn)
-                if e.seq < anchor
-            ]
-            view._check_included([genesis_entry, *before])
+            before = view._governance_before(cp, genesis_entry)
             for e in before:
                 ev = e.event
-                if e.row_problem(ev) or shape_problem(ev):
-                    raise tampered(f"entry {e.seq} does not match its own body (moved, reordered or edited)")
                 if e.kind == "settings":
                     walk.settings.update(ev["changes"])
                 elif e.kind == "verifier-add":
@@ -1096,6 +1230,19 @@ class LedgerView:
                     )
                 else:
                     walk.verifiers.pop(ev["node_id"], None)
+            # The governance rows were found by their (editable) kind column: the operator's signed
+            # digest of the writers and settings says whether they are all of them.
+            if cp.governance is not None and governance_digest(walk.verifiers, walk.settings) != cp.governance:
+                raise tampered(
+                    f"the writers and settings before the last checkpoint are not the ones it signed (a verifier, "
+                    f"settings or genesis entry before entry {anchor} hidden or edited)"
+                )
+            last = ledger.entry(anchor - 1, conn)
+            view._check_included([last])
+            try:
+                walk.last_time = str(last.event.get("time", ""))
+            except InvalidInputError as exc:
+                raise tampered(exc.message) from exc
         # 3.
         for entry in ledger.entries(conn=conn, since=anchor):
             walk.feed(entry)
@@ -1117,7 +1264,7 @@ class LedgerView:
         seen = 0
         for r in stored:
             seen += 1
-            if computed.get((int(r.level), int(r.idx))) != _as_bytes(r.hash):
+            if computed.get(_node_key(r)) != _as_bytes(r.hash):
                 raise tampered(f"the stored hash of tree node ({r.level}, {r.idx}) is not the recomputed one")
         if seen != len(computed):
             raise tampered("stored tree nodes after the last checkpoint are missing")
@@ -1138,6 +1285,37 @@ class LedgerView:
         view._tail_leaves = walk.leaves
         view.settings, view.verifiers = walk.settings, walk.verifiers
         return view
+
+    def _governance_before(self, cp: Checkpoint, genesis_entry: Entry) -> list[Entry]:
+        """The settings and verifier entries before the anchor, each checked against its body. A
+        version 2 checkpoint pins their digest, so they are looked up by kind (and each proven
+        included); under a version 1 checkpoint every body before it is read and the root recomputed."""
+        governance = ("settings", "verifier-add", "verifier-remove")
+        if cp.governance is not None:
+            rows = [e for e in self.ledger.entries(kinds=list(governance), conn=self.conn) if e.seq < self.anchor]
+            self._check_included([genesis_entry, *rows])
+        else:
+            frontier, rows = _Frontier(), []
+            for e in self.ledger.entries(conn=self.conn):
+                if e.seq >= self.anchor:
+                    break
+                frontier.push(e.seq, e.leaf_hash)
+                try:
+                    kind = e.event.get("kind")
+                except InvalidInputError as exc:
+                    raise tampered(exc.message) from exc
+                if kind in governance:
+                    rows.append(e)
+            if frontier.root() != self.anchor_root:
+                raise tampered("entries before the last checkpoint do not give its root (edited)")
+        for e in rows:
+            try:
+                ev = e.event
+            except InvalidInputError as exc:
+                raise tampered(exc.message) from exc
+            if e.row_problem(ev) or shape_problem(ev):
+                raise tampered(f"entry {e.seq} does not match its own body (moved, reordered or edited)")
+        return rows
 
     def _check_included(self, entries: Sequence[Entry]) -> None:
         """Entries before the anchor: an RFC 9162 inclusion proof each, under the checkpoint's root."""
@@ -1257,7 +1435,9 @@ def verify_ledger(
     """Recompute everything from the entries' bytes.
 
     1. Entries are numbered 0..n-1 with no gap, each body canonical, well formed and naming its
-       own seq, kind, node, job and claim; no claim is taken twice.
+       own seq, kind, node, job and claim; no claim is taken twice; entry times never go backwards
+       and none is earlier than the request it carries; a version 2 checkpoint pins the writers
+       and settings in force at its size.
     2. Entry 0 is the genesis; with ``operator`` (a key kept outside the database) its operator
        must be that key.
     3. Every batch ends with a commit signed, over the recomputed root, by a writer allowed to
@@ -1267,7 +1447,7 @@ def verify_ledger(
     5. Every checkpoint entry is signed by the operator and its root is the recomputed root at its size.
     6. A given (external) checkpoint: same, and the log has not shrunk below it.
     7. ``ledger_meta`` holds exactly what the genesis and settings entries say; stored evidence
-       hashes to its digest.
+       hashes to its digest, and every evidence digest an entry cites is stored.
     8. With ``rules``: the protocol's rules replayed over the events (``verimesh.ledger.rules``).
     """
     with ledger.reading() as conn:
@@ -1334,8 +1514,12 @@ def _verify(
             message = f"stored hash of leaves [{idx << level}, {(idx + 1) << level}) differs from the entries"
             walk.bad(idx << level, message, exact=level == 0)
     meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
-    evidence_rows = conn.execute(sa.select(evidence_table.c.digest, evidence_table.c.body))
-    bad_evidence = [str(r.digest) for r in evidence_rows if sha256_bytes(_as_bytes(r.body)) != r.digest]
+    stored_evidence: set[str] = set()
+    bad_evidence: list[str] = []
+    for r in conn.execute(sa.select(evidence_table.c.digest, evidence_table.c.body)):
+        stored_evidence.add(str(r.digest))
+        if sha256_bytes(_as_bytes(r.body)) != r.digest:
+            bad_evidence.append(str(r.digest))
     if stored_count != sum(len(lv) for lv in levels):
         walk.bad(None, f"{stored_count} stored tree nodes where the entries imply {sum(len(lv) for lv in levels)}")
 
@@ -1375,6 +1559,11 @@ def _verify(
             walk.bad(None, f"ledger_meta disagrees with the log on {changed[:6]} (edited outside the log)")
     for digest in bad_evidence:
         walk.bad(None, f"stored evidence {digest} does not hash to its digest (edited)")
+    # Evidence an entry cites is kept beside the log: a missing row is damage to the storage (the
+    # writer stored it in the same transaction), so it is named here, not blamed on the writer.
+    for seq, digest in walk.cited:
+        if digest not in stored_evidence:
+            walk.bad(seq, f"entry {seq} cites evidence {digest} that is not stored (a ledger_evidence row deleted)")
     # 8.
     violations: list[tuple[int, str]] = rules.finish() if rules is not None else []
     exact = [s for s, _, e in walk.problems if s is not None and e] + [s for s, _ in violations]

@@ -58,10 +58,14 @@ class Envelope:
             raise InvalidInputError(f"{what}: payloadType must be {PAYLOAD_TYPE}")
         if not isinstance(sigs, list) or not 1 <= len(sigs) <= MAX_SIGNATURES:
             raise InvalidInputError(f"{what}: needs 1..{MAX_SIGNATURES} signatures")
-        parsed = []
+        parsed: list[Signature] = []
         for s in sigs:
             if not isinstance(s, dict) or set(s) != {"keyid", "sig"} or not isinstance(s["keyid"], str):
                 raise InvalidInputError(f"{what}: malformed signature entry")
+            # One signature per key id: the envelope is outside the seal, so anyone relaying it
+            # could repeat a signature, and readers that count a key's signatures would disagree.
+            if any(p.keyid == s["keyid"] for p in parsed):
+                raise InvalidInputError(f"{what}: key id {s['keyid'][:40]!r} signs it more than once")
             parsed.append(Signature(s["keyid"], b64decode_strict(s["sig"], what=f"{what} signature")))
         payload = b64decode_strict(doc["payload"], what=f"{what} payload")
         return cls(PAYLOAD_TYPE, payload, tuple(parsed))

@@ -224,11 +224,10 @@ def check_evidence(path: Path) -> EvidenceResult:
     if not public.check_possession():  # else a flipped proof-of-possession bit re-encodes the same proof
         raise InvalidInputError("evidence node.pub.json carries a proof of possession that does not verify")
     envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what="evidence envelope")
-    if kind == "equivocation":
-        if version != 1 or names[3:] != ["second.envelope.json"]:
-            raise InvalidInputError("equivocation evidence must hold exactly two envelopes")
-        second = Envelope.from_bytes(bytes(members["second.envelope.json"]), what="evidence second envelope")
-        return _check_equivocation(envelope, second, public, digest)
+    if kind == "equivocation":  # outputs that differ beyond the tolerance, not digests alone
+        from verimesh.spot.equivocation import check_equivocation_evidence
+
+        return check_equivocation_evidence(members, doc, public, envelope, digest, path.parent)
     if names[3:4] != ["job.json"]:
         raise InvalidInputError(f"evidence {path} has no job.json")
     job = job_from_bytes(bytes(members["job.json"]), path.parent, what="evidence job.json")
