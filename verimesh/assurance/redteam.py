@@ -583,7 +583,7 @@ def markdown_report(reports: Sequence[dict[str, Any]]) -> str:
             if not s["trials"]:  # the strategy found nothing to attack in this model
                 idle.append(s["strategy"])
                 continue
-            pred = "-" if s["predicted"] is None else f"{s['predicted']:.3f}"
+            pred = "-" if s["predicted"] is None else f"{max(s['predicted'], 0.0):.3f}"  # never "-0.000"
             stake = "inf" if s["min_stake"] == float("inf") else f"{s['min_stake']:.2f}"
             reasons = ", ".join(f"{k} ({v})" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:3])
             lines.append(
