@@ -416,6 +416,15 @@ def _envelope_of(bundle: Path, job: Job, limits: Limits) -> Envelope | None:
         return None
 
 
+def _refuse_segment(job: Job) -> None:
+    if job.segment is not None:
+        raise InvalidInputError(
+            "a segment is settled only with its chain, which the ledger cannot do yet",
+            code="segment-not-settled",
+            hint="verify the chain with --node-keys (no --ledger); post and settle the whole job instead",
+        )
+
+
 def registered_signer(
     bundle: Path, *, job: Job | Path, ledger: Ledger, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[PublicKey, Samples]:
@@ -468,8 +477,12 @@ def verify_and_settle(
           verify are not equivocation); rejected, its own evidence slashes it as a fraud;
        b. anything else (a signature by another key, a replay to another job, a broken seal)
           changes no standing: nothing is written for it.
+
+    A segment of a split job is refused: its links name statements only the chain verifies, so
+    alone it proves nothing about its inputs (settling a chain is not built yet).
     """
     job = job if isinstance(job, Job) else load_job(job)
+    _refuse_segment(job)
     # 1.
     try:
         envelope: Envelope | None = read_bundle(bundle, limits=limits, version=job.version).envelope

@@ -655,3 +655,58 @@ def test_pointer_files_do_not_chain(tmp_path: Path, chain: Chain) -> None:
     looped.write_text(json.dumps({**doc, "job": "loop.json"}))
     with pytest.raises(InvalidInputError, match="sub-job itself"):
         load_job(looped)
+
+
+# -- second review: the ledger, per-shard draws, receipts' inputs, pipes ---------------------------
+
+
+def test_the_ledger_settles_no_segment_alone(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    from tests.integration.test_ledger import join, new_ledger, settle
+
+    led = new_ledger(tmp_path / "mesh.db")
+    join(led, nodes[2], 100)
+    with pytest.raises(InvalidInputError, match="settled only with its chain"):
+        settle(chain.bundles[2], chain.views[2], led)
+    write_key_pair(tmp_path / "owner.key", nodes[0])
+    result = CliRunner().invoke(cli, ["ledger", "request", "job", "--key", str(tmp_path / "owner.key"),
+                                      "--ledger", f"sqlite:///{tmp_path / 'mesh.db'}", "--job", str(chain.parts[2]),
+                                      "--amount", "5", "-o", str(tmp_path / "job.req")])  # fmt: skip
+    assert result.exit_code == 3 and "segment is not posted on its own" in result.output
+
+
+def test_every_shard_draws_its_own_steps(sharded: tuple[Chain, list[SecretKey]]) -> None:
+    from verimesh.subtasks.chain import verify_shards
+
+    c, owners = sharded
+    verdict, _ = verify_shards(c.bundles, job=c.job, node_keys=[k.public for k in owners], batch=BATCH, seed=3)
+    assert verdict
+    draws = {seg.sampled_steps for seg in verdict.segments}
+    assert len(draws) > 1  # 16 shards of one job would otherwise all re-check the same steps
+    again, _ = verify_shards(c.bundles, job=c.job, node_keys=[k.public for k in owners], batch=BATCH, seed=3)
+    assert [s.sampled_steps for s in again.segments] == [s.sampled_steps for s in verdict.segments]
+
+
+def test_full_recheck_compares_the_recorded_inputs(sharded: tuple[Chain, list[SecretKey]]) -> None:
+    from verimesh.subtasks.chain import verify_shards
+
+    c, owners = sharded
+    verdict, _ = verify_shards(c.bundles, job=c.job, node_keys=[k.public for k in owners], batch=BATCH)
+    body = receipt_body(verdict)
+    body["subtasks"][0]["input_digest"], body["subtasks"][1]["input_digest"] = (
+        body["subtasks"][1]["input_digest"],
+        body["subtasks"][0]["input_digest"],
+    )
+    doc = sign_receipt(body, owners[0])
+    assert check_receipt(doc, [owners[0].public]).ok  # offline: the signer's word
+    assert not recheck_receipt(doc, job=c.job_path, bundles=c.bundles, batch=BATCH).ok
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.vmb"
+    os.mkfifo(fifo)
+    verdict = verify(fifo, job=chain.parts[0], node_key=nodes[0].public)
+    assert verdict.status == "error" and "pipe" in verdict.reason
+    with pytest.raises(InvalidInputError, match="pipe"):
+        load_job(fifo)

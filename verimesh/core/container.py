@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from verimesh.core.files import open_input
 from verimesh.core.threads import map_bytes
 from verimesh.errors import InvalidInputError
 
@@ -127,7 +128,7 @@ def read_private(path: Path, *, what: str, max_bytes: int) -> bytearray:
     a shared memory map would let it swap bytes between the moment they are hashed and the moment
     they are compared. Everything is verified from this one private copy."""
     try:
-        with path.open("rb") as fh:
+        with open_input(path, what=what) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > max_bytes:
                 raise InvalidInputError(f"{what} {path} is {size} bytes, over the {max_bytes}-byte limit")

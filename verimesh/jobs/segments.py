@@ -210,7 +210,7 @@ def write_segments(job_path: Path, count: int, out_dir: Path, *, overwrite: bool
 def load_segment(doc: dict[str, Any], path: Path) -> Job:
     """The segment a pointer file names, from its parent job (which must be where it says)."""
     what = f"segment file {path}"
-    if set(doc) != _POINTER_KEYS or doc.get("version") != SEGMENT_VERSION:
+    if set(doc) != _POINTER_KEYS or type(doc.get("version")) is not int or doc.get("version") != SEGMENT_VERSION:
         raise InvalidInputError(f"{what} fields differ from the format (version {SEGMENT_VERSION})")
     parent = _parent_of(doc, path, what)
     index = doc["index"]
@@ -342,7 +342,7 @@ def load_shard(doc: dict[str, Any], path: Path) -> Job:
     """The shard a pointer file names, from its parent job (which must be where it says)."""
     what = f"shard file {path}"
     keys = {"type", "version", "job", "job_id", "count", "index", "input", "shard_id"}
-    if set(doc) != keys or doc.get("version") != SEGMENT_VERSION:
+    if set(doc) != keys or type(doc.get("version")) is not int or doc.get("version") != SEGMENT_VERSION:
         raise InvalidInputError(f"{what} fields differ from the format (version {SEGMENT_VERSION})")
     parent = _parent_of(doc, path, what)
     spec = doc["input"]

@@ -165,6 +165,13 @@ def sample_steps(job: Job, samples: int | None, rng: random.Random, *, also: Seq
     return tuple(sorted(chosen | always))
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """Sub-task ``index``'s own seed from a verification's seed (53 bits, JSON-safe): shards that
+    share steps and costs must not all re-check the same steps."""
+    material = hashlib.sha256(b"verimesh.subtask-seed.v1\x00%d\x00%d" % (seed, index)).digest()
+    return int.from_bytes(material[:8], "big") >> 11
+
+
 def seeded_rng(seed: int) -> random.Random:
     """Mersenne Twister seeded from SHA-256 of the seed, so audits replay on any platform."""
     material = hashlib.sha256(b"verimesh.sample.v1\x00" + str(seed).encode()).digest()

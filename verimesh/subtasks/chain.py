@@ -32,7 +32,7 @@ from verimesh.jobs.verdict import Check, Verdict
 from verimesh.signing.keys import PublicKey, load_public_key
 from verimesh.spot.evidence import store_evidence
 from verimesh.spot.sealed_evidence import write_link_evidence
-from verimesh.spot.spotcheck import mandatory_steps, sample_steps, seeded_rng
+from verimesh.spot.spotcheck import derived_seed, mandatory_steps, sample_steps, seeded_rng
 from verimesh.workflows import Samples, verify_parsed
 
 Status = Literal["accept", "reject", "error"]
@@ -315,8 +315,9 @@ def verify_shards(
     verifier's sampling per shard); on an accept, the outputs reassembled into the batch.
 
     1. Read every bundle. 2. ``shards``: every statement claims a shard of this job and this
-    batch's row count, each row exactly once. 3. Verify each shard in row order; stop at the
-    first reject. 4. Concatenate each output along the batch axis."""
+    batch's row count, each row exactly once. 3. Verify each shard in row order, each with its
+    own seed ``derived_seed(seed, row)``; stop at the first reject. 4. Concatenate each output
+    along the batch axis."""
     from verimesh.core.digest import tensor_digest
     from verimesh.core.tensors import TensorRef, load_input_file
     from verimesh.jobs.segments import batch_rows, shard_view
@@ -373,8 +374,11 @@ def verify_shards(
         k = indices[i]
         refs = tuple(TensorRef.of(s.name, rows[k][s.name]) for s in parent.model_inputs)
         view = shard_view(parent, len(rows), k, refs)
-        verdict, outputs = verify_parsed(parsed[i], job=view, public=keys[i], samples=samples, seed=seed,
-                                         evidence_out=evidence_out, runner=runner)  # fmt: skip
+        # Each shard draws with its own seed (derived from the verification's): the shards share
+        # steps and costs, and one draw for all would let one tampered step pass in every row.
+        verdict, outputs = verify_parsed(parsed[i], job=view, public=keys[i], samples=samples,
+                                         seed=derived_seed(seed, k), evidence_out=evidence_out,
+                                         runner=runner)  # fmt: skip
         results.append(SegmentResult(k, names[i], (0, len(parent.steps)), verdict,
                                      parsed[i].envelope.statement_digest(), keys[i], view.input_digest))  # fmt: skip
         if not verdict:

@@ -261,9 +261,10 @@ def recheck_receipt(
         return fail("the receipt is for another job")
     if not replay:
         return fail(f"the bundles do not verify again: {replay.reason}")
-    recorded = [(s["statement"], s["sampled_steps"]) for s in subtasks]
-    if [(s.statement, list(s.sampled_steps)) for s in replay.segments] != recorded or replay.outputs != body["outputs"]:
-        return fail("the bundles verify, but not as the receipt records (statements, sampled steps or outputs)")
+    recorded = [(s["statement"], s["sampled_steps"], s["input_digest"]) for s in subtasks]
+    replayed = [(s.statement, list(s.sampled_steps), s.input_digest) for s in replay.segments]
+    if replayed != recorded or replay.outputs != body["outputs"]:
+        return fail("the bundles verify, but not as the receipt records (statements, sampled steps, inputs or outputs)")
     # 2. An independent check with this checker's own randomness: a seed the verifier chose proves
     # nothing about the steps it did not sample.
     fresh = run(None)
