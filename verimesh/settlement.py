@@ -17,6 +17,8 @@ verifier the operator registered), after checking the log since its last checkpo
   an honest node may re-prove on another platform and sign other bits); if not, its own evidence
   slashes it as a fraud. Equivocation is proven only by evidence (``spot.equivocation``) that the
   two committed outputs differ beyond the job's tolerance, through ``slash_with_evidence``.
+- ``settle_chain``: the same for a job split into segments, verified as one chain: every segment
+  settled with its own node (accept), or only the node whose signature proves the fault (reject).
 - ``slash_with_evidence``: any writer may submit evidence; it is re-checked from scratch and
   slashes once per (node, job, step range) claim, whatever bytes encode it.
 - ``audit_ledger``: ``ledger verify`` with the rules replayed, evidence re-checked here (the
@@ -26,7 +28,7 @@ verifier the operator registered), after checking the log since its last checkpo
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -479,7 +481,7 @@ def verify_and_settle(
           changes no standing: nothing is written for it.
 
     A segment of a split job is refused: its links name statements only the chain verifies, so
-    alone it proves nothing about its inputs (settling a chain is not built yet).
+    alone it proves nothing about its inputs (``settle_chain`` settles the whole chain).
     """
     job = job if isinstance(job, Job) else load_job(job)
     _refuse_segment(job)
@@ -566,6 +568,147 @@ def verify_and_settle(
     if txn.commit_seq is not None:
         appended.append((txn.commit_seq, "commit"))
     return Settlement(verdict, tuple(appended), in_force_count, None, "; ".join(notes) or None)
+
+
+@dataclass(frozen=True)
+class ChainSettlement:
+    """A chain's verdict and what the ledger recorded for its segments, in one transaction."""
+
+    verdict: Any  # subtasks.chain.ChainVerdict (typed loosely: settlement sits below sub-tasks)
+    appended: tuple[tuple[int, str], ...]
+    samples_in_force: int | None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.verdict.to_json(),
+            "ledger_entries": [{"seq": seq, "kind": kind} for seq, kind in self.appended],
+            "samples_in_force": "all" if self.samples_in_force is None else self.samples_in_force,
+            "ledger_note": self.note,
+        }
+
+
+def settle_chain(
+    bundles: Sequence[Path],
+    *,
+    job: Job | Path,
+    ledger: Ledger,
+    writer: SecretKey,
+    verify_chain: Callable[..., Any],
+    samples: Samples = None,
+    seed: int | None = None,
+    evidence_out: Path | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ChainSettlement:
+    """``verify --ledger`` of a job split into segments: each segment settled with its own node.
+
+    1. Each bundle's signer is a registered node with something slashable, not the writer; each
+       segment's sub-job (``segment_id``) is posted (its owner's deposit pays that segment).
+    2. Samples: the caller's, else the strictest policy in force among the chain's nodes.
+    3. ``verify_chain`` (passed in: the chain verifier sits above this layer) with those keys.
+    4. One transaction: on an accept, every segment's receipt, verdict and reward as for a whole
+       job (claim: node, segment id, step range); on a reject, only what a node's own signature
+       is to blame for: the failing segment's evidence re-checked and its fraud slashed. A chain
+       rejected for a reason nobody's signature proves (a missing segment, another split, a link
+       to a statement the verifier was not given) records nothing.
+    """
+    from verimesh.jobs.segments import views_of
+
+    parent = job if isinstance(job, Job) else load_job(job)
+    if parent.segment is not None:
+        raise InvalidInputError("settle a chain against the job that was split, not one of its segments")
+    envelopes: list[Envelope | None] = []
+    for bundle in bundles:
+        try:
+            envelopes.append(read_bundle(bundle, limits=limits, version=parent.version).envelope)
+        except InvalidInputError:
+            envelopes.append(None)
+    publics: list[PublicKey] = []
+    in_force: Samples = samples
+    with ledger.view() as view:
+        if not view.may_write(writer.public):
+            raise InvalidInputError(
+                f"{writer.node_id} may not write to this ledger",
+                code="writer-not-registered",
+                hint="pass --verifier-key with the operator's or a registered verifier's key",
+            )
+        strictest = 0
+        for bundle, envelope in zip(bundles, envelopes, strict=True):
+            public = _find_signer(view, envelope)
+            if public is None:
+                raise InvalidInputError(f"{bundle} is unreadable or signed by no node registered in this ledger",
+                                        code="unknown-node")  # fmt: skip
+            if public.node_id == writer.node_id:
+                raise InvalidInputError(f"{writer.node_id} may not verify its own result", code="self-verification")
+            standing = _standing(view, public.node_id)
+            if standing.slashable <= 0:
+                raise InvalidInputError(f"node {public.node_id} has no stake left", code="no-stake")
+            strictest = max(strictest, standing.samples_for(len(parent.steps), parent.policy.samples))
+            publics.append(public)
+        if in_force is None:
+            in_force = strictest
+    verdict, _ = verify_chain(bundles, job=parent, node_keys=publics, samples=in_force, seed=seed,
+                              evidence_out=evidence_out, limits=limits)  # fmt: skip
+    notes: list[str] = []
+    views = {}
+    if verdict.segments:
+        first = envelopes[[str(b) for b in bundles].index(verdict.segments[0].bundle)]
+        assert first is not None
+        views = dict(enumerate(views_of(parent, first.statement()["predicate"]["segment"]["segments"])))
+    with ledger.transaction(writer) as txn:
+        view = _writer_view(txn)
+        outcomes = _chain_outcomes(verdict)
+        missing = [seg.index for seg, _ in outcomes if _account(view, views[seg.index].job_id) is None]
+        if missing:
+            raise InvalidInputError(
+                f"segment(s) {missing} of job {parent.job_id[:19]}… are not posted in this ledger",
+                code="unknown-job",
+                hint="the owner posts each segment with a deposit: `ledger job register --job parts/seg-K.json`",
+            )
+        recorded: list[tuple[int, str]] = []
+        for seg, outcome in outcomes:
+            envelope = envelopes[[str(b) for b in bundles].index(seg.bundle)]
+            assert envelope is not None
+            sub = views[seg.index]
+            settle = _Settle(txn, view, seg.public, sub.job_id, envelope)
+            own = _own_statement(envelope, seg.public, sub.job_id)
+            if own is None:
+                notes.append(f"segment {seg.index}: nothing recorded (not the node's own statement)")
+                continue
+            statement, claim = own
+            evidence: bytes | None = None
+            if outcome.status == "reject":
+                evidence = _read_evidence(Path(str(outcome.evidence)))
+                if not _proves(_check_evidence_bytes(evidence), seg.public.node_id, sub.job_id, claim, fraud=True):
+                    notes.append(f"segment {seg.index}: nothing recorded (the evidence does not re-check)")
+                    continue
+            _record(settle, outcome, statement, claim, in_force, evidence, notes)
+            recorded.extend(settle.appended)
+        if verdict.status != "accept" and not recorded:
+            notes.append("nothing recorded: the chain's reject is not attributable to a node's own signature")
+    appended = list(recorded)
+    if txn.commit_seq is not None:
+        appended.append((txn.commit_seq, "commit"))
+    count = None if in_force == "all" else int(in_force or 0)
+    return ChainSettlement(verdict, tuple(appended), count, "; ".join(notes) or None)
+
+
+def _chain_outcomes(verdict: Any) -> list[tuple[Any, Verdict]]:
+    """(segment, the verdict to record for it): every segment of an accepted chain; of a rejected
+    one only the segment whose node's signature proves the fault (its own reject with evidence,
+    or the later node of a broken link, whose link evidence is its reject)."""
+    if verdict.status == "accept":
+        return [(seg, seg.verdict) for seg in verdict.segments]
+    out = [(seg, seg.verdict) for seg in verdict.segments if seg.verdict.status == "reject" and seg.verdict.evidence]
+    failed = next((c for c in verdict.checks if not c.ok), None)
+    if verdict.link_evidence and failed is not None and failed.name.startswith("link-"):
+        later = int(failed.name.rsplit("-", 1)[1])
+        seg = next(s for s in verdict.segments if s.index == later)
+        v = seg.verdict
+        rejected = Verdict("reject", (*v.checks, failed), v.job_id, v.node_id, v.seed, v.sampled_steps,
+                           verdict.link_evidence)  # fmt: skip
+        out.append((seg, rejected))
+    return out
 
 
 def _record(

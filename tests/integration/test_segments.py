@@ -661,17 +661,118 @@ def test_pointer_files_do_not_chain(tmp_path: Path, chain: Chain) -> None:
 
 
 def test_the_ledger_settles_no_segment_alone(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
-    from tests.integration.test_ledger import join, new_ledger, settle
+    from tests.integration.test_ledger import join, new_ledger, post, settle
 
     led = new_ledger(tmp_path / "mesh.db")
     join(led, nodes[2], 100)
+    post(led, chain.views[2].job_id)  # posting a segment is how its node gets paid
     with pytest.raises(InvalidInputError, match="settled only with its chain"):
         settle(chain.bundles[2], chain.views[2], led)
-    write_key_pair(tmp_path / "owner.key", nodes[0])
-    result = CliRunner().invoke(cli, ["ledger", "request", "job", "--key", str(tmp_path / "owner.key"),
-                                      "--ledger", f"sqlite:///{tmp_path / 'mesh.db'}", "--job", str(chain.parts[2]),
-                                      "--amount", "5", "-o", str(tmp_path / "job.req")])  # fmt: skip
-    assert result.exit_code == 3 and "segment is not posted on its own" in result.output
+
+
+def _chain_ledger(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> Any:
+    from tests.integration.test_ledger import join, new_ledger, post
+
+    led = new_ledger(tmp_path / "mesh.db", reward=3, fraud_fraction="0.5")
+    for node in nodes:
+        join(led, node, 100)
+    for view in chain.views:
+        post(led, view.job_id, deposit=10)
+    return led
+
+
+def _standings(led: Any, nodes: list[SecretKey]) -> list[tuple[int, int, int]]:
+    from verimesh.settlement import node_standing
+
+    out = []
+    for node in nodes:
+        st = node_standing(led, node.node_id)
+        out.append((st.accepted, st.rewards, st.stake))
+    return out
+
+
+def test_a_chain_is_settled_segment_by_segment_with_each_node(
+    tmp_path: Path, chain: Chain, nodes: list[SecretKey]
+) -> None:
+    from tests.integration.test_ledger import operator
+    from verimesh.settlement import audit_ledger, settle_chain
+
+    led = _chain_ledger(tmp_path, chain, nodes)
+    settled = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led), verify_chain=verify_chain)
+    assert settled.verdict, settled.verdict.reason
+    kinds = [k for _, k in settled.appended]
+    assert kinds.count("receipt") == kinds.count("verdict") == kinds.count("reward") == 3
+    assert _standings(led, nodes) == [(1, 3, 100)] * 3
+    report = audit_ledger(led)
+    assert report.ok, report
+    # Settling the same chain again pays nobody twice.
+    again = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led), verify_chain=verify_chain)
+    assert again.verdict and not [k for _, k in again.appended if k != "commit"]
+    assert _standings(led, nodes) == [(1, 3, 100)] * 3
+
+
+def test_a_chain_with_a_cheat_slashes_only_the_cheat(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    from tests.integration.test_ledger import operator
+    from verimesh.settlement import audit_ledger, settle_chain
+
+    view = chain.views[2]
+    runner = StepRunner(device="cpu", precision=view.policy.precision, optimization=view.policy.optimization)
+    inputs = view.read_input()
+    linked, links = linked_inputs(view, [chain.bundles[1]])
+    inputs.update(linked)
+    trace = run_steps(view, None, inputs, runner)
+    last = view.steps[-1].outputs[0]
+    trace[last] = perturbed(trace[last], delta=5.0)
+    bad = tmp_path / "s2-bad.vmb"
+    seal_trace(view, trace, key=nodes[2], runner=runner, out=bad, links=links)
+    led = _chain_ledger(tmp_path, chain, nodes)
+    settled = settle_chain([*chain.bundles[:2], bad], job=chain.job, ledger=led, writer=operator(led),
+                           verify_chain=verify_chain)  # fmt: skip
+    assert settled.verdict.status == "reject"
+    assert [k for _, k in settled.appended if k != "commit"].count("slash") == 1
+    (s0, s1, s2) = _standings(led, nodes)
+    assert s0 == s1 == (0, 0, 100)  # the honest segments: neither paid (no result) nor slashed
+    assert s2[2] == 50
+    assert audit_ledger(led).ok
+
+
+def test_a_broken_link_slashes_the_later_node_only(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    from tests.integration.test_ledger import operator
+    from verimesh.settlement import audit_ledger, settle_chain
+
+    view = chain.views[1]
+    name = view.linked_names[0]
+
+    def own_links(trace: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        statement = read_bundle(chain.bundles[0], version=2).envelope.statement_digest()
+        return [{"segment": 0, "statement": statement,
+                 "tensors": {n: tensor_digest(n, trace[n]) for n in view.linked_names}}]  # fmt: skip
+
+    bad = _forged(chain, view, nodes[1], tmp_path / "s1-bad-link.vmb",
+                  trace_edit=lambda t: {**t, name: perturbed(t[name], delta=0.25)}, links=own_links)  # fmt: skip
+    led = _chain_ledger(tmp_path, chain, nodes)
+    settled = settle_chain([chain.bundles[0], bad, chain.bundles[2]], job=chain.job, ledger=led,
+                           writer=operator(led), verify_chain=verify_chain)  # fmt: skip
+    assert settled.verdict.status == "reject" and settled.verdict.checks[-1].name == "link-0-1"
+    (s0, s1, s2) = _standings(led, nodes)
+    assert s0[2] == s2[2] == 100 and s1[2] == 50
+    assert audit_ledger(led).ok
+
+
+def test_a_chain_verified_through_the_ledger_from_the_cli(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:
+    from tests.integration.test_ledger import operator
+
+    led = _chain_ledger(tmp_path, chain, nodes)
+    op = tmp_path / "op.key"
+    write_key_pair(op, operator(led))
+    url = f"sqlite:///{tmp_path / 'mesh.db'}"
+    args = ["verify", *map(str, chain.bundles), "--job", str(chain.job_path), "--ledger", url,
+            "--verifier-key", str(op), "--outputs-out", str(tmp_path / "o.npz"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert [e["kind"] for e in payload["ledger_entries"]].count("reward") == 3
+    assert set(np.load(tmp_path / "o.npz")) == set(chain.job.output_names)
 
 
 def test_every_shard_draws_its_own_steps(sharded: tuple[Chain, list[SecretKey]]) -> None:

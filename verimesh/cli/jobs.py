@@ -341,7 +341,7 @@ def verify(
     if node_keys is not None or len(bundles) > 1 or batch_file is not None:
         _verify_chain(ctx, bundles, job_file, node_keys, receipt_out, receipt_key, samples, seed, evidence_out,
                       outputs_out, limits, as_json, node_key=node_key, ledger_url=ledger_url,
-                      batch_file=batch_file)  # fmt: skip
+                      batch_file=batch_file, verifier_key=verifier_key)  # fmt: skip
         return
     if receipt_out is not None or receipt_key is not None:
         raise click.UsageError("--receipt-out and --key go with a chain of segments or shards (--node-keys)")
@@ -396,25 +396,52 @@ def _verify_chain(
     ctx: click.Context, bundles: tuple[Path, ...], job_file: Path, node_keys: str | None, receipt_out: Path | None,
     receipt_key: Path | None, samples: Any, seed: int | None, evidence_out: Path | None, outputs_out: Path | None,
     limits: Any, as_json: bool, *, node_key: Path | None, ledger_url: str | None, batch_file: Path | None,
+    verifier_key: Path | None,
 ) -> None:  # fmt: skip
     from verimesh.core.tensors import write_tensor_file
     from verimesh.subtasks.chain import verify_chain, verify_shards
 
-    if node_keys is None:
-        raise click.UsageError("several bundles are a chain of segments: give --node-keys K0,K1,... (one per bundle)")
-    if node_key is not None or ledger_url:
-        raise click.UsageError("a chain takes --node-keys, not --node-key or --ledger")
+    if (node_keys is None) == (not ledger_url) or node_key is not None:
+        raise click.UsageError(
+            "several bundles are a chain of segments or shards: give --node-keys K0,K1,... (one per bundle), "
+            "or --ledger (segments: keys from the ledger, each segment settled with its node)"
+        )
     if receipt_out is not None and receipt_key is None:
         raise click.UsageError("--receipt-out needs --key: the verifier's secret key signs the receipt")
-    keys = [Path(k) for k in node_keys.split(",") if k]
     signer = load_signing_key(receipt_key) if receipt_key is not None else None
-    if batch_file is not None:
+    settled: Any = None
+    if ledger_url:
+        from verimesh.ledger.store import Ledger
+        from verimesh.settlement import settle_chain
+
+        if batch_file is not None:
+            raise click.UsageError("--ledger settles a chain of segments; shards are settled one by one")
+        if verifier_key is None:
+            raise click.UsageError("--ledger needs --verifier-key: what is recorded is signed by its writer")
+        settled = settle_chain(bundles, job=job_file, ledger=Ledger.open(ledger_url), writer=load_signing_key(
+            verifier_key), verify_chain=verify_chain, samples=samples, seed=seed, evidence_out=evidence_out,
+            limits=limits)  # fmt: skip
+        verdict, values = settled.verdict, {}
+        if verdict and outputs_out is not None:  # the outputs again, from the bundles just verified
+            from verimesh.jobs.bundle import read_bundle
+            from verimesh.jobs.job import load_job
+
+            parent = load_job(job_file)
+            names = {seg.bundle: seg for seg in verdict.segments}
+            for bundle in bundles:
+                parsed = read_bundle(bundle, version=parent.version)
+                values.update(
+                    {n: parsed.tensors[n] for n in parent.output_names if n in names[str(bundle)].verdict.outputs}
+                )
+    elif batch_file is not None:
+        keys = [Path(k) for k in str(node_keys).split(",") if k]
         verdict, values = verify_shards(bundles, job=job_file, node_keys=keys, batch=batch_file, samples=samples,
                                         seed=seed, evidence_out=evidence_out, limits=limits)  # fmt: skip
     else:
+        keys = [Path(k) for k in str(node_keys).split(",") if k]
         verdict, values = verify_chain(bundles, job=job_file, node_keys=keys, samples=samples, seed=seed,
                                        evidence_out=evidence_out, limits=limits)  # fmt: skip
-    payload = verdict.to_json()
+    payload = settled.to_json() if settled is not None else verdict.to_json()
     if verdict and outputs_out is not None:
         write_tensor_file(outputs_out, values)
     if verdict and receipt_out is not None:
@@ -442,6 +469,10 @@ def _verify_chain(
         if verdict and receipt_out is not None:
             click.echo(f"receipt written to {receipt_out} (check: verimesh receipt check {receipt_out} "
                        "--verifier-key ...)")  # fmt: skip
+        for entry in payload.get("ledger_entries", []):
+            click.echo(f"ledger: appended entry {entry['seq']} ({entry['kind']})")
+        if payload.get("ledger_note"):
+            click.echo(f"ledger: {payload['ledger_note']}")
     if verdict.status == "error":
         click.echo(f"verimesh: error[bundle-invalid]: {verdict.reason}", err=True)
         ctx.exit(EXIT_INVALID_INPUT)

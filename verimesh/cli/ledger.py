@@ -242,7 +242,7 @@ def ledger_request(
             raise click.UsageError("a job request needs --job")
         from verimesh.jobs.job import load_job
 
-        job_id = _postable(load_job(job_file)).job_id
+        job_id = load_job(job_file).job_id
     request = sign_request(load_signing_key(party_key), action=action, ledger_id=the_id, amount=amount, job_id=job_id)
     write_report(out, json.dumps(request.to_json(), indent=2, sort_keys=True) + "\n")
     emit(as_json, {"request": str(out), "action": action, "node_id": request.node_id, "digest": request.digest},
@@ -353,7 +353,7 @@ def ledger_job_register(
             raise click.UsageError("--key needs --job")
         from verimesh.jobs.job import load_job
 
-        job_id = _postable(load_job(job_file)).job_id
+        job_id = load_job(job_file).job_id
     request = _request(led, "job", request_file, party_key, amount, job_id=job_id)
     seq = register_job(led, request, writer=load_signing_key(verifier_key))
     job = request.request["job_id"]
@@ -563,14 +563,3 @@ def ledger_bench(entries: int, batch: int, json_out: Path | None) -> None:
     if json_out:
         write_report(json_out, json.dumps(result, indent=2) + "\n")
 
-
-def _postable(job: Any) -> Any:
-    """A job a ledger can post: a whole job or a shard, not a segment (settled only with its chain)."""
-    from verimesh.errors import InvalidInputError
-
-    if job.segment is not None:
-        raise InvalidInputError(
-            "a segment is not posted on its own: post the job that was split",
-            hint="segments are verified as a chain (verify s0.vmb s1.vmb ... --node-keys ...)",
-        )
-    return job
