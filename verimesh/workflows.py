@@ -385,7 +385,8 @@ def verified_outputs(
     srs: Path | None = None,
 ) -> tuple[Verdict, dict[str, np.ndarray]]:
     """Verify a bundle against the job and the node key the job owner expects; the verdict, and
-    the output values when it is an accept (empty otherwise: nothing unverified is handed out).
+    the output values when it is an accept (empty otherwise, and for a segment of a split job:
+    nothing unverified is handed out; ``subtasks.chain`` verifies segments together).
 
     ``node_key``: the public key (or key file) the job owner expects; ``settlement`` takes it
     from the ledger.
@@ -421,8 +422,11 @@ def verified_outputs(
         state = _Verification(job, public, seed if seed is not None else 0)
         state.checks.append(Check("bundle-format", False, exc.message))
         return state.verdict("error"), {}
-    return verify_parsed(parsed, job=job, public=public, samples=samples, seed=seed, evidence_out=evidence_out,
-                         runner=runner, check_all_digests=check_all_digests, srs=srs)  # fmt: skip
+    verdict, outputs = verify_parsed(parsed, job=job, public=public, samples=samples, seed=seed,
+                                     evidence_out=evidence_out, runner=runner, check_all_digests=check_all_digests,
+                                     srs=srs)  # fmt: skip
+    # A segment's links name statements only its chain checks: alone, its outputs are not verified.
+    return verdict, {} if job.segment is not None else outputs
 
 
 def verify_parsed(

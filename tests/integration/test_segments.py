@@ -297,6 +297,14 @@ def test_a_segment_alone_hands_out_no_outputs(tmp_path: Path, chain: Chain, node
     with pytest.raises(InvalidInputError, match="only as part of its chain"):
         verify(chain.bundles[2], job=chain.parts[2], node_key=nodes[2].public, outputs_out=tmp_path / "o.npz")
     assert not (tmp_path / "o.npz").exists()
+    from verimesh.workflows import verified_outputs
+
+    alone, values = verified_outputs(chain.bundles[2], job=chain.parts[2], node_key=nodes[2].public)
+    assert alone and values == {}
+    write_key_pair(tmp_path / "n2.key", nodes[2])
+    result = CliRunner().invoke(cli, ["outputs", str(chain.bundles[2]), "--job", str(chain.parts[2]), "--node-key",
+                                      str(tmp_path / "n2.key.pub")])  # fmt: skip
+    assert result.exit_code == 3 and "only as part of its chain" in result.output
 
 
 def test_claims_are_json_exact(tmp_path: Path, chain: Chain, nodes: list[SecretKey]) -> None:

@@ -55,6 +55,12 @@ def outputs(
 
     init_runtime(ctx)
     job = load_job(job_file)
+    if job.segment is not None and not unverified:
+        raise InvalidInputError(
+            "a segment's outputs are verified only as part of its chain",
+            hint="verify every segment's bundle together: verify s0.vmb s1.vmb ... --job JOB --node-keys ... "
+            "--outputs-out FILE",
+        )
     if unverified:
         parsed = read_bundle(bundle, version=job.version)
         values = {n: parsed.tensors[n] for n in job.output_names if n in parsed.tensors}
