@@ -41,11 +41,7 @@ def read_user_file(path: Path, *, what: str, max_bytes: int) -> bytes:
             if stat.S_ISREG(info.st_mode) and info.st_size > max_bytes:
                 raise InvalidInputError(f"{what} {path} is {info.st_size} bytes, over the {max_bytes}-byte limit")
             data = fh.read(max_bytes + 1)
-    except FileNotFoundError as exc:
-        raise InvalidInputError(f"{what} {path} not found") from exc
-    except IsADirectoryError as exc:
-        raise InvalidInputError(f"{what} {path} is a directory") from exc
-    except OSError as exc:
+    except OSError as exc:  # open_input has named a missing file, a directory or a pipe already
         raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
         raise InvalidInputError(f"{what} {path} is over the {max_bytes}-byte limit")

@@ -124,6 +124,17 @@ class ChainVerdict:
         }
 
 
+def _read_all(bundles: Sequence[Path], limits: Limits, version: int) -> list[Bundle] | Check:
+    """Every bundle read within limits, or the check naming the first that is malformed."""
+    parsed = []
+    for path in bundles:
+        try:
+            parsed.append(read_bundle(path, limits=limits, version=version))
+        except InvalidInputError as exc:
+            return Check("bundle-format", False, f"{path}: {exc.message}")
+    return parsed
+
+
 def _claims(parsed: Sequence[Bundle], names: Sequence[str]) -> list[dict[str, Any]] | Check:
     """Each bundle's claimed place in a split (unauthenticated until its segment is verified)."""
     claims = []
@@ -176,13 +187,10 @@ def verify_chain(
         return ChainVerdict(status, tuple(checks), parent.job_id, seed, tuple(segments)), {}
 
     # 1.
-    parsed: list[Bundle] = []
-    for path in bundles:
-        try:
-            parsed.append(read_bundle(path, limits=limits, version=parent.version))
-        except InvalidInputError as exc:
-            checks.append(Check("bundle-format", False, f"{path}: {exc.message}"))
-            return done("error")
+    parsed = _read_all(bundles, limits, parent.version)
+    if isinstance(parsed, Check):
+        checks.append(parsed)
+        return done("error")
     names = [str(p) for p in bundles]
     # 2.
     claims = _claims(parsed, names)
@@ -334,13 +342,10 @@ def verify_shards(
     def done(status: Status, segments: Sequence[SegmentResult] = ()) -> tuple[ChainVerdict, dict[str, np.ndarray]]:
         return ChainVerdict(status, tuple(checks), parent.job_id, seed, tuple(segments), kind="shards"), {}
 
-    parsed: list[Bundle] = []
-    for path in bundles:
-        try:
-            parsed.append(read_bundle(path, limits=limits, version=parent.version))
-        except InvalidInputError as exc:
-            checks.append(Check("bundle-format", False, f"{path}: {exc.message}"))
-            return done("error")
+    parsed = _read_all(bundles, limits, parent.version)
+    if isinstance(parsed, Check):
+        checks.append(parsed)
+        return done("error")
     names = [str(p) for p in bundles]
     indices: list[int] = []
     for bundle, name in zip(parsed, names, strict=True):
