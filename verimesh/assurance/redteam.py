@@ -586,10 +586,15 @@ def markdown_report(reports: Sequence[dict[str, Any]]) -> str:
             pred = "-" if s["predicted"] is None else f"{max(s['predicted'], 0.0):.3f}"  # never "-0.000"
             stake = "inf" if s["min_stake"] == float("inf") else f"{s['min_stake']:.2f}"
             reasons = ", ".join(f"{k} ({v})" for k, v in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:3])
+            # Measured for the laundering strategies only: every other cheat moves values beyond the
+            # tolerance, so each of its undetected trials is a wrong result accepted.
+            measured = s["strategy"] in LAUNDERING
+            harm = s.get("harmful", 0) if measured else "-"
+            wrong = s.get("wrong_accepted", 0) if measured else "-"
             lines.append(
                 f"| {s['strategy']} | {s['detected']}/{s['trials']} | {s['rate']:.3f} | "
                 f"[{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] | {pred} | {'yes' if s['within_ci'] else 'NO'} | "
-                f"{stake} | {s.get('harmful', 0)} | {s.get('wrong_accepted', 0)} | {reasons} |"
+                f"{stake} | {harm} | {wrong} | {reasons} |"
             )
         if idle:
             lines += ["", f"Not played (nothing in this model to attack that way): {', '.join(idle)}."]

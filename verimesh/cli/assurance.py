@@ -200,7 +200,8 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | Non
             "trials whose model outputs differ from the honest ones beyond the job's tolerance (for the "
             "laundering strategies, which nudge values inside the tolerance, the ones that did harm); "
             "*wrong accepted* harmful trials the verifier accepted: wrong results a job owner would have "
-            "received.\n\n"
+            "received (both measured for the laundering strategies; every other strategy moves values beyond "
+            "the tolerance, so each of its undetected trials is a wrong result accepted).\n\n"
         )
         write_report(md_out, header + text)
     if plot_out:
