@@ -562,4 +562,3 @@ def ledger_bench(entries: int, batch: int, json_out: Path | None) -> None:
     click.echo("\n".join(ledger_table([result])))
     if json_out:
         write_report(json_out, json.dumps(result, indent=2) + "\n")
-
