@@ -14,9 +14,13 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--job", "job_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--node-key", type=click.Path(dir_okay=False, path_type=Path), help="The node's public key file.")
+@click.option("--node-keys", default=None,
+              help="A split job: the nodes' public key files, comma-separated, one per bundle in order.")  # fmt: skip
+@click.option("--shards", "batch_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A job split into shards: the batch that was split (outputs joined into the batch).")  # fmt: skip
 @click.option(
     "--ledger", "ledger_url", default=None,
     help="Ledger URL instead of --node-key: the signer's registered key and the audit policy in force (read only: "
@@ -35,9 +39,11 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 @click.pass_context
 def outputs(
     ctx: click.Context,
-    bundle: Path,
+    bundles: tuple[Path, ...],
     job_file: Path,
     node_key: Path | None,
+    node_keys: str | None,
+    batch_file: Path | None,
     ledger_url: str | None,
     samples: Any,
     seed: int | None,
@@ -46,15 +52,35 @@ def outputs(
     srs: Path | None,
     as_json: bool,
 ) -> None:
-    """The output values of BUNDLE, after verifying it exactly as `verify` does (exit 1 and no
-    values on a reject). With -o they are written to a file; else printed."""
-    from verimesh.core.tensors import tensors_to_json, write_tensor_file
+    """The output values of a bundle, after verifying it exactly as `verify` does (exit 1 and no
+    values on a reject). With -o they are written to a file; else printed. A split job: every
+    segment's bundle (or every shard's, with --shards) and --node-keys; verified as one job."""
     from verimesh.jobs.bundle import read_bundle
     from verimesh.jobs.job import load_job
     from verimesh.workflows import verified_outputs
 
     init_runtime(ctx)
     job = load_job(job_file)
+    if node_keys is not None or len(bundles) > 1 or batch_file is not None:
+        if node_keys is None or unverified or node_key is not None or ledger_url is not None:
+            raise click.UsageError("a split job's bundles take --node-keys (one per bundle), verified together")
+        from verimesh.subtasks.chain import verify_chain, verify_shards
+
+        keys = [Path(k) for k in node_keys.split(",") if k]
+        if batch_file is not None:
+            chain, values = verify_shards(
+                bundles, job=job, node_keys=keys, batch=batch_file, samples=samples, seed=seed
+            )
+        else:
+            chain, values = verify_chain(bundles, job=job, node_keys=keys, samples=samples, seed=seed)
+        if chain.status == "error":
+            raise InvalidInputError(chain.reason, code="bundle-invalid")
+        if not chain:
+            emit(as_json, {**chain.to_json(), "values": None}, f"REJECT: {chain.reason}")
+            ctx.exit(EXIT_REJECTED)
+        _show(job, values, out, True, "accept", as_json)
+        return
+    bundle = bundles[0]
     if job.segment is not None and not unverified:
         raise InvalidInputError(
             "a segment's outputs are verified only as part of its chain",
@@ -83,17 +109,25 @@ def outputs(
             payload = {**verdict.to_json(), "values": None}
             emit(as_json, payload, f"REJECT: {verdict.reason}")
             ctx.exit(EXIT_REJECTED)
+    _show(job, values, out, verdict is not None, verdict.status if verdict else None, as_json)
+
+
+def _show(
+    job: Any, values: dict[str, Any], out: Path | None, verified: bool, status: str | None, as_json: bool
+) -> None:
+    from verimesh.core.tensors import tensors_to_json, write_tensor_file
+
     if out is not None:
         write_tensor_file(out, values)
     payload = {
-        "verified": verdict is not None,
-        "verdict": verdict.status if verdict else None,
+        "verified": verified,
+        "verdict": status,
         "job_id": job.job_id,
         "outputs": {n: str(v.dtype) + str(list(v.shape)) for n, v in values.items()},
         "written": str(out) if out else None,
         **({} if out else {"values": tensors_to_json(values)}),
     }
-    human = [f"{'VERIFIED' if verdict else 'UNVERIFIED'} outputs of job {job.job_id[:19]}…"]
+    human = [f"{'VERIFIED' if verified else 'UNVERIFIED'} outputs of job {job.job_id[:19]}…"]
     for name, value in values.items():
         human.append(f"{name}: {value.dtype}{list(value.shape)}")
         if out is None:
