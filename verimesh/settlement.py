@@ -49,6 +49,7 @@ from verimesh.ledger.store import Checkpoint, Ledger, LedgerReport, LedgerView, 
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey, SecretKey
 from verimesh.spot.evidence import EvidenceResult, check_evidence
+from verimesh.subtasks.chain import ChainVerdict, SegmentResult, verify_chain
 from verimesh.workflows import Samples, verify
 
 MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
@@ -574,7 +575,7 @@ def verify_and_settle(
 class ChainSettlement:
     """A chain's verdict and what the ledger recorded for its segments, in one transaction."""
 
-    verdict: Any  # subtasks.chain.ChainVerdict (typed loosely: settlement sits below sub-tasks)
+    verdict: ChainVerdict
     appended: tuple[tuple[int, str], ...]
     samples_in_force: int | None
     note: str | None = None
@@ -594,7 +595,6 @@ def settle_chain(
     job: Job | Path,
     ledger: Ledger,
     writer: SecretKey,
-    verify_chain: Callable[..., Any],
     samples: Samples = None,
     seed: int | None = None,
     evidence_out: Path | None = None,
@@ -605,7 +605,7 @@ def settle_chain(
     1. Each bundle's signer is a registered node with something slashable, not the writer; each
        segment's sub-job (``segment_id``) is posted (its owner's deposit pays that segment).
     2. Samples: the caller's, else the strictest policy in force among the chain's nodes.
-    3. ``verify_chain`` (passed in: the chain verifier sits above this layer) with those keys.
+    3. ``verify_chain`` with those keys.
     4. One transaction: on an accept, every segment's receipt, verdict and reward as for a whole
        job (claim: node, segment id, step range); on a reject, only what a node's own signature
        is to blame for: the failing segment's evidence re-checked and its fraud slashed. A chain
@@ -693,7 +693,7 @@ def settle_chain(
     return ChainSettlement(verdict, tuple(appended), count, "; ".join(notes) or None)
 
 
-def _chain_outcomes(verdict: Any) -> list[tuple[Any, Verdict]]:
+def _chain_outcomes(verdict: ChainVerdict) -> list[tuple[SegmentResult, Verdict]]:
     """(segment, the verdict to record for it): every segment of an accepted chain; of a rejected
     one only the segment whose node's signature proves the fault (its own reject with evidence,
     or the later node of a broken link, whose link evidence is its reject)."""

@@ -706,7 +706,7 @@ def test_a_chain_is_settled_segment_by_segment_with_each_node(
     from verimesh.settlement import audit_ledger, settle_chain
 
     led = _chain_ledger(tmp_path, chain, nodes)
-    settled = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led), verify_chain=verify_chain)
+    settled = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led))
     assert settled.verdict, settled.verdict.reason
     kinds = [k for _, k in settled.appended]
     assert kinds.count("receipt") == kinds.count("verdict") == kinds.count("reward") == 3
@@ -714,7 +714,7 @@ def test_a_chain_is_settled_segment_by_segment_with_each_node(
     report = audit_ledger(led)
     assert report.ok, report
     # Settling the same chain again pays nobody twice.
-    again = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led), verify_chain=verify_chain)
+    again = settle_chain(chain.bundles, job=chain.job, ledger=led, writer=operator(led))
     assert again.verdict and not [k for _, k in again.appended if k != "commit"]
     assert _standings(led, nodes) == [(1, 3, 100)] * 3
 
@@ -734,8 +734,7 @@ def test_a_chain_with_a_cheat_slashes_only_the_cheat(tmp_path: Path, chain: Chai
     bad = tmp_path / "s2-bad.vmb"
     seal_trace(view, trace, key=nodes[2], runner=runner, out=bad, links=links)
     led = _chain_ledger(tmp_path, chain, nodes)
-    settled = settle_chain([*chain.bundles[:2], bad], job=chain.job, ledger=led, writer=operator(led),
-                           verify_chain=verify_chain)  # fmt: skip
+    settled = settle_chain([*chain.bundles[:2], bad], job=chain.job, ledger=led, writer=operator(led))  # fmt: skip
     assert settled.verdict.status == "reject"
     assert [k for _, k in settled.appended if k != "commit"].count("slash") == 1
     (s0, s1, s2) = _standings(led, nodes)
@@ -760,7 +759,7 @@ def test_a_broken_link_slashes_the_later_node_only(tmp_path: Path, chain: Chain,
                   trace_edit=lambda t: {**t, name: perturbed(t[name], delta=0.25)}, links=own_links)  # fmt: skip
     led = _chain_ledger(tmp_path, chain, nodes)
     settled = settle_chain([chain.bundles[0], bad, chain.bundles[2]], job=chain.job, ledger=led,
-                           writer=operator(led), verify_chain=verify_chain)  # fmt: skip
+                           writer=operator(led))  # fmt: skip
     assert settled.verdict.status == "reject" and settled.verdict.checks[-1].name == "link-0-1"
     (s0, s1, s2) = _standings(led, nodes)
     assert s0[2] == s2[2] == 100 and s1[2] == 50

@@ -419,8 +419,7 @@ def _verify_chain(
         if verifier_key is None:
             raise click.UsageError("--ledger needs --verifier-key: what is recorded is signed by its writer")
         settled = settle_chain(bundles, job=job_file, ledger=Ledger.open(ledger_url), writer=load_signing_key(
-            verifier_key), verify_chain=verify_chain, samples=samples, seed=seed, evidence_out=evidence_out,
-            limits=limits)  # fmt: skip
+            verifier_key), samples=samples, seed=seed, evidence_out=evidence_out, limits=limits)  # fmt: skip
         verdict, values = settled.verdict, {}
         if verdict and outputs_out is not None:  # the outputs again, from the bundles just verified
             from verimesh.jobs.bundle import read_bundle
