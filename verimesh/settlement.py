@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +419,44 @@ def _envelope_of(bundle: Path, job: Job, limits: Limits) -> Envelope | None:
         return None
 
 
+def _require_writer(view: LedgerView, writer: SecretKey) -> None:
+    if not view.may_write(writer.public):
+        raise InvalidInputError(
+            f"{writer.node_id} may not write to this ledger",
+            code="writer-not-registered",
+            hint="pass --verifier-key with the operator's or a registered verifier's key",
+        )
+
+
+def _registered_signer(view: LedgerView, bundle: Path, envelope: Envelope | None, hint: str) -> PublicKey:
+    public = _find_signer(view, envelope)
+    if public is None:
+        raise InvalidInputError(
+            f"{bundle} is unreadable or signed by no node registered in this ledger", code="unknown-node", hint=hint
+        )
+    return public
+
+
+def _refuse_self(public: PublicKey, writer: SecretKey) -> None:
+    if public.node_id == writer.node_id:
+        raise InvalidInputError(
+            f"{writer.node_id} may not verify its own result",
+            code="self-verification",
+            hint="another verifier settles this node's bundles",
+        )
+
+
+def _require_stake(public: PublicKey, standing: Standing) -> None:
+    # What a fraud could still take: the bonded stake and every withdrawal still unbonding (a node
+    # that withdraws all of it right after cheating is still re-checked and slashed).
+    if standing.slashable <= 0:
+        raise InvalidInputError(
+            f"node {public.node_id} has no stake left",
+            code="no-stake",
+            hint="the node adds stake with `verimesh ledger stake top-up`",
+        )
+
+
 def _refuse_segment(job: Job) -> None:
     if job.segment is not None:
         raise InvalidInputError(
@@ -437,13 +475,8 @@ def registered_signer(
     job = job if isinstance(job, Job) else load_job(job)
     envelope = _envelope_of(bundle, job, limits)
     with ledger.view() as view:
-        public = _find_signer(view, envelope)
-        if public is None:
-            raise InvalidInputError(
-                f"{bundle} is unreadable or signed by no node registered in this ledger",
-                code="unknown-node",
-                hint="register the node with `verimesh ledger register`, or give --node-key",
-            )
+        public = _registered_signer(view, bundle, envelope, "register the node with `verimesh ledger register`, "
+                                    "or give --node-key")  # fmt: skip
         standing = _standing(view, public.node_id)
     return public, standing.samples_for(len(job.steps), job.policy.samples)
 
@@ -487,45 +520,20 @@ def verify_and_settle(
     job = job if isinstance(job, Job) else load_job(job)
     _refuse_segment(job)
     # 1.
-    try:
-        envelope: Envelope | None = read_bundle(bundle, limits=limits, version=job.version).envelope
-    except InvalidInputError:
-        envelope = None
+    envelope = _envelope_of(bundle, job, limits)
     with ledger.view() as view:
-        if not view.may_write(writer.public):
-            raise InvalidInputError(
-                f"{writer.node_id} may not write to this ledger",
-                code="writer-not-registered",
-                hint="pass --verifier-key with the operator's or a registered verifier's key",
-            )
-        public = _find_signer(view, envelope)
-        if public is None:
-            raise InvalidInputError(
-                f"{bundle} is unreadable or signed by no node registered in this ledger",
-                code="unknown-node",
-                hint="register the node with `verimesh ledger register`, or verify with --node-key",
-            )
+        _require_writer(view, writer)
+        public = _registered_signer(view, bundle, envelope, "register the node with `verimesh ledger register`, "
+                                    "or verify with --node-key")  # fmt: skip
         if _account(view, job.job_id) is None:
             raise InvalidInputError(
                 f"job {job.job_id} is not registered in this ledger",
                 code="unknown-job",
                 hint="its owner posts it with a deposit: `verimesh ledger job register`",
             )
-        if public.node_id == writer.node_id:
-            raise InvalidInputError(
-                f"{writer.node_id} may not verify its own result",
-                code="self-verification",
-                hint="another verifier settles this node's bundles",
-            )
+        _refuse_self(public, writer)
         standing = _standing(view, public.node_id)
-    # What a fraud could still take: the bonded stake and every withdrawal still unbonding (a node
-    # that withdraws all of it right after cheating is still re-checked and slashed).
-    if standing.slashable <= 0:
-        raise InvalidInputError(
-            f"node {public.node_id} has no stake left",
-            code="no-stake",
-            hint="the node adds stake with `verimesh ledger stake top-up`",
-        )
+    _require_stake(public, standing)
     # 2.
     in_force = samples if samples is not None else standing.samples_for(len(job.steps), job.policy.samples)
     # 3.
@@ -579,6 +587,7 @@ class ChainSettlement:
     appended: tuple[tuple[int, str], ...]
     samples_in_force: int | None
     note: str | None = None
+    values: dict[str, Any] = field(default_factory=dict, repr=False)  # the job's outputs, on an accept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -617,37 +626,22 @@ def settle_chain(
     parent = job if isinstance(job, Job) else load_job(job)
     if parent.segment is not None:
         raise InvalidInputError("settle a chain against the job that was split, not one of its segments")
-    envelopes: list[Envelope | None] = []
-    for bundle in bundles:
-        try:
-            envelopes.append(read_bundle(bundle, limits=limits, version=parent.version).envelope)
-        except InvalidInputError:
-            envelopes.append(None)
+    envelopes = [_envelope_of(bundle, parent, limits) for bundle in bundles]
     publics: list[PublicKey] = []
     in_force: Samples = samples
     with ledger.view() as view:
-        if not view.may_write(writer.public):
-            raise InvalidInputError(
-                f"{writer.node_id} may not write to this ledger",
-                code="writer-not-registered",
-                hint="pass --verifier-key with the operator's or a registered verifier's key",
-            )
+        _require_writer(view, writer)
         strictest = 0
         for bundle, envelope in zip(bundles, envelopes, strict=True):
-            public = _find_signer(view, envelope)
-            if public is None:
-                raise InvalidInputError(f"{bundle} is unreadable or signed by no node registered in this ledger",
-                                        code="unknown-node")  # fmt: skip
-            if public.node_id == writer.node_id:
-                raise InvalidInputError(f"{writer.node_id} may not verify its own result", code="self-verification")
+            public = _registered_signer(view, bundle, envelope, "register the node with `verimesh ledger register`")
+            _refuse_self(public, writer)
             standing = _standing(view, public.node_id)
-            if standing.slashable <= 0:
-                raise InvalidInputError(f"node {public.node_id} has no stake left", code="no-stake")
+            _require_stake(public, standing)
             strictest = max(strictest, standing.samples_for(len(parent.steps), parent.policy.samples))
             publics.append(public)
         if in_force is None:
             in_force = strictest
-    verdict, _ = verify_chain(bundles, job=parent, node_keys=publics, samples=in_force, seed=seed,
+    verdict, values = verify_chain(bundles, job=parent, node_keys=publics, samples=in_force, seed=seed,
                               evidence_out=evidence_out, limits=limits)  # fmt: skip
     notes: list[str] = []
     views = {}
@@ -690,7 +684,7 @@ def settle_chain(
     if txn.commit_seq is not None:
         appended.append((txn.commit_seq, "commit"))
     count = None if in_force == "all" else int(in_force or 0)
-    return ChainSettlement(verdict, tuple(appended), count, "; ".join(notes) or None)
+    return ChainSettlement(verdict, tuple(appended), count, "; ".join(notes) or None, values)
 
 
 def _chain_outcomes(verdict: ChainVerdict) -> list[tuple[SegmentResult, Verdict]]:

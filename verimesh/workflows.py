@@ -623,61 +623,18 @@ def _sealed_evidence(
 def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verification) -> None:
     """Steps 2-5 for a version 2 job; appends passed checks, raises ``_Rejected`` at the first failure."""
     checks = state.checks
-    # 2.
-    signature = _signature_check(parsed, public)
-    if not signature.ok:
-        raise _Rejected(signature)
-    checks.append(signature)
-    # 3.
-    try:
-        statement = parsed.envelope.statement()
-    except InvalidInputError as exc:
-        raise _Rejected(Check("statement", False, exc.message)) from exc
-    pred = statement["predicate"]
-    if statement["predicateType"] != PREDICATE_TYPES[2]:
-        raise _Rejected(
-            Check("statement", False, "wrong predicate type", PREDICATE_TYPES[2], str(statement["predicateType"]))
-        )
-    if pred.get("job_id") != job.job_id:
-        raise _Rejected(
-            Check(
-                "job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))
-            )
-        )
-    if pred.get("node_id") != public.node_id:
-        raise _Rejected(
-            Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id")))
-        )
-    for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
-        if pred.get(field_name) != pinned:
-            detail = f"signed {field_name} differs from the job's"
-            check = Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name)))
-            raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", field_name, detail, []))
-    runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
-    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
-    expected = {
-        "mode": ("spot", pred.get("mode")),
-        "step_range": (job.step_range, pred.get("step_range")),
-        "precision": (job.policy.precision, runtime.get("precision")),
-        "optimization": (job.policy.optimization, runtime.get("optimization")),
-        "commitment algorithm": (COMMITMENT_ALGORITHMS[2], commitment.get("algorithm")),
-        "commitment leaves": (len(parsed.members), commitment.get("leaves")),
-    }
-    for what, (want, got) in expected.items():
-        if want != got:
-            raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
+    # 2. and 3.
+    statement, pred, runtime, commitment = _checked_statement(
+        parsed, job, public, checks, predicate_type=PREDICATE_TYPES[2], algorithm=COMMITMENT_ALGORITHMS[2],
+        leaves=len(parsed.members), step_range=job.step_range,
+        binding_evidence=lambda field, detail: _sealed_evidence(parsed, job, public, "binding", field, detail, []),
+    )  # fmt: skip
     links = _segment_links(pred, job)
     expected_shard = shard_claim(job) if job.shard is not None else None
     if canonical_json(pred.get("shard")) != canonical_json(expected_shard) or (job.shard is None and "shard" in pred):
         raise _Rejected(Check("shard", False, "the statement's shard claim is not this job's", str(job.shard)[:200],
                               str(pred.get("shard"))[:200]))  # fmt: skip
-    try:
-        root = parse_digest(commitment.get("root"), what="commitment root")
-    except InvalidInputError as exc:
-        raise _Rejected(Check("statement", False, exc.message)) from exc
-    checks.append(
-        Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}")
-    )
+    root = _signed_root(commitment, job, runtime, checks)
     # 4.
     sealed = sealed_root(parsed.leaves)
     if sealed != root:
@@ -766,6 +723,71 @@ def _segment_links(pred: Mapping[str, Any], job: Job) -> dict[str, str]:
     return {n: str(d) for link in links for n, d in link["tensors"].items()}
 
 
+def _checked_statement(
+    parsed: Bundle, job: Job, public: PublicKey, checks: list[Check], *, predicate_type: str, algorithm: str,
+    leaves: int, step_range: list[int], binding_evidence: Callable[[str, str], EvidenceWriter],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Steps 2 and 3 of either format: the node's signature, then the statement against the job
+    (predicate type, job, node, model and input digests, mode, step range, runtime, commitment
+    parameters). Returns (statement, predicate, runtime, commitment); raises ``_Rejected``."""
+    # 2.
+    signature = _signature_check(parsed, public)
+    if not signature.ok:
+        raise _Rejected(signature)
+    checks.append(signature)
+    # 3.
+    try:
+        statement = parsed.envelope.statement()
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    pred = statement["predicate"]
+    if statement["predicateType"] != predicate_type:
+        raise _Rejected(
+            Check("statement", False, "wrong predicate type", predicate_type, str(statement["predicateType"]))
+        )
+    if pred.get("job_id") != job.job_id:
+        raise _Rejected(
+            Check(
+                "job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))
+            )
+        )
+    if pred.get("node_id") != public.node_id:
+        raise _Rejected(
+            Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id")))
+        )
+    for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
+        if pred.get(field_name) != pinned:
+            detail = f"signed {field_name} differs from the job's"
+            check = Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name)))
+            raise _Rejected(check, binding_evidence(field_name, detail))
+    runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
+    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
+    expected = {
+        "mode": ("spot", pred.get("mode")),
+        "step_range": (step_range, pred.get("step_range")),
+        "precision": (job.policy.precision, runtime.get("precision")),
+        "optimization": (job.policy.optimization, runtime.get("optimization")),
+        "commitment algorithm": (algorithm, commitment.get("algorithm")),
+        "commitment leaves": (leaves, commitment.get("leaves")),
+    }
+    for what, (want, got) in expected.items():
+        if want != got:
+            raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
+    return statement, pred, runtime, commitment
+
+
+def _signed_root(commitment: dict[str, Any], job: Job, runtime: dict[str, Any], checks: list[Check]) -> bytes:
+    """The commitment root the node signed; the statement check passes with it."""
+    try:
+        root = parse_digest(commitment.get("root"), what="commitment root")
+    except InvalidInputError as exc:
+        raise _Rejected(Check("statement", False, exc.message)) from exc
+    checks.append(
+        Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}")
+    )
+    return root
+
+
 def _signature_check(parsed: Bundle, public: PublicKey) -> Check:
     if parsed.envelope.signed_by(public):
         return Check("signature", True, f"signed by {public.node_id}")
@@ -798,58 +820,13 @@ def _check_envelope_and_trace(
     """Steps 2-4 of ``verify``; appends passed checks, raises ``_Rejected`` at the first failure."""
     from verimesh.core import merkle
 
-    # 2.
-    signature = _signature_check(parsed, public)
-    if not signature.ok:
-        raise _Rejected(signature)
-    checks.append(signature)
-    # 3.
-    try:
-        statement = parsed.envelope.statement()
-    except InvalidInputError as exc:
-        raise _Rejected(Check("statement", False, exc.message)) from exc
-    pred = statement["predicate"]
-    if statement["predicateType"] != PREDICATE_TYPE:
-        raise _Rejected(
-            Check("statement", False, "wrong predicate type", PREDICATE_TYPE, str(statement["predicateType"]))
-        )
-    if pred.get("job_id") != job.job_id:
-        raise _Rejected(
-            Check(
-                "job-binding", False, "the bundle is for another job (replayed?)", job.job_id, str(pred.get("job_id"))
-            )
-        )
-    if pred.get("node_id") != public.node_id:
-        raise _Rejected(
-            Check("node-binding", False, "statement names another node", public.node_id, str(pred.get("node_id")))
-        )
-    for field_name, pinned in (("model_digest", job.model_digest), ("input_digest", job.input_digest)):
-        if pred.get(field_name) != pinned:
-            detail = f"signed {field_name} differs from the job's"
-            raise _Rejected(
-                Check(field_name.replace("_digest", "-binding"), False, detail, pinned, str(pred.get(field_name))),
-                _v1_binding_evidence(parsed, job, public, field_name, detail, [], ()),
-            )
-    runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
-    commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
-    expected = {
-        "mode": ("spot", pred.get("mode")),
-        "step_range": ([0, len(job.steps)], pred.get("step_range")),
-        "precision": (job.policy.precision, runtime.get("precision")),
-        "optimization": (job.policy.optimization, runtime.get("optimization")),
-        "commitment algorithm": (COMMITMENT_ALGORITHM, commitment.get("algorithm")),
-        "commitment leaves": (len(job.trace_names), commitment.get("leaves")),
-    }
-    for what, (want, got) in expected.items():
-        if want != got:
-            raise _Rejected(Check("statement", False, f"{what} differs from the job's", str(want), str(got)))
-    try:
-        root = parse_digest(commitment.get("root"), what="commitment root")
-    except InvalidInputError as exc:
-        raise _Rejected(Check("statement", False, exc.message)) from exc
-    checks.append(
-        Check("statement", True, f"job {job.job_id[:19]}…, {len(job.steps)} steps, {runtime.get('provider')}")
-    )
+    # 2. and 3.
+    statement, pred, runtime, commitment = _checked_statement(
+        parsed, job, public, checks, predicate_type=PREDICATE_TYPE, algorithm=COMMITMENT_ALGORITHM,
+        leaves=len(job.trace_names), step_range=[0, len(job.steps)],
+        binding_evidence=lambda field, detail: _v1_binding_evidence(parsed, job, public, field, detail, [], ()),
+    )  # fmt: skip
+    root = _signed_root(commitment, job, runtime, checks)
     # 4.
     if sha256_bytes(parsed.trace_bytes) != pred.get("proof_digest"):
         raise _Rejected(Check("trace", False, "trace.json is not the one the statement signs"))

@@ -420,18 +420,7 @@ def _verify_chain(
             raise click.UsageError("--ledger needs --verifier-key: what is recorded is signed by its writer")
         settled = settle_chain(bundles, job=job_file, ledger=Ledger.open(ledger_url), writer=load_signing_key(
             verifier_key), samples=samples, seed=seed, evidence_out=evidence_out, limits=limits)  # fmt: skip
-        verdict, values = settled.verdict, {}
-        if verdict and outputs_out is not None:  # the outputs again, from the bundles just verified
-            from verimesh.jobs.bundle import read_bundle
-            from verimesh.jobs.job import load_job
-
-            parent = load_job(job_file)
-            names = {seg.bundle: seg for seg in verdict.segments}
-            for bundle in bundles:
-                parsed = read_bundle(bundle, version=parent.version)
-                values.update(
-                    {n: parsed.tensors[n] for n in parent.output_names if n in names[str(bundle)].verdict.outputs}
-                )
+        verdict, values = settled.verdict, settled.values
     elif batch_file is not None:
         keys = [Path(k) for k in str(node_keys).split(",") if k]
         verdict, values = verify_shards(bundles, job=job_file, node_keys=keys, batch=batch_file, samples=samples,

@@ -124,6 +124,21 @@ class ChainVerdict:
         }
 
 
+def _start(
+    job: Job | Path, bundles: Sequence[Path], node_keys: Sequence[PublicKey | Path], seed: int | None
+) -> tuple[Job, list[PublicKey], int]:
+    """The parent job (a whole job), one key per bundle, and the verifier's seed."""
+    parent = job if isinstance(job, Job) else load_job(job)
+    if parent.segment is not None or parent.shard is not None:
+        raise InvalidInputError("verify a split job against the job that was split, not one of its sub-jobs")
+    if not bundles:
+        raise InvalidInputError("a split job needs at least one bundle")
+    if len(node_keys) != len(bundles):
+        raise InvalidInputError(f"{len(bundles)} bundles need {len(bundles)} node keys, one per bundle, in order")
+    keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in node_keys]
+    return parent, keys, seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
+
+
 def _read_all(bundles: Sequence[Path], limits: Limits, version: int) -> list[Bundle] | Check:
     """Every bundle read within limits, or the check naming the first that is malformed."""
     parsed = []
@@ -172,15 +187,7 @@ def verify_chain(
        its share of the sample); stop at the first reject.
     5. Check every link against the bundle of the segment it names.
     """
-    parent = job if isinstance(job, Job) else load_job(job)
-    if parent.segment is not None:
-        raise InvalidInputError("verify a chain against the job that was split, not one of its segments")
-    if len(node_keys) != len(bundles):
-        raise InvalidInputError(f"{len(bundles)} bundles need {len(bundles)} node keys, one per bundle, in order")
-    if not bundles:
-        raise InvalidInputError("a chain needs at least one bundle")
-    keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in node_keys]
-    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
+    parent, keys, seed = _start(job, bundles, node_keys, seed)
     checks: list[Check] = []
 
     def done(status: Status, segments: Sequence[SegmentResult] = ()) -> tuple[ChainVerdict, dict[str, np.ndarray]]:
@@ -330,13 +337,9 @@ def verify_shards(
     from verimesh.core.tensors import TensorRef, load_input_file
     from verimesh.jobs.segments import batch_rows, shard_view
 
-    parent = job if isinstance(job, Job) else load_job(job)
-    if len(node_keys) != len(bundles) or not bundles:
-        raise InvalidInputError(f"{len(bundles)} bundles need {len(bundles)} node keys, one per bundle, in order")
+    parent, keys, seed = _start(job, bundles, node_keys, seed)
     values = load_input_file(batch, parent.model_inputs) if isinstance(batch, Path) else dict(batch)
     rows = batch_rows(parent, values)
-    keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in node_keys]
-    seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
     checks: list[Check] = []
 
     def done(status: Status, segments: Sequence[SegmentResult] = ()) -> tuple[ChainVerdict, dict[str, np.ndarray]]:
