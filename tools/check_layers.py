@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("workflows", ("verimesh.workflows",)),
     ("subtasks", ("verimesh.subtasks",)),
     ("settlement", ("verimesh.settlement",)),
+    ("mesh", ("verimesh.mesh",)),
     ("assurance", ("verimesh.assurance",)),
     ("cli", ("verimesh.cli",)),
     ("facade", ("verimesh.__main__", "verimesh")),
@@ -41,6 +42,9 @@ RESTRICTED: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("verimesh.jobs.runtime", "verimesh.assurance.bench"),  # bench: the plain baseline
     "ezkl": ("verimesh.zk",),
     "torch": (),
+    "starlette": ("verimesh.mesh",),
+    "uvicorn": ("verimesh.mesh",),
+    "httpx": ("verimesh.mesh",),
 }
 
 

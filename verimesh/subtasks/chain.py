@@ -400,3 +400,25 @@ def verify_shards(
     digests = {n: tensor_digest(n, a) for n, a in batched.items()}
     checks.append(Check("outputs", True, f"{len(produced)} rows joined along the batch axis"))
     return ChainVerdict("accept", tuple(checks), parent.job_id, seed, tuple(results), digests, kind="shards"), batched
+
+
+def whole_verdict(verdict: Verdict, *, bundle: Path, job: Job, public: PublicKey) -> ChainVerdict:
+    """A whole job's verdict in the shape a receipt records (kind ``whole``: one sub-task, the job)."""
+    if job.segment is not None or job.shard is not None:
+        raise InvalidInputError("a whole-job verdict is for a job that was not split")
+    statement = read_bundle(bundle, version=job.version).envelope.statement_digest()
+    seg = SegmentResult(0, str(bundle), (0, len(job.steps)), verdict, statement, public, job.input_digest)
+    outputs = dict(verdict.outputs) if verdict else {}
+    return ChainVerdict(verdict.status, verdict.checks, job.job_id, int(verdict.seed or 0), (seg,), outputs,
+                        kind="whole")  # fmt: skip
+
+
+def verify_whole(
+    bundle: Path, *, job: Job | Path, node_key: PublicKey, samples: Samples = None, seed: int | None = None
+) -> ChainVerdict:
+    """``verify`` of one whole-job bundle, as a receipt records it (``receipt check --full``)."""
+    from verimesh.workflows import verify
+
+    parent = job if isinstance(job, Job) else load_job(job)
+    verdict = verify(bundle, job=parent, node_key=node_key, samples=samples, seed=seed)
+    return whole_verdict(verdict, bundle=bundle, job=parent, public=node_key)

@@ -3,7 +3,7 @@
 A receipt is canonical JSON::
 
     {"type": "verimesh/receipt", "version": 1,
-     "receipt": {job_id, kind: "segments", seed, subtasks: [{index, step_range, node_id,
+     "receipt": {job_id, kind: "whole" | "segments" | "shards", seed, subtasks: [{index, step_range, node_id,
                  node_key, statement, verdict, sampled_steps}], outputs: {name: digest}},
      "signers": [verifier node ids, in signing order],
      "signature": base64 BLS signature}
@@ -179,11 +179,13 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
     try:
         parse_digest(body["job_id"], what="receipt job id")
         kind, seed = body["kind"], body["seed"]
-        if kind not in ("segments", "shards") or type(seed) is not int or seed < 0:
-            return "receipt kind must be segments or shards, with a non-negative integer seed"
+        if kind not in ("whole", "segments", "shards") or type(seed) is not int or seed < 0:
+            return "receipt kind must be whole, segments or shards, with a non-negative integer seed"
         subtasks, outputs = body["subtasks"], body["outputs"]
         if not isinstance(subtasks, list) or not subtasks or not isinstance(outputs, dict) or not outputs:
             return "a receipt lists sub-tasks and outputs"
+        if kind == "whole" and len(subtasks) != 1:
+            return "a whole-job receipt lists exactly one sub-task (the job)"
         start, statements = 0, set()
         for i, sub in enumerate(subtasks):
             if not isinstance(sub, dict) or set(sub) != _SUBTASK_KEYS:
@@ -224,7 +226,7 @@ def recheck_receipt(
     a shards receipt also needs the ``batch`` that was split) and compare with what the receipt
     records: every statement, every output digest."""
     from verimesh.jobs.bundle import read_bundle
-    from verimesh.subtasks.chain import verify_chain, verify_shards
+    from verimesh.subtasks.chain import verify_chain, verify_shards, verify_whole
 
     body, signers, _ = _parse(doc)
     subtasks = body["subtasks"]
@@ -250,6 +252,8 @@ def recheck_receipt(
     keys = [public_key_from_json(sub["node_key"], what="receipt node key") for sub, _ in paired]
 
     def run(seed: int | None) -> ChainVerdict:
+        if body["kind"] == "whole":
+            return verify_whole(ordered[0], job=job, node_key=keys[0], seed=seed)
         if body["kind"] == "shards":
             assert batch is not None
             return verify_shards(ordered, job=job, node_keys=keys, batch=batch, seed=seed)[0]

@@ -1,0 +1,204 @@
+"""Live-mesh commands: ``serve`` (the coordinator), ``node run`` (a node's daemon), ``submit``
+and ``status`` (a job owner's side)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note
+from verimesh.errors import EXIT_REJECTED
+
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)?$")
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """Seconds: 90, 90s, 5m, 1h."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (int, float)):
+            return float(value)
+        found = _DURATION.match(str(value).strip())
+        if not found:
+            self.fail(f"{value!r} is not a duration (90, 90s, 5m, 1h)", param, ctx)
+        seconds = float(found.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[found.group(2)]
+        if not 1 <= seconds <= 7 * 86400:
+            self.fail("must be between 1 s and 7 days", param, ctx)
+        return seconds
+
+
+def coordinator_option(f: Any) -> Any:
+    return click.option("--coordinator", "coordinator", envvar="VERIMESH_COORDINATOR", required=True,
+                        help="The coordinator's URL (http://127.0.0.1:8470); env VERIMESH_COORDINATOR.")(f)  # fmt: skip
+
+
+@click.command("serve", epilog=EXIT_CODES_HELP)
+@ledger_option
+@click.option("--operator-key", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The ledger operator's secret key: it writes the ledger and signs receipts (the ledger is "
+              "created with it when absent).")  # fmt: skip
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; beyond loopback needs --read-token (TLS: a reverse proxy, docs/design.md §10).",
+)
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8470, show_default=True,
+              help="Port (0: any free one, printed).")  # fmt: skip
+@click.option("--deadline", type=Duration(), default="300s", show_default=True,
+              help="Default time a node has to answer a task it leased (a job may set its own).")  # fmt: skip
+@click.option("--heartbeat-timeout", type=Duration(), default="15s", show_default=True,
+              help="A node silent this long loses its leases.")  # fmt: skip
+@click.option("--max-upload-mb", type=click.IntRange(min=1, max=4096), default=512, show_default=True,
+              help="Largest request body accepted (413 above).")  # fmt: skip
+@click.option(
+    "--read-token",
+    envvar="VERIMESH_READ_TOKEN",
+    default=None,
+    help="Token the dashboard and status views ask for (Bearer or ?token=); env VERIMESH_READ_TOKEN.",
+)
+def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
+          max_upload_mb: int, read_token: str | None) -> None:  # fmt: skip
+    """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
+    from verimesh.mesh.coordinator import Coordinator
+
+    coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
+                              heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
+                              read_token=read_token)  # fmt: skip
+
+    def ready(url: str) -> None:
+        note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "
+             f"{coordinator.operator.node_id}); dashboard at {url}/")  # fmt: skip
+        sys.stderr.flush()
+
+    coordinator.serve(host, port, on_ready=ready)
+
+
+@click.group("node", epilog=EXIT_CODES_HELP)
+def node() -> None:
+    """A node operator's daemon."""
+
+
+@node.command("run", epilog=EXIT_CODES_HELP)
+@coordinator_option
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The node's secret key (its identity in the ledger).")  # fmt: skip
+@click.option("--stake", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Stake declared in the node's signed registration (first run only).")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime threads (0: its default).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where job files are cached (default: a temporary folder).")  # fmt: skip
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Stop after this many tasks.")
+@click.option("--idle-exit", type=Duration(), default=None, help="Stop after this long with nothing to do.")
+@click.option("--poll", type=click.FloatRange(min=0.05, max=60), default=0.5, show_default=True,
+              help="Seconds between lease requests when idle.")  # fmt: skip
+@click.option("--heartbeat", type=click.FloatRange(min=0.1, max=600), default=3.0, show_default=True,
+              help="Seconds between heartbeats.")  # fmt: skip
+@json_option
+def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads: int, work_dir: Path | None,
+             max_tasks: int | None, idle_exit: float | None, poll: float, heartbeat: float,
+             as_json: bool) -> None:  # fmt: skip
+    """Register (once), heartbeat, lease tasks, prove, upload; until stopped."""
+    from verimesh.mesh.node import Node
+
+    daemon = Node(coordinator, load_signing_key(key_file), stake=stake, device=device, work_dir=work_dir,
+                  poll=poll, heartbeat=heartbeat, threads=threads, on_event=note)  # fmt: skip
+    try:
+        done = daemon.run(max_tasks=max_tasks, idle_exit=idle_exit)
+    finally:
+        daemon.close()
+    emit(as_json, {"node_id": daemon.key.node_id, "tasks": done}, f"node {daemon.key.node_id}: {done} task(s) done")
+
+
+@click.command("submit", epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The model's input (.npy, .npz or .json).")  # fmt: skip
+@coordinator_option
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The job owner's secret key (signs the submission and its deposit).")  # fmt: skip
+@click.option("--deposit", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Deposit the job's rewards are paid from.")  # fmt: skip
+@click.option("--deadline", type=Duration(), default="300s", show_default=True,
+              help="Time a node has to answer once it leased the task.")  # fmt: skip
+@click.option("--samples", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Steps re-checked beside the mandatory ones (the ledger's audit level may ask more).")  # fmt: skip
+@click.option("--max-attempts", type=click.IntRange(min=1, max=20), default=3, show_default=True,
+              help="Nodes tried before the job fails.")  # fmt: skip
+@click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
+@click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --wait: write outputs.npz and receipt.json here.")  # fmt: skip
+@click.option("--verifier-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The coordinator operator's public key to check the receipt against (default: the key the "
+              "coordinator announces, which proves nothing against a coordinator you do not trust).")  # fmt: skip
+@json_option
+def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
+           samples: int, max_attempts: int, wait: bool, timeout: float, out_dir: Path | None,
+           verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
+    (exit 1 when every node tried was rejected)."""
+    from verimesh.mesh.client import Client
+    from verimesh.mesh.owner import collect
+    from verimesh.mesh.owner import submit as submit_job
+    from verimesh.signing.keys import load_public_key, public_key_from_json
+
+    if out_dir is not None and not wait:
+        raise click.UsageError("-o/--out goes with --wait")
+    with Client(coordinator, load_signing_key(key_file)) as client:
+        pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
+        sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
+                          max_attempts=max_attempts)  # fmt: skip
+        payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
+        if not wait:
+            emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")
+            return
+        doc = client.wait(sent.job_id, timeout=timeout)
+        payload.update(state=doc["state"], tasks=doc["tasks"], error=doc["error"])
+        if doc["state"] != "done":
+            emit(as_json, payload, f"job {sent.job_id} failed: {doc['error']}")
+            raise SystemExit(EXIT_REJECTED)
+        human = f"job {sent.job_id} done"
+        if out_dir is not None:
+            payload.update(collect(client, sent.job_id, out_dir, verifier_key=pinned))
+            human += f"; verified outputs in {payload['outputs']}, receipt {payload['receipt']}"
+        emit(as_json, payload, human)
+
+
+@click.command("status", epilog=EXIT_CODES_HELP)
+@coordinator_option
+@click.argument("job_id", required=False)
+@click.option("--read-token", envvar="VERIMESH_READ_TOKEN", default=None, help="The coordinator's read token.")
+@json_option
+def status(coordinator: str, job_id: str | None, read_token: str | None, as_json: bool) -> None:
+    """The state of every job and node (or of one job and its tasks)."""
+    from verimesh.mesh.client import Client
+
+    with Client(coordinator, token=read_token) as client:
+        doc = client.status(job_id)
+    if as_json:
+        emit(True, doc, "")
+        return
+    jobs = [doc] if job_id else doc["jobs"]
+    lines = []
+    if not job_id:
+        lines.append(f"coordinator {doc['coordinator']}: ledger {doc['ledger']['size']} entries; tasks "
+                     + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none"))  # fmt: skip
+        for n in doc["nodes"]:
+            lines.append(f"  node {n['node_id']}  {n['device']}  {'online' if n['online'] else 'offline'}  "
+                         f"stake {n.get('stake', '?')}  score {n.get('score', '?')}"
+                         + (f"  EXCLUDED: {n['banned']}" if n["banned"] else ""))  # fmt: skip
+    for j in jobs:
+        lines.append(f"job {j['job_id']}  {j['state']}" + (f"  ({j['error']})" if j["error"] else ""))
+        for t in j["tasks"]:
+            last = t["history"][-1]["outcome"] if t["history"] else ""
+            lines.append(f"  task {t['position']}  {t['state']}  node {t['node_id'] or '-'}  attempts {t['attempts']}"
+                         + (f"  last: {last}" if last else ""))  # fmt: skip
+    emit(False, doc, "\n".join(lines))

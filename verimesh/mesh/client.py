@@ -1,0 +1,192 @@
+"""The coordinator's HTTP API, as a node or a job owner calls it (``verimesh.mesh.Client``).
+
+Every call that changes state, or reads what only its signer may read, is signed
+(``mesh.auth``); the rest are plain reads. A coordinator that cannot be reached, or answers
+with an error, raises ``MeshError`` (exit 3) carrying the HTTP status and the server's message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.errors import InvalidInputError
+from verimesh.ledger.events import sign_request
+from verimesh.mesh.auth import sign_headers
+from verimesh.signing.keys import SecretKey
+
+MAX_RESPONSE_JSON = 64 * 1024 * 1024
+
+
+class MeshError(InvalidInputError):
+    default_code = "coordinator-error"
+
+    def __init__(self, message: str, *, status: int = 0, code: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, code=code, hint=hint)
+        self.status = status
+
+
+class Client:
+    """One party (a node, or a job owner) talking to one coordinator."""
+
+    def __init__(
+        self, url: str, key: SecretKey | None = None, *, timeout: float = 60.0, token: str | None = None
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InvalidInputError(f"coordinator URL must start with http:// or https://, got {url!r:.80}")
+        self.url = url.rstrip("/")
+        self.key = key
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, trust_env=False)
+        self._info: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: bytes = b"", *, signed: bool = True,
+              ok: tuple[int, ...] = (200, 201, 202)) -> httpx.Response:  # fmt: skip
+        headers: dict[str, str] = {}
+        if signed:
+            if self.key is None:
+                raise InvalidInputError("this call needs a key (--key)")
+            headers = sign_headers(self.key, coordinator=self.coordinator_id, method=method, path=path, body=body)
+        try:
+            response = self._http.request(method, path, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise MeshError(f"cannot reach the coordinator at {self.url}: {exc}", code="coordinator-unreachable",
+                            hint="is `verimesh serve` running there?") from exc  # fmt: skip
+        if response.status_code not in ok:
+            message = response.text[:300]
+            try:
+                message = str(response.json()["error"]["message"])[:300]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise MeshError(f"the coordinator refused {method} {path}: {response.status_code} {message}",
+                            status=response.status_code)  # fmt: skip
+        return response
+
+    def _json(self, response: httpx.Response) -> Any:
+        return parse_json(response.content, what="coordinator response", max_bytes=MAX_RESPONSE_JSON)
+
+    def _post_json(self, path: str, doc: Any) -> Any:
+        return self._json(self._call("POST", path, canonical_json(doc)))
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            doc = self._json(self._call("GET", "/v1/info", signed=False))
+            if not isinstance(doc, dict) or not isinstance(doc.get("coordinator"), str):
+                raise MeshError(f"{self.url} is not a verimesh coordinator")
+            self._info = doc
+        return self._info
+
+    @property
+    def coordinator_id(self) -> str:
+        return str(self.info()["coordinator"])
+
+    def status(self, job_id: str | None = None) -> Any:
+        path = f"/v1/jobs/{job_id}" if job_id else "/v1/status"
+        return self._json(self._call("GET", path, signed=False))
+
+    def receipt(self, job_id: str) -> bytes:
+        return self._call("GET", f"/v1/jobs/{job_id}/receipt", signed=False).content
+
+    def outputs(self, job_id: str) -> bytes:
+        """The verified outputs (.npz); only the job's owner may read them."""
+        return self._call("GET", f"/v1/jobs/{job_id}/outputs").content
+
+    # -- a node ----------------------------------------------------------------------------------
+
+    def register(self, *, stake: int, device: str) -> dict[str, Any]:
+        assert self.key is not None
+        request = sign_request(self.key, action="register", ledger_id=str(self.info()["ledger_id"]), amount=stake)
+        return dict(self._post_json("/v1/nodes/register", {"request": request.to_json(), "device": device}))
+
+    def heartbeat(self) -> list[str]:
+        return list(self._post_json("/v1/nodes/heartbeat", {})["leases"])
+
+    def lease(self) -> dict[str, Any] | None:
+        response = self._call("POST", "/v1/lease", canonical_json({}), ok=(200, 204))
+        return None if response.status_code == 204 else dict(self._json(response))
+
+    def file(self, task_id: str, digest: str) -> bytes:
+        return self._call("GET", f"/v1/tasks/{task_id}/files/{digest}").content
+
+    def result(self, task_id: str, lease_id: str, bundle: bytes) -> dict[str, Any]:
+        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/result/{lease_id}", bundle)))
+
+    def release(self, task_id: str, lease_id: str, reason: str) -> None:
+        self._post_json(f"/v1/tasks/{task_id}/release/{lease_id}", {"reason": reason[:300]})
+
+    # -- a job owner -----------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes) -> str:
+        from verimesh.core.digest import sha256_bytes
+
+        digest = sha256_bytes(data)
+        self._call("PUT", f"/v1/blobs/{digest}", data)
+        return digest
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        return list(self._post_json("/v1/blobs/missing", {"digests": digests})["missing"])
+
+    def submit_job(self, job_bytes: bytes, *, files: dict[str, Any], deposit: int, deadline: float,
+                   max_attempts: int) -> dict[str, Any]:  # fmt: skip
+        assert self.key is not None
+        job_doc = json.loads(job_bytes)
+        request = sign_request(self.key, action="job", ledger_id=str(self.info()["ledger_id"]), amount=deposit,
+                               job_id=str(job_doc["job_id"]))  # fmt: skip
+        doc = {"job": job_doc, "files": files, "request": request.to_json(), "deadline": round(deadline),
+               "max_attempts": max_attempts}  # fmt: skip
+        return dict(self._post_json("/v1/jobs", doc))
+
+    def wait(self, job_id: str, *, timeout: float, poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is done or failed (MeshError after ``timeout`` seconds)."""
+        end = time.monotonic() + timeout
+        while True:
+            doc = self.status(job_id)
+            if doc["state"] in ("done", "failed"):
+                return dict(doc)
+            if time.monotonic() > end:
+                raise MeshError(f"job {job_id[:19]}… is still {doc['state']} after {timeout:g} s", code="timeout",
+                                hint="`verimesh status --coordinator URL JOB_ID` shows where it stands")  # fmt: skip
+            time.sleep(poll)
+
+
+def upload_job(client: Client, job_path: Path, *, input_blob: bytes) -> dict[str, Any]:
+    """Upload every blob a job needs that the coordinator lacks; the job's ``files``."""
+    from verimesh.jobs.job import load_job
+    from verimesh.mesh.files import job_files
+
+    job = load_job(job_path)
+    blobs: dict[str, bytes] = {}
+    model = job.resolve(job.model_path)
+    for step in job.steps:
+        blobs[step.digest] = job.read_step_model(step.index)
+    from verimesh.core.digest import sha256_bytes
+
+    blobs[sha256_bytes(input_blob)] = input_blob
+    blobs[sha256_bytes(job.canonical_bytes())] = job.canonical_bytes()
+    files = job_files(job, sha256_bytes(input_blob))
+    missing = set(client.missing_blobs([*blobs, job.model_digest]))
+    for digest, data in blobs.items():
+        if digest in missing:
+            client.put_blob(data)
+    if job.model_digest in missing:
+        job.check_model_file(model)
+        client.put_blob(model.read_bytes())
+    return files

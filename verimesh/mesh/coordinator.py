@@ -1,0 +1,607 @@
+"""The coordinator: job board, verifier and ledger writer in one process (``verimesh serve``).
+
+HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
+
+    GET  /v1/info                              who this is: ledger id, operator key
+    GET  /v1/status                            nodes, jobs, ledger head (read-only)
+    GET  /v1/jobs/{job_id}                     one job and its tasks (read-only)
+    GET  /v1/jobs/{job_id}/receipt             the signed receipt of a done job
+    GET  /v1/jobs/{job_id}/outputs       owner the verified outputs (.npz)
+    POST /v1/blobs/missing               any   which of these digests are not stored
+    PUT  /v1/blobs/{digest}              any   a file a job will pin (bytes; digest checked)
+    POST /v1/jobs                        owner {job, files, request, deadline, max_attempts}
+    POST /v1/nodes/register              node  {request: signed ledger registration, device}
+    POST /v1/nodes/heartbeat             node  {}
+    POST /v1/lease                       node  {} -> 200 a lease, or 204 nothing to do
+    GET  /v1/tasks/{task}/files/{digest} node  a file of a task it holds a live lease on
+    POST /v1/tasks/{task}/result/{lease} node  the bundle (bytes), for its own live lease
+    POST /v1/tasks/{task}/release/{lease} node {reason}: give back a task it cannot run
+
+Refusals are JSON ``{"error": {"code", "message"}}``: 400/422 malformed, 401 unsigned, replayed,
+expired or badly signed, 403 signed by a party not allowed the request (an unregistered node, a
+banned one, a lease that is not its own), 404, 409 a late or duplicate answer, 413 too large,
+429 over the signer's rate.
+
+Results are verified by one verifier thread, in the order they arrived, with the ledger's audit
+policy for the node and a seed only the operator can derive (its deterministic BLS signature
+over the task and the bundle digest: unpredictable to the node, the same after a restart, so a
+result re-verified after a crash meets the same sample). ``verify_and_settle`` records the
+verdict, reward or slash in the ledger; the task is then done (the job with it, its receipt
+signed by the operator) or pending again for another node, in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from verimesh import __version__
+from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.core.digest import parse_digest, sha256_bytes
+from verimesh.errors import InvalidInputError
+from verimesh.jobs.job import job_from_bytes
+from verimesh.ledger.events import SignedRequest
+from verimesh.ledger.store import Ledger
+from verimesh.mesh.auth import AuthError, Signed, Verifier
+from verimesh.mesh.files import check_files, job_files, materialize
+from verimesh.mesh.state import MeshState, StateError
+from verimesh.settlement import (
+    all_standings,
+    register_job,
+    register_node,
+    registered_key,
+    registered_signer,
+    verify_and_settle,
+)
+from verimesh.signing.keys import PublicKey, SecretKey
+from verimesh.subtasks.chain import whole_verdict
+from verimesh.subtasks.receipt import receipt_body, sign_receipt
+
+log = logging.getLogger("verimesh.mesh")
+
+MAX_JSON = 4 * 1024 * 1024
+DEVICES = ("cpu", "cuda", "auto")
+_SEED_TAG = b"verimesh.mesh.seed.v1\x00"
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message[:500]}}, status_code=status)
+
+
+class _Buckets:
+    """Token buckets per signer: ``rate`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[who] = (tokens, now)
+                return False
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            self._buckets[who] = (tokens - 1, now)
+            return True
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Coordinator:
+    """One mesh: the ledger at ``ledger_url`` (created with ``operator`` when absent), its
+    mesh tables beside it, and the HTTP app (``app``) that ``serve`` runs on uvicorn."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        operator: SecretKey,
+        *,
+        deadline: float = 300.0,
+        heartbeat_timeout: float = 15.0,
+        max_upload: int = 512 * 1024 * 1024,
+        read_token: str | None = None,
+        rate: float = 200.0,
+        burst: float = 400.0,
+        ledger_settings: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            self.ledger = Ledger.open(ledger_url)
+        except InvalidInputError as exc:
+            if not str(exc.message).startswith("no ledger at"):
+                raise
+            self.ledger = Ledger.create(ledger_url, operator, settings=ledger_settings)
+        if self.ledger.operator.key != operator.public.key:
+            raise InvalidInputError("--operator-key is not this ledger's operator key", code="not-operator")
+        self.operator = operator
+        self.deadline = deadline
+        self.max_upload = max_upload
+        self.read_token = read_token
+        self.state = MeshState(self.ledger.engine, heartbeat_timeout=heartbeat_timeout)
+        self.auth = Verifier(self.ledger.ledger_id)
+        self._buckets = _Buckets(rate, burst)
+        self._registered: dict[str, PublicKey] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._standings: tuple[float, dict[str, Any]] = (0.0, {})
+
+    # -- identity --------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "coordinator": self.ledger.ledger_id,
+            "ledger_id": self.ledger.ledger_id,
+            "operator": self.operator.node_id,
+            "operator_key": self.operator.public.to_json(),
+            "version": __version__,
+        }
+
+    def _registered_key(self, node_id: str) -> PublicKey | None:
+        key = self._registered.get(node_id)
+        if key is None:
+            with self.ledger.view() as view:
+                key = registered_key(view, node_id)
+            if key is not None:
+                self._registered[node_id] = key  # a registration is never undone
+        return key
+
+    # -- the HTTP app ----------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/", self._wrap(self._dashboard, read=True), methods=["GET"]),
+            Route("/v1/info", self._wrap(self._info), methods=["GET"]),
+            Route("/v1/status", self._wrap(self._status, read=True), methods=["GET"]),
+            Route("/v1/jobs", self._wrap(self._submit), methods=["POST"]),
+            Route("/v1/jobs/{job_id}", self._wrap(self._job, read=True), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/receipt", self._wrap(self._receipt, read=True), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/outputs", self._wrap(self._outputs), methods=["GET"]),
+            Route("/v1/blobs/missing", self._wrap(self._missing), methods=["POST"]),
+            Route("/v1/blobs/{digest}", self._wrap(self._put_blob), methods=["PUT"]),
+            Route("/v1/nodes/register", self._wrap(self._register), methods=["POST"]),
+            Route("/v1/nodes/heartbeat", self._wrap(self._heartbeat), methods=["POST"]),
+            Route("/v1/lease", self._wrap(self._lease), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/files/{digest}", self._wrap(self._file), methods=["GET"]),
+            Route("/v1/tasks/{task_id}/result/{lease_id}", self._wrap(self._result), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/release/{lease_id}", self._wrap(self._release), methods=["POST"]),
+        ]
+
+        @asynccontextmanager
+        async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+            self.start()
+            try:
+                yield
+            finally:
+                await run_in_threadpool(self.stop)
+
+        return Starlette(routes=routes, lifespan=lifespan)
+
+    def _wrap(
+        self, handler: Callable[[Request, bytes], Any], *, read: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if read:
+                    self._check_read_token(request)
+                body = await self._body(request)
+                result = await run_in_threadpool(handler, request, body)
+            except HTTPError as exc:
+                return _error(exc.status, exc.code, exc.message)
+            except AuthError as exc:
+                return _error(401, "unauthenticated", str(exc))
+            except StateError as exc:
+                return _error(exc.status, "refused", exc.message)
+            except InvalidInputError as exc:
+                return _error(422, exc.code, exc.message)
+            if isinstance(result, Response):
+                return result
+            if result is None:
+                return Response(status_code=204)
+            return JSONResponse(result)
+
+        return endpoint
+
+    def _check_read_token(self, request: Request) -> None:
+        if self.read_token is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = given or request.query_params.get("token", "")
+        if not hashlib.sha256(given.encode()).digest() == hashlib.sha256(self.read_token.encode()).digest():
+            raise HTTPError(401, "read-token", "this view needs the coordinator's read token")
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_upload):
+            raise HTTPError(413, "too-large", f"the body is over the {self.max_upload} byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_upload:
+                raise HTTPError(413, "too-large", f"the body is over the {self.max_upload} byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _signed(self, request: Request, body: bytes) -> Signed:
+        signed = self.auth.check(request.headers, method=request.method, path=request.url.path, body=body)
+        if not self._buckets.take(signed.node_id):
+            raise HTTPError(429, "rate-limited", "too many requests from this key; slow down")
+        if not self.state.use_nonce(signed.node_id, signed.nonce, signed.stamp, window=self.auth.window):
+            raise AuthError("this request was already seen (replayed nonce)")
+        return signed
+
+    def _node(self, request: Request, body: bytes) -> Signed:
+        """A signed request by a registered, unbanned node with this key."""
+        signed = self._signed(request, body)
+        key = self._registered_key(signed.node_id)
+        if key is None or key.key != signed.public.key:
+            raise HTTPError(403, "unknown-node", "this key is not a node registered with this coordinator")
+        row = self.state.node(signed.node_id)
+        if row is None:
+            raise HTTPError(403, "unknown-node", "register with /v1/nodes/register first")
+        if row["banned"]:
+            raise HTTPError(403, "banned", f"this node is excluded from the mesh: {row['banned']}")
+        return signed
+
+    @staticmethod
+    def _json_body(body: bytes) -> Any:
+        try:
+            return parse_json(body, what="request body", max_bytes=MAX_JSON)
+        except InvalidInputError as exc:
+            raise HTTPError(400, "malformed", exc.message) from exc
+
+    # -- read-only views -------------------------------------------------------------------------
+
+    def _info(self, request: Request, body: bytes) -> Any:
+        return self.info()
+
+    def _standing_view(self) -> dict[str, Any]:
+        stamp, cached = self._standings
+        if time.monotonic() - stamp > 2.0:
+            cached = {n: {"stake": s.stake, "slashed": s.slashed, "score": round(s.score, 4),
+                          "audit_level": s.audit_level, "accepted": s.accepted, "rejected": s.rejected}
+                      for n, s in all_standings(self.ledger).items()}  # fmt: skip
+            self._standings = (time.monotonic(), cached)
+        return cached
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        standings = self._standing_view()
+        node_rows = [
+            {
+                "node_id": n["node_id"], "device": n["device"],
+                "online": now - n["last_seen"] <= self.state.heartbeat_timeout and not n["banned"],
+                "last_seen": round(n["last_seen"], 3), "banned": n["banned"], **standings.get(n["node_id"], {}),
+            }
+            for n in self.state.nodes()
+        ]  # fmt: skip
+        size = self.ledger.size()
+        head = self.ledger.root(size).hex() if size else None
+        return {"coordinator": self.ledger.ledger_id, "time": round(now, 3), "nodes": node_rows,
+                "jobs": [self._job_view(j) for j in self.state.jobs()], "tasks": self.state.counts(),
+                "ledger": {"size": size, "root": head}}  # fmt: skip
+
+    @staticmethod
+    def _job_view(doc: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "job_id": doc["job_id"], "owner": doc["owner"], "state": doc["state"], "created": doc["created"],
+            "updated": doc["updated"], "error": doc["error"], "receipt": doc["receipt"] is not None,
+            "tasks": [
+                {"task_id": t["task_id"], "position": t["position"], "state": t["state"], "node_id": t["node_id"],
+                 "attempts": t["attempts"], "history": t["history"],
+                 "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
+                                                               ("verdict", "reason", "node_id", "decided_by")}}
+                for t in doc["tasks"]
+            ],
+        }  # fmt: skip
+
+    def _status(self, request: Request, body: bytes) -> Any:
+        return self.status()
+
+    def _job(self, request: Request, body: bytes) -> Any:
+        doc = self.state.job(request.path_params["job_id"])
+        if doc is None:
+            raise HTTPError(404, "unknown-job", "no such job")
+        return self._job_view(doc)
+
+    def _receipt(self, request: Request, body: bytes) -> Any:
+        doc = self.state.job(request.path_params["job_id"])
+        if doc is None or doc["receipt"] is None:
+            raise HTTPError(404, "no-receipt", "no such job, or it is not done")
+        return Response(self.state.blob(doc["receipt"]), media_type="application/json")
+
+    def _outputs(self, request: Request, body: bytes) -> Any:
+        signed = self._signed(request, body)
+        doc = self.state.job(request.path_params["job_id"])
+        if doc is None:
+            raise HTTPError(404, "unknown-job", "no such job")
+        if doc["owner"] != signed.node_id:
+            raise HTTPError(403, "not-owner", "only the job's owner reads its outputs")
+        if doc["outputs"] is None:
+            raise HTTPError(404, "not-done", f"the job is {doc['state']}")
+        return Response(self.state.blob(doc["outputs"]), media_type="application/octet-stream")
+
+    def _dashboard(self, request: Request, body: bytes) -> Any:
+        from verimesh.mesh.dashboard import PAGE
+
+        return HTMLResponse(PAGE)
+
+    # -- job owners ------------------------------------------------------------------------------
+
+    def _missing(self, request: Request, body: bytes) -> Any:
+        self._signed(request, body)
+        doc = self._json_body(body)
+        digests = doc.get("digests") if isinstance(doc, dict) else None
+        if not isinstance(digests, list) or len(digests) > 100_000:
+            raise HTTPError(400, "malformed", 'want {"digests": [...]}')
+        for d in digests:
+            parse_digest(d, what="digest")
+        return {"missing": self.state.has_blobs([str(d) for d in digests])}
+
+    def _put_blob(self, request: Request, body: bytes) -> Any:
+        self._signed(request, body)
+        digest = request.path_params["digest"]
+        parse_digest(digest, what="blob digest")
+        if sha256_bytes(body) != digest:
+            raise HTTPError(422, "digest-mismatch", "the body does not match the digest in the path")
+        self.state.put_blob(body)
+        return {"digest": digest}
+
+    def _submit(self, request: Request, body: bytes) -> Any:
+        signed = self._signed(request, body)
+        doc = self._json_body(body)
+        if not isinstance(doc, dict) or set(doc) != {"job", "files", "request", "deadline", "max_attempts"}:
+            raise HTTPError(400, "malformed", "a submission is {job, files, request, deadline, max_attempts}")
+        deadline, attempts = doc["deadline"], doc["max_attempts"]
+        if type(deadline) is not int or not 1 <= deadline <= 7 * 86400:
+            raise HTTPError(422, "bad-deadline", "deadline must be an integer number of seconds, 1 .. 7 days")
+        if type(attempts) is not int or not 1 <= attempts <= 20:
+            raise HTTPError(422, "bad-attempts", "max_attempts must be 1 .. 20")
+        ledger_request = SignedRequest.from_json(doc["request"], what="job request")
+        if ledger_request.public.key != signed.public.key:
+            raise HTTPError(403, "not-owner", "the job request is signed by another key than this request")
+        files = check_files(doc["files"])
+        job_bytes = canonical_json(doc["job"])
+        if sha256_bytes(job_bytes) != files["job"]:
+            raise HTTPError(422, "digest-mismatch", "files.job is not the digest of the job document")
+        with tempfile.TemporaryDirectory(prefix="verimesh-submit-") as tmp:
+            probe = job_from_bytes(job_bytes, Path(tmp), what="submitted job")
+            if probe.job_id != ledger_request.request.get("job_id"):
+                raise HTTPError(422, "job-mismatch", "the job request names another job")
+            if job_files(probe, files["input"]) != files:
+                raise HTTPError(422, "files-mismatch", "files name other blobs than the job pins")
+            missing = self.state.has_blobs([files["job"], files["model"], files["input"], *files["steps"]])
+            if missing:
+                raise HTTPError(422, "missing-blobs", f"upload these first: {missing[:5]}")
+            # What the nodes and the verifier will run: every step safe and as pinned, the input as pinned.
+            job, _ = materialize(files, self._stored, Path(tmp), with_model=False)
+            job.read_step_models()
+            job.read_input()
+        existing = self.state.job(job.job_id)
+        if existing is not None:
+            if existing["owner"] != signed.node_id:
+                raise HTTPError(409, "job-exists", "this job was submitted by another owner")
+            return {"job_id": job.job_id, "state": existing["state"], "created": False}
+        try:
+            register_job(self.ledger, ledger_request, writer=self.operator)
+        except InvalidInputError as exc:
+            if exc.code != "job-registered":
+                raise
+            owner = self._ledger_job_owner(job.job_id)
+            if owner != signed.node_id:
+                raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
+        spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts}
+        self.state.add_job(job.job_id, signed.node_id, spec)
+        self._wake.set()
+        return {"job_id": job.job_id, "state": "open", "created": True}
+
+    def _ledger_job_owner(self, job_id: str) -> str | None:
+        for entry in self.ledger.entries(kinds=["job"]):
+            event = entry.event
+            if event.get("job_id") == job_id:
+                return str(event.get("owner"))
+        return None
+
+    def _stored(self, digest: str) -> bytes:
+        data = self.state.blob(digest)
+        if data is None:
+            raise InvalidInputError(f"blob {digest[:19]}… is not stored")
+        return data
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def _register(self, request: Request, body: bytes) -> Any:
+        signed = self._signed(request, body)
+        doc = self._json_body(body)
+        if not isinstance(doc, dict) or set(doc) != {"request", "device"} or doc["device"] not in DEVICES:
+            raise HTTPError(400, "malformed", f"want {{request, device}} with device one of {DEVICES}")
+        ledger_request = SignedRequest.from_json(doc["request"], what="registration")
+        if ledger_request.public.key != signed.public.key:
+            raise HTTPError(403, "not-owner", "the registration is signed by another key than this request")
+        if signed.public.key == self.operator.public.key:
+            raise HTTPError(403, "operator", "the coordinator's operator cannot be a node of its own mesh")
+        created = False
+        if self._registered_key(signed.node_id) is None:
+            register_node(self.ledger, ledger_request, writer=self.operator)
+            created = True
+        self.state.join(signed.node_id, f"{signed.public.key.hex()}:{signed.public.proof_of_possession.hex()}",
+                        str(doc["device"]))  # fmt: skip
+        return {"node_id": signed.node_id, "registered": created}
+
+    def _heartbeat(self, request: Request, body: bytes) -> Any:
+        signed = self._node(request, body)
+        return {"leases": self.state.heartbeat(signed.node_id)}
+
+    def _lease(self, request: Request, body: bytes) -> Any:
+        signed = self._node(request, body)
+        lease = self.state.lease(signed.node_id, deadline_default=self.deadline)
+        return None if lease is None else lease.to_json()
+
+    def _file(self, request: Request, body: bytes) -> Any:
+        signed = self._node(request, body)
+        task_id, digest = request.path_params["task_id"], request.path_params["digest"]
+        if not self.state.holds(signed.node_id, task_id):
+            raise HTTPError(403, "not-your-lease", "you hold no live lease on this task")
+        job_id = self.state.task_job(task_id)
+        doc = self.state.job(job_id) if job_id else None
+        files = doc["spec"]["files"] if doc else {}
+        if digest not in {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", [])}:
+            raise HTTPError(403, "not-in-task", "this file is not one of the task's")
+        return Response(self._stored(digest), media_type="application/octet-stream")
+
+    def _result(self, request: Request, body: bytes) -> Any:
+        signed = self._node(request, body)
+        task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
+        if not body:
+            raise HTTPError(400, "malformed", "the body is the bundle's bytes")
+        digest = self.state.put_blob(body)
+        self.state.submit(signed.node_id, task_id, lease_id, digest)
+        self._wake.set()
+        return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
+
+    def _release(self, request: Request, body: bytes) -> Any:
+        signed = self._node(request, body)
+        doc = self._json_body(body)
+        reason = doc.get("reason") if isinstance(doc, dict) else None
+        if not isinstance(reason, str):
+            raise HTTPError(400, "malformed", 'want {"reason": "..."}')
+        self.state.release(signed.node_id, request.path_params["task_id"], request.path_params["lease_id"], reason)
+        self._wake.set()
+        return {"released": True}
+
+    # -- the verifier ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._verifier_loop, name="verimesh-verifier", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _verifier_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                done = self.verify_pending()
+            except Exception:  # the loop must outlive one bad pass; the task stays verifying
+                log.exception("verifier pass failed")
+                done = 0
+            if not done:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def seed_for(self, task_id: str, bundle: str) -> int:
+        """The verifier's randomness for one result: the operator's deterministic signature."""
+        signature = self.operator.sign(_SEED_TAG + task_id.encode() + b"\x00" + bundle.encode())
+        return int.from_bytes(hashlib.sha256(signature).digest()[:8], "big") >> 11
+
+    def verify_pending(self) -> int:
+        """Verify and settle every stored result (in arrival order); how many were decided."""
+        count = 0
+        for item in self.state.verifying():
+            if self._stop.is_set():
+                break
+            self._verify_one(item.task_id, item.job_id, item.node_id, item.bundle)
+            count += 1
+        return count
+
+    def _verify_one(self, task_id: str, job_id: str, node_id: str, bundle_digest: str) -> None:
+        job_doc = self.state.job(job_id)
+        assert job_doc is not None
+        with tempfile.TemporaryDirectory(prefix="verimesh-verify-") as tmp:
+            folder = Path(tmp)
+            job, _ = materialize(job_doc["spec"]["files"], self._stored, folder, with_model=False)
+            bundle = folder / "result.vmb"
+            bundle.write_bytes(self._stored(bundle_digest))
+            outputs = folder / "outputs.npz"
+            try:
+                public, _ = registered_signer(bundle, job=job, ledger=self.ledger)
+                if public.node_id != node_id:
+                    raise InvalidInputError(f"the bundle is signed by {public.node_id}, not by the lease holder")
+                seed = self.seed_for(task_id, bundle_digest)
+                settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
+                                            outputs_out=outputs)  # fmt: skip
+            except InvalidInputError as exc:
+                verdict_doc: dict[str, Any] = {"verdict": "error", "reason": exc.message, "node_id": node_id,
+                                               "decided_by": "spot"}  # fmt: skip
+                self.state.decide(task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {exc.message}")
+                return
+            verdict = settled.verdict
+            verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
+                           "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
+            if verdict.status == "accept":
+                chain = whole_verdict(verdict, bundle=bundle, job=job, public=public)
+                receipt = sign_receipt(receipt_body(chain), self.operator)
+                finish = (
+                    self.state.put_blob(outputs.read_bytes()),
+                    self.state.put_blob(canonical_json(receipt) + b"\n"),
+                )
+                self.state.decide(task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)",
+                                  finish=finish)  # fmt: skip
+                return
+            slashed = any(kind == "slash" for _, kind in settled.appended)
+            if slashed:
+                self.state.ban(node_id, f"slashed for job {job_id[:19]}…: {verdict.reason}")
+                self._standings = (0.0, {})
+            outcome = ("rejected and slashed: " if slashed else "rejected: ") + verdict.reason
+            self.state.decide(task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300])
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def serve(
+        self, host: str = "127.0.0.1", port: int = 8470, *, on_ready: Callable[[str], None] | None = None
+    ) -> None:
+        import uvicorn
+
+        if not is_loopback(host) and self.read_token is None:
+            raise InvalidInputError(f"--host {host} is beyond loopback: give --read-token for the read-only views",
+                                    code="read-token-needed")  # fmt: skip
+        config = uvicorn.Config(self.app(), host=host, port=port, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=5)  # fmt: skip
+        server = uvicorn.Server(config)
+        if on_ready is not None:
+            original = server.startup
+
+            async def startup(sockets: Any = None) -> None:
+                await original(sockets=sockets)
+                bound = [s.getsockname() for srv in server.servers for s in srv.sockets]
+                on_ready(f"http://{bound[0][0]}:{bound[0][1]}" if bound else f"http://{host}:{port}")
+
+            server.startup = startup  # type: ignore[method-assign]
+        server.run()

@@ -1,0 +1,168 @@
+"""A node operator's daemon (``verimesh node run``, ``verimesh.mesh.Node``).
+
+1. Register with the coordinator: a ledger registration signed by the node's key, with its
+   declared stake (once; a restarted node is already registered and just rejoins).
+2. Heartbeat in the background while it runs: a node whose heartbeat stops loses its lease.
+3. Lease a task (the coordinator hands back a lease the node still holds, so a node that
+   crashed and restarted resumes it), fetch the job's files by digest (each checked, kept in a
+   cache folder), prove, upload the bundle for that lease, repeat.
+
+A job the node will not run (an unsafe model, a file that does not match its digest) is given
+back with its reason; it is never run, and the node is not offered that task again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from verimesh.core.digest import sha256_bytes
+from verimesh.errors import InvalidInputError
+from verimesh.mesh.client import Client, MeshError
+from verimesh.mesh.files import materialize
+from verimesh.signing.keys import SecretKey
+from verimesh.workflows import Worker
+
+log = logging.getLogger("verimesh.mesh.node")
+
+# A hook that may rewrite a bundle before it is uploaded (the red team's cheating nodes).
+BundleHook = Callable[[Path, Any], None]
+
+
+class Node:
+    def __init__(
+        self,
+        coordinator: str,
+        key: SecretKey,
+        *,
+        stake: int = 1000,
+        device: str = "auto",
+        work_dir: Path | None = None,
+        poll: float = 0.5,
+        heartbeat: float = 3.0,
+        threads: int = 0,
+        on_bundle: BundleHook | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = Client(coordinator, key)
+        self.key = key
+        self.stake = stake
+        self.device = device
+        self.poll = poll
+        self.heartbeat_interval = heartbeat
+        self.worker = Worker(key, device=device, threads=threads)
+        self.on_bundle = on_bundle
+        self.on_event = on_event or (lambda line: log.info("%s", line))
+        self._own_dir = work_dir is None
+        self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="verimesh-node-"))
+        self.cache = self.work_dir / "blobs"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self.done = 0
+
+    def join(self) -> dict[str, Any]:
+        from verimesh.jobs.runtime import resolve_device
+
+        device = resolve_device(self.device)
+        doc = self.client.register(stake=self.stake, device=device)
+        self.on_event(f"node {self.key.node_id} {'registered' if doc.get('registered') else 'rejoined'} "
+                      f"with {self.client.url}")  # fmt: skip
+        return doc
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self.client.heartbeat()
+            except MeshError as exc:
+                self.on_event(f"heartbeat failed: {exc.message}")
+
+    def _fetch(self, task_id: str) -> Callable[[str], bytes]:
+        def fetch(digest: str) -> bytes:
+            cached = self.cache / digest.replace(":", "-")
+            if cached.is_file():
+                data = cached.read_bytes()
+                if sha256_bytes(data) == digest:
+                    return data
+            data = self.client.file(task_id, digest)
+            if sha256_bytes(data) != digest:
+                raise InvalidInputError(f"the coordinator sent a file that is not {digest[:19]}…")
+            partial = cached.with_suffix(".partial")
+            partial.write_bytes(data)
+            partial.replace(cached)
+            return data
+
+        return fetch
+
+    def run_one(self) -> bool:
+        """Lease, prove and upload one task; False when there was nothing to do."""
+        lease = self.client.lease()
+        if lease is None:
+            return False
+        task_id, lease_id = str(lease["task_id"]), str(lease["lease_id"])
+        folder = Path(tempfile.mkdtemp(prefix="task-", dir=self.work_dir))
+        try:
+            try:
+                job, model = materialize(lease["files"], self._fetch(task_id), folder, with_model=True)
+                bundle = folder / "result.vmb"
+                self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
+                self.worker.prove(job, out=bundle, model=model)
+            except InvalidInputError as exc:
+                self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
+                self.client.release(task_id, lease_id, exc.message)
+                return True
+            if self.on_bundle is not None:
+                self.on_bundle(bundle, job)
+            answer = self.client.result(task_id, lease_id, bundle.read_bytes())
+            self.done += 1
+            self.on_event(f"task {task_id[:8]}: uploaded ({answer.get('state')})")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return True
+
+    def run(self, *, max_tasks: int | None = None, idle_exit: float | None = None) -> int:
+        """Serve until stopped (or ``max_tasks`` done, or idle for ``idle_exit`` s); tasks done."""
+        self.join()
+        beat = threading.Thread(target=self._beat, name="verimesh-heartbeat", daemon=True)
+        beat.start()
+        idle_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if max_tasks is not None and self.done >= max_tasks:
+                    break
+                try:
+                    worked = self.run_one()
+                except MeshError as exc:
+                    if exc.status in (0, 429, 500, 502, 503):
+                        self.on_event(f"coordinator unavailable ({exc.message}); retrying")
+                        self._stop.wait(max(self.poll, 1.0))
+                        continue
+                    if exc.status == 403 and "excluded" in exc.message:
+                        raise
+                    self.on_event(f"refused: {exc.message}")
+                    worked = False
+                if worked:
+                    idle_since = time.monotonic()
+                elif idle_exit is not None and time.monotonic() - idle_since > idle_exit:
+                    break
+                else:
+                    self._stop.wait(self.poll)
+        finally:
+            self._stop.set()
+            beat.join(timeout=5)
+        return self.done
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        self.worker.close()
+        self.client.close()
+        if self._own_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

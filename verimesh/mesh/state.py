@@ -1,0 +1,409 @@
+"""The coordinator's state: jobs, tasks, leases, nodes, nonces and blobs, in the ledger's database.
+
+Every change is one SQL transaction (on SQLite ``BEGIN IMMEDIATE``: one writer at a time; on
+PostgreSQL the rows a change reads are locked ``FOR UPDATE``), so a coordinator killed at any
+moment restarts from a consistent state: a task is pending, leased (to one node, until a
+deadline), verifying (its result stored, not yet settled), done or failed, never two of these.
+
+Task life::
+
+    pending --lease--> leased --result--> verifying --accept--> done
+       ^                 |                    |
+       +-- lease lost ---+      reject/error -+--> pending (that node excluded), or failed
+           (deadline or heartbeat missed: that node excluded)     after ``max_attempts``
+
+A node never gets a task it lost, answered wrongly, or already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from verimesh.core.digest import sha256_bytes
+
+metadata = sa.MetaData()
+
+blobs = sa.Table(
+    "mesh_blobs",
+    metadata,
+    sa.Column("digest", sa.String(71), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+nodes = sa.Table(
+    "mesh_nodes",
+    metadata,
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("public_key", sa.String(300), nullable=False),
+    sa.Column("device", sa.String(16), nullable=False),
+    sa.Column("joined", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("banned", sa.String(300)),
+)
+nonces = sa.Table(
+    "mesh_nonces",
+    metadata,
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("nonce", sa.String(32), primary_key=True),
+    sa.Column("stamp", sa.BigInteger, nullable=False, index=True),
+)
+jobs = sa.Table(
+    "mesh_jobs",
+    metadata,
+    sa.Column("job_id", sa.String(71), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: files, deadline, max_attempts
+    sa.Column("outputs", sa.String(71)),  # blob digest of the verified outputs (.npz)
+    sa.Column("receipt", sa.String(71)),  # blob digest of the signed receipt
+    sa.Column("error", sa.String(500)),
+)
+tasks = sa.Table(
+    "mesh_tasks",
+    metadata,
+    sa.Column("task_id", sa.String(40), primary_key=True),
+    sa.Column("job_id", sa.String(71), nullable=False, index=True),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("node_id", sa.String(64)),
+    sa.Column("lease_id", sa.String(32)),
+    sa.Column("leased_at", sa.Float),
+    sa.Column("lease_deadline", sa.Float),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("excluded", sa.Text, nullable=False),  # JSON list of node ids
+    sa.Column("bundle", sa.String(71)),
+    sa.Column("verdict", sa.Text),  # JSON: the last verdict (accept, or the reject that freed the task)
+    sa.Column("history", sa.Text, nullable=False),  # JSON list: what happened to each attempt
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("updated", sa.Float, nullable=False),
+)
+
+TASK_STATES = ("pending", "leased", "verifying", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Lease:
+    task_id: str
+    job_id: str
+    lease_id: str
+    deadline: float
+    spec: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "job_id": self.job_id, "lease_id": self.lease_id,
+                "deadline": self.deadline, "files": self.spec["files"]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verifying:
+    """A stored result waiting for its verdict."""
+
+    task_id: str
+    job_id: str
+    node_id: str
+    bundle: str
+    attempt: int
+
+
+class StateError(Exception):
+    """A request the state refuses: ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _row_json(value: str | None, default: Any) -> Any:
+    return default if value is None else json.loads(value)
+
+
+class MeshState:
+    """The mesh tables of one database (beside the ledger's), each method one transaction."""
+
+    def __init__(self, engine: sa.Engine, *, heartbeat_timeout: float = 15.0) -> None:
+        self.engine = engine
+        self.heartbeat_timeout = heartbeat_timeout
+        self._postgres = engine.dialect.name == "postgresql"
+        metadata.create_all(engine)
+
+    @contextmanager
+    def _txn(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        return query.with_for_update() if self._postgres else query
+
+    # -- blobs -----------------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        with self._txn() as conn:
+            if conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest == digest)).first() is None:
+                conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data))
+        return digest
+
+    def blob(self, digest: str) -> bytes | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(blobs.c.data).where(blobs.c.digest == digest)).first()
+        return None if row is None else bytes(row.data)
+
+    def has_blobs(self, digests: Sequence[str]) -> list[str]:
+        """The digests of ``digests`` that are not stored."""
+        with self.engine.connect() as conn:
+            found = {r.digest for r in conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(digests)))}
+        return [d for d in digests if d not in found]
+
+    # -- nonces ----------------------------------------------------------------------------------
+
+    def use_nonce(self, node_id: str, nonce: str, stamp: int, *, window: int) -> bool:
+        """Record a request's nonce; False when this key already used it (a replay)."""
+        now = int(time.time())
+        try:
+            with self._txn() as conn:
+                conn.execute(nonces.insert().values(node_id=node_id, nonce=nonce, stamp=stamp))
+                if secrets.randbelow(64) == 0:  # forget nonces no request inside the window can reuse
+                    conn.execute(nonces.delete().where(nonces.c.stamp < now - 2 * window))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def join(self, node_id: str, public_key: str, device: str) -> None:
+        now = time.time()
+        with self._txn() as conn:
+            row = conn.execute(sa.select(nodes.c.node_id).where(nodes.c.node_id == node_id)).first()
+            if row is None:
+                conn.execute(nodes.insert().values(node_id=node_id, public_key=public_key, device=device,
+                                                   joined=now, last_seen=now, banned=None))  # fmt: skip
+            else:
+                conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(device=device, last_seen=now))
+
+    def node(self, node_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(nodes).where(nodes.c.node_id == node_id)).first()
+        return None if row is None else dict(row._mapping)
+
+    def heartbeat(self, node_id: str) -> list[str]:
+        """The node is alive: its leases stand (until their deadlines). Returns its live task ids."""
+        now = time.time()
+        with self._txn() as conn:
+            conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
+            self._expire(conn, now)
+            rows = conn.execute(
+                sa.select(tasks.c.task_id).where(tasks.c.node_id == node_id, tasks.c.state == "leased")
+            ).all()
+        return [r.task_id for r in rows]
+
+    def ban(self, node_id: str, reason: str) -> None:
+        with self._txn() as conn:
+            conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(banned=reason[:300]))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(nodes).order_by(nodes.c.joined))]
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, owner: str, spec: dict[str, Any], positions: int = 1) -> bool:
+        """A new job and its tasks; False when the job exists already (nothing changes)."""
+        now = time.time()
+        with self._txn() as conn:
+            if conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id)).first() is not None:
+                return False
+            conn.execute(jobs.insert().values(job_id=job_id, owner=owner, state="open", created=now, updated=now,
+                                              spec=json.dumps(spec, sort_keys=True)))  # fmt: skip
+            conn.execute(
+                tasks.insert(),
+                [
+                    {"task_id": secrets.token_hex(16), "job_id": job_id, "position": i, "state": "pending",
+                     "attempts": 0, "excluded": "[]", "history": "[]", "created": now, "updated": now}
+                    for i in range(positions)
+                ],
+            )  # fmt: skip
+        return True
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
+            if row is None:
+                return None
+            doc = dict(row._mapping)
+            doc["spec"] = json.loads(doc["spec"])
+            doc["tasks"] = [
+                self._task_doc(r)
+                for r in conn.execute(sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.position))
+            ]
+        return doc  # fmt: skip
+
+    def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.job_id).order_by(jobs.c.created.desc()).limit(limit)).all()
+        return [doc for r in rows if (doc := self.job(r.job_id)) is not None]
+
+    @staticmethod
+    def _task_doc(row: Any) -> dict[str, Any]:
+        doc = dict(row._mapping)
+        doc["excluded"] = json.loads(doc["excluded"])
+        doc["history"] = json.loads(doc["history"])
+        doc["verdict"] = _row_json(doc["verdict"], None)
+        doc.pop("lease_id")
+        return doc
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def _expire(self, conn: sa.Connection, now: float) -> None:
+        """Leases past their deadline, or held by a node whose heartbeat stopped, are lost."""
+        stale = now - self.heartbeat_timeout
+        rows = conn.execute(
+            self._locked(
+                sa.select(tasks, nodes.c.last_seen)
+                .join(nodes, nodes.c.node_id == tasks.c.node_id)
+                .where(tasks.c.state == "leased", sa.or_(tasks.c.lease_deadline < now, nodes.c.last_seen < stale))
+            )
+        ).all()
+        for row in rows:
+            why = "deadline" if row.lease_deadline < now else "heartbeat"
+            self._free(conn, row, f"lease lost ({why} missed)", now)
+
+    def _free(self, conn: sa.Connection, row: Any, why: str, now: float, verdict: Any = None) -> None:
+        """Back to pending without the node that held it (failed after too many attempts)."""
+        excluded = [*json.loads(row.excluded), row.node_id]
+        history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": why, "time": now}]
+        spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
+        failed = row.attempts >= int(spec.get("max_attempts", 3))
+        values: dict[str, Any] = {
+            "state": "failed" if failed else "pending", "node_id": None, "lease_id": None, "leased_at": None,
+            "lease_deadline": None, "bundle": None, "excluded": json.dumps(excluded), "history": json.dumps(history),
+            "updated": now,
+        }  # fmt: skip
+        if verdict is not None:
+            values["verdict"] = json.dumps(verdict, sort_keys=True)
+        conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(**values))
+        if failed:
+            conn.execute(jobs.update().where(jobs.c.job_id == row.job_id).values(
+                state="failed", updated=now, error=f"task {row.position} failed {row.attempts} times; last: {why}"[:500]
+            ))  # fmt: skip
+
+    def lease(self, node_id: str, *, deadline_default: float) -> Lease | None:
+        """The node's current lease, else the oldest pending task it may take, leased to it now."""
+        now = time.time()
+        with self._txn() as conn:
+            conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
+            self._expire(conn, now)
+            held = conn.execute(
+                sa.select(tasks).where(tasks.c.node_id == node_id, tasks.c.state == "leased").limit(1)
+            ).first()
+            if held is not None:
+                return self._lease_of(conn, held)
+            candidates = conn.execute(
+                self._locked(
+                    sa.select(tasks)
+                    .join(jobs, jobs.c.job_id == tasks.c.job_id)
+                    .where(tasks.c.state == "pending", jobs.c.state == "open")
+                    .order_by(tasks.c.created, tasks.c.position)
+                    .limit(64)
+                )
+            ).all()
+            for row in candidates:
+                if node_id in json.loads(row.excluded):
+                    continue
+                spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
+                deadline = now + float(spec.get("deadline", deadline_default))
+                lease_id = secrets.token_hex(16)
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.task_id == row.task_id, tasks.c.state == "pending")
+                    .values(state="leased", node_id=node_id, lease_id=lease_id, leased_at=now,
+                            lease_deadline=deadline, attempts=row.attempts + 1, updated=now)
+                )  # fmt: skip
+                return Lease(row.task_id, row.job_id, lease_id, deadline, spec)
+        return None
+
+    def _lease_of(self, conn: sa.Connection, row: Any) -> Lease:
+        spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
+        return Lease(row.task_id, row.job_id, row.lease_id, row.lease_deadline, spec)
+
+    def holds(self, node_id: str, task_id: str) -> bool:
+        """The node holds a live lease on the task (it may read the task's files)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tasks.c.node_id, tasks.c.state, tasks.c.lease_deadline)
+                               .where(tasks.c.task_id == task_id)).first()  # fmt: skip
+        return (
+            row is not None and row.node_id == node_id and row.state == "leased" and row.lease_deadline >= time.time()
+        )
+
+    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str) -> None:
+        """Store a node's result for its own live lease (StateError otherwise)."""
+        now = time.time()
+        with self._txn() as conn:
+            self._expire(conn, now)
+            row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
+            if row is None:
+                raise StateError(404, "no such task")
+            if row.node_id != node_id or row.lease_id != lease_id:
+                lost = node_id in json.loads(row.excluded)
+                raise StateError(409 if lost else 403, "the lease was lost (too late)" if lost
+                                 else "this task is not leased to you")  # fmt: skip
+            if row.state != "leased":
+                raise StateError(409, f"the task is {row.state}, not waiting for a result")
+            conn.execute(tasks.update().where(tasks.c.task_id == task_id)
+                         .values(state="verifying", bundle=bundle, updated=now))  # fmt: skip
+
+    def verifying(self) -> list[Verifying]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
+        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.attempts) for r in rows]
+
+    def decide(
+        self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
+        finish: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """Record the verdict of a stored result: done (with ``finish``: the job's outputs and
+        receipt blobs, the job done in the same transaction), or pending again without that node."""
+        now = time.time()
+        with self._txn() as conn:
+            row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
+            if row is None or row.state != "verifying":
+                return
+            if accepted:
+                history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": outcome, "time": now}]
+                conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
+                    state="done", verdict=json.dumps(verdict, sort_keys=True), history=json.dumps(history), updated=now
+                ))  # fmt: skip
+                if finish is not None:
+                    conn.execute(jobs.update().where(jobs.c.job_id == row.job_id, jobs.c.state == "open")
+                                 .values(state="done", outputs=finish[0], receipt=finish[1], updated=now))  # fmt: skip
+            else:
+                self._free(conn, row, outcome, now, verdict)
+
+    def release(self, node_id: str, task_id: str, lease_id: str, reason: str) -> None:
+        """A node gives back a task it cannot run (it is not offered that task again)."""
+        now = time.time()
+        with self._txn() as conn:
+            row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
+            if row is None or row.node_id != node_id or row.lease_id != lease_id or row.state != "leased":
+                raise StateError(409, "this task is not leased to you")
+            self._free(conn, row, f"released by the node: {reason}"[:300], now)
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def task_job(self, task_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tasks.c.job_id).where(tasks.c.task_id == task_id)).first()
+        return None if row is None else str(row.job_id)
