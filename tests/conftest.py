@@ -22,12 +22,17 @@ MODELS = ("mlp", "rescnn", "transformer")
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unit and integration tests run with the network cut off: nothing may download."""
+    """Unit and integration tests run with the network cut off: nothing may download. Loopback
+    stays open (the mesh tests talk to a coordinator they started on 127.0.0.1)."""
+    original = socket.socket.connect
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("network access attempted in a test")
+    def loopback_only(self: socket.socket, address: object, *args: object, **kwargs: object) -> None:
+        host = address[0] if isinstance(address, tuple) else None
+        if self.family != socket.AF_UNIX and host not in ("127.0.0.1", "::1"):
+            raise RuntimeError(f"network access attempted in a test: {address!r}")
+        original(self, address)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
 @pytest.fixture(autouse=True, scope="session")

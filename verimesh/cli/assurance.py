@@ -142,7 +142,18 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | No
 
 
 @click.command(epilog=EXIT_CODES_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--mesh", "mesh_url", default=None,
+              help="Instead: run cheating node daemons against this coordinator (your own deployment).")  # fmt: skip
+@click.option("--strategy", type=click.Choice(["lazy", "perturb-final", "perturb-intermediate"]), default="lazy",
+              show_default=True, help="With --mesh: what the cheating nodes do.")  # fmt: skip
+@click.option("--nodes", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="With --mesh: how many cheating nodes.")  # fmt: skip
+@click.option("--keys-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("redteam-keys"),
+              show_default=True, help="With --mesh: where the cheating nodes' keys are kept.")  # fmt: skip
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="With --mesh: tasks per node.")
+@click.option("--idle-exit", type=click.FloatRange(min=0.1), default=None,
+              help="With --mesh: a node stops after this many idle seconds.")  # fmt: skip
 @click.option(
     "--input",
     "input_file",
@@ -163,14 +174,32 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | No
     help="Detection rate against samples per job, measured and predicted (PNG).",
 )
 @click.pass_context
-def redteam(ctx: click.Context, models: tuple[Path, ...], input_file: Path | None, trials: int, honest: int,
-            samples: int, steps: int | None, gain: float, json_out: Path | None, md_out: Path | None,
+def redteam(ctx: click.Context, models: tuple[Path, ...], mesh_url: str | None, strategy: str, nodes: int,
+            keys_dir: Path, max_tasks: int | None, idle_exit: float | None, input_file: Path | None, trials: int,
+            honest: int, samples: int, steps: int | None, gain: float, json_out: Path | None, md_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Play every cheating strategy against the verifier; exit 1 if a cheat beats its prediction
-    or an honest run is rejected."""
+    or an honest run is rejected. With --mesh URL: run cheating nodes against a live coordinator."""
     from verimesh.assurance.redteam import detection_curves, markdown_report, plot_curves, run_redteam
 
     init_runtime(ctx)
+    if mesh_url is not None:
+        from verimesh.assurance.mesh_redteam import run_mesh_redteam
+
+        if models:
+            raise click.UsageError("--mesh runs against a coordinator's own jobs: give no MODELS")
+
+        def say_line(line: str) -> None:
+            click.echo(f"verimesh: redteam: {line}", err=True)
+
+        report = run_mesh_redteam(mesh_url, strategy=strategy, nodes=nodes, keys_dir=keys_dir,
+                                  max_tasks=max_tasks, idle_exit=idle_exit, on_event=say_line)  # fmt: skip
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        if json_out:
+            write_report(json_out, json.dumps(report, indent=2) + "\n")
+        return
+    if not models:
+        raise click.UsageError("give MODELS, or --mesh URL")
     if input_file is not None and len(models) > 1:
         raise click.UsageError("--input goes with a single model")
     reports, curves = [], []

@@ -1,0 +1,358 @@
+"""The live mesh with real processes: a coordinator (uvicorn on a free loopback port), node
+daemons, a job owner's `submit`; nodes killed with SIGKILL, the coordinator killed and restarted,
+a cheating node slashed and excluded, and every refusal of the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import input_path, model_path
+from verimesh.core.canonical import canonical_json
+from verimesh.ledger.store import Ledger
+from verimesh.mesh.auth import HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIME, sign_headers
+from verimesh.mesh.client import Client, MeshError
+from verimesh.signing.keys import generate_key, load_public_key, load_secret_key, write_key_pair
+
+pytestmark = pytest.mark.slow
+HEARTBEAT_TIMEOUT = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "verimesh", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+class Mesh:
+    """A coordinator process in ``root`` and the node processes started beside it."""
+
+    def __init__(self, root: Path, *, max_upload_mb: int = 512) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = f"sqlite:///{root / 'mesh.db'}"
+        self.max_upload_mb = max_upload_mb
+        for name in ("op", "owner", "honest", "other"):
+            write_key_pair(root / f"{name}.key", generate_key())
+        self.coordinator: subprocess.Popen[str] | None = None
+        self.procs: list[subprocess.Popen[str]] = []
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.root / "serve.log", "a")  # noqa: SIM115 (closed with the process)
+        self.coordinator = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "serve", "--ledger", self.db, "--operator-key", "op.key",
+             "--port", str(self.port), "--heartbeat-timeout", f"{HEARTBEAT_TIMEOUT}s",
+             "--max-upload-mb", str(self.max_upload_mb)],
+            cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                if httpx.get(self.url + "/v1/info", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("the coordinator did not start: " + (self.root / "serve.log").read_text())
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        self.coordinator.send_signal(signal.SIGKILL)
+        self.coordinator.wait(timeout=10)
+
+    def node(self, key: str, *extra: str) -> subprocess.Popen[str]:
+        log = open(self.root / f"{key}.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "node", "run", "--coordinator", self.url, "--key", f"{key}.key",
+             "--heartbeat", "0.5", "--poll", "0.2", *extra],
+            cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def python(self, code: str) -> subprocess.Popen[str]:
+        """A node written against the Python API (a node that hangs mid-task, say)."""
+        log = open(self.root / "python.log", "a")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=self.root, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def submit(self, *extra: str, model: str = "mlp") -> subprocess.CompletedProcess[str]:
+        return _cli("submit", model_path(model), "--input", input_path(model), "--coordinator", self.url,
+                    "--key", "owner.key", "--json", *extra, cwd=self.root, timeout=180)  # fmt: skip
+
+    def status(self, job_id: str | None = None) -> Any:
+        return httpx.get(self.url + (f"/v1/jobs/{job_id}" if job_id else "/v1/status"), timeout=10).json()
+
+    def wait_for(self, predicate: Any, what: str, timeout: float = 60) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}: {json.dumps(self.status(), indent=1)[:3000]}")
+
+    def ledger_kinds(self, node_id: str | None = None) -> list[str]:
+        ledger = Ledger.open(self.db)
+        return [e.kind for e in ledger.entries(node_id=node_id)] if node_id else [e.kind for e in ledger.entries()]
+
+    def close(self) -> None:
+        for proc in [*self.procs, self.coordinator]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def _node_id(mesh: Mesh, name: str) -> str:
+    return load_public_key(mesh.root / f"{name}.key.pub").node_id
+
+
+def test_a_job_runs_on_a_node_and_comes_back_verified(mesh: Mesh) -> None:
+    mesh.node("honest")
+    done = mesh.submit("--wait", "-o", "out", "--timeout", "120s", "--verifier-key", "op.key.pub")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["state"] == "done" and doc["tasks"][0]["node_id"] == _node_id(mesh, "honest")
+    # The outputs are the model's, and the receipt holds offline against the operator's key only.
+    local = _cli("job", "new", model_path("mlp"), "--input", input_path("mlp"), "-o", "j.json", cwd=mesh.root)
+    assert local.returncode == 0
+    assert _cli("prove", "j.json", "--key", "other.key", "-o", "r.vmb", cwd=mesh.root).returncode == 0
+    assert _cli("outputs", "r.vmb", "--job", "j.json", "--node-key", "other.key.pub", "-o", "mine.npz",
+                cwd=mesh.root).returncode == 0  # fmt: skip
+    theirs, mine = np.load(mesh.root / "out" / "outputs.npz"), np.load(mesh.root / "mine.npz")
+    assert set(theirs) == set(mine) and all(np.allclose(theirs[k], mine[k], rtol=1e-5) for k in mine)
+    assert _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=mesh.root).returncode == 0
+    wrong = _cli("receipt", "check", "out/receipt.json", "--verifier-key", "other.key.pub", cwd=mesh.root)
+    assert wrong.returncode == 1
+    # The ledger: the node registered with its own signed request, one verdict and one reward.
+    kinds = mesh.ledger_kinds(_node_id(mesh, "honest"))
+    assert kinds.count("register") == 1 and kinds.count("reward") == 1 and kinds.count("verdict") == 1
+    assert _cli("ledger", "verify", "--ledger", mesh.db, "--rules", "--operator-key", "op.key.pub",
+                cwd=mesh.root).returncode == 0  # fmt: skip
+    shown = _cli("status", "--coordinator", mesh.url, cwd=mesh.root)
+    assert shown.returncode == 0 and "done" in shown.stdout and _node_id(mesh, "honest") in shown.stdout
+    # The dashboard is served, read-only, and shows nothing secret.
+    page = httpx.get(mesh.url + "/", timeout=10)
+    assert page.status_code == 200 and "/v1/status" in page.text
+    secret_hex = format(load_secret_key(mesh.root / "op.key").secret, "x")
+    assert secret_hex not in json.dumps(mesh.status())
+
+
+def test_a_cheating_node_is_slashed_excluded_and_its_task_redone(mesh: Mesh) -> None:
+    cheater = subprocess.Popen(
+        [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
+         "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
+        cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    mesh.procs.append(cheater)
+    mesh.wait_for(lambda: (mesh.root / "rk" / "cheater-0.key.pub").exists() and mesh.status()["nodes"], "the cheater")
+    sent = mesh.submit()
+    assert sent.returncode == 0, sent.stderr
+    job_id = json.loads(sent.stdout)["job_id"]
+    cheater_id = load_public_key(mesh.root / "rk" / "cheater-0.key.pub").node_id
+
+    def slashed() -> bool:
+        task = mesh.status(job_id)["tasks"][0]
+        return any("slashed" in h["outcome"] for h in task["history"])
+
+    mesh.wait_for(slashed, "the cheat to be slashed")
+    out, _ = cheater.communicate(timeout=60)  # refused from then on: the node stops
+    assert "excluded" in out, out
+    mesh.node("honest")
+    done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the honest node")
+    task = done["tasks"][0]
+    assert task["node_id"] == _node_id(mesh, "honest") and task["attempts"] == 2
+    assert task["history"][0]["node_id"] == cheater_id
+    nodes = {n["node_id"]: n for n in mesh.status()["nodes"]}
+    assert nodes[cheater_id]["banned"] and nodes[cheater_id]["slashed"] > 0
+    assert "slash" in mesh.ledger_kinds(cheater_id) and "reward" not in mesh.ledger_kinds(cheater_id)
+    honest_kinds = mesh.ledger_kinds(_node_id(mesh, "honest"))
+    assert "slash" not in honest_kinds and honest_kinds.count("reward") == 1
+
+
+_HANG = """
+import time
+from pathlib import Path
+from verimesh.mesh import Node
+from verimesh.signing.keys import load_secret_key
+Node("{url}", load_secret_key(Path("{key}.key")), heartbeat=0.5, poll=0.2,
+     on_bundle=lambda bundle, job: time.sleep(3600)).run()
+"""
+
+
+def test_a_node_killed_mid_task_loses_its_lease_and_the_task_is_reassigned(mesh: Mesh) -> None:
+    hung = mesh.python(_HANG.format(url=mesh.url, key="other"))
+    job_id = json.loads(mesh.submit().stdout)["job_id"]
+    other = _node_id(mesh, "other")
+    mesh.wait_for(lambda: mesh.status(job_id)["tasks"][0]["node_id"] == other, "the lease")
+    hung.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    mesh.node("honest")
+    done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "reassignment")
+    reassigned_after = time.monotonic() - killed_at
+    task = done["tasks"][0]
+    assert task["node_id"] == _node_id(mesh, "honest")
+    assert task["history"][0] == {**task["history"][0], "node_id": other, "outcome": "lease lost (heartbeat missed)"}
+    assert reassigned_after < HEARTBEAT_TIMEOUT + 20
+    assert "slash" not in mesh.ledger_kinds(other)  # a node that died is not a cheat
+
+
+def test_a_node_that_restarts_resumes_its_own_lease(mesh: Mesh) -> None:
+    hung = mesh.python(_HANG.format(url=mesh.url, key="honest"))
+    job_id = json.loads(mesh.submit().stdout)["job_id"]
+    honest = _node_id(mesh, "honest")
+    mesh.wait_for(lambda: mesh.status(job_id)["tasks"][0]["node_id"] == honest, "the lease")
+    hung.send_signal(signal.SIGKILL)
+    mesh.node("honest", "--max-tasks", "1")  # back within the heartbeat timeout: the lease is still its own
+    done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the restarted node")
+    assert done["tasks"][0]["attempts"] == 1 and done["tasks"][0]["node_id"] == honest
+
+
+def test_the_coordinator_killed_mid_job_restarts_with_nothing_lost_or_doubled(mesh: Mesh) -> None:
+    jobs = []
+    for i in range(4):
+        sent = mesh.submit("--samples", str(i))  # four different jobs (the samples policy is in the job)
+        assert sent.returncode == 0, sent.stderr
+        jobs.append(json.loads(sent.stdout)["job_id"])
+    mesh.node("honest")
+    mesh.wait_for(lambda: any(mesh.status(j)["state"] == "done" for j in jobs), "a first job")
+    mesh.kill_coordinator()
+    time.sleep(1)
+    mesh.start()
+    mesh.wait_for(lambda: all(mesh.status(j)["state"] == "done" for j in jobs), "every job", timeout=120)
+    honest = _node_id(mesh, "honest")
+    ledger = Ledger.open(mesh.db)
+    rewards = [e.event["job_id"] for e in ledger.entries(node_id=honest, kinds=["reward"])]
+    assert sorted(rewards) == sorted(jobs)  # one reward per job: none lost, none doubled
+    assert _cli("ledger", "verify", "--ledger", mesh.db, "--rules", cwd=mesh.root).returncode == 0
+    for job_id in jobs:
+        assert httpx.get(f"{mesh.url}/v1/jobs/{job_id}/receipt", timeout=10).status_code == 200
+
+
+def _signed(key: Any, coordinator: str, method: str, path: str, body: bytes = b"{}") -> dict[str, str]:
+    return sign_headers(key, coordinator=coordinator, method=method, path=path, body=body)
+
+
+def test_every_refusal_of_the_api(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path, max_upload_mb=1)
+    try:
+        _refusals(mesh)
+    finally:
+        mesh.close()
+
+
+def _refusals(mesh: Mesh) -> None:
+    node = load_secret_key(mesh.root / "honest.key")
+    stranger = load_secret_key(mesh.root / "other.key")
+    http = httpx.Client(base_url=mesh.url, timeout=30)
+    coordinator = http.get("/v1/info").json()["coordinator"]
+    body = canonical_json({})
+
+    def post(path: str, headers: dict[str, str], content: bytes = body) -> httpx.Response:
+        return http.post(path, content=content, headers=headers)
+
+    # Unsigned, badly signed, replayed, expired: 401 with a JSON error.
+    refused = post("/v1/lease", {})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthenticated"
+    headers = _signed(node, coordinator, "POST", "/v1/lease")
+    assert post("/v1/lease", {**headers, HEADER_SIGNATURE: _signed(node, coordinator, "POST", "/v1/x")[
+        HEADER_SIGNATURE]}).status_code == 401  # fmt: skip
+    assert post("/v1/lease", headers, canonical_json({"other": 1})).status_code == 401  # body not the one signed
+    assert post("/v1/lease", _signed(node, "another-coordinator", "POST", "/v1/lease")).status_code == 401
+    stale = {**headers, HEADER_TIME: str(int(time.time()) - 3600)}
+    assert post("/v1/lease", stale).status_code == 401
+    # A key nobody registered: 403.
+    first = post("/v1/lease", headers)
+    assert first.status_code == 403 and first.json()["error"]["code"] == "unknown-node"
+    replay = post("/v1/lease", headers)
+    assert replay.status_code == 401 and "replayed" in replay.json()["error"]["message"]
+    # Registration: the ledger request must be the signer's own.
+    with Client(mesh.url, node) as client:
+        client.register(stake=100, device="cpu")
+    with Client(mesh.url, stranger) as client:
+        from verimesh.ledger.events import sign_request
+
+        theirs = sign_request(node, action="register", ledger_id=coordinator, amount=5).to_json()
+        raw = canonical_json({"request": theirs, "device": "cpu"})
+        refused = post("/v1/nodes/register", _signed(stranger, coordinator, "POST", "/v1/nodes/register", raw), raw)
+        assert refused.status_code == 403
+        for junk in (b"{", b"[]", canonical_json({"request": 1, "device": "cpu"}), b"\x00" * 10):
+            answer = post("/v1/nodes/register", _signed(stranger, coordinator, "POST", "/v1/nodes/register", junk),
+                          junk)  # fmt: skip
+            assert answer.status_code in (400, 422), (junk, answer.text)
+            assert "error" in answer.json()
+        # Oversized: 413 (this coordinator takes 1 MiB).
+        big = b"\x00" * (2 * 1024 * 1024)
+        assert http.put(f"/v1/blobs/sha256:{'0' * 64}", content=big,
+                        headers=_signed(stranger, coordinator, "PUT", f"/v1/blobs/sha256:{'0' * 64}", big)
+                        ).status_code == 413  # fmt: skip
+        # A blob whose bytes are not its digest: 422.
+        with pytest.raises(MeshError) as bad:
+            client._call("PUT", f"/v1/blobs/sha256:{'1' * 64}", b"abc")
+        assert bad.value.status == 422
+    # A node answers only its own leases; late answers are refused.
+    sent = mesh.submit()
+    job_id = json.loads(sent.stdout)["job_id"]
+    with Client(mesh.url, node) as client:
+        lease = client.lease()
+        assert lease is not None and lease["job_id"] == job_id
+        assert client.file(lease["task_id"], lease["files"]["job"])
+        with pytest.raises(MeshError) as foreign:
+            client.file(lease["task_id"], f"sha256:{'2' * 64}")
+        assert foreign.value.status == 403
+    with Client(mesh.url, stranger) as client:
+        client.register(stake=100, device="cpu")
+        assert client.lease() is None  # the only task is leased to another node
+        with pytest.raises(MeshError) as not_yours:
+            client.result(lease["task_id"], lease["lease_id"], b"PK\x03\x04")
+        assert not_yours.value.status == 403
+        with pytest.raises(MeshError) as not_yours_file:
+            client.file(lease["task_id"], lease["files"]["job"])
+        assert not_yours_file.value.status == 403
+        with pytest.raises(MeshError) as not_owner:
+            client.outputs(job_id)
+        assert not_owner.value.status == 403
+    time.sleep(HEARTBEAT_TIMEOUT + 1.5)  # no heartbeat: the lease is lost
+    with Client(mesh.url, node) as client:
+        with pytest.raises(MeshError) as late:
+            client.result(lease["task_id"], lease["lease_id"], b"PK\x03\x04")
+        assert late.value.status == 409
+    with Client(mesh.url, stranger) as client:  # reassigned to the other node
+        again = client.lease()
+        assert again is not None and again["task_id"] == lease["task_id"] and again["lease_id"] != lease["lease_id"]
+        # A bundle that is not a bundle: an error verdict, the node excluded from the task, nobody slashed.
+        client.result(again["task_id"], again["lease_id"], b"PK\x03\x04 not a bundle")
+    task = mesh.wait_for(lambda: (t := mesh.status(job_id)["tasks"][0])["state"] == "pending" and t, "the verdict")
+    assert task["history"][-1]["outcome"].startswith("error:")
+    assert "slash" not in mesh.ledger_kinds(stranger.node_id)
+    # Read-only views need no key and hold nothing secret; unknown jobs are 404.
+    assert http.get(f"/v1/jobs/sha256:{'3' * 64}").status_code == 404
+    assert http.get(f"/v1/jobs/{job_id}/receipt").status_code == 404
