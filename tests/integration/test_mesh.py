@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import input_path, model_path
 from verimesh.core.canonical import canonical_json
 from verimesh.ledger.store import Ledger
-from verimesh.mesh.auth import HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIME, sign_headers
+from verimesh.mesh.auth import HEADER_SIGNATURE, HEADER_TIME, sign_headers
 from verimesh.mesh.client import Client, MeshError
 from verimesh.signing.keys import generate_key, load_public_key, load_secret_key, write_key_pair
 
@@ -56,7 +56,7 @@ class Mesh:
         self.start()
 
     def start(self) -> None:
-        log = open(self.root / "serve.log", "a")  # noqa: SIM115 (closed with the process)
+        log = open(self.root / "serve.log", "a")
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "verimesh", "serve", "--ledger", self.db, "--operator-key", "op.key",
              "--port", str(self.port), "--heartbeat-timeout", f"{HEARTBEAT_TIMEOUT}s",
@@ -78,7 +78,7 @@ class Mesh:
         self.coordinator.wait(timeout=10)
 
     def node(self, key: str, *extra: str) -> subprocess.Popen[str]:
-        log = open(self.root / f"{key}.log", "a")  # noqa: SIM115
+        log = open(self.root / f"{key}.log", "a")
         proc = subprocess.Popen(
             [sys.executable, "-m", "verimesh", "node", "run", "--coordinator", self.url, "--key", f"{key}.key",
              "--heartbeat", "0.5", "--poll", "0.2", *extra],
@@ -89,7 +89,7 @@ class Mesh:
 
     def python(self, code: str) -> subprocess.Popen[str]:
         """A node written against the Python API (a node that hangs mid-task, say)."""
-        log = open(self.root / "python.log", "a")  # noqa: SIM115
+        log = open(self.root / "python.log", "a")
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=self.root, stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, text=True)  # fmt: skip
         self.procs.append(proc)
