@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps test test-fast demo lint format bench fixtures circuits redteam regress regress-quick gpu-check clean
+.PHONY: install system-deps test test-fast demo demo-mesh lint format bench fixtures circuits redteam regress regress-quick gpu-check clean
 
 install: system-deps $(VENV)/.installed
 
@@ -46,6 +46,10 @@ test-fast: install
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo.sh
+
+# A coordinator and four nodes on loopback (one cheating, one dying), narrated.
+demo-mesh: install
+	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo_mesh.sh
 
 # Lint, formatting, types, and the layer contract (tools/check_layers.py: imports run one way).
 lint: install

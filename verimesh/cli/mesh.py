@@ -176,13 +176,26 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
 @coordinator_option
 @click.argument("job_id", required=False)
 @click.option("--read-token", envvar="VERIMESH_READ_TOKEN", default=None, help="The coordinator's read token.")
+@click.option("--wait-ready", type=Duration(), default=None,
+              help="Wait up to this long for the coordinator to answer (scripts that just started it).")  # fmt: skip
 @json_option
-def status(coordinator: str, job_id: str | None, read_token: str | None, as_json: bool) -> None:
+def status(coordinator: str, job_id: str | None, read_token: str | None, wait_ready: float | None,
+           as_json: bool) -> None:  # fmt: skip
     """The state of every job and node (or of one job and its tasks)."""
-    from verimesh.mesh.client import Client
+    import time
+
+    from verimesh.mesh.client import Client, MeshError
 
     with Client(coordinator, token=read_token) as client:
-        doc = client.status(job_id)
+        end = time.monotonic() + (wait_ready or 0)
+        while True:
+            try:
+                doc = client.status(job_id)
+                break
+            except MeshError as exc:
+                if exc.status != 0 or time.monotonic() >= end:
+                    raise
+                time.sleep(0.2)
     if as_json:
         emit(True, doc, "")
         return

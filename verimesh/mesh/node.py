@@ -138,13 +138,13 @@ class Node:
                 try:
                     worked = self.run_one()
                 except MeshError as exc:
-                    if exc.status in (0, 429, 500, 502, 503):
-                        self.on_event(f"coordinator unavailable ({exc.message}); retrying")
-                        self._stop.wait(max(self.poll, 1.0))
-                        continue
                     if exc.status == 403 and "excluded" in exc.message:
                         raise
-                    self.on_event(f"refused: {exc.message}")
+                    if exc.status in (0, 429, 500, 502, 503):  # unreachable or busy: retry (idle meanwhile)
+                        self.on_event(f"coordinator unavailable ({exc.message}); retrying")
+                        self._stop.wait(max(self.poll, 1.0))
+                    else:
+                        self.on_event(f"refused: {exc.message}")
                     worked = False
                 if worked:
                     idle_since = time.monotonic()
