@@ -578,7 +578,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "subtasks", "costs", "zk", "signatures", "ledger", "startup")
+SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -629,6 +629,17 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
             repeats = max(3, options.repeats // 2)
             say(f"subtasks: {largest.name} in 4 segments ({repeats} repeats)")
             report["subtasks"].append(bench_subtasks(largest, input_file, segments=4, repeats=repeats))
+    if "mesh" in options.sections:
+        from verimesh.assurance.mesh_bench import bench_mesh
+
+        smallest = min(options.models, key=lambda m: m.stat().st_size) if options.models else None
+        mesh_input = _input_for(smallest) if smallest is not None else None
+        if smallest is None or mesh_input is None:
+            report["notes"].append("mesh skipped: no spot model with an input beside it")
+        else:
+            tasks, count = (20, 4) if options.quick else (200, 20)
+            say(f"mesh: {tasks} tasks of {smallest.name} on {count} nodes")
+            report["mesh"] = [bench_mesh(smallest, mesh_input, tasks=tasks, nodes=count)]
     if "costs" in options.sections:
         report["costs"] = []
         for model in options.cost_models:
@@ -766,6 +777,19 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             "chain at the job's default policy (the same 3 seeds each); medians.",
             "",
             *subtasks_table(report["subtasks"]),
+        ]
+    if report.get("mesh"):
+        from verimesh.assurance.mesh_bench import mesh_table
+
+        lines += [
+            "",
+            "### Live mesh: a coordinator process and node daemons on loopback",
+            "",
+            "`verimesh serve` (SQLite) in its own process, the nodes as threads of the bench process, each "
+            "job of the smallest spot model planned beforehand; request latencies as the nodes see them, "
+            "verify+settle is the coordinator's spot check plus its ledger transaction per task.",
+            "",
+            *mesh_table(report["mesh"]),
         ]
     if report.get("costs"):
         lines += [

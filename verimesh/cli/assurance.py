@@ -28,7 +28,7 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed spot runs per model [default: 11; quick: 3].")
 @steps_option
 @click.option("--only", "only",
-              help="Comma-separated sections: spot,subtasks,costs,zk,signatures,ledger,startup "
+              help="Comma-separated sections: spot,subtasks,mesh,costs,zk,signatures,ledger,startup "
               "[default: all].")  # fmt: skip
 @click.option("--zk-model", "zk_models", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model for the zk section (repeatable) [default: fixtures/mlp.onnx].")  # fmt: skip
@@ -65,7 +65,7 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
         cost_models = fixtures if quick or not big else big
         if not cost_models:
             raise InvalidInputError("no models given and no ./fixtures/*.onnx found")
-    if not models and ("spot" in sections or "subtasks" in sections):
+    if not models and ("spot" in sections or "subtasks" in sections or "mesh" in sections):
         models = fixtures
         resnet = Path("bench-out/resnet50.onnx")
         if resnet.exists() and not quick:

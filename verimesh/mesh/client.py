@@ -44,6 +44,8 @@ class Client:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, trust_env=False)
         self._info: dict[str, Any] | None = None
+        # (route kind, seconds, bytes sent, bytes received) of each call, for `verimesh bench`
+        self.timings: list[tuple[str, float, int, int]] = []
 
     def close(self) -> None:
         self._http.close()
@@ -63,8 +65,12 @@ class Client:
             if self.key is None:
                 raise InvalidInputError("this call needs a key (--key)")
             headers = sign_headers(self.key, coordinator=self.coordinator_id, method=method, path=path, body=body)
+        started = time.perf_counter()
         try:
             response = self._http.request(method, path, content=body, headers=headers)
+            if len(self.timings) < 100_000:
+                kind = f"{method} " + "/".join("*" if len(p) >= 16 else p for p in path.split("/"))
+                self.timings.append((kind, time.perf_counter() - started, len(body), len(response.content)))
         except httpx.HTTPError as exc:
             raise MeshError(f"cannot reach the coordinator at {self.url}: {exc}", code="coordinator-unreachable",
                             hint="is `verimesh serve` running there?") from exc  # fmt: skip

@@ -1,0 +1,137 @@
+"""``verimesh bench``'s mesh section: a real coordinator process and node daemons on loopback.
+
+A coordinator (``verimesh serve`` in its own process, SQLite) and ``nodes`` node daemons
+(``mesh.Node``, threads of this process, each with its own key) run ``tasks`` jobs of one small
+model, each job planned beforehand by the owner (planning is the owner's cost, not the mesh's).
+Measured: tasks per second from the first lease to the last verdict; every request's latency as
+the node sees it (lease, file, result, heartbeat; p50/p99); the coordinator's verify-and-settle
+time per task (the spot check and the ledger transaction, p50/p99) beside a bare ``verify`` of
+one bundle; the bytes a task moves (files to the node, the bundle back).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4) -> dict[str, Any]:
+    from verimesh.jobs.job import new_job
+    from verimesh.mesh.client import Client, MeshError, upload_job
+    from verimesh.mesh.node import Node
+    from verimesh.signing.keys import generate_key, write_key_pair
+    from verimesh.workflows import prove, verify
+
+    with tempfile.TemporaryDirectory(prefix="verimesh-bench-mesh-") as tmp:
+        work = Path(tmp)
+        write_key_pair(work / "op.key", generate_key())
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = (work / "serve.log").open("w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "serve", "--ledger", f"sqlite:///{work / 'mesh.db'}",
+             "--operator-key", str(work / "op.key"), "--port", str(port)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            owner = Client(url, generate_key())
+            for _ in range(300):
+                try:
+                    owner.info()
+                    break
+                except MeshError:
+                    time.sleep(0.1)
+            jobs = [new_job(model, input_file, work / f"job-{i}" / "job.json") for i in range(tasks)]
+            # A bare verify of one bundle, for scale.
+            key = generate_key()
+            prove(jobs[0], key=key, out=work / "one.vmb", device="cpu")
+            started = time.perf_counter()
+            verify(work / "one.vmb", job=jobs[0], node_key=key.public)
+            bare_verify = time.perf_counter() - started
+            bundle_bytes = (work / "one.vmb").stat().st_size
+            for job in jobs:
+                path = job.base_dir / "job.json"
+                files = upload_job(owner, path, input_blob=job.resolve(job.input_path).read_bytes())
+                owner.submit_job(job.canonical_bytes(), files=files, deposit=10, deadline=300, max_attempts=3)
+            daemons = [Node(url, generate_key(), device="cpu", poll=0.05, heartbeat=1.0) for _ in range(nodes)]
+            for d in daemons:
+                d.join()
+            threads = [threading.Thread(target=d.run, kwargs={"idle_exit": 3.0}, daemon=True) for d in daemons]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            while True:
+                status = owner.status()
+                if status["tasks"].get("done", 0) + status["tasks"].get("failed", 0) >= tasks:
+                    break
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - t0
+            for d in daemons:
+                d.stop()
+            for t in threads:
+                t.join(timeout=30)
+            settle = [float(t["verdict"]["settle_s"]) for j in status["jobs"] for t in j["tasks"]
+                      if t["verdict"] and t["verdict"].get("settle_s") is not None]  # fmt: skip
+            calls: dict[str, list[float]] = {}
+            moved_in, moved_out = 0, 0
+            for d in daemons:
+                for kind, seconds, sent, received in d.client.timings:
+                    calls.setdefault(kind, []).append(seconds)
+                    moved_out += sent
+                    moved_in += received
+                d.close()
+            done = status["tasks"].get("done", 0)
+            return {
+                "model": model.name, "tasks": tasks, "nodes": nodes, "done": done,
+                "failed": status["tasks"].get("failed", 0), "elapsed_s": elapsed, "tasks_per_s": done / elapsed,
+                "requests": {k: {"count": len(v), "p50_ms": _pct(v, 0.5) * 1e3, "p99_ms": _pct(v, 0.99) * 1e3}
+                             for k, v in sorted(calls.items())},
+                "settle_p50_ms": _pct(settle, 0.5) * 1e3, "settle_p99_ms": _pct(settle, 0.99) * 1e3,
+                "bare_verify_ms": bare_verify * 1e3, "bundle_bytes": bundle_bytes,
+                "bytes_to_nodes_per_task": moved_in / max(done, 1),
+                "bytes_from_nodes_per_task": moved_out / max(done, 1),
+                "settle_median_ms": statistics.median(settle) * 1e3 if settle else 0.0,
+            }  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            log.close()
+
+
+def mesh_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | nodes | tasks done | tasks/s | lease p50/p99 ms | result p50/p99 ms | verify+settle p50/p99 ms "
+        "| bare verify ms | bytes to node / task | bundle bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        req = r["requests"]
+        lease = req.get("POST /v1/lease", {"p50_ms": 0, "p99_ms": 0})
+        result = req.get("POST /v1/tasks/*/result/*", {"p50_ms": 0, "p99_ms": 0})
+        lines.append(
+            f"| {r['model']} | {r['nodes']} | {r['done']}/{r['tasks']} | {r['tasks_per_s']:.1f} | "
+            f"{lease['p50_ms']:.1f} / {lease['p99_ms']:.1f} | {result['p50_ms']:.1f} / {result['p99_ms']:.1f} | "
+            f"{r['settle_p50_ms']:.1f} / {r['settle_p99_ms']:.1f} | {r['bare_verify_ms']:.1f} | "
+            f"{r['bytes_to_nodes_per_task']:.0f} | {r['bundle_bytes']} |"
+        )
+    return lines
