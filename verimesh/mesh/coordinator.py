@@ -310,9 +310,20 @@ class Coordinator:
         ]  # fmt: skip
         size = self.ledger.size()
         head = self.ledger.root(size).hex() if size else None
+        slashes = [
+            {"seq": e.seq, "time": e.event.get("time"), "node_id": e.event.get("node_id"),
+             "job_id": e.event.get("job_id"), "amount": e.event.get("amount"), "reason": e.event.get("reason"),
+             "evidence_digest": e.event.get("evidence_digest")}
+            for e in self.ledger.entries(kinds=["slash"])
+        ][-20:]  # fmt: skip
+        checkpoints = [(e.seq, e.event) for e in self.ledger.entries(kinds=["checkpoint"])]
+        checkpoint = None
+        if checkpoints:
+            seq, event = checkpoints[-1]
+            checkpoint = {"seq": seq, "tree_size": event.get("tree_size"), "time": event.get("time")}
         return {"coordinator": self.ledger.ledger_id, "time": round(now, 3), "nodes": node_rows,
                 "jobs": [self._job_view(j) for j in self.state.jobs()], "tasks": self.state.counts(),
-                "ledger": {"size": size, "root": head}}  # fmt: skip
+                "ledger": {"size": size, "root": head, "checkpoint": checkpoint}, "slashes": slashes}  # fmt: skip
 
     @staticmethod
     def _job_view(doc: dict[str, Any]) -> dict[str, Any]:

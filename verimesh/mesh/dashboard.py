@@ -16,6 +16,8 @@ code{font:12px ui-monospace,monospace} .done,.accept,.yes{color:#070} .failed,.r
 <th>slashed</th><th>score</th><th>audit level</th><th>excluded</th></tr></thead><tbody></tbody></table>
 <h2>Jobs</h2><table id="jobs"><thead><tr><th>job</th><th>state</th><th>task</th><th>node</th><th>attempts</th>
 <th>verdict</th><th>last outcome</th></tr></thead><tbody></tbody></table>
+<h2>Recent slashes</h2><table id="slashes"><thead><tr><th>entry</th><th>time</th><th>node</th><th>job</th>
+<th>amount</th><th>reason</th><th>evidence (in the ledger)</th></tr></thead><tbody></tbody></table>
 <script>
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
 const short = s => s ? esc(String(s).slice(0, 19)) + "&hellip;" : "";
@@ -32,6 +34,12 @@ async function refresh() {
     "</code></td><td>" + esc(n.device) + "</td><td class='" + (n.online ? "yes" : "") + "'>" + (n.online ? "yes" : "no") +
     "</td><td>" + esc(n.stake) + "</td><td>" + esc(n.slashed) + "</td><td>" + esc(n.score) + "</td><td>" +
     esc(n.audit_level) + "</td><td class='banned'>" + esc(n.banned) + "</td></tr>").join("");
+  const cp = s.ledger.checkpoint;
+  document.getElementById("ledger").innerHTML += cp ? ", checkpoint at " + esc(cp.tree_size) + " (" + esc(cp.time) + ")" : ", no checkpoint yet";
+  document.querySelector("#slashes tbody").innerHTML = s.slashes.slice().reverse().map(x => "<tr><td>" + esc(x.seq) +
+    "</td><td>" + esc(x.time) + "</td><td><code>" + esc(x.node_id) + "</code></td><td><code>" + short(x.job_id) +
+    "</code></td><td class='banned'>" + esc(x.amount) + "</td><td>" + esc(x.reason) + "</td><td><code>" +
+    short(x.evidence_digest) + "</code></td></tr>").join("") || "<tr><td colspan=7>none</td></tr>";
   document.querySelector("#jobs tbody").innerHTML = s.jobs.flatMap(j => j.tasks.map(t => {
     const last = t.history.length ? t.history[t.history.length - 1].outcome : "";
     const v = t.verdict ? t.verdict.verdict : "";
