@@ -163,9 +163,13 @@ def _number(value: Any, what: str, path: Path, *, integer: bool = False, low: fl
 def _file(base: Path, value: Any, what: str, path: Path, *, folder: bool = False) -> Path:
     if not isinstance(value, str) or not value or "\x00" in value:  # a NUL byte is no path: os calls raise
         raise _fail(path, f"{what} must be a path")
-    resolved = (base / value).resolve()
-    if not (resolved.is_dir() if folder else resolved.is_file()):
-        raise _fail(path, f"{what} {value!r} not found (paths are relative to the suite file)")
+    try:  # a name the file system refuses (a component over NAME_MAX, say) is no file either
+        resolved = (base / value).resolve()
+        found = resolved.is_dir() if folder else resolved.is_file()
+    except OSError:
+        found = False
+    if not found:
+        raise _fail(path, f"{what} {value[:200]!r} not found (paths are relative to the suite file)")
     return resolved
 
 
