@@ -49,7 +49,7 @@ class Mesh:
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = f"sqlite:///{root / 'mesh.db'}"
         self.max_upload_mb = max_upload_mb
-        for name in ("op", "owner", "honest", "other"):
+        for name in ("op", "owner", "honest", "other", "third"):
             write_key_pair(root / f"{name}.key", generate_key())
         self.coordinator: subprocess.Popen[str] | None = None
         self.procs: list[subprocess.Popen[str]] = []
@@ -164,6 +164,31 @@ def test_a_job_runs_on_a_node_and_comes_back_verified(mesh: Mesh) -> None:
     assert page.status_code == 200 and "/v1/status" in page.text
     secret_hex = format(load_secret_key(mesh.root / "op.key").secret, "x")
     assert secret_hex not in json.dumps(mesh.status())
+
+
+def test_a_split_job_runs_segment_by_segment_on_three_nodes(mesh: Mesh) -> None:
+    for name in ("honest", "other", "third"):
+        mesh.node(name)
+    done = mesh.submit("--segments", "3", "--wait", "-o", "out", "--timeout", "120s", "--verifier-key", "op.key.pub",
+                       model="transformer")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    tasks = json.loads(done.stdout)["tasks"]
+    assert [t["position"] for t in tasks] == [0, 1, 2]
+    assert len({t["node_id"] for t in tasks}) == 3  # one node never runs two sub-tasks of one job
+    assert tasks[-1]["history"][-1]["outcome"] == "accepted (spot check, then the chain)"
+    receipt = json.loads((mesh.root / "out" / "receipt.json").read_text())
+    assert receipt["receipt"]["kind"] == "segments" and len(receipt["receipt"]["subtasks"]) == 3
+    assert _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=mesh.root).returncode == 0
+    # Each node was paid once, for its own segment, and the outputs are the whole model's.
+    for name in ("honest", "other", "third"):
+        assert mesh.ledger_kinds(_node_id(mesh, name)).count("reward") == 1
+    assert _cli("job", "new", model_path("transformer"), "--input", input_path("transformer"), "-o", "j.json",
+                cwd=mesh.root).returncode == 0  # fmt: skip
+    assert _cli("prove", "j.json", "--key", "owner.key", "-o", "r.vmb", cwd=mesh.root).returncode == 0
+    assert _cli("outputs", "r.vmb", "--job", "j.json", "--node-key", "owner.key.pub", "-o", "mine.npz",
+                cwd=mesh.root).returncode == 0  # fmt: skip
+    theirs, mine = np.load(mesh.root / "out" / "outputs.npz"), np.load(mesh.root / "mine.npz")
+    assert set(theirs) == set(mine) and all(np.allclose(theirs[k], mine[k], rtol=1e-4, atol=1e-5) for k in mine)
 
 
 def test_a_cheating_node_is_slashed_excluded_and_its_task_redone(mesh: Mesh) -> None:

@@ -151,13 +151,18 @@ class Client:
         return list(self._post_json("/v1/blobs/missing", {"digests": digests})["missing"])
 
     def submit_job(self, job_bytes: bytes, *, files: dict[str, Any], deposit: int, deadline: float,
-                   max_attempts: int) -> dict[str, Any]:  # fmt: skip
+                   max_attempts: int, post: list[str] | None = None,
+                   segments: list[list[int]] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Post a job: ``post`` names what the ledger settles (the job, or each of its segments,
+        in order), each with ``deposit`` signed by this key."""
         assert self.key is not None
         job_doc = json.loads(job_bytes)
-        request = sign_request(self.key, action="job", ledger_id=str(self.info()["ledger_id"]), amount=deposit,
-                               job_id=str(job_doc["job_id"]))  # fmt: skip
-        doc = {"job": job_doc, "files": files, "request": request.to_json(), "deadline": round(deadline),
-               "max_attempts": max_attempts}  # fmt: skip
+        ids = post or [str(job_doc["job_id"])]
+        ledger_id = str(self.info()["ledger_id"])
+        requests = [sign_request(self.key, action="job", ledger_id=ledger_id, amount=deposit, job_id=i).to_json()
+                    for i in ids]  # fmt: skip
+        doc = {"job": job_doc, "files": files, "requests": requests, "segments": segments,
+               "deadline": round(deadline), "max_attempts": max_attempts}  # fmt: skip
         return dict(self._post_json("/v1/jobs", doc))
 
     def wait(self, job_id: str, *, timeout: float, poll: float = 0.5) -> dict[str, Any]:

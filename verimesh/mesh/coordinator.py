@@ -52,24 +52,29 @@ from starlette.routing import Route
 from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
 from verimesh.core.digest import parse_digest, sha256_bytes
-from verimesh.errors import InvalidInputError
+from verimesh.core.tensors import write_tensor_file
+from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, job_from_bytes
+from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
 from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.store import Ledger
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import check_files, job_files, materialize
-from verimesh.mesh.state import MeshState, StateError
+from verimesh.mesh.state import MeshState, StateError, Verifying
 from verimesh.settlement import (
     all_standings,
     register_job,
     register_node,
     registered_key,
+    settle_chain,
+    slash_with_evidence,
     verify_and_settle,
 )
 from verimesh.signing.keys import PublicKey, SecretKey
-from verimesh.subtasks.chain import whole_verdict
+from verimesh.subtasks.chain import ChainVerdict, whole_verdict
 from verimesh.subtasks.receipt import receipt_body, sign_receipt
+from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
 
@@ -395,26 +400,33 @@ class Coordinator:
     def _submit(self, request: Request, body: bytes) -> Any:
         signed = self._signed(request, body)
         doc = self._json_body(body)
-        if not isinstance(doc, dict) or set(doc) != {"job", "files", "request", "deadline", "max_attempts"}:
-            raise HTTPError(400, "malformed", "a submission is {job, files, request, deadline, max_attempts}")
+        keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
+        if not isinstance(doc, dict) or set(doc) != keys:
+            raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}}")
         deadline, attempts = doc["deadline"], doc["max_attempts"]
         if type(deadline) is not int or not 1 <= deadline <= 7 * 86400:
             raise HTTPError(422, "bad-deadline", "deadline must be an integer number of seconds, 1 .. 7 days")
         if type(attempts) is not int or not 1 <= attempts <= 20:
             raise HTTPError(422, "bad-attempts", "max_attempts must be 1 .. 20")
-        ledger_request = SignedRequest.from_json(doc["request"], what="job request")
-        if ledger_request.public.key != signed.public.key:
-            raise HTTPError(403, "not-owner", "the job request is signed by another key than this request")
+        if not isinstance(doc["requests"], list) or not 1 <= len(doc["requests"]) <= MAX_SEGMENTS:
+            raise HTTPError(400, "malformed", f"requests: 1..{MAX_SEGMENTS} signed job requests")
+        requests = [SignedRequest.from_json(r, what="job request") for r in doc["requests"]]
+        if any(r.public.key != signed.public.key for r in requests):
+            raise HTTPError(403, "not-owner", "a job request is signed by another key than this request")
         files = check_files(doc["files"])
         job_bytes = canonical_json(doc["job"])
         if sha256_bytes(job_bytes) != files["job"]:
             raise HTTPError(422, "digest-mismatch", "files.job is not the digest of the job document")
         with tempfile.TemporaryDirectory(prefix="verimesh-submit-") as tmp:
             probe = job_from_bytes(job_bytes, Path(tmp), what="submitted job")
-            if probe.job_id != ledger_request.request.get("job_id"):
-                raise HTTPError(422, "job-mismatch", "the job request names another job")
             if job_files(probe, files["input"]) != files:
                 raise HTTPError(422, "files-mismatch", "files name other blobs than the job pins")
+            ranges = None if doc["segments"] is None else check_ranges(doc["segments"], len(probe.steps))
+            # The ledger posts what is settled: the job, or each of its segments (docs/design.md §9).
+            posted = [probe.job_id] if ranges is None else [v.job_id for v in views_of(probe, ranges)]
+            if [r.request.get("job_id") for r in requests] != posted:
+                raise HTTPError(422, "job-mismatch", "the job requests must post " +
+                                ("the job" if ranges is None else "each segment, in order"))  # fmt: skip
             missing = self.state.has_blobs([files["job"], files["model"], files["input"], *files["steps"]])
             if missing:
                 raise HTTPError(422, "missing-blobs", f"upload these first: {missing[:5]}")
@@ -427,18 +439,19 @@ class Coordinator:
             if existing["owner"] != signed.node_id:
                 raise HTTPError(409, "job-exists", "this job was submitted by another owner")
             return {"job_id": job.job_id, "state": existing["state"], "created": False}
-        try:
-            register_job(self.ledger, ledger_request, writer=self.operator)
-        except InvalidInputError as exc:
-            if exc.code != "job-registered":
-                raise
-            owner = self._ledger_job_owner(job.job_id)
-            if owner != signed.node_id:
-                raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
-        spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts}
-        self.state.add_job(job.job_id, signed.node_id, spec)
+        for ledger_request, job_id in zip(requests, posted, strict=True):
+            try:
+                register_job(self.ledger, ledger_request, writer=self.operator)
+            except InvalidInputError as exc:
+                if exc.code != "job-registered":
+                    raise
+                if self._ledger_job_owner(job_id) != signed.node_id:
+                    raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
+        spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts,
+                "segments": None if ranges is None else [list(r) for r in ranges]}  # fmt: skip
+        self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted))
         self._wake.set()
-        return {"job_id": job.job_id, "state": "open", "created": True}
+        return {"job_id": job.job_id, "state": "open", "created": True, "subtasks": len(posted)}
 
     def _ledger_job_owner(self, job_id: str) -> str | None:
         for entry in self.ledger.entries(kinds=["job"]):
@@ -490,7 +503,11 @@ class Coordinator:
         job_id = self.state.task_job(task_id)
         doc = self.state.job(job_id) if job_id else None
         files = doc["spec"]["files"] if doc else {}
-        if digest not in {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", [])}:
+        allowed = {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", [])}
+        if doc is not None and doc["spec"].get("segments"):  # a segment reads its predecessors' bundles
+            position = next(t["position"] for t in doc["tasks"] if t["task_id"] == task_id)
+            allowed |= {d for k, d in self.state.done_bundles(str(job_id)).items() if k < position}
+        if digest not in allowed:
             raise HTTPError(403, "not-in-task", "this file is not one of the task's")
         return Response(self._stored(digest), media_type="application/octet-stream")
 
@@ -551,7 +568,7 @@ class Coordinator:
         for item in self.state.verifying():
             if self._stop.is_set():
                 break
-            self._verify_one(item.task_id, item.job_id, item.node_id, item.bundle)
+            self._verify_one(item)
             count += 1
         if count:
             self._checkpoint_if_due()
@@ -577,46 +594,114 @@ class Coordinator:
         if size - self._checkpointed >= CHECKPOINT_EVERY:
             self._checkpointed = self.ledger.checkpoint(self.operator).tree_size
 
-    def _verify_one(self, task_id: str, job_id: str, node_id: str, bundle_digest: str) -> None:
-        job_doc = self.state.job(job_id)
+    def _verify_one(self, item: Verifying) -> None:
+        job_doc = self.state.job(item.job_id)
         assert job_doc is not None
+        spec = job_doc["spec"]
         with tempfile.TemporaryDirectory(prefix="verimesh-verify-") as tmp:
             folder = Path(tmp)
-            job, _ = materialize(job_doc["spec"]["files"], self._stored, folder, with_model=False)
+            parent, _ = materialize(spec["files"], self._stored, folder, with_model=False)
+            ranges = spec.get("segments")
+            job = parent if not ranges else segment_view(parent, check_ranges(ranges, len(parent.steps)), item.position)
             bundle = folder / "result.vmb"
-            bundle.write_bytes(self._stored(bundle_digest))
-            outputs = folder / "outputs.npz"
+            bundle.write_bytes(self._stored(item.bundle))
             try:
-                public = self._holder_signed(bundle, job, node_id)
-                seed = self.seed_for(task_id, bundle_digest)
-                started = time.perf_counter()
-                settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
-                                            outputs_out=outputs)  # fmt: skip
+                public = self._holder_signed(bundle, job, item.node_id)
+                seed = self.seed_for(item.task_id, item.bundle)
+                if ranges:
+                    self._verify_segment(item, parent, job, bundle, public, seed, folder, len(ranges))
+                else:
+                    self._verify_whole(item, job, bundle, public, seed, folder)
             except InvalidInputError as exc:
-                verdict_doc: dict[str, Any] = {"verdict": "error", "reason": exc.message, "node_id": node_id,
+                verdict_doc: dict[str, Any] = {"verdict": "error", "reason": exc.message, "node_id": item.node_id,
                                                "decided_by": "spot"}  # fmt: skip
-                self.state.decide(task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {exc.message}")
-                return
-            verdict = settled.verdict
-            verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
-                           "settle_s": round(time.perf_counter() - started, 6),
-                           "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
-            if verdict.status == "accept":
-                chain = whole_verdict(verdict, bundle=bundle, job=job, public=public)
-                receipt = sign_receipt(receipt_body(chain), self.operator)
-                finish = (
-                    self.state.put_blob(outputs.read_bytes()),
-                    self.state.put_blob(canonical_json(receipt) + b"\n"),
-                )
-                self.state.decide(task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)",
-                                  finish=finish)  # fmt: skip
-                return
-            slashed = any(kind == "slash" for _, kind in settled.appended)
-            if slashed:
-                self.state.ban(node_id, f"slashed for job {job_id[:19]}…: {verdict.reason}")
-                self._standings = (0.0, {})
-            outcome = ("rejected and slashed: " if slashed else "rejected: ") + verdict.reason
-            self.state.decide(task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300])
+                self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {exc.message}")
+
+    def _verify_whole(self, item: Verifying, job: Job, bundle: Path, public: PublicKey, seed: int,
+                      folder: Path) -> None:  # fmt: skip
+        outputs = folder / "outputs.npz"
+        started = time.perf_counter()
+        settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
+                                    outputs_out=outputs)  # fmt: skip
+        verdict = settled.verdict
+        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
+                       "settle_s": round(time.perf_counter() - started, 6),
+                       "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
+        if verdict.status == "accept":
+            chain = whole_verdict(verdict, bundle=bundle, job=job, public=public)
+            finish = self._finish(chain, outputs.read_bytes())
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)",
+                              finish=finish)  # fmt: skip
+            return
+        slashed = any(kind == "slash" for _, kind in settled.appended)
+        self._rejected(item, verdict.reason, verdict_doc, slashed)
+
+    def _finish(self, chain: ChainVerdict, outputs: bytes) -> tuple[str, str]:
+        receipt = sign_receipt(receipt_body(chain), self.operator)
+        return self.state.put_blob(outputs), self.state.put_blob(canonical_json(receipt) + b"\n")
+
+    def _rejected(self, item: Verifying, reason: str, verdict_doc: dict[str, Any], slashed: bool) -> None:
+        if slashed:
+            self.state.ban(item.node_id, f"slashed for job {item.job_id[:19]}…: {reason}")
+            self._standings = (0.0, {})
+        outcome = ("rejected and slashed: " if slashed else "rejected: ") + reason
+        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300])
+
+    def _slash(self, evidence: str | None) -> bool:
+        """Slash with a reject's evidence (re-checked by the settlement); whether a slash was written."""
+        if evidence is None:
+            return False
+        try:
+            slash_with_evidence(self.ledger, Path(evidence), writer=self.operator)
+        except (InvalidInputError, VerificationFailedError) as exc:
+            return exc.code == "already-slashed"
+        return True
+
+    def _verify_segment(self, item: Verifying, parent: Job, view: Job, bundle: Path, public: PublicKey, seed: int,
+                        folder: Path, count: int) -> None:  # fmt: skip
+        """One segment, on its own (its links are checked with the chain); after the last one, the
+        whole chain is verified again with a fresh seed and settled (``settle_chain``)."""
+        started = time.perf_counter()
+        verdict = verify(bundle, job=view, node_key=public, seed=seed)
+        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "settle_s": round(time.perf_counter() - started, 6)}
+        if verdict.status != "accept":
+            slashed = verdict.status == "reject" and self._slash(verdict.evidence)
+            self._rejected(item, verdict.reason, verdict_doc, slashed)
+            return
+        if item.position < count - 1:
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
+            return
+        # The last segment: the chain, verified as one job and settled in one transaction.
+        paths = []
+        for position, digest in sorted({**self.state.done_bundles(item.job_id), item.position: item.bundle}.items()):
+            path = folder / f"seg-{position}.vmb"
+            path.write_bytes(self._stored(digest))
+            paths.append(path)
+        chain_seed = self.seed_for(item.job_id, "".join(sorted(self.state.done_bundles(item.job_id).values()))
+                                   + item.bundle)  # fmt: skip
+        settled = settle_chain(paths, job=parent, ledger=self.ledger, writer=self.operator, seed=chain_seed)
+        chain = settled.verdict
+        chain_doc = {**verdict_doc, "chain": chain.to_json(), "ledger_entries": [list(e) for e in settled.appended]}
+        if chain.status == "accept":
+            out = folder / "outputs.npz"
+            write_tensor_file(out, settled.values)
+            finish = self._finish(chain, out.read_bytes())
+            self.state.decide(item.task_id, accepted=True, verdict=chain_doc,
+                              outcome="accepted (spot check, then the chain)", finish=finish)  # fmt: skip
+            return
+        failed = next((s.index for s in chain.segments if s.verdict.status != "accept"), None)
+        link = next((c.name for c in chain.checks if not c.ok and c.name.startswith("link-")), None)
+        if link is not None:
+            failed = int(link.rsplit("-", 1)[1])
+        failed = item.position if failed is None else failed
+        slashed = any(kind == "slash" for _, kind in settled.appended)
+        culprit = next((s.public.node_id for s in chain.segments if s.index == failed), item.node_id)
+        if slashed:
+            self.state.ban(culprit, f"slashed for job {item.job_id[:19]}…: {chain.reason}")
+            self._standings = (0.0, {})
+        self.state.decide(item.task_id, accepted=True, verdict=chain_doc, outcome="accepted (spot check)")
+        self.state.redo_from(item.job_id, failed, f"rejected with the chain{' and slashed' if slashed else ''}: "
+                             f"{chain.reason}"[:300], chain_doc)  # fmt: skip
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
+from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
 from verimesh.mesh.files import materialize
 from verimesh.signing.keys import SecretKey
@@ -108,10 +109,23 @@ class Node:
         folder = Path(tempfile.mkdtemp(prefix="task-", dir=self.work_dir))
         try:
             try:
-                job, model = materialize(lease["files"], self._fetch(task_id), folder, with_model=True)
+                fetch = self._fetch(task_id)
+                ranges = lease.get("segments")
+                job, model = materialize(lease["files"], fetch, folder, with_model=not ranges)
+                inputs_from: list[Path] = []
+                if ranges:  # a segment: the parent's view, from its predecessors' verified bundles
+                    job = segment_view(job, check_ranges(ranges, len(job.steps)), int(lease["position"]))
+                    assert job.segment is not None
+                    sources = {str(k) for k in job.segment.links()}
+                    for position, digest in sorted(lease["inputs"].items(), key=lambda kv: int(kv[0])):
+                        if position not in sources:
+                            continue
+                        path = folder / f"input-seg-{int(position)}.vmb"
+                        path.write_bytes(fetch(str(digest)))
+                        inputs_from.append(path)
                 bundle = folder / "result.vmb"
                 self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
-                self.worker.prove(job, out=bundle, model=model)
+                self.worker.prove(job, out=bundle, model=model, inputs_from=inputs_from)
             except InvalidInputError as exc:
                 self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
                 self.client.release(task_id, lease_id, exc.message)

@@ -32,15 +32,21 @@ class Submitted:
 
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
-    samples: int = 1, max_attempts: int = 3,
+    samples: int = 1, max_attempts: int = 3, segments: int | None = None,
 ) -> Submitted:  # fmt: skip
+    """Plan and post a job (``segments``: cut into that many segments, each run by another node
+    from its predecessors' verified outputs, each posted in the ledger with ``deposit``)."""
+    from verimesh.jobs.segments import plan_segments, views_of
+
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
         job_path = Path(tmp) / "job.json"
         job = new_job(model, input_path, job_path, samples=samples)
         input_blob = job.resolve(job.input_path).read_bytes()
         files = upload_job(client, job_path, input_blob=input_blob)
+        ranges = [list(r) for r in plan_segments(job, segments)] if segments else None
+        post = [v.job_id for v in views_of(job, ranges)] if ranges else None
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
-                                   max_attempts=max_attempts)  # fmt: skip
+                                   max_attempts=max_attempts, post=post, segments=ranges)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
 
 

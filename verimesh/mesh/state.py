@@ -98,10 +98,13 @@ class Lease:
     lease_id: str
     deadline: float
     spec: dict[str, Any]
+    position: int = 0
+    inputs: tuple[tuple[int, str], ...] = ()  # a segment's predecessors: (position, bundle digest)
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "job_id": self.job_id, "lease_id": self.lease_id,
-                "deadline": self.deadline, "files": self.spec["files"]}  # fmt: skip
+                "deadline": self.deadline, "files": self.spec["files"], "position": self.position,
+                "segments": self.spec.get("segments"), "inputs": {str(k): d for k, d in self.inputs}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class Verifying:
     node_id: str
     bundle: str
     attempt: int
+    position: int = 0
 
 
 class StateError(Exception):
@@ -320,6 +324,15 @@ class MeshState:
             for row in candidates:
                 if node_id in json.loads(row.excluded):
                     continue
+                siblings = conn.execute(
+                    sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
+                    .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
+                ).all()  # fmt: skip
+                if any(t.position < row.position and t.state != "done" for t in siblings):
+                    continue  # a segment starts from its predecessors' verified outputs
+                if any(t.node_id == node_id or node_id in {h["node_id"] for h in json.loads(t.history)}
+                       for t in siblings):  # fmt: skip
+                    continue  # one node never runs two sub-tasks of one job
                 spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
                 deadline = now + float(spec.get("deadline", deadline_default))
                 lease_id = secrets.token_hex(16)
@@ -329,12 +342,47 @@ class MeshState:
                     .values(state="leased", node_id=node_id, lease_id=lease_id, leased_at=now,
                             lease_deadline=deadline, attempts=row.attempts + 1, updated=now)
                 )  # fmt: skip
-                return Lease(row.task_id, row.job_id, lease_id, deadline, spec)
+                return Lease(row.task_id, row.job_id, lease_id, deadline, spec, row.position,
+                             self._inputs(conn, row.job_id, row.position))  # fmt: skip
         return None
+
+    def _inputs(self, conn: sa.Connection, job_id: str, position: int) -> tuple[tuple[int, str], ...]:
+        rows = conn.execute(sa.select(tasks.c.position, tasks.c.bundle).where(
+            tasks.c.job_id == job_id, tasks.c.position < position, tasks.c.state == "done"
+        ).order_by(tasks.c.position)).all()  # fmt: skip
+        return tuple((int(r.position), str(r.bundle)) for r in rows)
 
     def _lease_of(self, conn: sa.Connection, row: Any) -> Lease:
         spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
-        return Lease(row.task_id, row.job_id, row.lease_id, row.lease_deadline, spec)
+        return Lease(row.task_id, row.job_id, row.lease_id, row.lease_deadline, spec, row.position,
+                     self._inputs(conn, row.job_id, row.position))  # fmt: skip
+
+    def done_bundles(self, job_id: str) -> dict[int, str]:
+        """Position -> bundle digest of the job's done tasks."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tasks.c.position, tasks.c.bundle)
+                                .where(tasks.c.job_id == job_id, tasks.c.state == "done")).all()  # fmt: skip
+        return {int(r.position): str(r.bundle) for r in rows}
+
+    def redo_from(self, job_id: str, position: int, outcome: str, verdict: dict[str, Any]) -> None:
+        """A chain that failed at ``position`` when verified whole: that task is freed without its
+        node (as any reject), and every later one done on its outputs goes back to pending (their
+        nodes did nothing wrong, and may take them again)."""
+        now = time.time()
+        with self._txn() as conn:
+            rows = conn.execute(self._locked(sa.select(tasks).where(tasks.c.job_id == job_id,
+                                                                    tasks.c.position >= position))).all()  # fmt: skip
+            for row in rows:
+                if row.position == position:
+                    self._free(conn, row, outcome, now, verdict)
+                elif row.state in ("done", "verifying", "leased"):
+                    history = [
+                        *json.loads(row.history),
+                        {"node_id": row.node_id, "outcome": f"redone: segment {position} failed", "time": now},
+                    ]
+                    conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(
+                        state="pending", node_id=None, lease_id=None, leased_at=None, lease_deadline=None,
+                        bundle=None, history=json.dumps(history), updated=now))  # fmt: skip
 
     def holds(self, node_id: str, task_id: str) -> bool:
         """The node holds a live lease on the task (it may read the task's files)."""
@@ -365,7 +413,7 @@ class MeshState:
     def verifying(self) -> list[Verifying]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
-        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.attempts) for r in rows]
+        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.attempts, r.position) for r in rows]
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
