@@ -5,6 +5,7 @@ a cheating node slashed and excluded, and every refusal of the HTTP API."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ from verimesh.signing.keys import generate_key, load_public_key, load_secret_key
 
 pytestmark = pytest.mark.slow
 HEARTBEAT_TIMEOUT = 3
+LOAD_TASKS = int(os.environ.get("VERIMESH_LOAD_TASKS", "500"))
+LOAD_NODES = 20
 
 
 def _free_port() -> int:
@@ -43,7 +46,8 @@ def _cli(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.Compl
 class Mesh:
     """A coordinator process in ``root`` and the node processes started beside it."""
 
-    def __init__(self, root: Path, *, max_upload_mb: int = 512) -> None:
+    def __init__(self, root: Path, *, max_upload_mb: int = 512, extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,7 +64,7 @@ class Mesh:
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "verimesh", "serve", "--ledger", self.db, "--operator-key", "op.key",
              "--port", str(self.port), "--heartbeat-timeout", f"{HEARTBEAT_TIMEOUT}s",
-             "--max-upload-mb", str(self.max_upload_mb)],
+             "--max-upload-mb", str(self.max_upload_mb), *self.extra],
             cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         end = time.monotonic() + 60
@@ -381,3 +385,121 @@ def _refusals(mesh: Mesh) -> None:
     # Read-only views need no key and hold nothing secret; unknown jobs are 404.
     assert http.get(f"/v1/jobs/sha256:{'3' * 64}").status_code == 404
     assert http.get(f"/v1/jobs/{job_id}/receipt").status_code == 404
+
+
+def test_load_twenty_nodes_five_hundred_tasks_none_lost_or_doubled(mesh: Mesh) -> None:
+    """Bounded load on loopback: 20 node daemons (threads here, one key each) and 500 small jobs."""
+    import threading
+
+    from verimesh.jobs.job import new_job
+    from verimesh.mesh import Node
+    from verimesh.mesh.client import upload_job
+
+    owner = Client(mesh.url, load_secret_key(mesh.root / "owner.key"))
+    jobs = [
+        new_job(model_path("mlp"), input_path("mlp"), mesh.root / "load" / f"j{i}" / "job.json")
+        for i in range(LOAD_TASKS)
+    ]
+    for job in jobs:
+        files = upload_job(owner, job.base_dir / "job.json", input_blob=job.resolve(job.input_path).read_bytes())
+        owner.submit_job(job.canonical_bytes(), files=files, deposit=10, deadline=600, max_attempts=5)
+    daemons = [Node(mesh.url, generate_key(), device="cpu", poll=0.1, heartbeat=0.5, threads=1, isolate=False)
+               for _ in range(LOAD_NODES)]  # fmt: skip
+    threads = [threading.Thread(target=d.run, kwargs={"idle_exit": 5.0}, daemon=True) for d in daemons]
+    for t in threads:
+        t.start()
+    try:
+        mesh.wait_for(lambda: mesh.status()["tasks"].get("done", 0) == LOAD_TASKS, "every task", timeout=900)
+    finally:
+        for d in daemons:
+            d.stop()
+        for t in threads:
+            t.join(timeout=60)
+        for d in daemons:
+            d.close()
+    status = mesh.status()
+    assert status["tasks"] == {"done": LOAD_TASKS} and all(j["state"] == "done" for j in status["jobs"][:200])
+    ledger = Ledger.open(mesh.db)
+    rewarded = [e.event["job_id"] for e in ledger.entries(kinds=["reward"])]
+    assert sorted(rewarded) == sorted(j.job_id for j in jobs)  # one reward per job: none lost, none doubled
+    assert len({e.event["job_id"] for e in ledger.entries(kinds=["verdict"])}) == LOAD_TASKS
+    assert _cli("ledger", "verify", "--ledger", mesh.db, "--rules", cwd=mesh.root, timeout=600).returncode == 0
+
+
+def _loop_model(path: Path, trips: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["y_in", "one"], ["y_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("y_out", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.ones((1, 4), np.float32), "one")],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "c", "x"], ["y"], body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[numpy_helper.from_array(np.array(trips, np.int64), "M"),
+                     numpy_helper.from_array(np.array(True), "c")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_a_job_whose_model_never_ends_fails_alone_and_blames_no_node(tmp_path: Path) -> None:
+    """A job owner's Loop with 10^12 trips (a valid 300-byte model): its verification is killed at
+    --verify-timeout, that job fails, no node is slashed, and the next job is verified as usual."""
+    import secrets
+
+    from verimesh.core.digest import sha256_bytes
+    from verimesh.jobs.job import compute_job_id, load_job
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.mesh.files import job_files
+    from verimesh.workflows import seal_trace
+
+    mesh = Mesh(tmp_path, extra=("--verify-timeout", "5s"))
+    try:
+        _loop_model(tmp_path / "small.onnx", 3)
+        np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+        made = _cli("job", "new", "small.onnx", "--input", "x.npy", "-o", "loop.json", "--steps", "1", cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        _loop_model(tmp_path / "bomb.onnx", 10**12)
+        bomb = (tmp_path / "bomb.onnx").read_bytes()
+        doc = json.loads((tmp_path / "loop.json").read_text())
+        (tmp_path / doc["steps"][0]["path"]).write_bytes(bomb)
+        doc.pop("job_id")
+        doc["nonce"] = secrets.token_hex(16)
+        doc["model"]["digest"] = doc["steps"][0]["digest"] = sha256_bytes(bomb)
+        doc["model"]["path"] = "bomb.onnx"
+        doc["job_id"] = compute_job_id(doc)
+        (tmp_path / "loop.json").write_text(json.dumps(doc))
+        job = load_job(tmp_path / "loop.json")
+        owner = Client(mesh.url, load_secret_key(tmp_path / "owner.key"))
+        data = job.resolve(job.input_path).read_bytes()
+        for blob in (bomb, data, job.canonical_bytes()):
+            owner.put_blob(blob)
+        owner.submit_job(job.canonical_bytes(), files=job_files(job, sha256_bytes(data)), deposit=10, deadline=300,
+                         max_attempts=3)  # fmt: skip
+        attacker = load_secret_key(tmp_path / "other.key")
+        with Client(mesh.url, attacker) as node:
+            node.register(stake=10, device="cpu")
+            lease = node.lease()
+            assert lease is not None and lease["job_id"] == job.job_id
+            trace = {"x": np.zeros((1, 4), np.float32), "y": np.full((1, 4), 7, np.float32)}
+            runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+            seal_trace(job, trace, key=attacker, runner=runner, out=tmp_path / "bomb.vmb")
+            node.result(lease["task_id"], lease["lease_id"], (tmp_path / "bomb.vmb").read_bytes())
+        failed = mesh.wait_for(lambda: (d := mesh.status(job.job_id))["state"] == "failed" and d, "the timeout")
+        assert "too costly to verify" in failed["error"]
+        assert "slash" not in mesh.ledger_kinds(attacker.node_id)
+        mesh.node("honest")
+        done = mesh.submit("--wait", "--timeout", "120s")
+        assert done.returncode == 0, done.stderr
+    finally:
+        mesh.close()

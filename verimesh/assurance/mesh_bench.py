@@ -73,7 +73,9 @@ def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4
                 path = job.base_dir / "job.json"
                 files = upload_job(owner, path, input_blob=job.resolve(job.input_path).read_bytes())
                 owner.submit_job(job.canonical_bytes(), files=files, deposit=10, deadline=300, max_attempts=3)
-            daemons = [Node(url, generate_key(), device="cpu", poll=0.05, heartbeat=1.0) for _ in range(nodes)]
+            daemons = [
+                Node(url, generate_key(), device="cpu", poll=0.05, heartbeat=1.0, isolate=False) for _ in range(nodes)
+            ]
             for d in daemons:
                 d.join()
             threads = [threading.Thread(target=d.run, kwargs={"idle_exit": 3.0}, daemon=True) for d in daemons]

@@ -63,14 +63,16 @@ def coordinator_option(f: Any) -> Any:
     default=None,
     help="Token the dashboard and status views ask for (Bearer or ?token=); env VERIMESH_READ_TOKEN.",
 )
+@click.option("--verify-timeout", type=Duration(), default="600s", show_default=True,
+              help="Longest one verification may run (a longer job fails; no node is blamed).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
-          max_upload_mb: int, read_token: str | None) -> None:  # fmt: skip
+          max_upload_mb: int, read_token: str | None, verify_timeout: float) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
     from verimesh.mesh.coordinator import Coordinator
 
     coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
                               heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
-                              read_token=read_token)  # fmt: skip
+                              read_token=read_token, verify_timeout=verify_timeout)  # fmt: skip
 
     def ready(url: str) -> None:
         note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "

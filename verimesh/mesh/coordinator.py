@@ -61,6 +61,7 @@ from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.store import Ledger
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import check_files, job_files, materialize
+from verimesh.mesh.sandbox import Sandbox
 from verimesh.mesh.state import MeshState, StateError, Verifying
 from verimesh.settlement import (
     all_standings,
@@ -141,6 +142,8 @@ class Coordinator:
         rate: float = 200.0,
         burst: float = 400.0,
         ledger_settings: dict[str, Any] | None = None,
+        verify_timeout: float = 600.0,
+        isolate: bool = True,
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -162,7 +165,8 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
-        self._checkpointed: int | None = None
+        self.verify_timeout = verify_timeout
+        self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout) if isolate else None
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -450,6 +454,7 @@ class Coordinator:
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts,
                 "segments": None if ranges is None else [list(r) for r in ranges]}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted))
+        self._checkpoint_if_due()
         self._wake.set()
         return {"job_id": job.job_id, "state": "open", "created": True, "subtasks": len(posted)}
 
@@ -481,6 +486,7 @@ class Coordinator:
         created = False
         if self._registered_key(signed.node_id) is None:
             register_node(self.ledger, ledger_request, writer=self.operator)
+            self._checkpoint_if_due()
             created = True
         self.state.join(signed.node_id, f"{signed.public.key.hex()}:{signed.public.proof_of_possession.hex()}",
                         str(doc["device"]))  # fmt: skip
@@ -545,6 +551,8 @@ class Coordinator:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._sandbox is not None:
+            self._sandbox.close()
 
     def _verifier_loop(self) -> None:
         while not self._stop.is_set():
@@ -563,16 +571,36 @@ class Coordinator:
         return int.from_bytes(hashlib.sha256(signature).digest()[:8], "big") >> 11
 
     def verify_pending(self) -> int:
-        """Verify and settle every stored result (in arrival order); how many were decided."""
+        """Verify and settle every stored result (in arrival order) in the verifier's child
+        process, each within ``verify_timeout``; how many were decided.
+
+        A verification that runs past the limit is the job's own doing (its model costs more
+        than any verifier will spend): the child is killed, the job fails and no node is blamed.
+        One that fails otherwise is an error for that answer: the task goes to another node. No
+        item is ever retried in a loop that would block the ones behind it."""
         count = 0
         for item in self.state.verifying():
             if self._stop.is_set():
                 break
-            self._verify_one(item)
+            if self._sandbox is None:
+                self._verify_item(item)
+            else:
+                status, detail = self._sandbox.call(item, timeout=self.verify_timeout)
+                if status == "timeout":
+                    why = f"verification ran past {self.verify_timeout:g} s: the job's model is too costly to verify"
+                    self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}", fail_job=why,
+                                      verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
+                elif status != "ok":
+                    why = f"the verifier failed ({detail or 'its process died'})"
+                    self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}",
+                                      verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
             count += 1
-        if count:
-            self._checkpoint_if_due()
         return count
+
+    def _verify_item(self, item: Verifying) -> str:
+        self._verify_one(item)
+        self._checkpoint_if_due()
+        return "decided"
 
     def _holder_signed(self, bundle: Path, job: Job, node_id: str) -> PublicKey:
         """The lease holder's registered key, when the bundle's statement is its own and signed by
@@ -588,11 +616,9 @@ class Coordinator:
         """Sign a checkpoint every CHECKPOINT_EVERY entries: decisions check the log from the last
         checkpoint on, so without them every settlement reads a longer log."""
         size = self.ledger.size()
-        if self._checkpointed is None:
-            latest = self.ledger.latest_checkpoint()
-            self._checkpointed = latest.tree_size if latest is not None else 0
-        if size - self._checkpointed >= CHECKPOINT_EVERY:
-            self._checkpointed = self.ledger.checkpoint(self.operator).tree_size
+        latest = self.ledger.latest_checkpoint()  # the verifier's child process checkpoints too
+        if size - (latest.tree_size if latest is not None else 0) >= CHECKPOINT_EVERY:
+            self.ledger.checkpoint(self.operator)
 
     def _verify_one(self, item: Verifying) -> None:
         job_doc = self.state.job(item.job_id)
@@ -609,7 +635,7 @@ class Coordinator:
                 public = self._holder_signed(bundle, job, item.node_id)
                 seed = self.seed_for(item.task_id, item.bundle)
                 if ranges:
-                    self._verify_segment(item, parent, job, bundle, public, seed, folder, len(ranges))
+                    self._verify_segment(item, parent, job, bundle, public, seed, folder, ranges)
                 else:
                     self._verify_whole(item, job, bundle, public, seed, folder)
             except InvalidInputError as exc:
@@ -633,42 +659,47 @@ class Coordinator:
             self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)",
                               finish=finish)  # fmt: skip
             return
-        slashed = any(kind == "slash" for _, kind in settled.appended)
-        self._rejected(item, verdict.reason, verdict_doc, slashed)
+        self._rejected(item, verdict.reason, verdict_doc, {job.job_id})
 
     def _finish(self, chain: ChainVerdict, outputs: bytes) -> tuple[str, str]:
         receipt = sign_receipt(receipt_body(chain), self.operator)
         return self.state.put_blob(outputs), self.state.put_blob(canonical_json(receipt) + b"\n")
 
-    def _rejected(self, item: Verifying, reason: str, verdict_doc: dict[str, Any], slashed: bool) -> None:
-        if slashed:
-            self.state.ban(item.node_id, f"slashed for job {item.job_id[:19]}…: {reason}")
-            self._standings = (0.0, {})
-        outcome = ("rejected and slashed: " if slashed else "rejected: ") + reason
-        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300])
+    def _slashed_for(self, node_id: str, job_ids: set[str]) -> bool:
+        """The ledger holds a slash of the node for one of these jobs (written now, or before a
+        crash that came between the ledger's transaction and the mesh's)."""
+        return any(e.event.get("job_id") in job_ids for e in self.ledger.entries(node_id=node_id, kinds=["slash"]))
 
-    def _slash(self, evidence: str | None) -> bool:
-        """Slash with a reject's evidence (re-checked by the settlement); whether a slash was written."""
+    def _rejected(self, item: Verifying, reason: str, verdict_doc: dict[str, Any], job_ids: set[str]) -> None:
+        slashed = self._slashed_for(item.node_id, job_ids)
+        ban = f"slashed for job {item.job_id[:19]}…: {reason}" if slashed else None
+        outcome = ("rejected and slashed: " if slashed else "rejected: ") + reason
+        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300], ban=ban)
+        if slashed:
+            self._standings = (0.0, {})
+
+    def _slash(self, evidence: str | None) -> None:
+        """Slash with a reject's evidence (re-checked by the settlement; once per claim)."""
         if evidence is None:
-            return False
+            return
         try:
             slash_with_evidence(self.ledger, Path(evidence), writer=self.operator)
         except (InvalidInputError, VerificationFailedError) as exc:
-            return exc.code == "already-slashed"
-        return True
+            log.info("no slash: %s", exc.message)
 
     def _verify_segment(self, item: Verifying, parent: Job, view: Job, bundle: Path, public: PublicKey, seed: int,
-                        folder: Path, count: int) -> None:  # fmt: skip
+                        folder: Path, ranges: list[list[int]]) -> None:  # fmt: skip
         """One segment, on its own (its links are checked with the chain); after the last one, the
         whole chain is verified again with a fresh seed and settled (``settle_chain``)."""
         started = time.perf_counter()
         verdict = verify(bundle, job=view, node_key=public, seed=seed)
         verdict_doc = {**verdict.to_json(), "decided_by": "spot", "settle_s": round(time.perf_counter() - started, 6)}
         if verdict.status != "accept":
-            slashed = verdict.status == "reject" and self._slash(verdict.evidence)
-            self._rejected(item, verdict.reason, verdict_doc, slashed)
+            if verdict.status == "reject":
+                self._slash(verdict.evidence)
+            self._rejected(item, verdict.reason, verdict_doc, {view.job_id})
             return
-        if item.position < count - 1:
+        if item.position < len(ranges) - 1:
             self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
             return
         # The last segment: the chain, verified as one job and settled in one transaction.
@@ -694,8 +725,8 @@ class Coordinator:
         if link is not None:
             failed = int(link.rsplit("-", 1)[1])
         failed = item.position if failed is None else failed
-        slashed = any(kind == "slash" for _, kind in settled.appended)
         culprit = next((s.public.node_id for s in chain.segments if s.index == failed), item.node_id)
+        slashed = self._slashed_for(culprit, {v.job_id for v in views_of(parent, ranges)})
         if slashed:
             self.state.ban(culprit, f"slashed for job {item.job_id[:19]}…: {chain.reason}")
             self._standings = (0.0, {})
@@ -726,3 +757,9 @@ class Coordinator:
 
             server.startup = startup  # type: ignore[method-assign]
         server.run()
+
+
+def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float) -> Callable[[Verifying], str]:
+    """The verifier's child process (``mesh.sandbox``): the same coordinator state, verifying in place."""
+    coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False)
+    return coordinator._verify_item

@@ -27,6 +27,7 @@ from verimesh.errors import InvalidInputError
 from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
 from verimesh.mesh.files import materialize
+from verimesh.mesh.sandbox import Sandbox
 from verimesh.signing.keys import SecretKey
 from verimesh.workflows import Worker
 
@@ -50,6 +51,7 @@ class Node:
         threads: int = 0,
         on_bundle: BundleHook | None = None,
         on_event: Callable[[str], None] | None = None,
+        isolate: bool = True,
     ) -> None:
         self.client = Client(coordinator, key)
         self.key = key
@@ -58,6 +60,7 @@ class Node:
         self.poll = poll
         self.heartbeat_interval = heartbeat
         self.worker = Worker(key, device=device, threads=threads)
+        self._sandbox = Sandbox(prover_child, key, device, threads) if isolate else None
         self.on_bundle = on_bundle
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self._own_dir = work_dir is None
@@ -125,7 +128,7 @@ class Node:
                         inputs_from.append(path)
                 bundle = folder / "result.vmb"
                 self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
-                self.worker.prove(job, out=bundle, model=model, inputs_from=inputs_from)
+                self._prove(folder, lease, model, inputs_from, bundle)
             except InvalidInputError as exc:
                 self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
                 self.client.release(task_id, lease_id, exc.message)
@@ -138,6 +141,22 @@ class Node:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return True
+
+    def _prove(self, folder: Path, lease: dict[str, Any], model: Path | None, inputs_from: list[Path],
+               bundle: Path) -> None:  # fmt: skip
+        """Prove in the prover's child process, bounded by the lease's deadline (a job's model may
+        run forever: the child is killed then, and the task given back)."""
+        message = (str(folder / "job" / "job.json"), lease.get("segments"), int(lease.get("position", 0)),
+                   None if model is None else str(model), [str(p) for p in inputs_from], str(bundle))  # fmt: skip
+        if self._sandbox is None:
+            _prove_message(self.worker, message)
+            return
+        remaining = max(1.0, float(lease["deadline"]) - time.time())
+        status, detail = self._sandbox.call(message, timeout=remaining)
+        if status == "timeout":
+            raise InvalidInputError(f"proving ran past the task's deadline ({remaining:.0f} s)", code="deadline")
+        if status != "ok":
+            raise InvalidInputError(f"proving failed: {detail or 'the prover process died'}", code="prove-failed")
 
     def run(self, *, max_tasks: int | None = None, idle_exit: float | None = None) -> int:
         """Serve until stopped (or ``max_tasks`` done, or idle for ``idle_exit`` s); tasks done."""
@@ -177,6 +196,29 @@ class Node:
     def close(self) -> None:
         self.stop()
         self.worker.close()
+        if self._sandbox is not None:
+            self._sandbox.close()
         self.client.close()
         if self._own_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+_ProveMessage = tuple[str, Any, int, "str | None", list[str], str]
+
+
+def _prove_message(worker: Worker, message: _ProveMessage) -> str:
+    from verimesh.jobs.job import load_job
+
+    job_path, ranges, position, model, inputs_from, out = message
+    job = load_job(Path(job_path))
+    if ranges:
+        job = segment_view(job, check_ranges(ranges, len(job.steps)), position)
+    result = worker.prove(job, out=Path(out), model=None if model is None else Path(model),
+                          inputs_from=[Path(p) for p in inputs_from])  # fmt: skip
+    return result.root
+
+
+def prover_child(key: SecretKey, device: str, threads: int) -> Callable[[_ProveMessage], str]:
+    """The node's prover child process (``mesh.sandbox``): one warm Worker."""
+    worker = Worker(key, device=device, threads=threads)
+    return lambda message: _prove_message(worker, message)

@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from verimesh.core.digest import sha256_bytes
+from verimesh.ledger.store import READ_ONLY
 
 metadata = sa.MetaData()
 
@@ -142,6 +143,13 @@ class MeshState:
         metadata.create_all(engine)
 
     @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        """A connection for reads only (on SQLite a snapshot: it neither takes nor waits for the write lock)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            yield conn
+
+    @contextmanager
     def _txn(self) -> Iterator[sa.Connection]:
         with self.engine.begin() as conn:
             yield conn
@@ -159,13 +167,13 @@ class MeshState:
         return digest
 
     def blob(self, digest: str) -> bytes | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(blobs.c.data).where(blobs.c.digest == digest)).first()
         return None if row is None else bytes(row.data)
 
     def has_blobs(self, digests: Sequence[str]) -> list[str]:
         """The digests of ``digests`` that are not stored."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             found = {r.digest for r in conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest.in_(digests)))}
         return [d for d in digests if d not in found]
 
@@ -196,7 +204,7 @@ class MeshState:
                 conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(device=device, last_seen=now))
 
     def node(self, node_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(nodes).where(nodes.c.node_id == node_id)).first()
         return None if row is None else dict(row._mapping)
 
@@ -216,7 +224,7 @@ class MeshState:
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(banned=reason[:300]))
 
     def nodes(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(sa.select(nodes).order_by(nodes.c.joined))]
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ class MeshState:
         return True
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
             if row is None:
                 return None
@@ -253,7 +261,7 @@ class MeshState:
         return doc  # fmt: skip
 
     def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(jobs.c.job_id).order_by(jobs.c.created.desc()).limit(limit)).all()
         return [doc for r in rows if (doc := self.job(r.job_id)) is not None]
 
@@ -304,6 +312,11 @@ class MeshState:
     def lease(self, node_id: str, *, deadline_default: float) -> Lease | None:
         """The node's current lease, else the oldest pending task it may take, leased to it now."""
         now = time.time()
+        with self._read() as conn:  # the common idle case without the write lock
+            busy = conn.execute(sa.select(tasks.c.task_id).where(
+                sa.or_(tasks.c.state == "pending", tasks.c.state == "leased")).limit(1)).first()  # fmt: skip
+        if busy is None:
+            return None
         with self._txn() as conn:
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
             self._expire(conn, now)
@@ -359,7 +372,7 @@ class MeshState:
 
     def done_bundles(self, job_id: str) -> dict[int, str]:
         """Position -> bundle digest of the job's done tasks."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(tasks.c.position, tasks.c.bundle)
                                 .where(tasks.c.job_id == job_id, tasks.c.state == "done")).all()  # fmt: skip
         return {int(r.position): str(r.bundle) for r in rows}
@@ -386,7 +399,7 @@ class MeshState:
 
     def holds(self, node_id: str, task_id: str) -> bool:
         """The node holds a live lease on the task (it may read the task's files)."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(tasks.c.node_id, tasks.c.state, tasks.c.lease_deadline)
                                .where(tasks.c.task_id == task_id)).first()  # fmt: skip
         return (
@@ -411,20 +424,32 @@ class MeshState:
                          .values(state="verifying", bundle=bundle, updated=now))  # fmt: skip
 
     def verifying(self) -> list[Verifying]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
         return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.attempts, r.position) for r in rows]
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
-        finish: tuple[str, str] | None = None,
+        finish: tuple[str, str] | None = None, ban: str | None = None, fail_job: str | None = None,
     ) -> None:  # fmt: skip
         """Record the verdict of a stored result: done (with ``finish``: the job's outputs and
-        receipt blobs, the job done in the same transaction), or pending again without that node."""
+        receipt blobs, the job done in the same transaction), or pending again without that node
+        (``ban``: the node excluded from the mesh, in the same transaction; ``fail_job``: the job
+        itself fails, blamed on no node)."""
         now = time.time()
         with self._txn() as conn:
             row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
             if row is None or row.state != "verifying":
+                return
+            if ban is not None:
+                conn.execute(nodes.update().where(nodes.c.node_id == row.node_id).values(banned=ban[:300]))
+            if fail_job is not None:
+                history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": outcome, "time": now}]
+                conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
+                    state="failed", verdict=json.dumps(verdict, sort_keys=True), history=json.dumps(history),
+                    updated=now))  # fmt: skip
+                conn.execute(jobs.update().where(jobs.c.job_id == row.job_id)
+                             .values(state="failed", error=fail_job[:500], updated=now))  # fmt: skip
                 return
             if accepted:
                 history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": outcome, "time": now}]
@@ -447,11 +472,11 @@ class MeshState:
             self._free(conn, row, f"released by the node: {reason}"[:300], now)
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)).all()
         return {str(r[0]): int(r[1]) for r in rows}
 
     def task_job(self, task_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(tasks.c.job_id).where(tasks.c.task_id == task_id)).first()
         return None if row is None else str(row.job_id)
