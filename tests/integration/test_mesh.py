@@ -5,7 +5,6 @@ a cheating node slashed and excluded, and every refusal of the HTTP API."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,8 +27,6 @@ from verimesh.signing.keys import generate_key, load_public_key, load_secret_key
 
 pytestmark = pytest.mark.slow
 HEARTBEAT_TIMEOUT = 3
-LOAD_TASKS = int(os.environ.get("VERIMESH_LOAD_TASKS", "500"))
-LOAD_NODES = 20
 
 
 def _free_port() -> int:
@@ -282,8 +279,9 @@ def test_the_coordinator_killed_mid_job_restarts_with_nothing_lost_or_doubled(me
     rewards = [e.event["job_id"] for e in ledger.entries(node_id=honest, kinds=["reward"])]
     assert sorted(rewards) == sorted(jobs)  # one reward per job: none lost, none doubled
     assert _cli("ledger", "verify", "--ledger", mesh.db, "--rules", cwd=mesh.root).returncode == 0
-    for job_id in jobs:
-        assert httpx.get(f"{mesh.url}/v1/jobs/{job_id}/receipt", timeout=10).status_code == 200
+    with Client(mesh.url, load_secret_key(mesh.root / "owner.key")) as owner:
+        for job_id in jobs:
+            assert json.loads(owner.receipt(job_id))["receipt"]["job_id"] == job_id
 
 
 def _signed(key: Any, coordinator: str, method: str, path: str, body: bytes = b"{}") -> dict[str, str]:
@@ -384,46 +382,10 @@ def _refusals(mesh: Mesh) -> None:
     assert "slash" not in mesh.ledger_kinds(stranger.node_id)
     # Read-only views need no key and hold nothing secret; unknown jobs are 404.
     assert http.get(f"/v1/jobs/sha256:{'3' * 64}").status_code == 404
-    assert http.get(f"/v1/jobs/{job_id}/receipt").status_code == 404
-
-
-def test_load_twenty_nodes_five_hundred_tasks_none_lost_or_doubled(mesh: Mesh) -> None:
-    """Bounded load on loopback: 20 node daemons (threads here, one key each) and 500 small jobs."""
-    import threading
-
-    from verimesh.jobs.job import new_job
-    from verimesh.mesh import Node
-    from verimesh.mesh.client import upload_job
-
-    owner = Client(mesh.url, load_secret_key(mesh.root / "owner.key"))
-    jobs = [
-        new_job(model_path("mlp"), input_path("mlp"), mesh.root / "load" / f"j{i}" / "job.json")
-        for i in range(LOAD_TASKS)
-    ]
-    for job in jobs:
-        files = upload_job(owner, job.base_dir / "job.json", input_blob=job.resolve(job.input_path).read_bytes())
-        owner.submit_job(job.canonical_bytes(), files=files, deposit=10, deadline=600, max_attempts=5)
-    daemons = [Node(mesh.url, generate_key(), device="cpu", poll=0.1, heartbeat=0.5, threads=1, isolate=False)
-               for _ in range(LOAD_NODES)]  # fmt: skip
-    threads = [threading.Thread(target=d.run, kwargs={"idle_exit": 5.0}, daemon=True) for d in daemons]
-    for t in threads:
-        t.start()
-    try:
-        mesh.wait_for(lambda: mesh.status()["tasks"].get("done", 0) == LOAD_TASKS, "every task", timeout=900)
-    finally:
-        for d in daemons:
-            d.stop()
-        for t in threads:
-            t.join(timeout=60)
-        for d in daemons:
-            d.close()
-    status = mesh.status()
-    assert status["tasks"] == {"done": LOAD_TASKS} and all(j["state"] == "done" for j in status["jobs"][:200])
-    ledger = Ledger.open(mesh.db)
-    rewarded = [e.event["job_id"] for e in ledger.entries(kinds=["reward"])]
-    assert sorted(rewarded) == sorted(j.job_id for j in jobs)  # one reward per job: none lost, none doubled
-    assert len({e.event["job_id"] for e in ledger.entries(kinds=["verdict"])}) == LOAD_TASKS
-    assert _cli("ledger", "verify", "--ledger", mesh.db, "--rules", cwd=mesh.root, timeout=600).returncode == 0
+    assert http.get(f"/v1/jobs/{job_id}/receipt").status_code == 401  # the owner's alone: it pins the outputs
+    with Client(mesh.url, stranger) as client, pytest.raises(MeshError) as not_owner_receipt:
+        client.receipt(job_id)
+    assert not_owner_receipt.value.status == 403
 
 
 def _loop_model(path: Path, trips: int) -> None:

@@ -65,14 +65,17 @@ def coordinator_option(f: Any) -> Any:
 )
 @click.option("--verify-timeout", type=Duration(), default="600s", show_default=True,
               help="Longest one verification may run (a longer job fails; no node is blamed).")  # fmt: skip
+@click.option("--admission", type=click.Choice(["open", "ledger"]), default="open", show_default=True,
+              help="open: any key may join with its signed registration; ledger: only nodes the operator "
+              "registered in the ledger beforehand (`verimesh ledger register`).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
-          max_upload_mb: int, read_token: str | None, verify_timeout: float) -> None:  # fmt: skip
+          max_upload_mb: int, read_token: str | None, verify_timeout: float, admission: str) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
     from verimesh.mesh.coordinator import Coordinator
 
     coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
                               heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
-                              read_token=read_token, verify_timeout=verify_timeout)  # fmt: skip
+                              read_token=read_token, verify_timeout=verify_timeout, admission=admission)  # fmt: skip
 
     def ready(url: str) -> None:
         note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "

@@ -109,8 +109,8 @@ class Verifier:
             raise AuthError("malformed public key") from exc
         if not public.check_possession():
             raise AuthError("the key's proof of possession does not verify")
-        if len(self._possessed) > 100_000:
-            self._possessed.clear()
+        if len(self._possessed) > 100_000:  # forget the oldest key, not every key
+            self._possessed.pop(next(iter(self._possessed)))
         self._possessed[text] = public
         return public
 

@@ -109,7 +109,8 @@ class Client:
         return self._json(self._call("GET", path, signed=False))
 
     def receipt(self, job_id: str) -> bytes:
-        return self._call("GET", f"/v1/jobs/{job_id}/receipt", signed=False).content
+        """The signed receipt of a done job; only the job's owner may read it."""
+        return self._call("GET", f"/v1/jobs/{job_id}/receipt").content
 
     def outputs(self, job_id: str) -> bytes:
         """The verified outputs (.npz); only the job's owner may read them."""

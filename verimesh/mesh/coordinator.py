@@ -5,7 +5,7 @@ HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
     GET  /v1/info                              who this is: ledger id, operator key
     GET  /v1/status                            nodes, jobs, ledger head (read-only)
     GET  /v1/jobs/{job_id}                     one job and its tasks (read-only)
-    GET  /v1/jobs/{job_id}/receipt             the signed receipt of a done job
+    GET  /v1/jobs/{job_id}/receipt       owner the signed receipt of a done job
     GET  /v1/jobs/{job_id}/outputs       owner the verified outputs (.npz)
     POST /v1/blobs/missing               any   which of these digests are not stored
     PUT  /v1/blobs/{digest}              any   a file a job will pin (bytes; digest checked)
@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES
 from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.store import Ledger
 from verimesh.mesh.auth import AuthError, Signed, Verifier
@@ -111,8 +113,9 @@ class _Buckets:
             if tokens < 1:
                 self._buckets[who] = (tokens, now)
                 return False
-            if len(self._buckets) > 100_000:
-                self._buckets.clear()
+            if len(self._buckets) > 100_000:  # forget the longest-idle signer, not everyone's count
+                self._buckets.pop(next(iter(self._buckets)))
+            self._buckets.pop(who, None)
             self._buckets[who] = (tokens - 1, now)
             return True
 
@@ -144,6 +147,7 @@ class Coordinator:
         ledger_settings: dict[str, Any] | None = None,
         verify_timeout: float = 600.0,
         isolate: bool = True,
+        admission: str = "open",
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -166,6 +170,9 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
         self.verify_timeout = verify_timeout
+        if admission not in ("open", "ledger"):
+            raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
+        self.admission = admission
         self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout) if isolate else None
 
     # -- identity --------------------------------------------------------------------------------
@@ -176,6 +183,8 @@ class Coordinator:
             "ledger_id": self.ledger.ledger_id,
             "operator": self.operator.node_id,
             "operator_key": self.operator.public.to_json(),
+            "heartbeat_timeout": self.state.heartbeat_timeout,
+            "admission": self.admission,
             "version": __version__,
         }
 
@@ -197,7 +206,7 @@ class Coordinator:
             Route("/v1/status", self._wrap(self._status, read=True), methods=["GET"]),
             Route("/v1/jobs", self._wrap(self._submit), methods=["POST"]),
             Route("/v1/jobs/{job_id}", self._wrap(self._job, read=True), methods=["GET"]),
-            Route("/v1/jobs/{job_id}/receipt", self._wrap(self._receipt, read=True), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/receipt", self._wrap(self._receipt), methods=["GET"]),
             Route("/v1/jobs/{job_id}/outputs", self._wrap(self._outputs), methods=["GET"]),
             Route("/v1/blobs/missing", self._wrap(self._missing), methods=["POST"]),
             Route("/v1/blobs/{digest}", self._wrap(self._put_blob), methods=["PUT"]),
@@ -359,7 +368,10 @@ class Coordinator:
         return self._job_view(doc)
 
     def _receipt(self, request: Request, body: bytes) -> Any:
+        signed = self._signed(request, body)
         doc = self.state.job(request.path_params["job_id"])
+        if doc is not None and doc["owner"] != signed.node_id:  # it pins the outputs' digests
+            raise HTTPError(403, "not-owner", "only the job's owner reads its receipt")
         if doc is None or doc["receipt"] is None:
             raise HTTPError(404, "no-receipt", "no such job, or it is not done")
         return Response(self.state.blob(doc["receipt"]), media_type="application/json")
@@ -434,6 +446,7 @@ class Coordinator:
             missing = self.state.has_blobs([files["job"], files["model"], files["input"], *files["steps"]])
             if missing:
                 raise HTTPError(422, "missing-blobs", f"upload these first: {missing[:5]}")
+            _refuse_strict_tolerance(probe)
             # What the nodes and the verifier will run: every step safe and as pinned, the input as pinned.
             job, _ = materialize(files, self._stored, Path(tmp), with_model=False)
             job.read_step_models()
@@ -484,6 +497,9 @@ class Coordinator:
         if signed.public.key == self.operator.public.key:
             raise HTTPError(403, "operator", "the coordinator's operator cannot be a node of its own mesh")
         created = False
+        if self._registered_key(signed.node_id) is None and self.admission == "ledger":
+            raise HTTPError(403, "not-admitted", "this mesh admits only nodes its operator registered in the ledger "
+                            "(`verimesh ledger register`)")  # fmt: skip
         if self._registered_key(signed.node_id) is None:
             register_node(self.ledger, ledger_request, writer=self.operator)
             self._checkpoint_if_due()
@@ -522,6 +538,7 @@ class Coordinator:
         task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
         if not body:
             raise HTTPError(400, "malformed", "the body is the bundle's bytes")
+        self.state.check_lease(signed.node_id, task_id, lease_id)  # before anything is stored
         digest = self.state.put_blob(body)
         self.state.submit(signed.node_id, task_id, lease_id, digest)
         self._wake.set()
@@ -763,3 +780,21 @@ def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: floa
     """The verifier's child process (``mesh.sandbox``): the same coordinator state, verifying in place."""
     coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False)
     return coordinator._verify_item
+
+
+def _refuse_strict_tolerance(job: Job) -> None:
+    """A job owner may not set a tolerance tighter than the defaults of its precision class: an
+    impossible tolerance would reject (and slash) an honest node whose hardware rounds otherwise."""
+    floor = DEFAULT_TOLERANCES.get(job.policy.precision)
+    if floor is None:
+        raise InvalidInputError(f"precision class {job.policy.precision!r} does not run over the mesh")
+    policy = job.policy
+    for tolerance in (policy.tolerance, *policy.step_tolerances, *policy.window_tolerances):
+        tighter = [k for k, v in asdict(floor).items() if getattr(tolerance, k) < v]
+        if tighter:
+            raise InvalidInputError(
+                f"the job's tolerance is tighter than the {policy.precision} defaults ({', '.join(tighter)}): "
+                "an honest node on other hardware could be rejected",
+                code="tolerance-too-strict",
+                hint="submit without a calibration profile tighter than the defaults",
+            )

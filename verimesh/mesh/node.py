@@ -74,6 +74,8 @@ class Node:
         from verimesh.jobs.runtime import resolve_device
 
         device = resolve_device(self.device)
+        timeout = float(self.client.info().get("heartbeat_timeout", 15.0))
+        self.heartbeat_interval = min(self.heartbeat_interval, max(0.1, timeout / 3))  # a beat late is no loss
         doc = self.client.register(stake=self.stake, device=device)
         self.on_event(f"node {self.key.node_id} {'registered' if doc.get('registered') else 'rejoined'} "
                       f"with {self.client.url}")  # fmt: skip

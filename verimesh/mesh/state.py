@@ -90,6 +90,7 @@ tasks = sa.Table(
 )
 
 TASK_STATES = ("pending", "leased", "verifying", "done", "failed")
+CHURN = 5  # leases without an answer a task allows per judged attempt
 
 
 @dataclass(frozen=True)
@@ -291,11 +292,16 @@ class MeshState:
             self._free(conn, row, f"lease lost ({why} missed)", now)
 
     def _free(self, conn: sa.Connection, row: Any, why: str, now: float, verdict: Any = None) -> None:
-        """Back to pending without the node that held it (failed after too many attempts)."""
+        """Back to pending without the node that held it. The task fails after ``max_attempts``
+        answers that were judged (rejected, or unverifiable), or after CHURN times as many leases
+        that ended without an answer (given back, or lost): a few free keys that lease and walk
+        away cannot fail a job on their own."""
         excluded = [*json.loads(row.excluded), row.node_id]
         history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": why, "time": now}]
         spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
-        failed = row.attempts >= int(spec.get("max_attempts", 3))
+        limit = int(spec.get("max_attempts", 3))
+        judged = sum(1 for h in history if h["outcome"].startswith(("rejected", "error")))
+        failed = judged >= limit or len(history) >= CHURN * limit
         values: dict[str, Any] = {
             "state": "failed" if failed else "pending", "node_id": None, "lease_id": None, "leased_at": None,
             "lease_deadline": None, "bundle": None, "excluded": json.dumps(excluded), "history": json.dumps(history),
@@ -306,7 +312,7 @@ class MeshState:
         conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(**values))
         if failed:
             conn.execute(jobs.update().where(jobs.c.job_id == row.job_id).values(
-                state="failed", updated=now, error=f"task {row.position} failed {row.attempts} times; last: {why}"[:500]
+                state="failed", updated=now, error=f"task {row.position}: {len(history)} leases; last: {why}"[:500]
             ))  # fmt: skip
 
     def lease(self, node_id: str, *, deadline_default: float) -> Lease | None:
@@ -405,6 +411,19 @@ class MeshState:
         return (
             row is not None and row.node_id == node_id and row.state == "leased" and row.lease_deadline >= time.time()
         )
+
+    def check_lease(self, node_id: str, task_id: str, lease_id: str) -> None:
+        """StateError unless the node holds this live lease (read only: ``submit`` decides again)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id)).first()
+        if row is None:
+            raise StateError(404, "no such task")
+        if row.node_id != node_id or row.lease_id != lease_id or row.state != "leased":
+            lost = node_id in json.loads(row.excluded)
+            raise StateError(409 if lost else 403, "the lease was lost (too late)" if lost
+                             else "this task is not leased to you")  # fmt: skip
+        if row.lease_deadline < time.time():
+            raise StateError(409, "the lease was lost (too late)")
 
     def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str) -> None:
         """Store a node's result for its own live lease (StateError otherwise)."""
