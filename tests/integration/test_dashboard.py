@@ -10,24 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mesh import Mesh, _node_id
+from tests.integration.mesh_harness import Mesh, _node_id
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture()
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    m = Mesh(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_the_dashboard_shows_nodes_and_jobs_and_updates_live(mesh: Mesh) -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import input_path, model_path
-from tests.integration.test_mesh import Mesh, _cli
+from tests.integration.mesh_harness import Mesh, _cli
 from verimesh.jobs.job import new_job
 from verimesh.ledger.store import Ledger
 from verimesh.mesh import Node
@@ -20,15 +19,6 @@ from verimesh.signing.keys import generate_key, load_secret_key
 pytestmark = pytest.mark.slow
 LOAD_TASKS = int(os.environ.get("VERIMESH_LOAD_TASKS", "500"))
 LOAD_NODES = 20
-
-
-@pytest.fixture()
-def mesh(tmp_path: Path):  # type: ignore[no-untyped-def]
-    m = Mesh(tmp_path)
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_load_twenty_nodes_five_hundred_tasks_none_lost_or_doubled(mesh: Mesh) -> None:
