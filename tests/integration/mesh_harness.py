@@ -95,7 +95,7 @@ class Mesh:
     def status(self, job_id: str | None = None) -> Any:
         return httpx.get(self.url + (f"/v1/jobs/{job_id}" if job_id else "/v1/status"), timeout=10).json()
 
-    def wait_for(self, predicate: Any, what: str, timeout: float = 60) -> Any:
+    def wait_for(self, predicate: Any, what: str, timeout: float = 120) -> Any:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             value = predicate()

@@ -22,7 +22,7 @@ from verimesh.core.canonical import canonical_json
 from verimesh.ledger.store import Ledger
 from verimesh.mesh.auth import HEADER_SIGNATURE, HEADER_TIME, sign_headers
 from verimesh.mesh.client import Client, MeshError
-from verimesh.signing.keys import load_public_key, load_secret_key
+from verimesh.signing.keys import generate_key, load_public_key, load_secret_key
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,7 @@ def test_a_node_killed_mid_task_loses_its_lease_and_the_task_is_reassigned(mesh:
     task = done["tasks"][0]
     assert task["node_id"] == _node_id(mesh, "honest")
     assert task["history"][0] == {**task["history"][0], "node_id": other, "outcome": "lease lost (heartbeat missed)"}
-    assert reassigned_after < HEARTBEAT_TIMEOUT + 20
+    assert reassigned_after < HEARTBEAT_TIMEOUT + 60  # the timeout, a poll, and a loaded 2-core machine
     assert "slash" not in mesh.ledger_kinds(other)  # a node that died is not a cheat
 
 
@@ -348,7 +348,8 @@ def test_a_job_whose_model_never_ends_fails_alone_and_blames_no_node(tmp_path: P
             runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
             seal_trace(job, trace, key=attacker, runner=runner, out=tmp_path / "bomb.vmb")
             node.result(lease["task_id"], lease["lease_id"], (tmp_path / "bomb.vmb").read_bytes())
-        failed = mesh.wait_for(lambda: (d := mesh.status(job.job_id))["state"] == "failed" and d, "the timeout")
+        failed = mesh.wait_for(lambda: (d := mesh.status(job.job_id))["state"] == "failed" and d, "the timeout",
+                               timeout=180)  # fmt: skip
         assert "too costly to verify" in failed["error"]
         assert "slash" not in mesh.ledger_kinds(attacker.node_id)
         mesh.node("honest")
@@ -356,3 +357,40 @@ def test_a_job_whose_model_never_ends_fails_alone_and_blames_no_node(tmp_path: P
         assert done.returncode == 0, done.stderr
     finally:
         mesh.close()
+
+
+def test_a_split_job_redoes_a_segment_whose_node_can_no_longer_answer_for_it(mesh: Mesh) -> None:
+    """Node X proves segment 0 honestly, then is slashed to nothing on another job: the chain
+    cannot be settled with X, so segment 0 is redone by another node (and segment 1 after it);
+    the honest node that answered segment 1 is not blamed, and X is paid nothing for the split."""
+    import random
+
+    from verimesh.assurance.mesh_redteam import cheat_hook
+    from verimesh.mesh import Node
+
+    x_key = generate_key()
+    x = Node(mesh.url, x_key, stake=1, isolate=False)
+    try:
+        x.join()
+        sent = mesh.submit("--segments", "2", model="transformer")
+        assert sent.returncode == 0, sent.stderr
+        split = json.loads(sent.stdout)["job_id"]
+        assert x.run_one()  # segment 0, honestly
+        mesh.wait_for(lambda: mesh.status(split)["tasks"][0]["state"] == "done", "segment 0")
+        other = json.loads(mesh.submit().stdout)["job_id"]
+        x.on_bundle = cheat_hook("perturb-final", x_key, random.Random(7))
+        assert x.run_one()  # X may not take segment 1 (it ran segment 0): it takes the other job, and cheats
+        mesh.wait_for(lambda: any("slashed" in h["outcome"] for h in mesh.status(other)["tasks"][0]["history"]),
+                      "X slashed")  # fmt: skip
+    finally:
+        x.close()
+    mesh.node("honest")
+    mesh.node("other")
+    done = mesh.wait_for(lambda: (d := mesh.status(split))["state"] == "done" and d, "the split job", timeout=120)
+    honest = {_node_id(mesh, "honest"), _node_id(mesh, "other")}
+    assert {t["node_id"] for t in done["tasks"]} == honest
+    assert any(h["outcome"].startswith("redone") and h["node_id"] == x_key.node_id for h in done["tasks"][0]["history"])
+    blamed = [h for t in done["tasks"] for h in t["history"] if h["node_id"] in honest]
+    assert not any(h["outcome"].startswith(("error", "rejected")) for h in blamed), blamed
+    ledger = Ledger.open(mesh.db)
+    assert [e.kind for e in ledger.entries(node_id=x_key.node_id, kinds=["reward"])] == []

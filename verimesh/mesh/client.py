@@ -170,7 +170,13 @@ class Client:
         """Poll until the job is done or failed (MeshError after ``timeout`` seconds)."""
         end = time.monotonic() + timeout
         while True:
-            doc = self.status(job_id)
+            try:
+                doc = self.status(job_id)
+            except MeshError as exc:  # a coordinator restarting is not the job's end
+                if exc.status != 0 or time.monotonic() > end:
+                    raise
+                time.sleep(poll)
+                continue
             if doc["state"] in ("done", "failed"):
                 return dict(doc)
             if time.monotonic() > end:

@@ -67,6 +67,7 @@ from verimesh.mesh.sandbox import Sandbox
 from verimesh.mesh.state import MeshState, StateError, Verifying
 from verimesh.settlement import (
     all_standings,
+    node_standing,
     register_job,
     register_node,
     registered_key,
@@ -170,6 +171,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
         self.verify_timeout = verify_timeout
+        self._retried: set[str] = set()
         if admission not in ("open", "ledger"):
             raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
         self.admission = admission
@@ -603,6 +605,9 @@ class Coordinator:
                 self._verify_item(item)
             else:
                 status, detail = self._sandbox.call(item, timeout=self.verify_timeout)
+                if status == "timeout" and self._settled_already(item) and item.task_id not in self._retried:
+                    self._retried.add(item.task_id)  # the ledger took its verdict just before the kill: once more
+                    continue
                 if status == "timeout":
                     why = f"verification ran past {self.verify_timeout:g} s: the job's model is too costly to verify"
                     self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}", fail_job=why,
@@ -613,6 +618,16 @@ class Coordinator:
                                       verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
             count += 1
         return count
+
+    def _settled_already(self, item: Verifying) -> bool:
+        """The ledger holds a verdict by this task's node for its job (or one of its segments)."""
+        doc = self.state.job(item.job_id)
+        ids = {item.job_id}
+        if doc is not None and doc["spec"].get("segments"):
+            with tempfile.TemporaryDirectory(prefix="verimesh-ids-") as tmp:
+                parent, _ = materialize(doc["spec"]["files"], self._stored, Path(tmp), with_model=False)
+                ids |= {v.job_id for v in views_of(parent, doc["spec"]["segments"])}
+        return any(e.event.get("job_id") in ids for e in self.ledger.entries(node_id=item.node_id, kinds=["verdict"]))
 
     def _verify_item(self, item: Verifying) -> str:
         self._verify_one(item)
@@ -719,7 +734,13 @@ class Coordinator:
         if item.position < len(ranges) - 1:
             self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
             return
-        # The last segment: the chain, verified as one job and settled in one transaction.
+        # The last segment: the chain, verified as one job and settled in one transaction, with
+        # every segment's node still able to answer for its part.
+        gone = self._unsettleable(item.job_id, item.position)
+        if gone is not None:
+            position, why = gone
+            self.state.redo_from(item.job_id, position, f"redone: {why}", verdict_doc)
+            return
         paths = []
         for position, digest in sorted({**self.state.done_bundles(item.job_id), item.position: item.bundle}.items()):
             path = folder / f"seg-{position}.vmb"
@@ -727,7 +748,12 @@ class Coordinator:
             paths.append(path)
         chain_seed = self.seed_for(item.job_id, "".join(sorted(self.state.done_bundles(item.job_id).values()))
                                    + item.bundle)  # fmt: skip
-        settled = settle_chain(paths, job=parent, ledger=self.ledger, writer=self.operator, seed=chain_seed)
+        try:
+            settled = settle_chain(paths, job=parent, ledger=self.ledger, writer=self.operator, seed=chain_seed)
+        except InvalidInputError as exc:  # the ledger refuses the chain: never the last node's fault
+            self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {exc.message}",
+                              fail_job=f"the chain could not be settled: {exc.message}")  # fmt: skip
+            return
         chain = settled.verdict
         chain_doc = {**verdict_doc, "chain": chain.to_json(), "ledger_entries": [list(e) for e in settled.appended]}
         if chain.status == "accept":
@@ -744,12 +770,26 @@ class Coordinator:
         failed = item.position if failed is None else failed
         culprit = next((s.public.node_id for s in chain.segments if s.index == failed), item.node_id)
         slashed = self._slashed_for(culprit, {v.job_id for v in views_of(parent, ranges)})
+        ban = (culprit, f"slashed for job {item.job_id[:19]}…: {chain.reason}") if slashed else None
+        outcome = f"rejected with the chain{' and slashed' if slashed else ''}: {chain.reason}"[:300]
+        self.state.redo_from(item.job_id, failed, outcome, chain_doc, ban=ban)  # one transaction, the last task with it
         if slashed:
-            self.state.ban(culprit, f"slashed for job {item.job_id[:19]}…: {chain.reason}")
             self._standings = (0.0, {})
-        self.state.decide(item.task_id, accepted=True, verdict=chain_doc, outcome="accepted (spot check)")
-        self.state.redo_from(item.job_id, failed, f"rejected with the chain{' and slashed' if slashed else ''}: "
-                             f"{chain.reason}"[:300], chain_doc)  # fmt: skip
+
+    def _unsettleable(self, job_id: str, before: int) -> tuple[int, str] | None:
+        """The first done segment before ``before`` whose node can no longer be settled with (it
+        was excluded, or has nothing slashable left): its segment is redone, no one else blamed."""
+        rows = {t["position"]: t for t in (self.state.job(job_id) or {"tasks": []})["tasks"]}
+        for position in range(before):
+            node_id = rows[position]["node_id"] if position in rows else None
+            if node_id is None:
+                continue
+            node = self.state.node(node_id)
+            if node is not None and node["banned"]:
+                return position, f"its node {node_id} was excluded"
+            if node_standing(self.ledger, node_id).slashable <= 0:
+                return position, f"its node {node_id} has nothing slashable left"
+        return None
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -383,12 +383,17 @@ class MeshState:
                                 .where(tasks.c.job_id == job_id, tasks.c.state == "done")).all()  # fmt: skip
         return {int(r.position): str(r.bundle) for r in rows}
 
-    def redo_from(self, job_id: str, position: int, outcome: str, verdict: dict[str, Any]) -> None:
-        """A chain that failed at ``position`` when verified whole: that task is freed without its
-        node (as any reject), and every later one done on its outputs goes back to pending (their
-        nodes did nothing wrong, and may take them again)."""
+    def redo_from(self, job_id: str, position: int, outcome: str, verdict: dict[str, Any],
+                  ban: tuple[str, str] | None = None) -> None:  # fmt: skip
+        """A chain that failed at ``position`` when verified whole (or whose segment's node can no
+        longer settle): that task is freed without its node (counted as a judged answer only when
+        ``outcome`` says rejected or error), and every later one, done or waiting for its verdict
+        on those outputs, goes back to pending (their nodes did nothing wrong, and may take them
+        again). ``ban``: (node id, reason), in the same transaction."""
         now = time.time()
         with self._txn() as conn:
+            if ban is not None:
+                conn.execute(nodes.update().where(nodes.c.node_id == ban[0]).values(banned=ban[1][:300]))
             rows = conn.execute(self._locked(sa.select(tasks).where(tasks.c.job_id == job_id,
                                                                     tasks.c.position >= position))).all()  # fmt: skip
             for row in rows:
