@@ -180,7 +180,7 @@ def _signed(key: Any, coordinator: str, method: str, path: str, body: bytes = b"
 
 
 def test_every_refusal_of_the_api(tmp_path: Path) -> None:
-    mesh = Mesh(tmp_path, max_upload_mb=1)
+    mesh = Mesh(tmp_path, max_upload_mb=1, extra=("--blob-quota-mb", "1"))
     try:
         _refusals(mesh)
     finally:
@@ -236,6 +236,11 @@ def _refusals(mesh: Mesh) -> None:
         with pytest.raises(MeshError) as bad:
             client._call("PUT", f"/v1/blobs/sha256:{'1' * 64}", b"abc")
         assert bad.value.status == 422
+        # Uploads no job refers to count against the uploader's quota (1 MiB here): 413 beyond it.
+        client.put_blob(b"\x01" * 600_000)
+        with pytest.raises(MeshError) as over:
+            client.put_blob(b"\x02" * 600_000)
+        assert over.value.status == 413 and "quota" in over.value.message
     # A node answers only its own leases; late answers are refused.
     sent = mesh.submit()
     job_id = json.loads(sent.stdout)["job_id"]

@@ -68,14 +68,18 @@ def coordinator_option(f: Any) -> Any:
 @click.option("--admission", type=click.Choice(["open", "ledger"]), default="open", show_default=True,
               help="open: any key may join with its signed registration; ledger: only nodes the operator "
               "registered in the ledger beforehand (`verimesh ledger register`).")  # fmt: skip
+@click.option("--blob-quota-mb", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Per key: uploads no submitted job refers to yet (collected after an hour).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
-          max_upload_mb: int, read_token: str | None, verify_timeout: float, admission: str) -> None:  # fmt: skip
+          max_upload_mb: int, read_token: str | None, verify_timeout: float, admission: str,
+          blob_quota_mb: int) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
     from verimesh.mesh.coordinator import Coordinator
 
     coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
                               heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
-                              read_token=read_token, verify_timeout=verify_timeout, admission=admission)  # fmt: skip
+                              read_token=read_token, verify_timeout=verify_timeout, admission=admission,
+                              blob_quota=blob_quota_mb * 1024 * 1024)  # fmt: skip
 
     def ready(url: str) -> None:
         note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "

@@ -149,6 +149,8 @@ class Coordinator:
         verify_timeout: float = 600.0,
         isolate: bool = True,
         admission: str = "open",
+        blob_quota: int = 2 * 1024 * 1024 * 1024,
+        blob_ttl: float = 3600.0,
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -172,6 +174,8 @@ class Coordinator:
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
         self.verify_timeout = verify_timeout
         self._retried: set[str] = set()
+        self.blob_quota, self.blob_ttl = blob_quota, blob_ttl
+        self._collected = 0.0
         if admission not in ("open", "ledger"):
             raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
         self.admission = admission
@@ -407,12 +411,12 @@ class Coordinator:
         return {"missing": self.state.has_blobs([str(d) for d in digests])}
 
     def _put_blob(self, request: Request, body: bytes) -> Any:
-        self._signed(request, body)
+        signed = self._signed(request, body)
         digest = request.path_params["digest"]
         parse_digest(digest, what="blob digest")
         if sha256_bytes(body) != digest:
             raise HTTPError(422, "digest-mismatch", "the body does not match the digest in the path")
-        self.state.put_blob(body)
+        self.state.upload(signed.node_id, body, quota=self.blob_quota)
         return {"digest": digest}
 
     def _submit(self, request: Request, body: bytes) -> Any:
@@ -576,6 +580,9 @@ class Coordinator:
     def _verifier_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if time.monotonic() - self._collected > 60:  # uploads no job took, past their time
+                    self._collected = time.monotonic()
+                    self.state.collect_blobs(self.blob_ttl)
                 done = self.verify_pending()
             except Exception:  # the loop must outlive one bad pass; the task stays verifying
                 log.exception("verifier pass failed")

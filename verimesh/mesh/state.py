@@ -38,6 +38,11 @@ blobs = sa.Table(
     sa.Column("digest", sa.String(71), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
+    # Who uploaded it, when, and whether a job or a task refers to it yet: an upload nothing refers
+    # to counts against its uploader's quota and is collected after UNREFERENCED_TTL seconds.
+    sa.Column("uploader", sa.String(64)),
+    sa.Column("created", sa.Float, nullable=False, default=0.0),
+    sa.Column("referenced", sa.Boolean, nullable=False, default=True),
 )
 nodes = sa.Table(
     "mesh_nodes",
@@ -161,11 +166,37 @@ class MeshState:
     # -- blobs -----------------------------------------------------------------------------------
 
     def put_blob(self, data: bytes) -> str:
+        """Keep a blob the coordinator itself refers to (a result, outputs, a receipt)."""
         digest = sha256_bytes(data)
         with self._txn() as conn:
             if conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest == digest)).first() is None:
-                conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data))
+                conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data, created=time.time(),
+                                                   referenced=True))  # fmt: skip
+            else:
+                conn.execute(blobs.update().where(blobs.c.digest == digest).values(referenced=True))
         return digest
+
+    def upload(self, uploader: str, data: bytes, *, quota: int) -> str:
+        """A blob a job owner uploads before submitting: refused (StateError 413) when it would
+        take the uploader's blobs that no job refers to yet over ``quota`` bytes."""
+        digest = sha256_bytes(data)
+        with self._txn() as conn:
+            if conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest == digest)).first() is not None:
+                return digest
+            pending = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(blobs.c.size), 0)).where(
+                blobs.c.uploader == uploader, blobs.c.referenced == sa.false())).scalar_one()  # fmt: skip
+            if int(pending) + len(data) > quota:
+                raise StateError(413, f"over this key's quota of {quota} bytes of uploads no job refers to yet")
+            conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data, uploader=uploader,
+                                               created=time.time(), referenced=False))  # fmt: skip
+        return digest
+
+    def collect_blobs(self, ttl: float) -> int:
+        """Delete uploads no job referred to within ``ttl`` seconds; how many."""
+        with self._txn() as conn:
+            gone = conn.execute(blobs.delete().where(blobs.c.referenced == sa.false(),
+                                                     blobs.c.created < time.time() - ttl))  # fmt: skip
+        return int(gone.rowcount or 0)
 
     def blob(self, digest: str) -> bytes | None:
         with self._read() as conn:
@@ -238,6 +269,9 @@ class MeshState:
                 return False
             conn.execute(jobs.insert().values(job_id=job_id, owner=owner, state="open", created=now, updated=now,
                                               spec=json.dumps(spec, sort_keys=True)))  # fmt: skip
+            files = spec["files"]
+            pinned = [files["job"], files["model"], files["input"], *files["steps"]]
+            conn.execute(blobs.update().where(blobs.c.digest.in_(pinned)).values(referenced=True))
             conn.execute(
                 tasks.insert(),
                 [
