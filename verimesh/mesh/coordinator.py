@@ -82,7 +82,7 @@ from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
 
-MAX_JSON = 4 * 1024 * 1024
+MAX_JSON = 12 * 1024 * 1024  # a submission: a job document (8 MiB at most) and its requests
 DEVICES = ("cpu", "cuda", "auto")
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
@@ -215,12 +215,12 @@ class Coordinator:
             Route("/v1/jobs/{job_id}/receipt", self._wrap(self._receipt), methods=["GET"]),
             Route("/v1/jobs/{job_id}/outputs", self._wrap(self._outputs), methods=["GET"]),
             Route("/v1/blobs/missing", self._wrap(self._missing), methods=["POST"]),
-            Route("/v1/blobs/{digest}", self._wrap(self._put_blob), methods=["PUT"]),
+            Route("/v1/blobs/{digest}", self._wrap(self._put_blob, upload=True), methods=["PUT"]),
             Route("/v1/nodes/register", self._wrap(self._register), methods=["POST"]),
             Route("/v1/nodes/heartbeat", self._wrap(self._heartbeat), methods=["POST"]),
             Route("/v1/lease", self._wrap(self._lease), methods=["POST"]),
             Route("/v1/tasks/{task_id}/files/{digest}", self._wrap(self._file), methods=["GET"]),
-            Route("/v1/tasks/{task_id}/result/{lease_id}", self._wrap(self._result), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/result/{lease_id}", self._wrap(self._result, upload=True), methods=["POST"]),
             Route("/v1/tasks/{task_id}/release/{lease_id}", self._wrap(self._release), methods=["POST"]),
         ]
 
@@ -235,13 +235,17 @@ class Coordinator:
         return Starlette(routes=routes, lifespan=lifespan)
 
     def _wrap(
-        self, handler: Callable[[Request, bytes], Any], *, read: bool = False
+        self, handler: Callable[[Request, bytes], Any], *, read: bool = False, upload: bool = False
     ) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint: read-token check for the views; the body read within its limit (a file
+        upload: --max-upload-mb; anything else: MAX_JSON) before any signature is checked."""
+        limit = self.max_upload if upload else min(self.max_upload, MAX_JSON)
+
         async def endpoint(request: Request) -> Response:
             try:
                 if read:
                     self._check_read_token(request)
-                body = await self._body(request)
+                body = await self._body(request, limit)
                 result = await run_in_threadpool(handler, request, body)
             except HTTPError as exc:
                 return _error(exc.status, exc.code, exc.message)
@@ -267,15 +271,15 @@ class Coordinator:
         if not hashlib.sha256(given.encode()).digest() == hashlib.sha256(self.read_token.encode()).digest():
             raise HTTPError(401, "read-token", "this view needs the coordinator's read token")
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request, limit: int) -> bytes:
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_upload):
-            raise HTTPError(413, "too-large", f"the body is over the {self.max_upload} byte limit")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise HTTPError(413, "too-large", f"the body is over this request's {limit} byte limit")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.max_upload:
-                raise HTTPError(413, "too-large", f"the body is over the {self.max_upload} byte limit")
+            if size > limit:
+                raise HTTPError(413, "too-large", f"the body is over this request's {limit} byte limit")
             chunks.append(chunk)
         return b"".join(chunks)
 
