@@ -47,7 +47,7 @@ test-fast: install
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo.sh
 
-# A coordinator and four nodes on loopback (one cheating, one dying), narrated.
+# A coordinator and five nodes on loopback (one cheating, one dying; a 3-way split), narrated.
 demo-mesh: install
 	PATH="$(abspath $(BIN)):$$PATH" bash fixtures/demo_mesh.sh
 
