@@ -474,7 +474,7 @@ class Coordinator:
                     raise
                 if self._ledger_job_owner(job_id) != signed.node_id:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
-        spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts,
+        spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
                 "segments": None if ranges is None else [list(r) for r in ranges]}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted))
         self._checkpoint_if_due()
@@ -633,11 +633,7 @@ class Coordinator:
     def _settled_already(self, item: Verifying) -> bool:
         """The ledger holds a verdict by this task's node for its job (or one of its segments)."""
         doc = self.state.job(item.job_id)
-        ids = {item.job_id}
-        if doc is not None and doc["spec"].get("segments"):
-            with tempfile.TemporaryDirectory(prefix="verimesh-ids-") as tmp:
-                parent, _ = materialize(doc["spec"]["files"], self._stored, Path(tmp), with_model=False)
-                ids |= {v.job_id for v in views_of(parent, doc["spec"]["segments"])}
+        ids = {item.job_id, *(doc["spec"]["posted"] if doc is not None else ())}
         return any(e.event.get("job_id") in ids for e in self.ledger.entries(node_id=item.node_id, kinds=["verdict"]))
 
     def _verify_item(self, item: Verifying) -> str:
@@ -678,7 +674,7 @@ class Coordinator:
                 public = self._holder_signed(bundle, job, item.node_id)
                 seed = self.seed_for(item.task_id, item.bundle)
                 if ranges:
-                    self._verify_segment(item, parent, job, bundle, public, seed, folder, ranges)
+                    self._verify_segment(item, parent, job, bundle, public, seed, folder, ranges, spec["posted"])
                 else:
                     self._verify_whole(item, job, bundle, public, seed, folder)
             except InvalidInputError as exc:
@@ -731,7 +727,7 @@ class Coordinator:
             log.info("no slash: %s", exc.message)
 
     def _verify_segment(self, item: Verifying, parent: Job, view: Job, bundle: Path, public: PublicKey, seed: int,
-                        folder: Path, ranges: list[list[int]]) -> None:  # fmt: skip
+                        folder: Path, ranges: list[list[int]], posted: list[str]) -> None:  # fmt: skip
         """One segment, on its own (its links are checked with the chain); after the last one, the
         whole chain is verified again with a fresh seed and settled (``settle_chain``)."""
         started = time.perf_counter()
@@ -752,13 +748,13 @@ class Coordinator:
             position, why = gone
             self.state.redo_from(item.job_id, position, f"redone: {why}", verdict_doc)
             return
+        done = self.state.done_bundles(item.job_id)
         paths = []
-        for position, digest in sorted({**self.state.done_bundles(item.job_id), item.position: item.bundle}.items()):
+        for position, digest in sorted({**done, item.position: item.bundle}.items()):
             path = folder / f"seg-{position}.vmb"
             path.write_bytes(self._stored(digest))
             paths.append(path)
-        chain_seed = self.seed_for(item.job_id, "".join(sorted(self.state.done_bundles(item.job_id).values()))
-                                   + item.bundle)  # fmt: skip
+        chain_seed = self.seed_for(item.job_id, "".join(sorted(done.values())) + item.bundle)
         try:
             settled = settle_chain(paths, job=parent, ledger=self.ledger, writer=self.operator, seed=chain_seed)
         except InvalidInputError as exc:  # the ledger refuses the chain: never the last node's fault
@@ -780,7 +776,7 @@ class Coordinator:
             failed = int(link.rsplit("-", 1)[1])
         failed = item.position if failed is None else failed
         culprit = next((s.public.node_id for s in chain.segments if s.index == failed), item.node_id)
-        slashed = self._slashed_for(culprit, {v.job_id for v in views_of(parent, ranges)})
+        slashed = self._slashed_for(culprit, set(posted))
         ban = (culprit, f"slashed for job {item.job_id[:19]}…: {chain.reason}") if slashed else None
         outcome = f"rejected with the chain{' and slashed' if slashed else ''}: {chain.reason}"[:300]
         self.state.redo_from(item.job_id, failed, outcome, chain_doc, ban=ban)  # one transaction, the last task with it

@@ -39,7 +39,7 @@ blobs = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("data", sa.LargeBinary, nullable=False),
     # Who uploaded it, when, and whether a job or a task refers to it yet: an upload nothing refers
-    # to counts against its uploader's quota and is collected after UNREFERENCED_TTL seconds.
+    # to counts against its uploader's quota and is collected after the coordinator's blob TTL.
     sa.Column("uploader", sa.String(64)),
     sa.Column("created", sa.Float, nullable=False, default=0.0),
     sa.Column("referenced", sa.Boolean, nullable=False, default=True),
@@ -69,7 +69,7 @@ jobs = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
-    sa.Column("spec", sa.Text, nullable=False),  # JSON: files, deadline, max_attempts
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: files, deadline, max_attempts, posted, segments
     sa.Column("outputs", sa.String(71)),  # blob digest of the verified outputs (.npz)
     sa.Column("receipt", sa.String(71)),  # blob digest of the signed receipt
     sa.Column("error", sa.String(500)),
@@ -94,7 +94,6 @@ tasks = sa.Table(
     sa.Column("updated", sa.Float, nullable=False),
 )
 
-TASK_STATES = ("pending", "leased", "verifying", "done", "failed")
 CHURN = 5  # leases without an answer a task allows per judged attempt
 
 
@@ -122,7 +121,6 @@ class Verifying:
     job_id: str
     node_id: str
     bundle: str
-    attempt: int
     position: int = 0
 
 
@@ -250,10 +248,6 @@ class MeshState:
                 sa.select(tasks.c.task_id).where(tasks.c.node_id == node_id, tasks.c.state == "leased")
             ).all()
         return [r.task_id for r in rows]
-
-    def ban(self, node_id: str, reason: str) -> None:
-        with self._txn() as conn:
-            conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(banned=reason[:300]))
 
     def nodes(self) -> list[dict[str, Any]]:
         with self._read() as conn:
@@ -484,7 +478,7 @@ class MeshState:
     def verifying(self) -> list[Verifying]:
         with self._read() as conn:
             rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
-        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.attempts, r.position) for r in rows]
+        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.position) for r in rows]
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
