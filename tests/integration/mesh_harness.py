@@ -16,7 +16,7 @@ import httpx
 
 from tests.conftest import input_path, model_path
 from verimesh.ledger.store import Ledger
-from verimesh.signing.keys import generate_key, load_public_key, write_key_pair
+from verimesh.signing.keys import generate_key, load_public_key, load_secret_key, write_key_pair
 
 HEARTBEAT_TIMEOUT = 3
 
@@ -35,7 +35,8 @@ def _cli(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.Compl
 class Mesh:
     """A coordinator process in ``root`` and the node processes started beside it."""
 
-    def __init__(self, root: Path, *, max_upload_mb: int = 512, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, *, max_upload_mb: int = 512, extra: tuple[str, ...] = (),
+                 settings: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.extra = extra
         self.root = root
         self.port = _free_port()
@@ -44,6 +45,8 @@ class Mesh:
         self.max_upload_mb = max_upload_mb
         for name in ("op", "owner", "honest", "other", "third"):
             write_key_pair(root / f"{name}.key", generate_key())
+        if settings is not None:  # a ledger with these settings, before the coordinator opens it
+            Ledger.create(self.db, load_secret_key(root / "op.key"), settings=settings)
         self.coordinator: subprocess.Popen[str] | None = None
         self.procs: list[subprocess.Popen[str]] = []
         self.start()

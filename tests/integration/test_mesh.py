@@ -399,3 +399,47 @@ def test_a_split_job_redoes_a_segment_whose_node_can_no_longer_answer_for_it(mes
     assert not any(h["outcome"].startswith(("error", "rejected")) for h in blamed), blamed
     ledger = Ledger.open(mesh.db)
     assert [e.kind for e in ledger.entries(node_id=x_key.node_id, kinds=["reward"])] == []
+
+
+def test_a_node_with_no_stake_left_gets_no_tasks_until_it_tops_up(tmp_path: Path) -> None:
+    """A node that withdrew all its stake (and had it released) could be neither paid nor slashed
+    for an answer: it is refused leases (403 no-stake), and takes work again after a top-up."""
+    from verimesh.ledger.events import sign_request
+    from verimesh.mesh import Node
+    from verimesh.settlement import release, top_up, withdraw
+
+    mesh = Mesh(tmp_path, settings={"unbonding_seconds": 0})
+    key = generate_key()
+    node = Node(mesh.url, key, stake=5, isolate=False)
+    try:
+        node.join()
+        op = load_secret_key(tmp_path / "op.key")
+        ledger = Ledger.open(mesh.db)
+        withdraw(ledger, sign_request(key, action="withdraw", ledger_id=ledger.ledger_id, amount=5), writer=op)
+        release(ledger, key.node_id, writer=op)
+        sent = mesh.submit()
+        assert sent.returncode == 0, sent.stderr
+        job_id = json.loads(sent.stdout)["job_id"]
+
+        def refused() -> bool:
+            try:
+                node.client.lease()
+            except MeshError as exc:
+                return exc.status == 403 and exc.code == "no-stake"
+            return False
+
+        def ran() -> bool:
+            try:
+                return node.run_one()
+            except MeshError:  # the coordinator's view of standings is at most 2 s old
+                return False
+
+        mesh.wait_for(refused, "a lease refused for want of stake", timeout=10)
+        assert mesh.status(job_id)["tasks"][0]["state"] == "pending"
+        top_up(ledger, sign_request(key, action="top-up", ledger_id=ledger.ledger_id, amount=5), writer=op)
+        mesh.wait_for(ran, "a lease after the top-up", timeout=15)
+        done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the job", timeout=60)
+        assert done["tasks"][0]["node_id"] == key.node_id
+    finally:
+        node.close()
+        mesh.close()

@@ -75,13 +75,14 @@ class Client:
             raise MeshError(f"cannot reach the coordinator at {self.url}: {exc}", code="coordinator-unreachable",
                             hint="is `verimesh serve` running there?") from exc  # fmt: skip
         if response.status_code not in ok:
-            message = response.text[:300]
+            message, code = response.text[:300], None
             try:
-                message = str(response.json()["error"]["message"])[:300]
+                error = response.json()["error"]
+                message, code = str(error["message"])[:300], str(error["code"])[:64]
             except (ValueError, KeyError, TypeError):
                 pass
             raise MeshError(f"the coordinator refused {method} {path}: {response.status_code} {message}",
-                            status=response.status_code)  # fmt: skip
+                            status=response.status_code, code=code)  # fmt: skip
         return response
 
     def _json(self, response: httpx.Response) -> Any:

@@ -319,7 +319,7 @@ class Coordinator:
     def _standing_view(self) -> dict[str, Any]:
         stamp, cached = self._standings
         if time.monotonic() - stamp > 2.0:
-            cached = {n: {"stake": s.stake, "slashed": s.slashed, "score": round(s.score, 4),
+            cached = {n: {"stake": s.stake, "slashed": s.slashed, "slashable": s.slashable, "score": round(s.score, 4),
                           "audit_level": s.audit_level, "accepted": s.accepted, "rejected": s.rejected}
                       for n, s in all_standings(self.ledger).items()}  # fmt: skip
             self._standings = (time.monotonic(), cached)
@@ -524,6 +524,10 @@ class Coordinator:
 
     def _lease(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
+        standing = self._standing_view().get(signed.node_id)
+        if standing is not None and standing["slashable"] <= 0:  # its answers could be neither paid nor slashed
+            raise HTTPError(403, "no-stake", "this node has no stake left that a slash could take: it gets no tasks "
+                            "until it tops up (`verimesh ledger stake top-up`)")  # fmt: skip
         lease = self.state.lease(signed.node_id, deadline_default=self.deadline)
         return None if lease is None else lease.to_json()
 
