@@ -443,3 +443,12 @@ def test_a_node_with_no_stake_left_gets_no_tasks_until_it_tops_up(tmp_path: Path
     finally:
         node.close()
         mesh.close()
+
+
+def test_sigterm_stops_the_coordinator_cleanly(mesh: Mesh) -> None:
+    """SIGTERM is how a service manager stops `serve`: a graceful shutdown and exit 0, not an error."""
+    assert mesh.coordinator is not None
+    mesh.coordinator.send_signal(signal.SIGTERM)
+    assert mesh.coordinator.wait(timeout=30) == 0
+    log = (mesh.root / "serve.log").read_text()
+    assert "coordinator stopped" in log and "error" not in log

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note
-from verimesh.errors import EXIT_REJECTED
+from verimesh.errors import EXIT_REJECTED, TerminatedError
 
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)?$")
 
@@ -86,7 +86,10 @@ def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: f
              f"{coordinator.operator.node_id}); dashboard at {url}/")  # fmt: skip
         sys.stderr.flush()
 
-    coordinator.serve(host, port, on_ready=ready)
+    try:
+        coordinator.serve(host, port, on_ready=ready)
+    except (KeyboardInterrupt, TerminatedError):  # uvicorn shut down gracefully first, then passed the signal on
+        note("verimesh coordinator stopped")
 
 
 @click.group("node", epilog=EXIT_CODES_HELP)
