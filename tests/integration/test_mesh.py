@@ -452,3 +452,23 @@ def test_sigterm_stops_the_coordinator_cleanly(mesh: Mesh) -> None:
     assert mesh.coordinator.wait(timeout=30) == 0
     log = (mesh.root / "serve.log").read_text()
     assert "coordinator stopped" in log and "error" not in log
+
+
+def test_a_job_for_a_device_is_leased_only_to_nodes_of_that_device(mesh: Mesh) -> None:
+    from verimesh.mesh import Node
+
+    node = Node(mesh.url, generate_key(), device="cpu", isolate=False)
+    try:
+        node.join()
+        gpu = mesh.submit("--device", "cuda")
+        assert gpu.returncode == 0, gpu.stderr
+        gpu_job = json.loads(gpu.stdout)["job_id"]
+        assert node.client.lease() is None  # a CPU node is never handed a CUDA job
+        cpu = mesh.submit("--device", "cpu", model="transformer")
+        assert cpu.returncode == 0, cpu.stderr
+        lease = node.client.lease()
+        assert lease is not None and lease["job_id"] == json.loads(cpu.stdout)["job_id"]
+        waiting = mesh.status(gpu_job)
+        assert waiting["device"] == "cuda" and waiting["tasks"][0]["state"] == "pending"
+    finally:
+        node.close()

@@ -147,6 +147,8 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @click.option("--segments", type=click.IntRange(min=1, max=256), default=None,
               help="Cut the job into N segments, each run by another node from the verified outputs of the ones "
               "before it (the mesh needs N nodes; each segment is posted with --deposit).")  # fmt: skip
+@click.option("--device", "job_device", type=click.Choice(["any", "cpu", "cuda"]), default="any", show_default=True,
+              help="Lease the job only to nodes of this device.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
 @click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -156,8 +158,8 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "coordinator announces, which proves nothing against a coordinator you do not trust).")  # fmt: skip
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
-           samples: int, max_attempts: int, segments: int | None, wait: bool, timeout: float, out_dir: Path | None,
-           verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
+           samples: int, max_attempts: int, segments: int | None, job_device: str, wait: bool, timeout: float,
+           out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
@@ -170,7 +172,7 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
-                          max_attempts=max_attempts, segments=segments)  # fmt: skip
+                          max_attempts=max_attempts, segments=segments, device=job_device)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")

@@ -154,7 +154,7 @@ class Client:
 
     def submit_job(self, job_bytes: bytes, *, files: dict[str, Any], deposit: int, deadline: float,
                    max_attempts: int, post: list[str] | None = None,
-                   segments: list[list[int]] | None = None) -> dict[str, Any]:  # fmt: skip
+                   segments: list[list[int]] | None = None, device: str = "any") -> dict[str, Any]:  # fmt: skip
         """Post a job: ``post`` names what the ledger settles (the job, or each of its segments,
         in order), each with ``deposit`` signed by this key."""
         assert self.key is not None
@@ -164,7 +164,7 @@ class Client:
         requests = [sign_request(self.key, action="job", ledger_id=ledger_id, amount=deposit, job_id=i).to_json()
                     for i in ids]  # fmt: skip
         doc = {"job": job_doc, "files": files, "requests": requests, "segments": segments,
-               "deadline": round(deadline), "max_attempts": max_attempts}  # fmt: skip
+               "deadline": round(deadline), "max_attempts": max_attempts, "device": device}  # fmt: skip
         return dict(self._post_json("/v1/jobs", doc))
 
     def wait(self, job_id: str, *, timeout: float, poll: float = 0.5) -> dict[str, Any]:

@@ -84,6 +84,7 @@ log = logging.getLogger("verimesh.mesh")
 
 MAX_JSON = 12 * 1024 * 1024  # a submission: a job document (8 MiB at most) and its requests
 DEVICES = ("cpu", "cuda", "auto")
+JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
 
@@ -358,6 +359,7 @@ class Coordinator:
         return {
             "job_id": doc["job_id"], "owner": doc["owner"], "state": doc["state"], "created": doc["created"],
             "updated": doc["updated"], "error": doc["error"], "receipt": doc["receipt"] is not None,
+            "device": doc["spec"].get("device", "any"),
             "tasks": [
                 {"task_id": t["task_id"], "position": t["position"], "state": t["state"], "node_id": t["node_id"],
                  "attempts": t["attempts"], "history": t["history"],
@@ -427,8 +429,11 @@ class Coordinator:
         signed = self._signed(request, body)
         doc = self._json_body(body)
         keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
-        if not isinstance(doc, dict) or set(doc) != keys:
-            raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}}")
+        if not isinstance(doc, dict) or set(doc) - {"device"} != keys:
+            raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally device")
+        device = doc.get("device", "any")
+        if device not in JOB_DEVICES:
+            raise HTTPError(422, "bad-device", f"device must be one of {', '.join(JOB_DEVICES)}")
         deadline, attempts = doc["deadline"], doc["max_attempts"]
         if type(deadline) is not int or not 1 <= deadline <= 7 * 86400:
             raise HTTPError(422, "bad-deadline", "deadline must be an integer number of seconds, 1 .. 7 days")
@@ -475,7 +480,7 @@ class Coordinator:
                 if self._ledger_job_owner(job_id) != signed.node_id:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
-                "segments": None if ranges is None else [list(r) for r in ranges]}  # fmt: skip
+                "segments": None if ranges is None else [list(r) for r in ranges], "device": device}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted))
         self._checkpoint_if_due()
         self._wake.set()

@@ -32,10 +32,11 @@ class Submitted:
 
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
-    samples: int = 1, max_attempts: int = 3, segments: int | None = None,
+    samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
-    from its predecessors' verified outputs, each posted in the ledger with ``deposit``)."""
+    from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
+    leased only to nodes that registered that device, or ``any``)."""
     from verimesh.jobs.segments import plan_segments, views_of
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
@@ -46,7 +47,8 @@ def submit(
         ranges = [list(r) for r in plan_segments(job, segments)] if segments else None
         post = [v.job_id for v in views_of(job, ranges)] if ranges else None
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
-                                   max_attempts=max_attempts, post=post, segments=ranges)  # fmt: skip
+                                   max_attempts=max_attempts, post=post, segments=ranges,
+                                   device=device)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
 
 

@@ -359,6 +359,7 @@ class MeshState:
             ).first()
             if held is not None:
                 return self._lease_of(conn, held)
+            device = conn.execute(sa.select(nodes.c.device).where(nodes.c.node_id == node_id)).scalar_one_or_none()
             candidates = conn.execute(
                 self._locked(
                     sa.select(tasks)
@@ -381,6 +382,8 @@ class MeshState:
                        for t in siblings):  # fmt: skip
                     continue  # one node never runs two sub-tasks of one job
                 spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
+                if spec.get("device", "any") not in ("any", device):
+                    continue  # the job asked for another device than this node's
                 deadline = now + float(spec.get("deadline", deadline_default))
                 lease_id = secrets.token_hex(16)
                 conn.execute(
