@@ -4,6 +4,7 @@ a cheating node slashed and excluded, and every refusal of the HTTP API."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -44,6 +45,29 @@ def test_a_job_runs_on_a_node_and_comes_back_verified(mesh: Mesh) -> None:
     assert _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=mesh.root).returncode == 0
     wrong = _cli("receipt", "check", "out/receipt.json", "--verifier-key", "other.key.pub", cwd=mesh.root)
     assert wrong.returncode == 1
+    # The settlement, proven from the ledger: the node's receipt, verdict and reward under a signed checkpoint.
+    assert sorted(p.name for p in (mesh.root / "out" / "ledger").iterdir()) == ["receipt-0.json", "reward-0.json",
+                                                                                "verdict-0.json"]  # fmt: skip
+    for name in ("verdict-0.json", "reward-0.json"):
+        proof = _cli("ledger", "check-proof", f"out/ledger/{name}", "--operator-key", "op.key.pub", cwd=mesh.root)
+        assert proof.returncode == 0, proof.stderr
+        foreign = _cli("ledger", "check-proof", f"out/ledger/{name}", "--operator-key", "other.key.pub", cwd=mesh.root)
+        assert foreign.returncode == 1
+    # A coordinator that drops the reward's proof, or forges an entry, is caught before anything is written.
+    from verimesh.errors import VerificationFailedError
+    from verimesh.mesh.owner import collect
+
+    with Client(mesh.url, load_secret_key(mesh.root / "owner.key")) as owner:
+        real = owner.proofs(doc["job_id"])
+        forged = [dict(p) for p in real]
+        forged[-1]["entry"] = forged[0]["entry"]
+        pinned = load_public_key(mesh.root / "op.key.pub")
+        for lie in ([p for p in real if json.loads(base64.b64decode(p["entry"]))["kind"] != "reward"],
+                    forged):  # fmt: skip
+            owner.proofs = lambda _job, lie=lie: lie  # type: ignore[method-assign]
+            with pytest.raises(VerificationFailedError):
+                collect(owner, doc["job_id"], mesh.root / "lied", verifier_key=pinned)
+            assert not (mesh.root / "lied").exists()
     # The ledger: the node registered with its own signed request, one verdict and one reward.
     kinds = mesh.ledger_kinds(_node_id(mesh, "honest"))
     assert kinds.count("register") == 1 and kinds.count("reward") == 1 and kinds.count("verdict") == 1
@@ -74,6 +98,8 @@ def test_a_split_job_runs_segment_by_segment_on_three_nodes(mesh: Mesh) -> None:
     # Each node was paid once, for its own segment, and the outputs are the whole model's.
     for name in ("honest", "other", "third"):
         assert mesh.ledger_kinds(_node_id(mesh, name)).count("reward") == 1
+    proofs = sorted(p.name for p in (mesh.root / "out" / "ledger").iterdir())
+    assert sum(n.startswith("verdict-") for n in proofs) == 3 and sum(n.startswith("reward-") for n in proofs) == 3
     assert _cli("job", "new", model_path("transformer"), "--input", input_path("transformer"), "-o", "j.json",
                 cwd=mesh.root).returncode == 0  # fmt: skip
     assert _cli("prove", "j.json", "--key", "owner.key", "-o", "r.vmb", cwd=mesh.root).returncode == 0
@@ -282,6 +308,10 @@ def _refusals(mesh: Mesh) -> None:
     with Client(mesh.url, stranger) as client, pytest.raises(MeshError) as not_owner_receipt:
         client.receipt(job_id)
     assert not_owner_receipt.value.status == 403
+    assert http.get(f"/v1/jobs/{job_id}/proofs").status_code == 401
+    with Client(mesh.url, stranger) as client, pytest.raises(MeshError) as not_owner_proofs:
+        client.proofs(job_id)
+    assert not_owner_proofs.value.status == 403 and not_owner_proofs.value.code == "not-owner"
 
 
 def _loop_model(path: Path, trips: int) -> None:

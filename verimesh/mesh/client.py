@@ -117,6 +117,13 @@ class Client:
         """The verified outputs (.npz); only the job's owner may read them."""
         return self._call("GET", f"/v1/jobs/{job_id}/outputs").content
 
+    def proofs(self, job_id: str) -> list[dict[str, Any]]:
+        """Inclusion proofs of a done job's ledger entries; only the job's owner may read them."""
+        doc = self._json(self._call("GET", f"/v1/jobs/{job_id}/proofs"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("proofs"), list):
+            raise MeshError("the coordinator's ledger proofs are malformed", code="bad-proofs")
+        return list(doc["proofs"])
+
     # -- a node ----------------------------------------------------------------------------------
 
     def register(self, *, stake: int, device: str) -> dict[str, Any]:

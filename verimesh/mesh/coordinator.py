@@ -7,6 +7,7 @@ HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
     GET  /v1/jobs/{job_id}                     one job and its tasks (read-only)
     GET  /v1/jobs/{job_id}/receipt       owner the signed receipt of a done job
     GET  /v1/jobs/{job_id}/outputs       owner the verified outputs (.npz)
+    GET  /v1/jobs/{job_id}/proofs        owner inclusion proofs of the job's ledger entries
     POST /v1/blobs/missing               any   which of these digests are not stored
     PUT  /v1/blobs/{digest}              any   a file a job will pin (bytes; digest checked)
     POST /v1/jobs                        owner {job, files, request, deadline, max_attempts}
@@ -60,7 +61,7 @@ from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES
 from verimesh.ledger.events import SignedRequest
-from verimesh.ledger.store import Ledger
+from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
@@ -87,6 +88,7 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
+SETTLED_KINDS = ("receipt", "verdict", "reward")  # what the ledger records of a settled job
 
 
 class HTTPError(Exception):
@@ -215,6 +217,7 @@ class Coordinator:
             Route("/v1/jobs/{job_id}", self._wrap(self._job, read=True), methods=["GET"]),
             Route("/v1/jobs/{job_id}/receipt", self._wrap(self._receipt), methods=["GET"]),
             Route("/v1/jobs/{job_id}/outputs", self._wrap(self._outputs), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/proofs", self._wrap(self._proofs), methods=["GET"]),
             Route("/v1/blobs/missing", self._wrap(self._missing), methods=["POST"]),
             Route("/v1/blobs/{digest}", self._wrap(self._put_blob, upload=True), methods=["PUT"]),
             Route("/v1/nodes/register", self._wrap(self._register), methods=["POST"]),
@@ -398,6 +401,30 @@ class Coordinator:
         if doc["outputs"] is None:
             raise HTTPError(404, "not-done", f"the job is {doc['state']}")
         return Response(self.state.blob(doc["outputs"]), media_type="application/octet-stream")
+
+    def _proofs(self, request: Request, body: bytes) -> Any:
+        """A done job's settlement in the ledger (the nodes' receipts, the verdicts, the rewards),
+        each entry with its RFC 9162 inclusion proof under an operator-signed checkpoint (signed
+        now when none covers them yet): the owner checks offline that the job was settled."""
+        signed = self._signed(request, body)
+        doc = self.state.job(request.path_params["job_id"])
+        if doc is None:
+            raise HTTPError(404, "unknown-job", "no such job")
+        if doc["owner"] != signed.node_id:
+            raise HTTPError(403, "not-owner", "only the job's owner reads its ledger proofs")
+        if doc["state"] != "done":
+            raise HTTPError(404, "not-done", f"the job is {doc['state']}")
+        settled_by = {t["node_id"] for t in doc["tasks"] if t["state"] == "done"}
+        entries = sorted(
+            (e for job_id in doc["spec"]["posted"] for e in self.ledger.entries(job_id=job_id, kinds=SETTLED_KINDS)
+             if e.event.get("node_id") in settled_by),
+            key=lambda e: e.seq,
+        )  # fmt: skip
+        if not entries:
+            raise HTTPError(404, "not-settled", "the ledger holds no settlement of this job")
+        if self.ledger.latest_checkpoint(covering=entries[-1].seq) is None:
+            self.ledger.checkpoint(self.operator)
+        return {"proofs": [inclusion_document(self.ledger, e.seq) for e in entries]}
 
     def _dashboard(self, request: Request, body: bytes) -> Any:
         from verimesh.mesh.dashboard import PAGE

@@ -4,21 +4,25 @@
 coordinator lacks and posts the job with a deposit signed by the owner's key. ``collect`` takes
 back a done job's receipt and outputs and checks both before writing them: the receipt's
 signature against the verifier key the owner pins (the coordinator's operator key), and every
-output's digest against the digest the receipt signs.
+output's digest against the digest the receipt signs, and the ledger's record of the settlement:
+each node's receipt, verdict and reward entry with its inclusion proof under a checkpoint signed
+by the same key (``ledger check-proof`` re-checks the files offline).
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from verimesh.core.canonical import parse_canonical_json
+from verimesh.core.canonical import canonical_json, parse_canonical_json
 from verimesh.core.digest import tensor_digest
 from verimesh.core.tensors import parse_npz
 from verimesh.errors import IntegrityError, VerificationFailedError
 from verimesh.jobs.job import new_job
+from verimesh.ledger.store import check_inclusion_document
 from verimesh.mesh.client import Client, upload_job
 from verimesh.signing.keys import PublicKey
 from verimesh.subtasks.receipt import check_receipt, write_receipt
@@ -66,9 +70,48 @@ def collect(client: Client, job_id: str, out: Path, *, verifier_key: PublicKey) 
     signed = receipt["receipt"]["outputs"]
     if set(values) != set(signed) or any(tensor_digest(n, a) != signed[n] for n, a in values.items()):
         raise IntegrityError("the outputs the coordinator sent are not the ones its receipt signs")
+    proofs = _ledger_proofs(client, job_id, receipt["receipt"], out, verifier_key)
     out.mkdir(parents=True, exist_ok=True)
     write_receipt(out / "receipt.json", receipt)
     partial = out / "outputs.npz.partial"
     partial.write_bytes(data)
     partial.replace(out / "outputs.npz")
-    return {"receipt": str(out / "receipt.json"), "outputs": str(out / "outputs.npz"), "receipt_check": check.reason}
+    return {"receipt": str(out / "receipt.json"), "outputs": str(out / "outputs.npz"), "receipt_check": check.reason,
+            "ledger_proofs": proofs}  # fmt: skip
+
+
+def _ledger_proofs(client: Client, job_id: str, body: dict[str, Any], out: Path, key: PublicKey) -> list[str]:
+    """Fetch the job's ledger proofs, check each under ``key``, and keep them in ``out/ledger/``
+    as ``KIND-I.json``: every sub-task's node must have an accepting verdict and its reward there."""
+    docs = client.proofs(job_id)
+    if len(docs) > 10_000:
+        raise VerificationFailedError("the coordinator sent too many ledger proofs", code="bad-proofs")
+    staged = Path(tempfile.mkdtemp(prefix="verimesh-proofs-"))
+    try:
+        counts: dict[str, int] = {}
+        seen: list[tuple[Path, dict[str, Any]]] = []
+        for doc in docs:
+            probe = staged / "probe.json"
+            probe.write_bytes(canonical_json(doc))
+            ok, event, reason = check_inclusion_document(probe, key)
+            if not ok or event is None:
+                raise VerificationFailedError(f"a ledger proof does not hold: {reason}", code="bad-proofs")
+            kind = str(event.get("kind"))
+            name = staged / f"{kind}-{counts.get(kind, 0)}.json"
+            counts[kind] = counts.get(kind, 0) + 1
+            probe.replace(name)
+            seen.append((name, event))
+        for sub in body["subtasks"]:
+            verdicts = {e.get("seq") for _, e in seen if e.get("kind") == "verdict" and e.get("status") == "accept"
+                        and e.get("node_id") == sub["node_id"] and e.get("step_range") == sub["step_range"]
+                        and (body["kind"] != "whole" or e.get("job_id") == job_id)}  # fmt: skip
+            if not any(e.get("kind") == "reward" and e.get("verdict") in verdicts for _, e in seen):
+                raise VerificationFailedError(f"the ledger proofs hold no accepting verdict and reward of sub-task "
+                                              f"{sub['index']}'s node {sub['node_id']}", code="bad-proofs")  # fmt: skip
+        folder = out / "ledger"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, _ in seen:
+            shutil.move(str(path), folder / path.name)
+        return [str(folder / path.name) for path, _ in seen]
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
