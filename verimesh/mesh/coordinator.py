@@ -779,7 +779,7 @@ class Coordinator:
             return
         # The last segment: the chain, verified as one job and settled in one transaction, with
         # every segment's node still able to answer for its part.
-        gone = self._unsettleable(item.job_id, item.position)
+        gone = self._unsettleable(item.job_id, item.position + 1)  # this segment's node too
         if gone is not None:
             position, why = gone
             self.state.redo_from(item.job_id, position, f"redone: {why}", verdict_doc)

@@ -360,16 +360,7 @@ class MeshState:
             if held is not None:
                 return self._lease_of(conn, held)
             device = conn.execute(sa.select(nodes.c.device).where(nodes.c.node_id == node_id)).scalar_one_or_none()
-            candidates = conn.execute(
-                self._locked(
-                    sa.select(tasks)
-                    .join(jobs, jobs.c.job_id == tasks.c.job_id)
-                    .where(tasks.c.state == "pending", jobs.c.state == "open")
-                    .order_by(tasks.c.created, tasks.c.position)
-                    .limit(64)
-                )
-            ).all()
-            for row in candidates:
+            for row in self._pending(conn):
                 if node_id in json.loads(row.excluded):
                     continue
                 siblings = conn.execute(
@@ -395,6 +386,27 @@ class MeshState:
                 return Lease(row.task_id, row.job_id, lease_id, deadline, spec, row.position,
                              self._inputs(conn, row.job_id, row.position))  # fmt: skip
         return None
+
+    def _pending(self, conn: sa.Connection, page: int = 64) -> Iterator[Any]:
+        """Pending tasks of open jobs, oldest first, a page at a time: tasks no node may take (a
+        segment waiting for its predecessors, a job for another device) never hide the ones
+        behind them, however many there are."""
+        offset = 0
+        while True:
+            rows = conn.execute(
+                self._locked(
+                    sa.select(tasks)
+                    .join(jobs, jobs.c.job_id == tasks.c.job_id)
+                    .where(tasks.c.state == "pending", jobs.c.state == "open")
+                    .order_by(tasks.c.created, tasks.c.position, tasks.c.task_id)
+                    .limit(page)
+                    .offset(offset)
+                )
+            ).all()
+            yield from rows
+            if len(rows) < page:
+                return
+            offset += page
 
     def _inputs(self, conn: sa.Connection, job_id: str, position: int) -> tuple[tuple[int, str], ...]:
         rows = conn.execute(sa.select(tasks.c.position, tasks.c.bundle).where(

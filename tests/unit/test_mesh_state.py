@@ -1,0 +1,39 @@
+"""The mesh's task board on its own (``mesh.state``): which node may lease which task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from verimesh.mesh.state import MeshState
+
+
+def _spec(device: str, segments: int | None = None) -> dict[str, object]:
+    files = {"job": "sha256:" + "1" * 64, "model": "sha256:" + "2" * 64, "input": "sha256:" + "3" * 64, "steps": []}
+    return {"files": files, "deadline": 60.0, "max_attempts": 3, "posted": [], "device": device,
+            "segments": None if segments is None else [[i, i + 1] for i in range(segments)]}  # fmt: skip
+
+
+def test_tasks_no_node_may_take_never_hide_the_ones_behind_them(tmp_path: Path) -> None:
+    """A backlog of tasks a node cannot take (jobs for another device, segments waiting for their
+    predecessors), however deep, does not keep a node from the job it may take behind them."""
+    state = MeshState(sa.create_engine(f"sqlite:///{tmp_path / 'm.db'}"))
+    state.join("cpu-node", "key", "cpu")
+    for i in range(40):
+        state.add_job(f"sha256:{i:064x}", "owner", _spec("cuda"))
+    for i in range(10):
+        state.add_job(f"sha256:{1000 + i:064x}", "owner", _spec("any", segments=8), positions=8)
+    last = f"sha256:{'f' * 64}"
+    state.add_job(last, "victim", _spec("any"))
+    leases = []
+    for n in range(11):  # the 10 split jobs' first segments, then the victim's job
+        state.join(f"node-{n}", "key", "cpu")
+        lease = state.lease(f"node-{n}", deadline_default=60)
+        assert lease is not None and lease.position == 0
+        leases.append(lease.job_id)
+    assert leases[-1] == last
+    state.join("gpu-node", "key", "cuda")
+    gpu = state.lease("gpu-node", deadline_default=60)
+    assert gpu is not None and gpu.job_id == f"sha256:{0:064x}"
+    assert state.lease("cpu-node", deadline_default=60) is None  # nothing left a CPU node may take
