@@ -391,13 +391,18 @@ class Coordinator:
             raise HTTPError(404, "no-receipt", "no such job, or it is not done")
         return Response(self.state.blob(doc["receipt"]), media_type="application/json")
 
-    def _outputs(self, request: Request, body: bytes) -> Any:
+    def _owned_job(self, request: Request, body: bytes, what: str) -> dict[str, Any]:
+        """The job of the path, for a request its owner signed (404 unknown, 403 another signer)."""
         signed = self._signed(request, body)
         doc = self.state.job(request.path_params["job_id"])
         if doc is None:
             raise HTTPError(404, "unknown-job", "no such job")
         if doc["owner"] != signed.node_id:
-            raise HTTPError(403, "not-owner", "only the job's owner reads its outputs")
+            raise HTTPError(403, "not-owner", f"only the job's owner reads its {what}")
+        return doc
+
+    def _outputs(self, request: Request, body: bytes) -> Any:
+        doc = self._owned_job(request, body, "outputs")
         if doc["outputs"] is None:
             raise HTTPError(404, "not-done", f"the job is {doc['state']}")
         return Response(self.state.blob(doc["outputs"]), media_type="application/octet-stream")
@@ -406,12 +411,7 @@ class Coordinator:
         """A done job's settlement in the ledger (the nodes' receipts, the verdicts, the rewards),
         each entry with its RFC 9162 inclusion proof under an operator-signed checkpoint (signed
         now when none covers them yet): the owner checks offline that the job was settled."""
-        signed = self._signed(request, body)
-        doc = self.state.job(request.path_params["job_id"])
-        if doc is None:
-            raise HTTPError(404, "unknown-job", "no such job")
-        if doc["owner"] != signed.node_id:
-            raise HTTPError(403, "not-owner", "only the job's owner reads its ledger proofs")
+        doc = self._owned_job(request, body, "ledger proofs")
         if doc["state"] != "done":
             raise HTTPError(404, "not-done", f"the job is {doc['state']}")
         settled_by = {t["node_id"] for t in doc["tasks"] if t["state"] == "done"}
