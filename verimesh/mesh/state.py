@@ -363,6 +363,9 @@ class MeshState:
             for row in self._pending(conn):
                 if node_id in json.loads(row.excluded):
                     continue
+                spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
+                if spec.get("device", "any") not in ("any", device):
+                    continue  # the job asked for another device than this node's
                 siblings = conn.execute(
                     sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
                     .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
@@ -372,9 +375,6 @@ class MeshState:
                 if any(t.node_id == node_id or node_id in {h["node_id"] for h in json.loads(t.history)}
                        for t in siblings):  # fmt: skip
                     continue  # one node never runs two sub-tasks of one job
-                spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
-                if spec.get("device", "any") not in ("any", device):
-                    continue  # the job asked for another device than this node's
                 deadline = now + float(spec.get("deadline", deadline_default))
                 lease_id = secrets.token_hex(16)
                 conn.execute(
