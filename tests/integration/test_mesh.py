@@ -134,6 +134,9 @@ def test_a_cheating_node_is_slashed_excluded_and_its_task_redone(mesh: Mesh) -> 
     task = done["tasks"][0]
     assert task["node_id"] == _node_id(mesh, "honest") and task["attempts"] == 2
     assert task["history"][0]["node_id"] == cheater_id
+    # The status view's standings are at most 2 s old (the verifier's child process slashed it).
+    mesh.wait_for(lambda: any(n["node_id"] == cheater_id and n.get("slashed", 0) > 0 for n in mesh.status()["nodes"]),
+                  "the slash in the status view", timeout=10)  # fmt: skip
     nodes = {n["node_id"]: n for n in mesh.status()["nodes"]}
     assert nodes[cheater_id]["banned"] and nodes[cheater_id]["slashed"] > 0
     assert "slash" in mesh.ledger_kinds(cheater_id) and "reward" not in mesh.ledger_kinds(cheater_id)
