@@ -300,11 +300,15 @@ def _refusals(mesh: Mesh) -> None:
     with Client(mesh.url, stranger) as client:  # reassigned to the other node
         again = client.lease()
         assert again is not None and again["task_id"] == lease["task_id"] and again["lease_id"] != lease["lease_id"]
-        # A bundle that is not a bundle: an error verdict, the node excluded from the task, nobody slashed.
+        # A bundle that is not a bundle: the node excluded from the mesh, nobody slashed, no attempt used up.
         client.result(again["task_id"], again["lease_id"], b"PK\x03\x04 not a bundle")
     task = mesh.wait_for(lambda: (t := mesh.status(job_id)["tasks"][0])["state"] == "pending" and t, "the verdict")
-    assert task["history"][-1]["outcome"].startswith("error:")
+    assert task["history"][-1]["outcome"].startswith("excluded: its upload is not a bundle of its own"), task
+    assert "/tmp" not in task["history"][-1]["outcome"]
     assert "slash" not in mesh.ledger_kinds(stranger.node_id)
+    with Client(mesh.url, stranger) as client, pytest.raises(MeshError) as banned:
+        client.lease()
+    assert banned.value.status == 403 and banned.value.code == "banned"
     # Read-only views need no key and hold nothing secret; unknown jobs are 404.
     assert http.get(f"/v1/jobs/sha256:{'3' * 64}").status_code == 404
     assert http.get(f"/v1/jobs/{job_id}/receipt").status_code == 401  # the owner's alone: it pins the outputs
@@ -435,8 +439,9 @@ def test_a_split_job_redoes_a_segment_whose_node_can_no_longer_answer_for_it(mes
 
 
 def test_a_node_with_no_stake_left_gets_no_tasks_until_it_tops_up(tmp_path: Path) -> None:
-    """A node that withdrew all its stake (and had it released) could be neither paid nor slashed
-    for an answer: it is refused leases (403 no-stake), and takes work again after a top-up."""
+    """A node that withdrew all its stake could soon be neither paid nor slashed for an answer: it
+    is refused leases (403 no-stake) from the moment of the withdrawal, and takes work again after
+    a top-up."""
     from verimesh.ledger.events import sign_request
     from verimesh.mesh import Node
     from verimesh.settlement import release, top_up, withdraw
@@ -448,11 +453,11 @@ def test_a_node_with_no_stake_left_gets_no_tasks_until_it_tops_up(tmp_path: Path
         node.join()
         op = load_secret_key(tmp_path / "op.key")
         ledger = Ledger.open(mesh.db)
-        withdraw(ledger, sign_request(key, action="withdraw", ledger_id=ledger.ledger_id, amount=5), writer=op)
-        release(ledger, key.node_id, writer=op)
         sent = mesh.submit()
         assert sent.returncode == 0, sent.stderr
         job_id = json.loads(sent.stdout)["job_id"]
+        # Withdrawn, it is still slashable while unbonding, but takes no new task it could walk away from.
+        withdraw(ledger, sign_request(key, action="withdraw", ledger_id=ledger.ledger_id, amount=5), writer=op)
 
         def refused() -> bool:
             try:
@@ -461,16 +466,12 @@ def test_a_node_with_no_stake_left_gets_no_tasks_until_it_tops_up(tmp_path: Path
                 return exc.status == 403 and exc.code == "no-stake"
             return False
 
-        def ran() -> bool:
-            try:
-                return node.run_one()
-            except MeshError:  # the coordinator's view of standings is at most 2 s old
-                return False
-
-        mesh.wait_for(refused, "a lease refused for want of stake", timeout=10)
+        assert refused()  # at once: the gate reads the ledger again whenever it grew
+        release(ledger, key.node_id, writer=op)
+        assert refused()
         assert mesh.status(job_id)["tasks"][0]["state"] == "pending"
         top_up(ledger, sign_request(key, action="top-up", ledger_id=ledger.ledger_id, amount=5), writer=op)
-        mesh.wait_for(ran, "a lease after the top-up", timeout=15)
+        assert node.run_one()
         done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the job", timeout=60)
         assert done["tasks"][0]["node_id"] == key.node_id
     finally:
@@ -505,3 +506,59 @@ def test_a_job_for_a_device_is_leased_only_to_nodes_of_that_device(mesh: Mesh) -
         assert waiting["device"] == "cuda" and waiting["tasks"][0]["state"] == "pending"
     finally:
         node.close()
+
+
+def test_keys_that_upload_garbage_are_excluded_without_using_up_the_owners_attempts(tmp_path: Path) -> None:
+    """Bytes that are no bundle, another node's bundle, a bundle whose seal is broken: no honest
+    node uploads them for its own lease. Each such key is excluded from the mesh, nothing is
+    slashed (nothing its signature proves), and the job's attempts are not used up: three such
+    keys do not fail a job of --max-attempts 3, whose honest node then runs it."""
+    from verimesh.mesh import Node
+
+    mesh = Mesh(tmp_path)
+    local = _cli("job", "new", model_path("mlp"), "--input", input_path("mlp"), "-o", "j.json", cwd=tmp_path)
+    assert local.returncode == 0
+    assert _cli("prove", "j.json", "--key", "other.key", "-o", "foreign.vmb", cwd=tmp_path).returncode == 0
+    foreign = (tmp_path / "foreign.vmb").read_bytes()
+
+    def garbage(bundle: Path, _job: Any) -> None:
+        bundle.write_bytes(b"not a bundle at all")
+
+    def another_nodes(bundle: Path, _job: Any) -> None:
+        bundle.write_bytes(foreign)
+
+    def broken_seal(bundle: Path, _job: Any) -> None:
+        data = bytearray(bundle.read_bytes())
+        data[-40] ^= 0x01  # a byte of the last member: its leaf is no longer the signed one
+        bundle.write_bytes(bytes(data))
+
+    cheats: list[Node] = []
+    try:
+        sent = mesh.submit("--max-attempts", "3")
+        assert sent.returncode == 0, sent.stderr
+        job_id = json.loads(sent.stdout)["job_id"]
+        for hook in (garbage, another_nodes, broken_seal):
+            node = Node(mesh.url, generate_key(), stake=5, isolate=False, on_bundle=hook)
+            cheats.append(node)
+            node.join()
+            assert node.run_one()
+            mesh.wait_for(lambda node=node: any(h["node_id"] == node.key.node_id and h["outcome"].startswith("excluded")
+                                                for h in mesh.status(job_id)["tasks"][0]["history"]),
+                          "the upload to be refused", timeout=60)  # fmt: skip
+            with pytest.raises(MeshError) as refused:
+                node.client.lease()
+            assert refused.value.status == 403 and refused.value.code == "banned"
+        task = mesh.status(job_id)["tasks"][0]
+        assert mesh.status(job_id)["state"] == "open" and task["state"] == "pending", task
+        honest = Node(mesh.url, load_secret_key(tmp_path / "honest.key"), isolate=False)
+        cheats.append(honest)
+        honest.join()
+        assert honest.run_one()
+        done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the honest node", 60)
+        assert done["tasks"][0]["node_id"] == _node_id(mesh, "honest")
+        for node in cheats[:3]:
+            assert "slash" not in mesh.ledger_kinds(node.key.node_id)
+    finally:
+        for node in cheats:
+            node.close()
+        mesh.close()

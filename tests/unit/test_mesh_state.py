@@ -37,3 +37,30 @@ def test_tasks_no_node_may_take_never_hide_the_ones_behind_them(tmp_path: Path) 
     gpu = state.lease("gpu-node", deadline_default=60)
     assert gpu is not None and gpu.job_id == f"sha256:{0:064x}"
     assert state.lease("cpu-node", deadline_default=60) is None  # nothing left a CPU node may take
+
+
+def test_replicas_go_to_distinct_nodes_and_an_older_database_gains_the_column(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    with engine.begin() as conn:  # the task table as a coordinator before replicas made it
+        conn.execute(sa.text("CREATE TABLE mesh_tasks (task_id VARCHAR(40) PRIMARY KEY, job_id VARCHAR(71) NOT NULL, "
+                             "position INTEGER NOT NULL, state VARCHAR(16) NOT NULL, node_id VARCHAR(64), "
+                             "lease_id VARCHAR(32), leased_at FLOAT, lease_deadline FLOAT, attempts INTEGER NOT NULL, "
+                             "excluded TEXT NOT NULL, bundle VARCHAR(71), verdict TEXT, history TEXT NOT NULL, "
+                             "created FLOAT NOT NULL, updated FLOAT NOT NULL)"))  # fmt: skip
+        conn.execute(sa.text("INSERT INTO mesh_tasks VALUES ('old', 'sha256:x', 0, 'done', NULL, NULL, NULL, NULL, "
+                             "1, '[]', NULL, NULL, '[]', 0, 0)"))  # fmt: skip
+    state = MeshState(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT replica FROM mesh_tasks WHERE task_id = 'old'")).scalar_one() == 0
+    job = f"sha256:{'e' * 64}"
+    state.add_job(job, "owner", {**_spec("any"), "replicas": 3}, replicas=3)
+    taken = []
+    for n in range(4):
+        state.join(f"node-{n}", "key", "cpu")
+        lease = state.lease(f"node-{n}", deadline_default=60)
+        taken.append(None if lease is None else lease.task_id)
+        again = state.lease(f"node-{n}", deadline_default=60)  # a node's own lease comes back, never a second
+        assert (again and again.task_id) == taken[-1]
+    assert len(set(taken[:3])) == 3 and taken[3] is None
+    doc = state.job(job)
+    assert doc is not None and sorted(t["replica"] for t in doc["tasks"]) == [0, 1, 2]

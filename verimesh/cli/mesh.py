@@ -149,6 +149,10 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "before it (the mesh needs N nodes; each segment is posted with --deposit).")  # fmt: skip
 @click.option("--device", "job_device", type=click.Choice(["any", "cpu", "cuda"]), default="any", show_default=True,
               help="Lease the job only to nodes of this device.")  # fmt: skip
+@click.option("--replicas", type=click.IntRange(min=1, max=8), default=1, show_default=True,
+              help="Run the job on R distinct nodes: each answer is spot-checked, agreeing answers are settled "
+              "by the quorum, a disagreement by a referee's full verification (the deposit pays each accepted "
+              "replica). Not with --segments.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
 @click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -158,8 +162,8 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "coordinator announces, which proves nothing against a coordinator you do not trust).")  # fmt: skip
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
-           samples: int, max_attempts: int, segments: int | None, job_device: str, wait: bool, timeout: float,
-           out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
+           samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int, wait: bool,
+           timeout: float, out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
@@ -169,10 +173,13 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
 
     if out_dir is not None and not wait:
         raise click.UsageError("-o/--out goes with --wait")
+    if replicas > 1 and segments is not None:
+        raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
-                          max_attempts=max_attempts, segments=segments, device=job_device)  # fmt: skip
+                          max_attempts=max_attempts, segments=segments, device=job_device,
+                          replicas=replicas)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")
@@ -229,6 +236,9 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
         lines.append(f"job {j['job_id']}  {j['state']}" + (f"  ({j['error']})" if j["error"] else ""))
         for t in j["tasks"]:
             last = t["history"][-1]["outcome"] if t["history"] else ""
-            lines.append(f"  task {t['position']}  {t['state']}  node {t['node_id'] or '-'}  attempts {t['attempts']}"
+            replica = f" replica {t.get('replica', 0)}" if j.get("replicas", 1) > 1 else ""
+            decided = (t["verdict"] or {}).get("decided_by") if t["state"] == "done" else None
+            lines.append(f"  task {t['position']}{replica}  {t['state']}  node {t['node_id'] or '-'}  "
+                         f"attempts {t['attempts']}" + (f"  decided by: {decided}" if decided else "")
                          + (f"  last: {last}" if last else ""))  # fmt: skip
     emit(False, doc, "\n".join(lines))

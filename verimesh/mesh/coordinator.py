@@ -45,6 +45,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -59,13 +60,13 @@ from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
-from verimesh.jobs.tolerance import DEFAULT_TOLERANCES
+from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
 from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
-from verimesh.mesh.state import MeshState, StateError, Verifying
+from verimesh.mesh.state import Decision, MeshState, StateError, Verifying
 from verimesh.settlement import (
     all_standings,
     node_standing,
@@ -78,7 +79,7 @@ from verimesh.settlement import (
 )
 from verimesh.signing.keys import PublicKey, SecretKey
 from verimesh.subtasks.chain import ChainVerdict, whole_verdict
-from verimesh.subtasks.receipt import receipt_body, sign_receipt
+from verimesh.subtasks.receipt import MAX_REPLICAS, receipt_body, sign_receipt
 from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
@@ -175,6 +176,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
+        self._bonds: dict[str, tuple[int, int]] = {}  # node id -> (ledger size, bonded stake)
         self.verify_timeout = verify_timeout
         self._retried: set[str] = set()
         self.blob_quota, self.blob_ttl = blob_quota, blob_ttl
@@ -362,9 +364,10 @@ class Coordinator:
         return {
             "job_id": doc["job_id"], "owner": doc["owner"], "state": doc["state"], "created": doc["created"],
             "updated": doc["updated"], "error": doc["error"], "receipt": doc["receipt"] is not None,
-            "device": doc["spec"].get("device", "any"),
+            "device": doc["spec"].get("device", "any"), "replicas": doc["spec"].get("replicas", 1),
             "tasks": [
-                {"task_id": t["task_id"], "position": t["position"], "state": t["state"], "node_id": t["node_id"],
+                {"task_id": t["task_id"], "position": t["position"], "replica": t["replica"], "state": t["state"],
+                 "node_id": t["node_id"],
                  "attempts": t["attempts"], "history": t["history"],
                  "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
                                                                ("verdict", "reason", "node_id", "decided_by",
@@ -456,11 +459,17 @@ class Coordinator:
         signed = self._signed(request, body)
         doc = self._json_body(body)
         keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
-        if not isinstance(doc, dict) or set(doc) - {"device"} != keys:
-            raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally device")
-        device = doc.get("device", "any")
+        if not isinstance(doc, dict) or set(doc) - {"device", "replicas"} != keys:
+            raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally "
+                            "device and replicas")  # fmt: skip
+        device, replicas = doc.get("device", "any"), doc.get("replicas", 1)
         if device not in JOB_DEVICES:
             raise HTTPError(422, "bad-device", f"device must be one of {', '.join(JOB_DEVICES)}")
+        if type(replicas) is not int or not 1 <= replicas <= MAX_REPLICAS:
+            raise HTTPError(422, "bad-replicas", f"replicas must be 1 .. {MAX_REPLICAS}")
+        if replicas > 1 and doc["segments"] is not None:
+            raise HTTPError(422, "bad-replicas", "replicas run whole jobs; a job split into segments runs once "
+                            "(not yet: replicated segments)")  # fmt: skip
         deadline, attempts = doc["deadline"], doc["max_attempts"]
         if type(deadline) is not int or not 1 <= deadline <= 7 * 86400:
             raise HTTPError(422, "bad-deadline", "deadline must be an integer number of seconds, 1 .. 7 days")
@@ -507,11 +516,12 @@ class Coordinator:
                 if self._ledger_job_owner(job_id) != signed.node_id:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
-                "segments": None if ranges is None else [list(r) for r in ranges], "device": device}  # fmt: skip
-        self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted))
+                "segments": None if ranges is None else [list(r) for r in ranges], "device": device,
+                "replicas": replicas}  # fmt: skip
+        self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted), replicas=replicas)
         self._checkpoint_if_due()
         self._wake.set()
-        return {"job_id": job.job_id, "state": "open", "created": True, "subtasks": len(posted)}
+        return {"job_id": job.job_id, "state": "open", "created": True, "subtasks": len(posted), "replicas": replicas}
 
     def _ledger_job_owner(self, job_id: str) -> str | None:
         for entry in self.ledger.entries(kinds=["job"]):
@@ -556,12 +566,24 @@ class Coordinator:
 
     def _lease(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
-        standing = self._standing_view().get(signed.node_id)
-        if standing is not None and standing["slashable"] <= 0:  # its answers could be neither paid nor slashed
-            raise HTTPError(403, "no-stake", "this node has no stake left that a slash could take: it gets no tasks "
-                            "until it tops up (`verimesh ledger stake top-up`)")  # fmt: skip
+        if self._bonded(signed.node_id) <= 0:  # its answers could be neither paid nor slashed
+            raise HTTPError(403, "no-stake", "this node has no bonded stake that a slash could take: it gets no "
+                            "tasks until it tops up (`verimesh ledger stake top-up`)")  # fmt: skip
         lease = self.state.lease(signed.node_id, deadline_default=self.deadline)
         return None if lease is None else lease.to_json()
+
+    def _bonded(self, node_id: str) -> int:
+        """The node's bonded stake, as of the ledger's current size (read again whenever the
+        ledger grew: a slash or a withdrawal a moment ago counts). Stake only unbonding does not
+        count: a node that is withdrawing everything takes no new task it could walk away from."""
+        size = self.ledger.size()
+        cached = self._bonds.get(node_id)
+        if cached is None or cached[0] != size:
+            if len(self._bonds) > 100_000:
+                self._bonds.clear()
+            cached = (size, node_standing(self.ledger, node_id).stake)
+            self._bonds[node_id] = cached
+        return cached[1]
 
     def _file(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
@@ -681,7 +703,10 @@ class Coordinator:
         """The lease holder's registered key, when the bundle's statement is its own and signed by
         it (a bundle of another node's is nobody's answer to this lease: an error, no one blamed)."""
         holder = self._registered_key(node_id)
-        envelope = read_bundle(bundle, version=job.version).envelope
+        try:
+            envelope = read_bundle(bundle, version=job.version).envelope
+        except InvalidInputError as exc:
+            raise InvalidInputError(exc.message.replace(f"bundle {bundle} ", "it ").replace(str(bundle), "it")) from exc
         named = envelope.statement()["predicate"].get("node_id")
         if holder is None or named != node_id or not envelope.signed_by(holder):
             raise InvalidInputError(f"the bundle is not a statement of the lease holder {node_id} signed by it")
@@ -708,15 +733,25 @@ class Coordinator:
             bundle.write_bytes(self._stored(item.bundle))
             try:
                 public = self._holder_signed(bundle, job, item.node_id)
+            except InvalidInputError as exc:  # garbage, or another node's bundle: the uploader's doing
+                self._excluded(item, f"its upload is not a bundle of its own: {exc.message}",
+                               {"verdict": "error", "reason": exc.message, "node_id": item.node_id})  # fmt: skip
+                return
+            try:
                 seed = self.seed_for(item.task_id, item.bundle)
                 if ranges:
                     self._verify_segment(item, parent, job, bundle, public, seed, folder, ranges, spec["posted"])
+                elif spec.get("replicas", 1) > 1:
+                    self._verify_replica(item, job, bundle, public, seed, folder)
                 else:
                     self._verify_whole(item, job, bundle, public, seed, folder)
             except InvalidInputError as exc:
                 verdict_doc: dict[str, Any] = {"verdict": "error", "reason": exc.message, "node_id": item.node_id,
                                                "decided_by": "spot"}  # fmt: skip
-                self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {exc.message}")
+                # A node with nothing slashable left cannot answer for its result: the task goes
+                # to another node, counted against no one (the lease gate keeps it from more).
+                outcome = f"lost: {exc.message}" if exc.code == "no-stake" else f"error: {exc.message}"
+                self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome)
 
     def _verify_whole(self, item: Verifying, job: Job, bundle: Path, public: PublicKey, seed: int,
                       folder: Path) -> None:  # fmt: skip
@@ -736,9 +771,129 @@ class Coordinator:
             return
         self._rejected(item, verdict.reason, verdict_doc, {job.job_id})
 
-    def _finish(self, chain: ChainVerdict, outputs: bytes) -> tuple[str, str]:
-        receipt = sign_receipt(receipt_body(chain), self.operator)
+    def _finish(self, chain: ChainVerdict, outputs: bytes, decided_by: str | None = None,
+                replicas: list[dict[str, Any]] | None = None) -> tuple[str, str]:  # fmt: skip
+        receipt = sign_receipt(receipt_body(chain, decided_by=decided_by, replicas=replicas), self.operator)
         return self.state.put_blob(outputs), self.state.put_blob(canonical_json(receipt) + b"\n")
+
+    # -- replicas and the quorum -----------------------------------------------------------------
+
+    def _verify_replica(self, item: Verifying, job: Job, bundle: Path, public: PublicKey, seed: int,
+                        folder: Path) -> None:  # fmt: skip
+        """One of R replicas of a whole job: spot-checked alone first, at its node's audit level
+        (agreeing never stands in for it: colluding nodes must not pass by agreeing). A wrong
+        answer is slashed and its replica redone by another node; a passing one waits for the
+        others, and the last to pass calls the quorum (``_quorum``)."""
+        started = time.perf_counter()
+        verdict = verify(bundle, job=job, node_key=public, samples=self._spot_samples(item.node_id, job), seed=seed)
+        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "replica": item.replica,
+                       "settle_s": round(time.perf_counter() - started, 6)}  # fmt: skip
+        if verdict.status != "accept":
+            if verdict.status == "reject":
+                self._slash(verdict.evidence)
+            self._rejected(item, verdict.reason, verdict_doc, {job.job_id})
+            return
+        doc = self.state.job(item.job_id)
+        assert doc is not None
+        others = [t for t in doc["tasks"] if t["task_id"] != item.task_id]
+        waiting = Decision(item.task_id, "done", "accepted (spot check); waiting for the other replicas", verdict_doc)
+        gone = [Decision(t["task_id"], "redo", f"redone: {why}", t["verdict"] or {})
+                for t in others if t["state"] == "done" and (why := self._cannot_settle(t["node_id"]))]  # fmt: skip
+        if gone or any(t["state"] != "done" for t in others):
+            self.state.decide_replicas(item.job_id, [waiting, *gone], None)
+            return
+        answers = sorted([*((t["replica"], t["task_id"], t["node_id"], t["bundle"]) for t in others),
+                          (item.replica, item.task_id, item.node_id, item.bundle)])  # fmt: skip
+        self._quorum(item.job_id, job, answers, folder)
+
+    def _spot_samples(self, node_id: str, job: Job) -> int:
+        """Steps a replica's spot check re-runs beside the last: the node's audit policy."""
+        return node_standing(self.ledger, node_id).samples_for(len(job.steps), job.policy.samples)
+
+    def _cannot_settle(self, node_id: str) -> str | None:
+        """Why a node that passed its spot check can no longer be settled with (excluded since, or
+        nothing slashable left): its replica is redone, no one blamed."""
+        node = self.state.node(node_id)
+        if node is not None and node["banned"]:
+            return f"its node {node_id} was excluded"
+        if node_standing(self.ledger, node_id).slashable <= 0:
+            return f"its node {node_id} has nothing slashable left"
+        return None
+
+    def _quorum(self, job_id: str, job: Job, answers: list[tuple[int, str, str, str]], folder: Path) -> None:
+        """Every replica passed its spot check. Their outputs agree (within twice the job's
+        tolerance: two honest runs each within it of the truth): each is settled at its node's
+        policy (the same seed as its spot check), and, all accepted, the quorum decides. They
+        disagree, or a settlement rejects one: the referee verifies every answer in full, slashes
+        and excludes the failing ones, and the first passing answer is the job's. None passes:
+        every replica is redone. One mesh transaction records it all; the ledger's writes repeat
+        idempotently when a crash comes before it (the same seeds; a second verdict for a claim
+        writes nothing, a second reject slashes once)."""
+        paths: dict[int, Path] = {}
+        for replica, _task, _node, digest in answers:
+            paths[replica] = folder / f"replica-{replica}.vmb"
+            paths[replica].write_bytes(self._stored(digest))
+        agree = _outputs_agree([_bundle_outputs(paths[r], job) for r, *_ in answers], job)
+        results: dict[int, tuple[str, Any]] = {}  # replica -> ("accept" | "reject" | "unsettled", detail)
+        for pass_ in ("quorum", "referee") if agree else ("referee",):
+            for replica, task_id, node_id, digest in answers:
+                if results.get(replica, ("",))[0] in ("reject", "unsettled"):
+                    continue
+                out = folder / f"outputs-{replica}.npz"
+                try:
+                    settled = verify_and_settle(paths[replica], job=job, ledger=self.ledger, writer=self.operator,
+                                                seed=self.seed_for(task_id, digest), outputs_out=out,
+                                                samples=None if pass_ == "quorum" else "all")  # fmt: skip
+                except InvalidInputError as exc:
+                    slashed = self._slashed_for(node_id, {job.job_id})  # by this pass, before a crash
+                    results[replica] = ("reject", exc.message) if slashed else ("unsettled", exc.message)
+                    continue
+                results[replica] = (settled.verdict.status if settled.verdict.status == "accept" else "reject",
+                                    settled)  # fmt: skip
+            if all(status == "accept" for status, _ in results.values()):
+                break
+        decided_by = "quorum" if agree and all(status == "accept" for status, _ in results.values()) else "referee"
+        self._record_quorum(job_id, job, answers, paths, results, decided_by, folder)
+
+    def _record_quorum(self, job_id: str, job: Job, answers: list[tuple[int, str, str, str]],
+                       paths: dict[int, Path], results: dict[int, tuple[str, Any]], decided_by: str,
+                       folder: Path) -> None:  # fmt: skip
+        accepted = [a for a in answers if results[a[0]][0] == "accept"]
+        decisions: list[Decision] = []
+        replicas = []
+        for replica, task_id, node_id, _digest in answers:
+            status, detail = results[replica]
+            statement = read_bundle(paths[replica], version=job.version).envelope.statement_digest()
+            replicas.append({"replica": replica, "node_id": node_id, "statement": statement, "verdict": status})
+            if status == "accept":
+                verdict_doc = {**detail.verdict.to_json(), "decided_by": decided_by, "replica": replica,
+                               "samples_in_force": detail.samples_in_force,
+                               "ledger_entries": [list(e) for e in detail.appended]}  # fmt: skip
+                chosen = " (its outputs are the job's)" if replica == accepted[0][0] else ""
+                decisions.append(Decision(task_id, "done", f"accepted by the {decided_by}{chosen}", verdict_doc))
+                continue
+            reason = detail if isinstance(detail, str) else detail.verdict.reason
+            verdict_doc = {"verdict": "reject" if status == "reject" else "error", "reason": reason,
+                           "node_id": node_id, "decided_by": decided_by, "replica": replica}  # fmt: skip
+            action = "rejected" if accepted else "redo"
+            if status == "unsettled":  # its node can no longer answer for it: no one blamed
+                decisions.append(Decision(task_id, action, f"not settled: {reason}", verdict_doc))
+            elif self._slashed_for(node_id, {job.job_id}):
+                decisions.append(Decision(task_id, action, f"rejected by the referee and slashed: {reason}"[:300],
+                                          verdict_doc, ban=f"slashed for job {job_id[:19]}…: {reason}"))  # fmt: skip
+            else:
+                decisions.append(Decision(task_id, action, f"excluded: refused by the referee: {reason}"[:300],
+                                          verdict_doc, ban=f"excluded for job {job_id[:19]}…: {reason}"))  # fmt: skip
+        finish = None
+        if accepted:
+            replica, _task, node_id, _digest = accepted[0]
+            public = self._registered_key(node_id)
+            assert public is not None
+            chain = whole_verdict(results[replica][1].verdict, bundle=paths[replica], job=job, public=public)
+            outputs = (folder / f"outputs-{replica}.npz").read_bytes()
+            finish = self._finish(chain, outputs, decided_by, replicas)
+        self.state.decide_replicas(job_id, decisions, finish)
+        self._standings = (0.0, {})
 
     def _slashed_for(self, node_id: str, job_ids: set[str]) -> bool:
         """The ledger holds a slash of the node for one of these jobs (written now, or before a
@@ -746,12 +901,24 @@ class Coordinator:
         return any(e.event.get("job_id") in job_ids for e in self.ledger.entries(node_id=node_id, kinds=["slash"]))
 
     def _rejected(self, item: Verifying, reason: str, verdict_doc: dict[str, Any], job_ids: set[str]) -> None:
-        slashed = self._slashed_for(item.node_id, job_ids)
-        ban = f"slashed for job {item.job_id[:19]}…: {reason}" if slashed else None
-        outcome = ("rejected and slashed: " if slashed else "rejected: ") + reason
-        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome[:300], ban=ban)
-        if slashed:
-            self._standings = (0.0, {})
+        """A result that is not accepted is its node's own doing (an honest node's answer to its own
+        lease is sealed, signed by it and within the verifier's limits): the node is excluded.
+        Slashed, the answer counts as a judged attempt of the job; unslashed (no evidence its
+        signature proves: a broken seal, a replay), it does not: a key that uploads garbage is
+        excluded without using up the owner's attempts."""
+        if not self._slashed_for(item.node_id, job_ids):
+            self._excluded(item, f"its answer was refused with nothing to slash: {reason}", verdict_doc)
+            return
+        ban = f"slashed for job {item.job_id[:19]}…: {reason}"
+        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc,
+                          outcome=f"rejected and slashed: {reason}"[:300], ban=ban)  # fmt: skip
+        self._standings = (0.0, {})
+
+    def _excluded(self, item: Verifying, why: str, verdict_doc: dict[str, Any]) -> None:
+        """The lease holder answered with something no honest node uploads: it is excluded from
+        the mesh and the task goes to another node, not counted against the job's attempts."""
+        self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=f"excluded: {why}"[:300],
+                          ban=f"excluded for job {item.job_id[:19]}…: {why}")  # fmt: skip
 
     def _slash(self, evidence: str | None) -> None:
         """Slash with a reject's evidence (re-checked by the settlement; once per claim)."""
@@ -857,6 +1024,22 @@ class Coordinator:
 
             server.startup = startup  # type: ignore[method-assign]
         server.run()
+
+
+def _bundle_outputs(path: Path, job: Job) -> dict[str, np.ndarray]:
+    """The output values a bundle commits (one that passed its spot check)."""
+    parsed = read_bundle(path, version=job.version)
+    return {name: np.array(parsed.tensors[name]) for name in job.output_names}
+
+
+def _outputs_agree(outputs: list[dict[str, np.ndarray]], job: Job) -> bool:
+    """Every pair of answers within twice the tolerance of the job's last step."""
+    tol = job.policy.tolerance_for(len(job.steps) - 1)
+    doubled = Tolerance(**{k: 2 * v for k, v in asdict(tol).items()})
+    return all(
+        set(a) == set(b) and all(compare_tensors(n, a[n], b[n], doubled).ok for n in a)
+        for i, a in enumerate(outputs) for b in outputs[i + 1:]
+    )  # fmt: skip
 
 
 def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float) -> Callable[[Verifying], str]:

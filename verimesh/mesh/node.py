@@ -24,6 +24,7 @@ from typing import Any
 
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
+from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
 from verimesh.mesh.files import materialize
@@ -131,6 +132,8 @@ class Node:
                 bundle = folder / "result.vmb"
                 self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
                 self._prove(folder, lease, model, inputs_from, bundle)
+                # The coordinator excludes a node whose upload it cannot read within its limits.
+                read_bundle(bundle, version=job.version)
             except InvalidInputError as exc:
                 self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
                 self.client.release(task_id, lease_id, exc.message)

@@ -12,7 +12,10 @@ Task life::
        +-- lease lost ---+      reject/error -+--> pending (that node excluded), or failed
            (deadline or heartbeat missed: that node excluded)     after ``max_attempts``
 
-A node never gets a task it lost, answered wrongly, or already holds.
+A node never gets a task it lost, answered wrongly, or already holds, nor two tasks of one job.
+A job run by R replicas has R tasks per position; each replica's answer is spot-checked alone
+(done when it passes), and the last one's verdict waits for the quorum's decision over all R
+(``decide_replicas``): a replica the referee finds wrong ends ``rejected`` (its node excluded).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ tasks = sa.Table(
     sa.Column("task_id", sa.String(40), primary_key=True),
     sa.Column("job_id", sa.String(71), nullable=False, index=True),
     sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("replica", sa.Integer, nullable=False, default=0),  # 0 .. R-1: one of R runs of the sub-task
     sa.Column("state", sa.String(16), nullable=False, index=True),
     sa.Column("node_id", sa.String(64)),
     sa.Column("lease_id", sa.String(32)),
@@ -122,6 +126,20 @@ class Verifying:
     node_id: str
     bundle: str
     position: int = 0
+    replica: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a quorum decides for one replica (``MeshState.decide_replicas``): ``done`` (its answer
+    stands), ``rejected`` (it stays in the job's record, its node excluded: ``ban``), or ``redo``
+    (pending again without its node; counted as a judged answer when ``outcome`` says rejected)."""
+
+    task_id: str
+    action: str
+    outcome: str
+    verdict: dict[str, Any]
+    ban: str | None = None
 
 
 class StateError(Exception):
@@ -145,6 +163,9 @@ class MeshState:
         self.heartbeat_timeout = heartbeat_timeout
         self._postgres = engine.dialect.name == "postgresql"
         metadata.create_all(engine)
+        if "replica" not in {c["name"] for c in sa.inspect(engine).get_columns("mesh_tasks")}:
+            with self._txn() as conn:  # a database from before replicas: every task was the only run
+                conn.execute(sa.text("ALTER TABLE mesh_tasks ADD COLUMN replica INTEGER NOT NULL DEFAULT 0"))
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -255,8 +276,9 @@ class MeshState:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def add_job(self, job_id: str, owner: str, spec: dict[str, Any], positions: int = 1) -> bool:
-        """A new job and its tasks; False when the job exists already (nothing changes)."""
+    def add_job(self, job_id: str, owner: str, spec: dict[str, Any], positions: int = 1, replicas: int = 1) -> bool:
+        """A new job and its tasks (``replicas`` of each position, for distinct nodes); False when
+        the job exists already (nothing changes)."""
         now = time.time()
         with self._txn() as conn:
             if conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id)).first() is not None:
@@ -269,9 +291,10 @@ class MeshState:
             conn.execute(
                 tasks.insert(),
                 [
-                    {"task_id": secrets.token_hex(16), "job_id": job_id, "position": i, "state": "pending",
-                     "attempts": 0, "excluded": "[]", "history": "[]", "created": now, "updated": now}
-                    for i in range(positions)
+                    {"task_id": secrets.token_hex(16), "job_id": job_id, "position": i, "replica": r,
+                     "state": "pending", "attempts": 0, "excluded": "[]", "history": "[]", "created": now,
+                     "updated": now}
+                    for i in range(positions) for r in range(replicas)
                 ],
             )  # fmt: skip
         return True
@@ -285,7 +308,9 @@ class MeshState:
             doc["spec"] = json.loads(doc["spec"])
             doc["tasks"] = [
                 self._task_doc(r)
-                for r in conn.execute(sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.position))
+                for r in conn.execute(
+                    sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.position, tasks.c.replica)
+                )
             ]
         return doc  # fmt: skip
 
@@ -398,7 +423,7 @@ class MeshState:
                     sa.select(tasks)
                     .join(jobs, jobs.c.job_id == tasks.c.job_id)
                     .where(tasks.c.state == "pending", jobs.c.state == "open")
-                    .order_by(tasks.c.created, tasks.c.position, tasks.c.task_id)
+                    .order_by(tasks.c.created, tasks.c.position, tasks.c.replica, tasks.c.task_id)
                     .limit(page)
                     .offset(offset)
                 )
@@ -493,7 +518,7 @@ class MeshState:
     def verifying(self) -> list[Verifying]:
         with self._read() as conn:
             rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
-        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.position) for r in rows]
+        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.position, r.replica) for r in rows]
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
@@ -528,6 +553,30 @@ class MeshState:
                                  .values(state="done", outputs=finish[0], receipt=finish[1], updated=now))  # fmt: skip
             else:
                 self._free(conn, row, outcome, now, verdict)
+
+    def decide_replicas(self, job_id: str, decisions: Sequence[Decision], finish: tuple[str, str] | None) -> None:
+        """A quorum's decision over a job's replicas, in one transaction: each replica's outcome
+        (only those still done or verifying: a repeat after a crash changes nothing), and with
+        ``finish`` the job done with those outputs and receipt."""
+        now = time.time()
+        with self._txn() as conn:
+            rows = {r.task_id: r for r in conn.execute(self._locked(sa.select(tasks).where(tasks.c.job_id == job_id)))}
+            for decision in decisions:
+                row = rows.get(decision.task_id)
+                if row is None or row.state not in ("done", "verifying"):
+                    continue
+                if decision.ban is not None:
+                    conn.execute(nodes.update().where(nodes.c.node_id == row.node_id).values(banned=decision.ban[:300]))
+                if decision.action == "redo":
+                    self._free(conn, row, decision.outcome, now, decision.verdict)
+                    continue
+                history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": decision.outcome, "time": now}]
+                conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(
+                    state="done" if decision.action == "done" else "rejected", updated=now,
+                    verdict=json.dumps(decision.verdict, sort_keys=True), history=json.dumps(history)))  # fmt: skip
+            if finish is not None:
+                conn.execute(jobs.update().where(jobs.c.job_id == job_id, jobs.c.state == "open")
+                             .values(state="done", outputs=finish[0], receipt=finish[1], updated=now))  # fmt: skip
 
     def release(self, node_id: str, task_id: str, lease_id: str, reason: str) -> None:
         """A node gives back a task it cannot run (it is not offered that task again)."""

@@ -4,7 +4,7 @@ A receipt is canonical JSON::
 
     {"type": "verimesh/receipt", "version": 1,
      "receipt": {job_id, kind: "whole" | "segments" | "shards", seed, subtasks: [{index, step_range, node_id,
-                 node_key, statement, verdict, sampled_steps}], outputs: {name: digest}},
+                 node_key, statement, verdict, sampled_steps, [decided_by, replicas]}], outputs: {name: digest}},
      "signers": [verifier node ids, in signing order],
      "signature": base64 BLS signature}
 
@@ -40,11 +40,21 @@ _SUBTASK_KEYS = frozenset(
 )
 
 
-def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
-    """What the verifier signs: an accepted chain, sub-task by sub-task."""
+DECIDERS = ("spot", "quorum", "referee")
+MAX_REPLICAS = 8
+
+
+def receipt_body(chain: ChainVerdict, *, decided_by: str | None = None,
+                 replicas: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What the verifier signs: an accepted chain, sub-task by sub-task. A whole job run by
+    replicas also records who decided (``decided_by``: the spot check, the quorum of agreeing
+    replicas, or the referee's full verification) and every replica's answer (``replicas``:
+    ``{replica, node_id, statement, verdict}``, the accepted one among them)."""
     if not chain:
         raise InvalidInputError("a receipt records an accepted job; this one was not accepted")
-    return {
+    if (decided_by is None) != (replicas is None) or (decided_by is not None and chain.kind != "whole"):
+        raise InvalidInputError("decided_by and replicas go together, on a whole job's receipt")
+    body: dict[str, Any] = {
         "job_id": chain.job_id,
         "kind": chain.kind,
         "seed": chain.seed,
@@ -63,6 +73,9 @@ def receipt_body(chain: ChainVerdict) -> dict[str, Any]:
         ],
         "outputs": dict(sorted(chain.outputs.items())),
     }
+    if decided_by is not None and replicas is not None:
+        body["subtasks"][0].update(decided_by=decided_by, replicas=[dict(r) for r in replicas])
+    return body
 
 
 def _message(body: dict[str, Any]) -> bytes:
@@ -188,8 +201,11 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
             return "a whole-job receipt lists exactly one sub-task (the job)"
         start, statements = 0, set()
         for i, sub in enumerate(subtasks):
-            if not isinstance(sub, dict) or set(sub) != _SUBTASK_KEYS:
+            if not isinstance(sub, dict) or set(sub) - {"decided_by", "replicas"} != _SUBTASK_KEYS:
                 return f"sub-task {i} is malformed"
+            problem = _replicas_problem(sub, kind)
+            if problem:
+                return f"sub-task {i}: {problem}"
             if type(sub["index"]) is not int or any(type(x) is not int for x in sub["step_range"]):
                 return f"sub-task {i}'s index and step range must be integers"
             a, b = sub["step_range"]
@@ -216,6 +232,35 @@ def _chain_problem(body: dict[str, Any]) -> str | None:
             parse_digest(digest, what=f"output {name!r}")
     except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
         return f"the receipt is malformed: {exc}"
+    return None
+
+
+def _replicas_problem(sub: dict[str, Any], kind: str) -> str | None:
+    """A replicated sub-task: who decided, and every replica's answer, the accepted one among them."""
+    if "decided_by" not in sub and "replicas" not in sub:
+        return None
+    if kind != "whole" or set(sub) & {"decided_by", "replicas"} != {"decided_by", "replicas"}:
+        return "decided_by and replicas go together, on a whole job's receipt"
+    if sub["decided_by"] not in DECIDERS:
+        return f"decided_by must be one of {', '.join(DECIDERS)}"
+    replicas = sub["replicas"]
+    if not isinstance(replicas, list) or not 2 <= len(replicas) <= MAX_REPLICAS:
+        return f"replicas lists 2..{MAX_REPLICAS} answers"
+    for r, answer in enumerate(replicas):
+        if not isinstance(answer, dict) or set(answer) != {"replica", "node_id", "statement", "verdict"}:
+            return f"replica {r} is malformed"
+        if answer["replica"] != r or not isinstance(answer["node_id"], str):
+            return f"replica {r} is not numbered {r}"
+        if answer["verdict"] not in ("accept", "reject", "unsettled"):
+            return f"replica {r}'s verdict must be accept, reject or unsettled"
+        parse_digest(answer["statement"], what=f"replica {r} statement")
+    if len({a["node_id"] for a in replicas}) != len(replicas):
+        return "two replicas ran on one node"
+    if not any(a["statement"] == sub["statement"] and a["node_id"] == sub["node_id"] and a["verdict"] == "accept"
+               for a in replicas):  # fmt: skip
+        return "the accepted answer is not one of its replicas"
+    if sub["decided_by"] == "quorum" and any(a["verdict"] != "accept" for a in replicas):
+        return "a quorum decides only when every replica was accepted"
     return None
 
 
