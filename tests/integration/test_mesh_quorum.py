@@ -214,3 +214,77 @@ def test_a_quorum_cut_short_after_the_ledger_wrote_repeats_without_paying_twice(
     finally:
         for closing in (*nodes, owner):
             closing.close()
+
+
+def _drifted(job: Job, key: Any, out: Path, step: int = 2) -> None:
+    """An answer that passes a full verification yet drifts: step ``step``'s output nudged inside
+    its tolerance along the direction the rest of the model amplifies most, every later step
+    computed exactly from it (the largest such nudge that still verifies with samples=all)."""
+    import numpy as np
+
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import run_steps
+    from verimesh.workflows import seal_trace, verify
+
+    runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+    models = job.read_step_models()
+    honest = run_steps(job, models, job.read_input(), runner)
+    name, final = job.steps[step].outputs[0], job.output_names[0]
+    base = honest[name].astype(np.float64)
+
+    def downstream(value: np.ndarray) -> dict[str, np.ndarray]:
+        trace = {**honest, name: value.astype(honest[name].dtype)}
+        for later in job.steps[step + 1 :]:
+            trace.update(runner.run(later.digest, models[later.index], {n: trace[n] for n in later.inputs},
+                                    later.outputs))  # fmt: skip
+        return trace
+
+    eps = 1e-2 * (np.linalg.norm(base) / np.sqrt(base.size) + 1e-3)
+    f0 = downstream(base)[final].astype(np.float64).ravel()
+    jac = np.stack([(downstream(base + eps * np.eye(base.size)[j].reshape(base.shape))[final].ravel() - f0) / eps
+                    for j in range(base.size)], axis=1)  # fmt: skip
+    direction = np.linalg.svd(jac)[2][0].reshape(base.shape)
+    tol = job.policy.tolerance_for(step)
+    cap = 0.95 * (tol.atol + tol.rtol * np.abs(base))
+    lo, hi, best = 0.0, 1e-3 * float(np.linalg.norm(base)), None
+    for i in range(16):
+        mid = (lo + hi) / 2
+        candidate = out.with_name(f"drift-{i}.vmb")
+        seal_trace(job, downstream(base + np.clip(mid * direction, -cap, cap)), key=key, runner=runner, out=candidate)
+        if verify(candidate, job=job, node_key=key.public, samples="all", seed=1).status == "accept":
+            lo, best = mid, candidate.read_bytes()
+        else:
+            hi = mid
+    assert best is not None
+    out.write_bytes(best)
+
+
+def test_the_referee_takes_the_answer_nearest_its_own_run_not_the_first(
+    served: tuple[_SpotMisses, _Served], tmp_path: Path
+) -> None:
+    """A drifting answer passes every step's check (its drift stays inside each step's tolerance)
+    but disagrees with the honest ones: the referee verifies all three in full, all pass, and it
+    hands out the answer closest to its own run of the model, never replica 0's by position."""
+    coordinator, serving = served
+    drift_key, keys = generate_key(), [generate_key(), generate_key()]
+    drifter = Node(serving.url, drift_key, isolate=False,
+                   on_bundle=lambda bundle, job: _drifted(job, drift_key, bundle))  # fmt: skip
+    nodes = [Node(serving.url, key, isolate=False) for key in keys]
+    owner = Client(serving.url, generate_key())
+    try:
+        sent = submit(owner, model_path("transformer"), input_path("transformer"), replicas=3)
+        drifter.join()
+        assert drifter.run_one()  # the first to ask: replica 0
+        for node in nodes:
+            node.join()
+            assert node.run_one()
+        doc = _wait(lambda: (d := owner.status(sent.job_id))["state"] == "done" and d, "the referee", timeout=120)
+        first = next(t for t in doc["tasks"] if t["replica"] == 0)
+        assert first["node_id"] == drift_key.node_id and first["verdict"]["decided_by"] == "referee"
+        assert first["verdict"]["distance_to_referee"] > 1e-4
+        collected = collect(owner, sent.job_id, tmp_path / "out", verifier_key=coordinator.operator.public)
+        sub = load_receipt(Path(collected["receipt"]))["receipt"]["subtasks"][0]
+        assert sub["decided_by"] == "referee" and sub["node_id"] in {k.node_id for k in keys}
+    finally:
+        for closing in (drifter, *nodes, owner):
+            closing.close()

@@ -64,3 +64,26 @@ def test_replicas_go_to_distinct_nodes_and_an_older_database_gains_the_column(tm
     assert len(set(taken[:3])) == 3 and taken[3] is None
     doc = state.job(job)
     assert doc is not None and sorted(t["replica"] for t in doc["tasks"]) == [0, 1, 2]
+
+
+def test_keys_that_walk_away_fail_a_task_only_on_an_admitted_mesh(tmp_path: Path) -> None:
+    """On an open mesh a fresh key costs nothing: twenty keys that lease and give back a task only
+    delay it (each is excluded from it). On a mesh of admitted nodes, CHURN x max_attempts
+    unanswered leases fail it."""
+    for churn, fails_after in ((None, None), (5, 15)):
+        state = MeshState(sa.create_engine(f"sqlite:///{tmp_path / f'm-{churn}.db'}"), churn=churn)
+        job = f"sha256:{'d' * 64}"
+        state.add_job(job, "owner", _spec("any"))
+        for n in range(20):
+            state.join(f"node-{n}", "key", "cpu")
+            lease = state.lease(f"node-{n}", deadline_default=60)
+            if lease is None:
+                break
+            state.release(f"node-{n}", lease.task_id, lease.lease_id, "busy")
+        doc = state.job(job)
+        assert doc is not None
+        if fails_after is None:
+            assert doc["state"] == "open" and doc["tasks"][0]["state"] == "pending"
+            assert len(doc["tasks"][0]["history"]) == 20
+        else:
+            assert doc["state"] == "failed" and len(doc["tasks"][0]["history"]) == fails_after

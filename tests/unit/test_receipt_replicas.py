@@ -20,8 +20,8 @@ def _digest(c: str) -> str:
 
 
 def _body(decided_by: str = "quorum", verdicts: tuple[str, ...] = ("accept", "accept", "accept")) -> dict[str, Any]:
-    replicas = [{"replica": r, "node_id": NODES[r].node_id, "statement": _digest(str(r + 1)), "verdict": v}
-                for r, v in enumerate(verdicts)]  # fmt: skip
+    replicas = [{"replica": r, "node_id": NODES[r].node_id, "node_key": NODES[r].public.to_json(),
+                 "statement": _digest(str(r + 1)), "verdict": v} for r, v in enumerate(verdicts)]  # fmt: skip
     return {
         "job_id": _digest("a"), "kind": "whole", "seed": 7, "outputs": {"y": _digest("b")},
         "subtasks": [{"index": 0, "step_range": [0, 3], "node_id": NODES[0].node_id,
@@ -46,9 +46,13 @@ def _forged() -> list[tuple[str, dict[str, Any]]]:
     quorum_with_reject = _body("quorum", ("accept", "reject", "accept"))
     cases.append(("a quorum decides only when every replica was accepted", quorum_with_reject))
     unknown = _body("majority")
-    cases.append(("decided_by must be one of", unknown))
+    cases.append(("decided by the quorum or the referee", unknown))
+    cases.append(("decided by the quorum or the referee", _body("spot")))
+    wrong_key = _body()
+    wrong_key["subtasks"][0]["replicas"][1]["node_key"] = NODES[2].public.to_json()
+    cases.append(("is not the key of", wrong_key))
     same_node = _body()
-    same_node["subtasks"][0]["replicas"][2]["node_id"] = NODES[1].node_id
+    same_node["subtasks"][0]["replicas"][2].update(node_id=NODES[1].node_id, node_key=NODES[1].public.to_json())
     cases.append(("two replicas ran on one node", same_node))
     not_among = _body()
     not_among["subtasks"][0]["replicas"][0]["statement"] = _digest("9")

@@ -66,7 +66,7 @@ from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
-from verimesh.mesh.state import Decision, MeshState, StateError, Verifying
+from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying
 from verimesh.settlement import (
     all_standings,
     node_standing,
@@ -168,7 +168,8 @@ class Coordinator:
         self.deadline = deadline
         self.max_upload = max_upload
         self.read_token = read_token
-        self.state = MeshState(self.ledger.engine, heartbeat_timeout=heartbeat_timeout)
+        self.state = MeshState(self.ledger.engine, heartbeat_timeout=heartbeat_timeout,
+                               churn=None if admission == "open" else CHURN)  # fmt: skip
         self.auth = Verifier(self.ledger.ledger_id)
         self._buckets = _Buckets(rate, burst)
         self._registered: dict[str, PublicKey] = {}
@@ -184,7 +185,7 @@ class Coordinator:
         if admission not in ("open", "ledger"):
             raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
         self.admission = admission
-        self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout) if isolate else None
+        self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout, admission) if isolate else None
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -371,7 +372,7 @@ class Coordinator:
                  "attempts": t["attempts"], "history": t["history"],
                  "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
                                                                ("verdict", "reason", "node_id", "decided_by",
-                                                                "settle_s")}}
+                                                                "settle_s", "distance_to_referee")}}
                 for t in doc["tasks"]
             ],
         }  # fmt: skip
@@ -418,9 +419,12 @@ class Coordinator:
         if doc["state"] != "done":
             raise HTTPError(404, "not-done", f"the job is {doc['state']}")
         settled_by = {t["node_id"] for t in doc["tasks"] if t["state"] == "done"}
+        slashed = {t["node_id"] for t in doc["tasks"] if t["state"] == "rejected"}  # a referee's rejected replicas
         entries = sorted(
-            (e for job_id in doc["spec"]["posted"] for e in self.ledger.entries(job_id=job_id, kinds=SETTLED_KINDS)
-             if e.event.get("node_id") in settled_by),
+            (e for job_id in doc["spec"]["posted"]
+             for e in self.ledger.entries(job_id=job_id, kinds=[*SETTLED_KINDS, "slash"])
+             if (e.kind in SETTLED_KINDS and e.event.get("node_id") in settled_by)
+             or (e.kind == "slash" and e.event.get("node_id") in slashed)),
             key=lambda e: e.seq,
         )  # fmt: skip
         if not entries:
@@ -480,12 +484,20 @@ class Coordinator:
         requests = [SignedRequest.from_json(r, what="job request") for r in doc["requests"]]
         if any(r.public.key != signed.public.key for r in requests):
             raise HTTPError(403, "not-owner", "a job request is signed by another key than this request")
+        reward = int(self.ledger.setting("reward") or 0)
+        if replicas > 1 and any(not isinstance(r.request.get("amount"), int) or r.request["amount"] < replicas * reward
+                                for r in requests):  # fmt: skip
+            raise HTTPError(422, "deposit-too-small", f"{replicas} replicas are paid {reward} each: the deposit must "
+                            f"be at least {replicas * reward}")  # fmt: skip
         files = check_files(doc["files"])
         job_bytes = canonical_json(doc["job"])
         if sha256_bytes(job_bytes) != files["job"]:
             raise HTTPError(422, "digest-mismatch", "files.job is not the digest of the job document")
         with tempfile.TemporaryDirectory(prefix="verimesh-submit-") as tmp:
             probe = job_from_bytes(job_bytes, Path(tmp), what="submitted job")
+            if probe.mode != "spot":  # zk and generate jobs are verified offline (`verimesh verify`), not here yet
+                raise HTTPError(422, "bad-mode", f"this mesh runs spot-mode jobs; a {probe.mode} job is verified "
+                                "with `verimesh prove` and `verimesh verify`")  # fmt: skip
             if job_files(probe, files["input"]) != files:
                 raise HTTPError(422, "files-mismatch", "files name other blobs than the job pins")
             ranges = None if doc["segments"] is None else check_ranges(doc["segments"], len(probe.steps))
@@ -853,22 +865,36 @@ class Coordinator:
             if all(status == "accept" for status, _ in results.values()):
                 break
         decided_by = "quorum" if agree and all(status == "accept" for status, _ in results.values()) else "referee"
-        self._record_quorum(job_id, job, answers, paths, results, decided_by, folder)
+        distance: dict[int, float] = {}
+        if decided_by == "referee":
+            distance = _distances_to_own_run(job, {r: paths[r] for r, (status, _) in results.items()
+                                                   if status == "accept"})  # fmt: skip
+        self._record_quorum(job_id, job, answers, paths, results, decided_by, folder, distance)
 
     def _record_quorum(self, job_id: str, job: Job, answers: list[tuple[int, str, str, str]],
                        paths: dict[int, Path], results: dict[int, tuple[str, Any]], decided_by: str,
-                       folder: Path) -> None:  # fmt: skip
+                       folder: Path, distance: dict[int, float]) -> None:  # fmt: skip
+        """The decision, recorded: the job's answer is the quorum's lowest replica, or the
+        referee's passing answer closest to the referee's own run of the model (an answer that
+        passes every step's check may still have drifted inside each step's tolerance: the honest
+        one is the one nearest the truth, never whichever replica came first)."""
         accepted = [a for a in answers if results[a[0]][0] == "accept"]
+        accepted.sort(key=lambda a: (distance.get(a[0], 0.0), a[0]))
         decisions: list[Decision] = []
         replicas = []
         for replica, task_id, node_id, _digest in answers:
             status, detail = results[replica]
             statement = read_bundle(paths[replica], version=job.version).envelope.statement_digest()
-            replicas.append({"replica": replica, "node_id": node_id, "statement": statement, "verdict": status})
+            public = self._registered_key(node_id)
+            assert public is not None
+            replicas.append({"replica": replica, "node_id": node_id, "node_key": public.to_json(),
+                             "statement": statement, "verdict": status})  # fmt: skip
             if status == "accept":
                 verdict_doc = {**detail.verdict.to_json(), "decided_by": decided_by, "replica": replica,
                                "samples_in_force": detail.samples_in_force,
                                "ledger_entries": [list(e) for e in detail.appended]}  # fmt: skip
+                if replica in distance:
+                    verdict_doc["distance_to_referee"] = distance[replica]
                 chosen = " (its outputs are the job's)" if replica == accepted[0][0] else ""
                 decisions.append(Decision(task_id, "done", f"accepted by the {decided_by}{chosen}", verdict_doc))
                 continue
@@ -1032,6 +1058,27 @@ def _bundle_outputs(path: Path, job: Job) -> dict[str, np.ndarray]:
     return {name: np.array(parsed.tensors[name]) for name in job.output_names}
 
 
+def _distances_to_own_run(job: Job, bundles: dict[int, Path]) -> dict[int, float]:
+    """Each answer's outputs against the referee's own run of the whole model from the pinned
+    input: the largest relative Frobenius distance over the outputs."""
+    from verimesh.jobs.runtime import StepRunner
+    from verimesh.spot.spotcheck import run_steps
+
+    if len(bundles) < 2:
+        return {r: 0.0 for r in bundles}
+    runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+    own = run_steps(job, None, job.read_input(), runner)
+    distances = {}
+    for replica, path in bundles.items():
+        theirs = _bundle_outputs(path, job)
+        distances[replica] = max(
+            float(np.linalg.norm((theirs[n].astype(np.float64) - own[n]).ravel()))
+            / max(float(np.linalg.norm(own[n].astype(np.float64).ravel())), 1e-30)
+            for n in job.output_names
+        )
+    return distances
+
+
 def _outputs_agree(outputs: list[dict[str, np.ndarray]], job: Job) -> bool:
     """Every pair of answers within twice the tolerance of the job's last step."""
     tol = job.policy.tolerance_for(len(job.steps) - 1)
@@ -1042,9 +1089,11 @@ def _outputs_agree(outputs: list[dict[str, np.ndarray]], job: Job) -> bool:
     )  # fmt: skip
 
 
-def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float) -> Callable[[Verifying], str]:
+def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float,
+                   admission: str = "open") -> Callable[[Verifying], str]:  # fmt: skip
     """The verifier's child process (``mesh.sandbox``): the same coordinator state, verifying in place."""
-    coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False)
+    coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False,
+                              admission=admission)  # fmt: skip
     return coordinator._verify_item
 
 

@@ -82,6 +82,26 @@ def collect(client: Client, job_id: str, out: Path, *, verifier_key: PublicKey) 
             "ledger_proofs": proofs}  # fmt: skip
 
 
+def _replicas_settled(sub: dict[str, Any], seen: list[tuple[Path, dict[str, Any]]], job_id: str) -> None:
+    """A replicated sub-task: every replica the receipt says was accepted has its accepting
+    verdict and reward in the ledger, and every one it says was rejected has its slash there (a
+    receipt naming replicas that never ran, or verdicts the ledger never recorded, is refused)."""
+    for replica in sub.get("replicas", []):
+        node = replica["node_id"]
+        if replica["verdict"] == "accept":
+            verdicts = {e.get("seq") for _, e in seen if e.get("kind") == "verdict" and e.get("status") == "accept"
+                        and e.get("node_id") == node and e.get("job_id") == job_id}  # fmt: skip
+            proven = any(e.get("kind") == "reward" and e.get("verdict") in verdicts for _, e in seen)
+        elif replica["verdict"] == "reject":
+            proven = any(e.get("kind") == "slash" and e.get("node_id") == node and e.get("job_id") == job_id
+                         for _, e in seen)  # fmt: skip
+        else:
+            continue  # unsettled: its node could no longer answer for it, and the ledger holds nothing of it
+        if not proven:
+            raise VerificationFailedError(f"the ledger proofs do not show replica {replica['replica']}'s settlement "
+                                          f"({replica['verdict']}) by {node}", code="bad-proofs")  # fmt: skip
+
+
 def _ledger_proofs(client: Client, job_id: str, body: dict[str, Any], out: Path, key: PublicKey) -> list[str]:
     """Fetch the job's ledger proofs, check each under ``key``, and keep them in ``out/ledger/``
     as ``KIND-I.json``: every sub-task's node must have an accepting verdict and its reward there."""
@@ -110,6 +130,7 @@ def _ledger_proofs(client: Client, job_id: str, body: dict[str, Any], out: Path,
             if not any(e.get("kind") == "reward" and e.get("verdict") in verdicts for _, e in seen):
                 raise VerificationFailedError(f"the ledger proofs hold no accepting verdict and reward of sub-task "
                                               f"{sub['index']}'s node {sub['node_id']}", code="bad-proofs")  # fmt: skip
+            _replicas_settled(sub, seen, job_id)
         folder = out / "ledger"
         folder.mkdir(parents=True, exist_ok=True)
         for path, _ in seen:

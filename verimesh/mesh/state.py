@@ -158,9 +158,10 @@ def _row_json(value: str | None, default: Any) -> Any:
 class MeshState:
     """The mesh tables of one database (beside the ledger's), each method one transaction."""
 
-    def __init__(self, engine: sa.Engine, *, heartbeat_timeout: float = 15.0) -> None:
+    def __init__(self, engine: sa.Engine, *, heartbeat_timeout: float = 15.0, churn: int | None = CHURN) -> None:
         self.engine = engine
         self.heartbeat_timeout = heartbeat_timeout
+        self.churn = churn  # None: leases that end without an answer never fail a task (an open mesh)
         self._postgres = engine.dialect.name == "postgresql"
         metadata.create_all(engine)
         if "replica" not in {c["name"] for c in sa.inspect(engine).get_columns("mesh_tasks")}:
@@ -346,15 +347,16 @@ class MeshState:
 
     def _free(self, conn: sa.Connection, row: Any, why: str, now: float, verdict: Any = None) -> None:
         """Back to pending without the node that held it. The task fails after ``max_attempts``
-        answers that were judged (rejected, or unverifiable), or after CHURN times as many leases
-        that ended without an answer (given back, or lost): a few free keys that lease and walk
-        away cannot fail a job on their own."""
+        answers that were judged (rejected and slashed, or unverifiable), or, on a mesh whose
+        nodes the operator admitted (``churn``), after CHURN times as many leases that ended
+        without an answer (given back, or lost). On an open mesh a fresh key costs nothing, so
+        unanswered leases never fail a task: each such key is excluded from it and only delays it."""
         excluded = [*json.loads(row.excluded), row.node_id]
         history = [*json.loads(row.history), {"node_id": row.node_id, "outcome": why, "time": now}]
         spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
         limit = int(spec.get("max_attempts", 3))
         judged = sum(1 for h in history if h["outcome"].startswith(("rejected", "error")))
-        failed = judged >= limit or len(history) >= CHURN * limit
+        failed = judged >= limit or (self.churn is not None and len(history) >= self.churn * limit)
         values: dict[str, Any] = {
             "state": "failed" if failed else "pending", "node_id": None, "lease_id": None, "leased_at": None,
             "lease_deadline": None, "bundle": None, "excluded": json.dumps(excluded), "history": json.dumps(history),

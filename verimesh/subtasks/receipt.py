@@ -40,7 +40,7 @@ _SUBTASK_KEYS = frozenset(
 )
 
 
-DECIDERS = ("spot", "quorum", "referee")
+DECIDERS = ("quorum", "referee")  # who decides a replicated sub-task
 MAX_REPLICAS = 8
 
 
@@ -49,7 +49,8 @@ def receipt_body(chain: ChainVerdict, *, decided_by: str | None = None,
     """What the verifier signs: an accepted chain, sub-task by sub-task. A whole job run by
     replicas also records who decided (``decided_by``: the spot check, the quorum of agreeing
     replicas, or the referee's full verification) and every replica's answer (``replicas``:
-    ``{replica, node_id, statement, verdict}``, the accepted one among them)."""
+    ``{replica, node_id, node_key, statement, verdict}``, the accepted one among them; a job
+    owner's ``collect`` requires each one's settlement in the ledger)."""
     if not chain:
         raise InvalidInputError("a receipt records an accepted job; this one was not accepted")
     if (decided_by is None) != (replicas is None) or (decided_by is not None and chain.kind != "whole"):
@@ -241,18 +242,20 @@ def _replicas_problem(sub: dict[str, Any], kind: str) -> str | None:
         return None
     if kind != "whole" or set(sub) & {"decided_by", "replicas"} != {"decided_by", "replicas"}:
         return "decided_by and replicas go together, on a whole job's receipt"
-    if sub["decided_by"] not in DECIDERS:
-        return f"decided_by must be one of {', '.join(DECIDERS)}"
+    if sub["decided_by"] not in ("quorum", "referee"):  # the spot check alone decides only a job run once
+        return "a replicated sub-task is decided by the quorum or the referee"
     replicas = sub["replicas"]
     if not isinstance(replicas, list) or not 2 <= len(replicas) <= MAX_REPLICAS:
         return f"replicas lists 2..{MAX_REPLICAS} answers"
     for r, answer in enumerate(replicas):
-        if not isinstance(answer, dict) or set(answer) != {"replica", "node_id", "statement", "verdict"}:
+        if not isinstance(answer, dict) or set(answer) != {"replica", "node_id", "node_key", "statement", "verdict"}:
             return f"replica {r} is malformed"
         if answer["replica"] != r or not isinstance(answer["node_id"], str):
             return f"replica {r} is not numbered {r}"
         if answer["verdict"] not in ("accept", "reject", "unsettled"):
             return f"replica {r}'s verdict must be accept, reject or unsettled"
+        if public_key_from_json(answer["node_key"], what=f"replica {r} node key").node_id != answer["node_id"]:
+            return f"replica {r}'s node key is not the key of {answer['node_id']}"
         parse_digest(answer["statement"], what=f"replica {r} statement")
     if len({a["node_id"] for a in replicas}) != len(replicas):
         return "two replicas ran on one node"
