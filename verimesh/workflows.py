@@ -21,7 +21,7 @@ from verimesh.core.canonical import canonical_json
 from verimesh.core.container import DEFAULT_LIMITS, Limits
 from verimesh.core.digest import format_digest, parse_digest, sha256_bytes, tensor_digest
 from verimesh.core.tensors import DTYPES, write_tensor_file
-from verimesh.errors import IntegrityError, InvalidInputError
+from verimesh.errors import IntegrityError, InvalidInputError, StepExecutionError
 from verimesh.jobs.bundle import Bundle, BundleWriter, read_bundle, sealed_root, tensor_member, trace_document
 from verimesh.jobs.job import Job, load_job
 from verimesh.jobs.runtime import StepRunner
@@ -195,10 +195,12 @@ class Worker:
         """
         started = time.perf_counter()
         job = _as_job(job)
+        if job.mode in ("zk", "generate") and inputs_from:
+            raise InvalidInputError("--inputs-from goes with segments of a spot-mode job")
         if job.mode == "zk":
-            if inputs_from:
-                raise InvalidInputError("--inputs-from goes with segments of a spot-mode job")
             return self._prove_zk(job, out=out, model=model, progress=progress, started=started)
+        if job.mode == "generate":
+            return self._prove_generate(job, out=out, model=model, started=started)
         # 1. (step files are checked when their session is first created, in run_steps; a segment
         # runs step files pinned by digest and needs no copy of the whole model)
         if job.segment is None:
@@ -239,6 +241,45 @@ class Worker:
         )  # fmt: skip
         elapsed = time.perf_counter() - started
         return ProveResult(out, job.job_id, self.key.node_id, proofs_digest, outputs, "ezkl", size, elapsed)
+
+    def _prove_generate(self, job: Job, *, out: Path, model: Path | None, started: float) -> ProveResult:
+        """A generate job: prefill the prompt, decode with the KV cache, and commit one record per
+        generated position (its token, top-k logits and sketch; jobs/generation.py), sealed and
+        signed like any version 2 bundle."""
+        from verimesh.jobs.generation import generate, record, sketch_matrix
+        from verimesh.jobs.modelsafety import check_model_bytes
+
+        spec = job.generate
+        assert spec is not None
+        job.check_model_file(model, digest_of=self._file_digest)
+        digest = job.steps[0].digest
+
+        def load() -> bytes:
+            if model is None:
+                return job.read_step_model(0)
+            data = model.read_bytes()
+            if sha256_bytes(data) != digest:
+                raise IntegrityError(f"model file {model} changed while it was read")
+            check_model_bytes(data, what=f"model {model}")
+            return data
+
+        runner = self.runner(job)
+        prompt = job.read_input()["input_ids"]
+        matrix = sketch_matrix(job.nonce, spec.layout.vocab, spec.sketch)
+        rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def run(feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+            return runner.run(digest, load, feeds, names)
+
+        tokens = generate(run, spec, prompt, job.nonce, lambda _t, logits: rows.append(record(logits, spec.top_k,
+                                                                                             matrix)))  # fmt: skip
+        trace = {"input_ids": prompt, "tokens": np.array([tokens], dtype=np.int64),
+                 "topk_values": np.stack([r[0] for r in rows]), "topk_indices": np.stack([r[1] for r in rows]),
+                 "sketch": np.stack([r[2] for r in rows])}  # fmt: skip
+        sealed = seal_trace(job, trace, key=self.key, runner=runner, out=out)
+        elapsed = time.perf_counter() - started
+        return ProveResult(out, job.job_id, self.key.node_id, sealed.root, sealed.outputs, runner.provider,
+                           sealed.size, elapsed)  # fmt: skip
 
     def close(self) -> None:
         """Stop the zk worker process, if one was started."""
@@ -464,6 +505,9 @@ def verify_parsed(
             state.outputs.update({n: t.digest for n in job.output_names for t in parsed.trace if t.name == n})
         else:
             _check_sealed(parsed, job, public, state)
+        if job.mode == "generate":
+            _verify_generate(parsed, job, public, state, samples, seed, runner)
+            return state.verdict("accept"), _outputs(parsed, job)
         # 6.
         if steps is not None:
             if not all(isinstance(i, int) and 0 <= i < len(job.steps) for i in steps):
@@ -487,6 +531,44 @@ def verify_parsed(
         return state.verdict("reject", _write_evidence(rejected, state, evidence_out)), {}
     # 8.
     return state.verdict("accept"), _outputs(parsed, job)
+
+
+def _verify_generate(parsed: Bundle, job: Job, public: PublicKey, state: _Verification, samples: Samples,
+                     seed: int, runner: StepRunner | None) -> None:  # fmt: skip
+    """Steps 6-7 of a generate job: the records' shape and length, then ``samples`` generated
+    positions (and the last) against one prefill pass over prompt + tokens."""
+    from verimesh.spot.generate import check_positions, recomputed_logits, structure
+
+    tensors = parsed.tensors
+    shaped = structure(job, tensors)
+    if not shaped.ok:
+        check = Check(f"generate-{shaped.field}", False, shaped.reason)
+        members = ["trace.json", *(tensor_member(job.trace_names.index(n)) for n in job.trace_names[1:])]
+        raise _Rejected(check, _sealed_evidence(parsed, job, public, "generate", str(shaped.field), shaped.reason,
+                                                members))  # fmt: skip
+    state.checks.append(Check("generate-shape", True, shaped.reason))
+    count = int(tensors["tokens"].shape[1])
+    k = count if samples == "all" else job.policy.samples if samples is None else samples
+    if not isinstance(k, int) or k < 0:
+        raise InvalidInputError("samples must be a non-negative integer or 'all'")
+    rng = seeded_rng(seed)
+    others = list(range(count - 1))
+    positions = sorted({*rng.sample(others, min(k, len(others))), count - 1})
+    state.sampled = (0,)  # the job's one step: the model, re-run once over the whole answer
+    state.checks.append(Check("sampling", True, f"seed {seed}: {len(positions)} of {count} generated positions"))
+    runner = runner or shared_runner(job.policy.precision, job.policy.optimization)
+    try:
+        logits = recomputed_logits(job, runner, lambda: job.read_step_model(0), tensors)
+    except StepExecutionError as exc:
+        raise InvalidInputError(f"the model does not run over the committed answer: {exc.message}") from exc
+    found = check_positions(job, logits, tensors, positions)
+    check = Check("generate-records", found.ok, found.reason)
+    if not found.ok:
+        members = ["trace.json", *(tensor_member(i) for i in range(len(job.trace_names)))]
+        raise _Rejected(check, lambda path: write_sealed_evidence(
+            path, kind="generate-mismatch", job=job, bundle=parsed, public=public, reason=found.reason,
+            members=members, step=found.position, step_models=[(0, job.read_step_model(0))]))  # fmt: skip
+    state.checks.append(check)
 
 
 def _outputs(parsed: Bundle, job: Job) -> dict[str, np.ndarray]:
@@ -763,7 +845,7 @@ def _checked_statement(
     runtime = pred.get("runtime") if isinstance(pred.get("runtime"), dict) else {}
     commitment = pred.get("commitment") if isinstance(pred.get("commitment"), dict) else {}
     expected = {
-        "mode": ("spot", pred.get("mode")),
+        "mode": ("generate" if job.mode == "generate" else "spot", pred.get("mode")),
         "step_range": (step_range, pred.get("step_range")),
         "precision": (job.policy.precision, runtime.get("precision")),
         "optimization": (job.policy.optimization, runtime.get("optimization")),

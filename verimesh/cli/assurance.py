@@ -160,6 +160,12 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | No
     type=click.Path(dir_okay=False, path_type=Path),
     help="Input for a single model (default: MODEL.input.npy beside each model).",
 )
+@click.option("--prompt", "prompt_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Generate mode: the prompt (prompt.json) of a decoder MODEL; plays its cheats.")  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Generate mode: tokens per answer.")  # fmt: skip
+@click.option("--sampling", default="greedy", show_default=True,
+              help='Generate mode: "greedy" or "temperature=T[,top_p=P]".')  # fmt: skip
 @click.option("--trials", type=click.IntRange(min=1), default=200, show_default=True, help="Trials per strategy.")
 @click.option("--honest", type=click.IntRange(min=1), default=1000, show_default=True, help="Honest verifications.")
 @click.option("--samples", type=click.IntRange(min=0), default=1, show_default=True, help="Verifier policy.")
@@ -175,8 +181,9 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | No
 )
 @click.pass_context
 def redteam(ctx: click.Context, models: tuple[Path, ...], mesh_url: str | None, strategy: str, nodes: int,
-            keys_dir: Path, max_tasks: int | None, idle_exit: float | None, input_file: Path | None, trials: int,
-            honest: int, samples: int, steps: int | None, gain: float, json_out: Path | None, md_out: Path | None,
+            keys_dir: Path, max_tasks: int | None, idle_exit: float | None, input_file: Path | None,
+            prompt_file: Path | None, max_new_tokens: int, sampling: str, trials: int, honest: int, samples: int,
+            steps: int | None, gain: float, json_out: Path | None, md_out: Path | None,
             plot_out: Path | None) -> None:  # fmt: skip
     """Play every cheating strategy against the verifier; exit 1 if a cheat beats its prediction
     or an honest run is rejected. With --mesh URL: run cheating nodes against a live coordinator."""
@@ -203,6 +210,17 @@ def redteam(ctx: click.Context, models: tuple[Path, ...], mesh_url: str | None, 
     if input_file is not None and len(models) > 1:
         raise click.UsageError("--input goes with a single model")
     reports, curves = [], []
+    if prompt_file is not None:
+        from verimesh.assurance.generate_redteam import run_generate_redteam
+        from verimesh.jobs.generation import parse_sampling
+
+        if len(models) != 1 or input_file is not None or plot_out is not None:
+            raise click.UsageError("--prompt goes with one decoder MODEL (and no --input or --plot)")
+        say_gen = (lambda m: click.echo(f"  {models[0].name} {m}", err=True)) if sys.stderr.isatty() else None
+        reports.append(run_generate_redteam(models[0], prompt_file, max_new_tokens=max_new_tokens, trials=trials,
+                                            honest=honest, sampling=parse_sampling(sampling),
+                                            progress=say_gen))  # fmt: skip
+        models = ()
     for model in models:
         inp = input_file or model.with_name(model.stem + ".input.npy")
         say = (lambda m, model=model: click.echo(f"  {model.name} {m}", err=True)) if sys.stderr.isatty() else None

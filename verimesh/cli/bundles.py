@@ -119,6 +119,12 @@ def _show(
 
     if out is not None:
         write_tensor_file(out, values)
+    text, generated = None, {}
+    if getattr(job, "mode", None) == "generate" and "tokens" in values:
+        from verimesh.jobs.generate_job import generated_text
+
+        text = generated_text(job, values["tokens"])
+        generated = {"token_ids": [int(t) for t in values["tokens"].reshape(-1)]}
     payload = {
         "verified": verified,
         "verdict": status,
@@ -126,12 +132,16 @@ def _show(
         "outputs": {n: str(v.dtype) + str(list(v.shape)) for n, v in values.items()},
         "written": str(out) if out else None,
         **({} if out else {"values": tensors_to_json(values)}),
+        **generated,
+        **({} if text is None else {"text": text}),
     }
     human = [f"{'VERIFIED' if verified else 'UNVERIFIED'} outputs of job {job.job_id[:19]}…"]
     for name, value in values.items():
         human.append(f"{name}: {value.dtype}{list(value.shape)}")
         if out is None:
             human.append(json.dumps(value.tolist()) if value.size <= 64 else f"  ({value.size} values: use -o)")
+    if text is not None:
+        human.append(f"text: {text}")
     if out is not None:
         human.append(f"wrote {out}")
     emit(as_json, payload, "\n".join(human))

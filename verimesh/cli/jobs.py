@@ -72,8 +72,18 @@ def job() -> None:
 
 @job.command("new", epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@input_option(required=True, help="Input tensors: .npy, .npz or .json.")
-@click.option("--mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True)
+@input_option(required=False, help="Input tensors: .npy, .npz or .json (spot and zk modes).")
+@click.option("--mode", type=click.Choice(["spot", "zk", "generate"]), default="spot", show_default=True,
+              help="generate: token generation from a decoder model (--prompt, --max-new-tokens).")  # fmt: skip
+@click.option("--prompt", "prompt_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='generate: prompt.json, {"input_ids": [[...]]} or {"text": "..."} with --tokenizer.')  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="generate: tokens to make at most.")
+@click.option("--sampling", default="greedy", show_default=True,
+              help='generate: "greedy" or "temperature=T[,top_p=P]" (reproducible from the job\'s nonce).')  # fmt: skip
+@click.option("--stop-token", "stop_tokens", type=click.IntRange(min=0), multiple=True,
+              help="generate: a token id that ends the answer (repeatable).")  # fmt: skip
+@click.option("--tokenizer", "tokenizer_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="generate: a Hugging Face tokenizers JSON file, pinned in the job by digest.")  # fmt: skip
 @click.option(
     "--tolerance", "tolerance_file", type=click.Path(dir_okay=False, path_type=Path),
     help="Per-step tolerance profile written by `verimesh calibrate` (same --steps).",
@@ -127,11 +137,29 @@ def job_new(
     tolerance_file: Path | None = None,
     window: str = "2",
     upgrade_opset: int | None = None,
+    prompt_file: Path | None = None,
+    max_new_tokens: int | None = None,
+    sampling: str = "greedy",
+    stop_tokens: tuple[int, ...] = (),
+    tokenizer_file: Path | None = None,
 ) -> None:
     """Plan MODEL and write a job pinning its digests (OUT plus an OUT-stem.files folder). The model
-    runs once on the input first: one that cannot run, or that verimesh will not run, is refused."""
+    runs once on the input first: one that cannot run, or that verimesh will not run, is refused.
+    --mode generate: a decoder model, a prompt and how many tokens to generate."""
     from verimesh.jobs.job import new_job
 
+    generate_only = {"--prompt": prompt_file, "--max-new-tokens": max_new_tokens, "--tokenizer": tokenizer_file,
+                     "--stop-token": stop_tokens or None,
+                     "--sampling": None if sampling == "greedy" else sampling}  # fmt: skip
+    if mode == "generate":
+        _generate_job(model, out, force, as_json, prompt_file, max_new_tokens, sampling, stop_tokens, tokenizer_file,
+                      input_file, samples, precision, optimization, circuit_dir, tolerance_file, steps)  # fmt: skip
+        return
+    given = [flag for flag, value in generate_only.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} go with --mode generate")
+    if input_file is None:
+        raise click.UsageError("Missing option '--input' (spot and zk jobs run the model on an input).")
     j = new_job(
         model,
         input_file,
@@ -157,6 +185,36 @@ def job_new(
         "input_digest": j.input_digest,
     }
     emit(as_json, payload, f"{j.job_id}\nwrote {out} ({len(j.steps)} steps, mode {mode}) and {out.stem}.files/")
+
+
+def _generate_job(model: Path, out: Path, force: bool, as_json: bool, prompt_file: Path | None,
+                  max_new_tokens: int | None, sampling: str, stop_tokens: tuple[int, ...], tokenizer_file: Path | None,
+                  input_file: Path | None, samples: int, precision: str, optimization: str,
+                  circuit_dir: Path | None, tolerance_file: Path | None, steps: int | None) -> None:  # fmt: skip
+    from verimesh.jobs.generate_job import new_generate_job
+    from verimesh.jobs.generation import parse_sampling
+
+    if prompt_file is None or max_new_tokens is None:
+        raise click.UsageError("--mode generate needs --prompt prompt.json and --max-new-tokens N")
+    others = {"--input": input_file, "--circuit": circuit_dir, "--tolerance": tolerance_file, "--steps": steps}
+    given = [flag for flag, value in others.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do not go with --mode generate (the prompt is its input)")
+    source = click.get_current_context().get_parameter_source("samples")
+    j = new_generate_job(
+        model, prompt_file, out, max_new_tokens=max_new_tokens, sampling=parse_sampling(sampling),
+        stop_tokens=tuple(stop_tokens), tokenizer=tokenizer_file, precision=precision, optimization=optimization,
+        samples=None if source is click.core.ParameterSource.DEFAULT else samples, overwrite=force,
+    )  # fmt: skip
+    spec = j.generate
+    assert spec is not None
+    payload = {"job": str(out), "job_id": j.job_id, "mode": "generate", "model_digest": j.model_digest,
+               "input_digest": j.input_digest, "max_new_tokens": spec.max_new_tokens,
+               "layers": len(spec.layout.past), "kv_cache": bool(spec.layout.past),
+               "vocab": spec.layout.vocab}  # fmt: skip
+    cache = f"{len(spec.layout.past)} layers, KV cache" if spec.layout.past else "no KV cache"
+    emit(as_json, payload, f"{j.job_id}\nwrote {out} (generate: up to {spec.max_new_tokens} tokens, {cache}, "
+                           f"vocab {spec.layout.vocab}) and {out.stem}.files/")  # fmt: skip
 
 
 @job.command("show", epilog=EXIT_CODES_HELP)

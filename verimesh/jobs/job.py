@@ -27,6 +27,8 @@ from verimesh.errors import IntegrityError, InvalidInputError
 if TYPE_CHECKING:
     from verimesh.jobs.circuit import Circuit
 from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
+from verimesh.jobs.generation import TRACE as GENERATE_TRACE
+from verimesh.jobs.generation import GenerateSpec
 from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, load_tolerance_profile
 
@@ -36,7 +38,7 @@ JOB_TYPE = "verimesh/job"
 JOB_VERSIONS = (1, 2)
 CURRENT_VERSION = 2
 WINDOWS = (1, 2)
-MODES = ("spot", "zk")
+MODES = ("spot", "zk", "generate")
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_STEPS = 4096
 _STEP_KEYS = frozenset({"index", "path", "digest", "inputs", "outputs", "cost", "nodes"})
@@ -171,6 +173,11 @@ class Job:
     # document of its own; None for a whole job.
     segment: Segment | None = None
     shard: Shard | None = None  # one row of a batch (``verimesh job split --shards``)
+    generate: GenerateSpec | None = None  # generate mode: what the decode loop pins (jobs/generation.py)
+
+    @property
+    def step_tolerances_given(self) -> bool:
+        return bool(self.policy.step_tolerances or self.policy.window_tolerances or self.policy.window != 1)
 
     @property
     def step_range(self) -> list[int]:
@@ -222,6 +229,7 @@ class Job:
             "steps": [s.to_json() for s in self.steps],
             "policy": self.policy.to_json(),
             **({"circuit": {"path": self.circuit_path, "digest": self.circuit_digest}} if self.mode == "zk" else {}),
+            **({"generate": self.generate.to_json()} if self.generate is not None else {}),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -362,6 +370,8 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
     expected_keys = {"type", "version", "job_id", "nonce", "created", "mode", "model", "input", "steps", "policy"}
     if doc.get("mode") == "zk":
         expected_keys.add("circuit")
+    if doc.get("mode") == "generate":
+        expected_keys.add("generate")
     if set(doc) != expected_keys:
         raise InvalidInputError(f"{what} fields differ from the format: {sorted(set(doc) ^ expected_keys)}")
     if doc["mode"] not in MODES:
@@ -386,7 +396,7 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         steps.append(
             StepRef(
                 i,
-                _relative_path(s["path"], f"step {i}", allow_parent=doc["mode"] == "zk"),
+                _relative_path(s["path"], f"step {i}", allow_parent=doc["mode"] in ("zk", "generate")),
                 s["digest"],
                 _names(s["inputs"], f"step {i} inputs"),
                 _names(s["outputs"], f"step {i} outputs"),
@@ -446,7 +456,9 @@ def _job_from_doc(doc: Any, base_dir: Path, what: str) -> Job:
         circuit_path=circuit[0] if circuit else None,
         circuit_digest=circuit[1] if circuit else None,
         version=doc["version"],
-    )
+        generate=GenerateSpec.from_json(doc["generate"], relative_path=lambda v, w: _relative_path(
+            v, w, allow_parent=True)) if doc["mode"] == "generate" else None,
+    )  # fmt: skip
     _check_consistency(job, what)
     if compute_job_id(job.document()) != job.job_id:
         raise IntegrityError(f"{what} was edited after it was created: its job_id no longer matches its content")
@@ -492,6 +504,10 @@ def _check_consistency(job: Job, what: str) -> None:
     absent = [s.name for s in job.model_outputs if s.name not in seen]
     if absent:
         raise InvalidInputError(f"{what}: model outputs {absent} are produced by no step")
+    if job.mode == "generate" and (job.trace_names != GENERATE_TRACE or len(job.steps) != 1 or job.version != 2
+                                   or job.output_names != ("tokens",) or job.step_tolerances_given):  # fmt: skip
+        raise InvalidInputError(f"{what}: a generate job is one step, the whole model, with the trace "
+                                f"{', '.join(GENERATE_TRACE)} (version 2)")  # fmt: skip
 
 
 def _profile_tolerances(

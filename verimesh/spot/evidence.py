@@ -254,10 +254,10 @@ def check_evidence(path: Path) -> EvidenceResult:
     def result(ok: bool, reason: str, **details: Any) -> EvidenceResult:
         return EvidenceResult(ok, kind, public.node_id, job.job_id, reason, digest, details, step_range)
 
-    # Evidence re-runs spot-check steps: a zk job's outputs are proven by its proofs, and its
-    # statement commits to no trace these kinds could speak about.
-    if job.mode != "spot":
-        return result(False, f"{kind} evidence concerns spot-check jobs; this job is {job.mode}")
+    # Evidence re-runs spot-check steps (or a generate job's records): a zk job's outputs are
+    # proven by its proofs, and its statement commits to no trace these kinds could speak about.
+    if job.mode == "zk":
+        return result(False, f"{kind} evidence concerns spot-check and generate jobs; this job is {job.mode}")
     try:
         predicate_type = envelope.statement()["predicateType"]
     except InvalidInputError:

@@ -41,12 +41,13 @@ from verimesh.jobs.job import Job
 from verimesh.jobs.modelsafety import check_model_bytes
 from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey
+from verimesh.spot.generate import GENERATE_KINDS, check_evidence_claim
 
 if TYPE_CHECKING:
     from verimesh.spot.evidence import EvidenceResult
 
 EVIDENCE_TYPE = "verimesh/evidence"
-SEALED_KINDS = ("step-mismatch", "window-mismatch", "binding", "malformed", "link")
+SEALED_KINDS = ("step-mismatch", "window-mismatch", "binding", "malformed", "link", "generate-mismatch", "generate")
 BINDING_FIELDS = ("model_digest", "input_digest", "input-tensor", "output-subject", "link-tensor")
 LINKED_ENVELOPE = "linked.envelope.json"
 
@@ -185,7 +186,7 @@ def check_sealed_evidence(
     if kind not in SEALED_KINDS:
         raise InvalidInputError(f"evidence kind {kind!r} is not one of {SEALED_KINDS}")
     # One spelling per claim: a re-run claim names a step and no field, the others a field and no step.
-    rerun = kind in ("step-mismatch", "window-mismatch")
+    rerun = kind in ("step-mismatch", "window-mismatch", "generate-mismatch")
     if rerun and (field is not None or not isinstance(step, int) or isinstance(step, bool)):
         raise InvalidInputError(f"{kind} evidence names a step and no field")
     if not rerun and (step is not None or not isinstance(field, str) or len(field) > 4096):
@@ -194,6 +195,8 @@ def check_sealed_evidence(
     # 3.
     if job.version != 2:
         return result(False, "version 2 evidence concerns version 2 jobs only")
+    if (kind in GENERATE_KINDS) != (job.mode == "generate") and kind not in ("binding", "malformed"):
+        return result(False, f"{kind} evidence does not concern a {job.mode} job")
     if not envelope.signed_by(public):
         return result(False, "the envelope is not signed by the node key in the evidence")
     statement = envelope.statement()
@@ -268,6 +271,9 @@ def check_sealed_evidence(
             tensors[name] = decode_tensor(TensorRef(name, dtype, shape, ""), data, what="evidence")
     if kind == "binding":
         return _check_binding(field, statement, job, tensors, result)
+    if kind in GENERATE_KINDS:
+        proves, why = check_evidence_claim(kind, step, field, job, tensors, model_of)
+        return result(proves, why)
     return _check_rerun(kind, step, job, tensors, model_of, result)
 
 

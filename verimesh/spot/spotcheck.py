@@ -92,7 +92,7 @@ def spot_predicate(
 
     predicate: dict[str, object] = {
         "job_id": job.job_id,
-        "mode": "spot",
+        "mode": "generate" if job.mode == "generate" else "spot",
         "node_id": node_id,
         "model_digest": job.model_digest,
         "input_digest": job.input_digest,

@@ -1,0 +1,251 @@
+"""Generate mode end to end: a decoder LM with a KV cache and GQA (fixtures/lm.onnx), prefill and
+decode on the worker, one prefill pass on the verifier; every cheat of the red team rejected with
+evidence `evidence check` confirms; forged evidence against an honest answer proves nothing; the
+ledger pays the honest answer and slashes the cheat; bad models and prompts refused in one line."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.integration.test_ledger import join, new_ledger, post
+from verimesh.assurance.generate_redteam import _Cheater
+from verimesh.jobs.bundle import read_bundle, tensor_member
+from verimesh.jobs.generate_job import new_generate_job
+from verimesh.jobs.generation import near_tie, parse_sampling, position_problem, sketch_matrix
+from verimesh.jobs.job import Job, load_job
+from verimesh.settlement import node_standing, verify_and_settle
+from verimesh.signing.keys import generate_key
+from verimesh.spot.evidence import check_evidence
+from verimesh.spot.sealed_evidence import write_sealed_evidence
+from verimesh.workflows import Worker, verify
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+LM, PROMPT = FIXTURES / "lm.onnx", FIXTURES / "lm.prompt.json"
+
+
+def _cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "verimesh", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def greedy(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return new_generate_job(LM, PROMPT, tmp_path_factory.mktemp("gen") / "job.json", max_new_tokens=32)
+
+
+def test_the_cli_generates_verifies_and_hands_out_the_tokens(tmp_path: Path) -> None:
+    assert _cli("keys", "new", "-o", "node.key", cwd=tmp_path).returncode == 0
+    made = _cli("job", "new", LM, "--mode", "generate", "--prompt", PROMPT, "--max-new-tokens", "24", "-o", "job.json",
+                "--json", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["kv_cache"] is True and json.loads(made.stdout)["layers"] == 2
+    proved = _cli("prove", "job.json", "--key", "node.key", "-o", "gen.vmb", cwd=tmp_path)
+    assert proved.returncode == 0, proved.stderr
+    verdict = _cli("verify", "gen.vmb", "--job", "job.json", "--node-key", "node.key.pub", "--json", cwd=tmp_path)
+    assert verdict.returncode == 0, verdict.stdout
+    assert json.loads(verdict.stdout)["verdict"] == "accept"
+    shown = _cli("outputs", "gen.vmb", "--job", "job.json", "--node-key", "node.key.pub", "--json", cwd=tmp_path)
+    tokens = json.loads(shown.stdout)["token_ids"]
+    assert shown.returncode == 0 and len(tokens) == 24
+    # A record per token is small: the bundle grows by well under 300 bytes a token.
+    size = (tmp_path / "gen.vmb").stat().st_size
+    assert size < 2500 + 300 * 24, size
+    # Another key's bundle, and a bundle for another job, are refused.
+    assert _cli("keys", "new", "-o", "other.key", cwd=tmp_path).returncode == 0
+    foreign = _cli("verify", "gen.vmb", "--job", "job.json", "--node-key", "other.key.pub", cwd=tmp_path)
+    assert foreign.returncode == 1
+
+
+def _decisive_share(job: Job) -> float:
+    """The fixture's promise: most generated positions have a top-two margin above the near-tie margin."""
+    cheater = _Cheater(job, generate_key(), job.base_dir, random.Random(0))
+    tol = job.policy.tolerance_for(0)
+    margins = [np.sort(r)[-1] - np.sort(r)[-2] > near_tie(tol, r) for r in cheater.logits]
+    return float(np.mean(margins))
+
+
+def test_the_fixture_lm_has_decisive_logits(greedy: Job) -> None:
+    assert _decisive_share(greedy) >= 0.9
+
+
+@pytest.mark.parametrize("strategy", ["retrained-model", "fp16-weights", "int8-weights", "smaller-model",
+                                      "edited-token", "truncated", "extended", "prompt-swapped",
+                                      "temperature-changed", "lazy"])  # fmt: skip
+def test_every_cheat_is_rejected_with_evidence_that_rechecks(greedy: Job, strategy: str, tmp_path: Path) -> None:
+    key = generate_key()
+    cheater = _Cheater(greedy, key, tmp_path, random.Random(3))
+    played = None
+    for _ in range(20):  # an edited token at a near-tie position is no fraud: take a decisive one
+        played = cheater.play(strategy, np.random.default_rng(5))
+        if played is not None and played[1] == 1.0:
+            break
+    assert played is not None and played[1] == 1.0
+    bundle = cheater.seal(played[0])
+    verdict = verify(bundle, job=greedy, node_key=key.public, evidence_out=tmp_path / "ev.bin")
+    assert verdict.status == "reject", verdict.reason
+    if strategy != "prompt-swapped":  # that one is caught where the records no longer follow the prompt
+        assert any(c.name.startswith("generate-") and not c.ok for c in verdict.checks)
+    assert verdict.evidence is not None
+    result = check_evidence(tmp_path / "ev.bin")
+    assert result.proves_fraud, result.reason
+
+
+def test_a_sampling_job_replays_its_draws_and_refuses_another_seed(tmp_path: Path) -> None:
+    job = new_generate_job(LM, PROMPT, tmp_path / "job.json", max_new_tokens=24,
+                           sampling=parse_sampling("temperature=0.8,top_p=0.95"))  # fmt: skip
+    key = generate_key()
+    honest = Worker(key).prove(job, out=tmp_path / "honest.vmb").bundle
+    assert verify(honest, job=job, node_key=key.public).status == "accept"
+    cheater = _Cheater(job, key, tmp_path, random.Random(1))
+    for _ in range(5):
+        played = cheater.play("seed-changed", np.random.default_rng(1))
+        assert played is not None
+        if played[1] == 1.0:
+            break
+    assert played is not None and played[1] == 1.0
+    verdict = verify(cheater.seal(played[0]), job=job, node_key=key.public)
+    assert verdict.status == "reject" and "sampling rule" in verdict.reason
+
+
+def test_forged_evidence_against_an_honest_answer_proves_nothing(greedy: Job, tmp_path: Path) -> None:
+    """A verifier (or anyone holding the bundle) who writes a claim against an honest node: the
+    checker re-runs the position and finds the record as committed, at every position."""
+    key = generate_key()
+    bundle = Worker(key).prove(greedy, out=tmp_path / "honest.vmb").bundle
+    parsed = read_bundle(bundle, version=2)
+    members = ["trace.json", *(tensor_member(i) for i in range(len(greedy.trace_names)))]
+    model = greedy.read_step_model(0)
+    for position in (0, 7, 31):
+        write_sealed_evidence(tmp_path / "forged.bin", kind="generate-mismatch", job=greedy, bundle=parsed,
+                              public=key.public, reason="forged", members=members, step=position,
+                              step_models=[(0, model)])  # fmt: skip
+        assert not check_evidence(tmp_path / "forged.bin").proves_fraud
+    for field in ("stop", "shape"):
+        write_sealed_evidence(tmp_path / "forged.bin", kind="generate", job=greedy, bundle=parsed, public=key.public,
+                              reason="forged", members=members[:1] + members[2:], field=field)  # fmt: skip
+        assert not check_evidence(tmp_path / "forged.bin").proves_fraud
+    # A spot-mode claim against a generate answer: its step "does not run" on input_ids alone, which proves nothing.
+    write_sealed_evidence(tmp_path / "forged.bin", kind="step-mismatch", job=greedy, bundle=parsed, public=key.public,
+                          reason="forged", members=members, step=0, step_models=[(0, model)])  # fmt: skip
+    assert not check_evidence(tmp_path / "forged.bin").proves_fraud
+
+
+def test_the_ledger_pays_the_honest_answer_and_slashes_the_cheat(greedy: Job, tmp_path: Path) -> None:
+    led = new_ledger(tmp_path / "ledger.db", unbonding_seconds=0)
+    honest_key, cheat_key = generate_key(), generate_key()
+    join(led, honest_key, 100)
+    join(led, cheat_key, 100)
+    post(led, greedy.job_id)
+    honest = Worker(honest_key).prove(greedy, out=tmp_path / "honest.vmb").bundle
+    settled = verify_and_settle(honest, job=greedy, ledger=led, writer=led.operator_key())
+    assert settled.verdict.status == "accept" and "reward" in [k for _, k in settled.appended]
+    cheater = _Cheater(greedy, cheat_key, tmp_path, random.Random(2))
+    played = cheater.play("lazy", np.random.default_rng(2))
+    assert played is not None
+    cheated = verify_and_settle(cheater.seal(played[0]), job=greedy, ledger=led, writer=led.operator_key())
+    assert cheated.verdict.status == "reject" and "slash" in [k for _, k in cheated.appended]
+    assert node_standing(led, cheat_key.node_id).slashed > 0
+    assert node_standing(led, honest_key.node_id).slashed == 0
+
+
+def _bigram_model(path: Path, vocab: int = 64, dim: int = 16) -> None:
+    """A decoder without a KV cache: input_ids -> logits (an embedding and an output head)."""
+    rng = np.random.default_rng(4)
+    embed = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "embed")
+    head = numpy_helper.from_array((rng.standard_normal((dim, vocab)) * 3).astype(np.float32), "head")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "input_ids"], ["hidden"]),
+         helper.make_node("MatMul", ["hidden", "head"], ["logits"])],
+        "bigram",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", vocab])],
+        [embed, head],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_model_without_a_kv_cache_generates_too(tmp_path: Path) -> None:
+    _bigram_model(tmp_path / "bigram.onnx")
+    (tmp_path / "p.json").write_text('{"input_ids": [[1, 2, 3]]}')
+    job = new_generate_job(tmp_path / "bigram.onnx", tmp_path / "p.json", tmp_path / "job.json", max_new_tokens=12,
+                           stop_tokens=(63,))  # fmt: skip
+    assert job.generate is not None and job.generate.layout.past == ()
+    key = generate_key()
+    bundle = Worker(key).prove(load_job(tmp_path / "job.json"), out=tmp_path / "b.vmb").bundle
+    assert verify(bundle, job=job, node_key=key.public).status == "accept"
+
+
+def test_a_tokenizer_is_pinned_and_decodes_the_answer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {f"w{i}": i for i in range(256)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "p.json").write_text('{"text": "w5 w17 w99 w3"}')
+    assert _cli("keys", "new", "-o", "node.key", cwd=tmp_path).returncode == 0
+    no_tokenizer = _cli("job", "new", LM, "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "8", "-o",
+                        "j.json", cwd=tmp_path)  # fmt: skip
+    assert no_tokenizer.returncode == 3 and "--tokenizer" in no_tokenizer.stderr
+    made = _cli("job", "new", LM, "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "8", "--tokenizer",
+                "tokenizer.json", "-o", "j.json", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert _cli("prove", "j.json", "--key", "node.key", "-o", "g.vmb", cwd=tmp_path).returncode == 0
+    shown = _cli("outputs", "g.vmb", "--job", "j.json", "--node-key", "node.key.pub", "--json", cwd=tmp_path)
+    doc: dict[str, Any] = json.loads(shown.stdout)
+    assert doc["text"] == " ".join(f"w{t}" for t in doc["token_ids"])
+    # The pinned tokenizer swapped after the fact: refused (exit 3), never a wrong text.
+    (tmp_path / "j.files" / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace("w1", "x1"))
+    swapped = _cli("outputs", "g.vmb", "--job", "j.json", "--node-key", "node.key.pub", cwd=tmp_path)
+    assert swapped.returncode == 3 and "tokenizer" in swapped.stderr
+
+
+def test_bad_models_prompts_and_options_are_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text('{"input_ids": [[1, 2, 3]]}')
+    cases = [  # (arguments, exit code: 2 usage, 3 invalid input, what the one line says)
+        (["job", "new", FIXTURES / "mlp.onnx", "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "4"],
+         3, "not a decoder model"),
+        (["job", "new", LM, "--mode", "generate", "--max-new-tokens", "4"], 2, "--prompt"),
+        (["job", "new", LM, "--mode", "generate", "--prompt", "p.json"], 2, "--max-new-tokens"),
+        (["job", "new", LM, "--prompt", "p.json", "--input", "p.json"], 2, "--mode generate"),
+        (["job", "new", LM, "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "4", "--sampling",
+          "temperature=-1"], 3, "temperature"),
+        (["job", "new", LM, "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "600"], 3, "does not run"),
+    ]  # fmt: skip
+    for args, code, expected in cases:
+        done = _cli(*args, "-o", "j.json", cwd=tmp_path)
+        assert done.returncode == code, (args, done.stdout, done.stderr)
+        assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for prompt in ('{"input_ids": [[1, 2, 300]]}', '{"input_ids": [[]]}', '{"input_ids": "x"}', "[", '{"a": 1}'):
+        (tmp_path / "bad.json").write_text(prompt)
+        done = _cli("job", "new", LM, "--mode", "generate", "--prompt", "bad.json", "--max-new-tokens", "4", "-o",
+                    "j.json", cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 3 and "Traceback" not in done.stderr, (prompt, done.stderr)
+
+
+def test_position_checks_allow_a_near_tie_and_nothing_more(greedy: Job) -> None:
+    """The runner-up at a near-tie is allowed; the same swap where the margin is decisive is not."""
+    spec = greedy.generate
+    assert spec is not None
+    tol = greedy.policy.tolerance_for(0)
+    matrix = sketch_matrix(greedy.nonce, spec.layout.vocab, spec.sketch)
+    logits = np.linspace(-3, 3, spec.layout.vocab).astype(np.float32)
+    tied = logits.copy()
+    tied[-2] = tied[-1] - near_tie(tol, tied) / 2
+    for row, runner_up_ok in ((tied, True), (logits, False)):
+        order = np.argsort(-row, kind="stable")[: spec.top_k]
+        problem = position_problem(spec, tol, greedy.nonce, 0, row, int(order[1]), row[order], order.astype(np.int64),
+                                   row @ matrix, matrix)  # fmt: skip
+        assert (problem is None) == runner_up_ok, problem
