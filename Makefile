@@ -98,6 +98,7 @@ bench: install
 	@test -f bench-out/resnet50.onnx || $(BIN)/python fixtures/make_fixtures.py --resnet50 bench-out
 	@test -f bench-out/recurrent.onnx || $(BIN)/python fixtures/make_fixtures.py --recurrent bench-out
 	@test -f bench-out/encoder.onnx || $(BIN)/python fixtures/make_fixtures.py --encoder bench-out
+	@test -f bench-out/lm-large.onnx || $(BIN)/python fixtures/make_fixtures.py --lm-large bench-out
 	$(BIN)/verimesh bench --json bench-out/bench.json --markdown docs/benchmarks.md
 
 # The CUDA path on a machine with a GPU (.ci/gpu_check.py: onnxruntime-gpu, or a PyTorch-on-CUDA estimate where

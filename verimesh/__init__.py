@@ -26,6 +26,7 @@ _EXPORTS = {
     "ProveResult": "verimesh.workflows",
     "Worker": "verimesh.workflows",
     "new_job": "verimesh.jobs.job",
+    "new_generate_job": "verimesh.jobs.generate_job",
     "load_job": "verimesh.jobs.job",
     "Job": "verimesh.jobs.job",
     "generate_key": "verimesh.signing.keys",

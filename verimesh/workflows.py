@@ -151,9 +151,10 @@ class Worker:
 
     def __init__(
         self, key: SecretKey, *, device: str = "auto", threads: int = 0, srs: Path | None = None,
-        zk_timeout: float = 3600.0,
+        zk_timeout: float = 3600.0, self_check: bool = True,
     ) -> None:  # fmt: skip
         self.key = key
+        self.self_check = self_check  # generate mode: re-check the answer with the verifier's pass before signing
         self.device = device
         self.threads = threads
         self.srs = srs
@@ -276,6 +277,8 @@ class Worker:
         trace = {"input_ids": prompt, "tokens": np.array([tokens], dtype=np.int64),
                  "topk_values": np.stack([r[0] for r in rows]), "topk_indices": np.stack([r[1] for r in rows]),
                  "sketch": np.stack([r[2] for r in rows])}  # fmt: skip
+        if self.self_check:
+            _self_check_generate(job, trace, load)
         sealed = seal_trace(job, trace, key=self.key, runner=runner, out=out)
         elapsed = time.perf_counter() - started
         return ProveResult(out, job.job_id, self.key.node_id, sealed.root, sealed.outputs, runner.provider,
@@ -531,6 +534,25 @@ def verify_parsed(
         return state.verdict("reject", _write_evidence(rejected, state, evidence_out)), {}
     # 8.
     return state.verdict("accept"), _outputs(parsed, job)
+
+
+def _self_check_generate(job: Job, trace: Mapping[str, np.ndarray], load: Callable[[], bytes]) -> None:
+    """An honest node signs no answer the verifier's prefill pass would reject: a job's model
+    can compute its decode steps otherwise than one pass over the whole sequence (the owner
+    writes the model), and the evidence of such a reject would slash the node. Costs one prefill
+    pass over the answer (what a verifier pays)."""
+    from verimesh.spot.generate import check_positions, recomputed_logits
+
+    runner = shared_runner(job.policy.precision, job.policy.optimization)
+    logits = recomputed_logits(job, runner, load, trace)
+    found = check_positions(job, logits, trace, range(int(trace["tokens"].shape[1])))
+    if not found.ok:
+        raise InvalidInputError(
+            f"the model's one-pass recomputation disagrees with its own decode ({found.reason}): a verifier would "
+            "reject this honest answer, so it is not signed",
+            code="model-inconsistent",
+            hint="the job's model computes a decode step otherwise than a prefill pass: refuse the job",
+        )
 
 
 def _verify_generate(parsed: Bundle, job: Job, public: PublicKey, state: _Verification, samples: Samples,

@@ -249,3 +249,63 @@ def test_position_checks_allow_a_near_tie_and_nothing_more(greedy: Job) -> None:
         problem = position_problem(spec, tol, greedy.nonce, 0, row, int(order[1]), row[order], order.astype(np.int64),
                                    row @ matrix, matrix)  # fmt: skip
         assert (problem is None) == runner_up_ok, problem
+
+
+def test_calibrate_measures_the_decode_against_prefill_spread_and_the_job_pins_it(tmp_path: Path) -> None:
+    done = _cli("calibrate", LM, "--prompt", PROMPT, "--max-new-tokens", "16", "-o", "lm.tol.json", "--json",
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    step = json.loads(done.stdout)["steps"][0]
+    honest = float(step["honest_max"]["rel_frobenius"])
+    assert honest < float(step["tolerance"]["max_rel_frobenius"]) < float(step["cheat_min"]["rel_frobenius"])
+    made = _cli("job", "new", LM, "--mode", "generate", "--prompt", PROMPT, "--max-new-tokens", "16", "--tolerance",
+                "lm.tol.json", "-o", "job.json", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    job = load_job(tmp_path / "job.json")
+    assert job.policy.tolerance.max_rel_frobenius == float(step["tolerance"]["max_rel_frobenius"])
+    key = generate_key()
+    bundle = Worker(key, threads=1).prove(job, out=tmp_path / "g.vmb").bundle
+    assert verify(bundle, job=job, node_key=key.public).status == "accept"
+    # A profile of another model is refused.
+    _bigram_model(tmp_path / "bigram.onnx")
+    other = _cli("job", "new", tmp_path / "bigram.onnx", "--mode", "generate", "--prompt", PROMPT, "--max-new-tokens",
+                 "4", "--tolerance", "lm.tol.json", "-o", "j2.json", cwd=tmp_path)  # fmt: skip
+    assert other.returncode == 3 and "not calibrated for this model" in other.stderr
+
+
+def test_a_model_whose_decode_differs_from_one_pass_is_never_signed(tmp_path: Path) -> None:
+    """A hostile owner's model that shifts its logits by the sequence length: the worker's decode
+    (one length per step) and the verifier's one pass (one length for all) disagree, and the
+    verifier's evidence would slash an honest node. The worker re-checks its answer with the
+    verifier's pass before signing and refuses (exit 3): nothing is signed, nobody is slashed."""
+    vocab, dim = 64, 16
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "embed"),
+             numpy_helper.from_array((rng.standard_normal((dim, vocab)) * 3).astype(np.float32), "head"),
+             numpy_helper.from_array(np.linspace(-4, 4, vocab).astype(np.float32), "shift"),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "one")]  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed", "input_ids"], ["hidden"]),
+         helper.make_node("MatMul", ["hidden", "head"], ["base"]),
+         helper.make_node("Shape", ["input_ids"], ["shape"]),
+         helper.make_node("Gather", ["shape", "one"], ["length"]),
+         helper.make_node("Cast", ["length"], ["length_f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["length_f", "shift"], ["bias"]),
+         helper.make_node("Add", ["base", "bias"], ["logits"])],
+        "hostile", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "sequence", vocab])], inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "hostile.onnx"))
+    (tmp_path / "p.json").write_text('{"input_ids": [[1, 2, 3]]}')
+    assert _cli("keys", "new", "-o", "node.key", cwd=tmp_path).returncode == 0
+    made = _cli("job", "new", "hostile.onnx", "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "8",
+                "-o", "job.json", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    proved = _cli("prove", "job.json", "--key", "node.key", "-o", "g.vmb", cwd=tmp_path)
+    assert proved.returncode == 3 and "not signed" in proved.stderr, proved.stderr
+    assert not (tmp_path / "g.vmb").exists()
+    # Without the check, the verifier would reject the honest answer with evidence that proves "fraud".
+    key = generate_key()
+    job = load_job(tmp_path / "job.json")
+    bundle = Worker(key, self_check=False).prove(job, out=tmp_path / "unchecked.vmb").bundle
+    assert verify(bundle, job=job, node_key=key.public).status == "reject"

@@ -104,7 +104,7 @@ def test_the_project_suite_parses_and_has_golden_files_for_every_case() -> None:
     suite = load_suite(FIX / "suite.toml")
     names = {c.name for c in suite.cases}
     assert {"mlp-spot", "mlp-zk", "mlp-chain-zk"} <= names
-    assert {c.mode for c in suite.cases} == {"spot", "zk"}
+    assert {c.mode for c in suite.cases} == {"spot", "zk", "generate"}
     assert all(c.detection_trials <= 20 for c in suite.selected("quick"))
     for case in suite.cases:
         assert list(suite.golden.glob(f"*/{case.name}/golden.json")), f"no golden files for {case.name}"

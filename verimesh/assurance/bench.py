@@ -578,7 +578,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup")
+SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup", "generate")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -599,6 +599,7 @@ class BenchOptions:
     quick: bool = False
     cost_models: tuple[Path, ...] = ()  # the costs section's models (the CLI's default: see `bench`)
     startup_model: Path | None = None  # the startup section's model (the CLI's default: fixtures/mlp.onnx)
+    generate_models: tuple[tuple[Path, Path], ...] = ()  # (decoder model, prompt.json): the generate section
 
 
 def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -673,6 +674,16 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
             repeats = 5 if options.quick else 11
             say(f"startup: {start_model.name} ({repeats} repeats of each process)")
             report["startup"] = bench_startup(start_model, input_file, repeats=repeats)
+    if "generate" in options.sections:
+        from verimesh.assurance.generate_bench import bench_generate
+
+        report["generate"] = []
+        if not options.generate_models:
+            report["notes"].append("generate skipped: no decoder model (fixtures/lm.onnx with lm.prompt.json)")
+        for model, prompt in options.generate_models:
+            new_tokens, repeats = (32, 3) if options.quick else (128, 5)
+            say(f"generate: {model.name}, {new_tokens} new tokens ({repeats} repeats)")
+            report["generate"].append(bench_generate(model, prompt, new_tokens=new_tokens, repeats=repeats))
     report["targets"] = targets(report)
     return report
 
@@ -716,6 +727,21 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         # The goal is stated at 10^6 entries; a smaller ledger cannot show it.
         judged = worst <= PROOF_MS_TARGET if big["entries"] >= 1_000_000 else None
         add("inclusion / consistency proof ms", f"≤ {PROOF_MS_TARGET:g} at 10^6", worst, judged, where)
+    generated = report.get("generate") or []
+    if generated:
+        from verimesh.assurance import generate_bench as gen
+
+        big = max(generated, key=lambda r: r["plain_s"])
+        judged = big["plain_s"] >= gen.MIN_JUDGED_GENERATION_S
+        where = f"{big['model']}, {big['new_tokens']} tokens, generation {big['plain_s'] * 1e3:.0f} ms" + (
+            "" if judged else " (too small to judge: fixed costs dominate; a larger decoder judges it)"
+        )
+        add("generate prove / plain generation", f"≤ {gen.PROVE_TARGET}", big["prove_over_plain"],
+            big["prove_over_plain"] <= gen.PROVE_TARGET if judged else None, where)  # fmt: skip
+        add("generate prove without self-check / plain", f"≤ {gen.PROVE_TARGET}", big["unchecked_over_plain"],
+            big["unchecked_over_plain"] <= gen.PROVE_TARGET if judged else None, where)  # fmt: skip
+        add("generate verify (all positions) / generation", f"≤ {gen.VERIFY_TARGET}", big["verify_over_generation"],
+            big["verify_over_generation"] <= gen.VERIFY_TARGET if judged else None, where)  # fmt: skip
     start = report.get("startup")
     if start:
         add("verify process / python + onnxruntime + numpy", f"≤ {start['target']:g}", start["verify_over_floor"],
@@ -847,6 +873,19 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             f"| {sec['floor']:.3f} | {sec['verify_accept']:.3f} | {sec['verify_reject']:.3f} | "
             f"{start['verify_over_floor']:.2f} | {sec['as_is_floor']:.3f} | {sec['as_is_verify_accept']:.3f} | "
             f"{start['as_is_verify_over_floor']:.2f} | {sec['version']:.3f} | {sec['import_workflows']:.3f} |",
+        ]
+    if report.get("generate"):
+        from verimesh.assurance.generate_bench import generate_table
+
+        lines += [
+            "",
+            "### Generate mode (a decoder with a KV cache)",
+            "",
+            "Plain greedy generation (the same decode loop, committing nothing), `Worker.prove` of the "
+            "generate job (records, seal, signature, bundle) and `verify` with every position checked "
+            "(one prefill pass over prompt + answer), back to back with warm sessions; medians.",
+            "",
+            *generate_table(report["generate"]),
         ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]

@@ -233,3 +233,120 @@ def spread_metrics(name: str, got: np.ndarray, ref: np.ndarray, *, discrete: boo
 
 def write_profile(profile: Profile, path: Path) -> None:
     path.write_bytes(canonical_json(profile.to_json()))
+
+
+def calibrate_generate(
+    model_path: Path,
+    prompt: Path,
+    *,
+    max_new_tokens: int,
+    precision: str = "fp32-strict",
+    optimization: str = "extended",
+    headroom: float = DEFAULT_HEADROOM,
+    tokenizer: Path | None = None,
+) -> Profile:
+    """Generate mode: the tolerance of what the verifier compares (each position's top-k values
+    and sketch), from the honest spread between a worker's decode loop (KV cache, every
+    optimization level, one and two threads, CUDA where present) and the verifier's one prefill
+    pass, against the smallest cheat (fp16, bf16 or shuffled weights on the same tokens).
+
+    1. A reference answer (greedy, at the job's configuration) and the verifier's logits for it.
+    2. Each honest variation decodes the same tokens (teacher-forced: it feeds the reference
+       tokens, so every position compares like with like); each cheat does the same.
+    3. Tolerance = honest maximum x headroom (at least FLOOR); refuse when it reaches a cheat.
+    The profile has one step, the model (a generate job's one step)."""
+    from verimesh.jobs.generation import (
+        DEFAULT_SKETCH,
+        DEFAULT_TOP_K,
+        GenerateSpec,
+        Layout,
+        Sampling,
+        discover_layout,
+        feeds_for,
+        load_prompt,
+        record,
+        sequence_logits,
+        sketch_matrix,
+    )
+    from verimesh.jobs.generation import generate as decode
+    from verimesh.jobs.plan import load_model
+    from verimesh.jobs.runtime import OPT_LEVELS, StepRunner, resolve_device
+
+    if headroom <= 1:
+        raise InvalidInputError("headroom must be above 1")
+    model, data = load_model(model_path)
+    digest = sha256_bytes(data)
+    ids = load_prompt(prompt, tokenizer)
+    reference_runner = StepRunner(device="cpu", precision=precision, optimization=optimization)
+
+    def runner_of(runner: StepRunner, blob: bytes, key: str) -> Any:
+        return lambda feeds, names: runner.run(key, blob, feeds, names)
+
+    layout = discover_layout(model)
+    probe = runner_of(reference_runner, data, digest)
+    vocab = int(probe(feeds_for(layout, ids, 0, None), [layout.logits])[layout.logits].shape[-1])
+    layout = Layout(**{**layout.__dict__, "vocab": vocab})
+    spec = GenerateSpec(max_new_tokens, Sampling("greedy"), (), DEFAULT_TOP_K, DEFAULT_SKETCH, layout)
+    tokens = decode(probe, spec, ids, "calibration", lambda _t, _row: None)
+    full = np.concatenate([ids, np.array([tokens[:-1]], dtype=np.int64)], axis=1)
+    verifier_rows = sequence_logits(probe, layout, full)[ids.shape[1] - 1 :]
+    matrix = sketch_matrix("calibration", vocab, DEFAULT_SKETCH)
+
+    def forced_rows(run: Any) -> list[np.ndarray]:
+        """Decode the reference tokens with the KV cache (or the whole prefix without one)."""
+        rows: list[np.ndarray] = []
+        past: dict[str, np.ndarray] | None = None
+        past_len, step_ids = 0, ids
+        wanted = [layout.logits, *(n for pair in layout.present for n in pair)]
+        for t in range(len(tokens)):
+            if layout.past:
+                out = run(feeds_for(layout, step_ids, past_len, past), wanted)
+                rows.append(out[layout.logits][0, -1].astype(np.float32))
+                past = {p: out[q] for pin, pout in zip(layout.past, layout.present, strict=True)
+                        for p, q in zip(pin, pout, strict=True)}  # fmt: skip
+                past_len += step_ids.shape[1]
+            else:
+                prefix = np.concatenate([ids, np.array([tokens[:t]], dtype=np.int64)], axis=1) if t else ids
+                rows.append(sequence_logits(run, layout, prefix)[-1])
+            step_ids = np.array([[tokens[t]]], dtype=np.int64)
+        return rows
+
+    def spread(rows: list[np.ndarray]) -> tuple[float, float]:
+        fro, worst = 0.0, 0.0
+        for row, ref in zip(rows, verifier_rows, strict=True):
+            values, indices, sketch = record(row, DEFAULT_TOP_K, matrix)
+            for name, got, want in (("top-k", values, ref[indices]), ("sketch", sketch, ref @ matrix)):
+                metrics = spread_metrics(name, got, want, discrete=False)
+                fro, worst = max(fro, metrics["rel_frobenius"]), max(worst, metrics["max_abs_diff"])
+        return fro, worst
+
+    honest = [(f"cpu/{level}/threads={threads}", StepRunner(device="cpu", precision=precision, optimization=level,
+                                                            threads=threads))
+              for level in OPT_LEVELS for threads in (1, 2)]  # fmt: skip
+    if resolve_device("auto") == "cuda":
+        honest.append(("cuda/tf32-off", StepRunner(device="cuda", precision="fp32-strict", optimization=optimization)))
+    honest_fro, honest_abs = 0.0, 0.0
+    for _name, runner in honest:
+        fro, worst = spread(forced_rows(runner_of(runner, data, digest)))
+        honest_fro, honest_abs = max(honest_fro, fro), max(honest_abs, worst)
+    cheat_fro, cheat_name = float("inf"), "none (no float weights)"
+    for cheat in sorted(CHEATS):
+        cheated = cheat_step(data, cheat)
+        if cheated is None:
+            continue
+        fro, _ = spread(forced_rows(runner_of(reference_runner, cheated, "cheat-" + sha256_bytes(cheated))))
+        if fro < cheat_fro:
+            cheat_fro, cheat_name = fro, cheat
+    base = DEFAULT_TOLERANCES[precision]
+    threshold = max(honest_fro * headroom, FLOOR)
+    tol = Tolerance(rtol=0.0, atol=max(honest_abs * headroom, FLOOR), max_outside_fraction=0.0,
+                    max_rel_frobenius=threshold, argmax_margin=base.argmax_margin)  # fmt: skip
+    if threshold >= cheat_fro:
+        raise InvalidInputError(
+            f"honest maximum x{headroom:g} ({threshold:.3g}) reaches the smallest cheat ({cheat_name}: "
+            f"{cheat_fro:.3g}); no tolerance separates them",
+            code="calibration-overlap",
+            hint="use the tf32 class or a smaller --headroom",
+        )
+    step = StepCalibration(0, digest, honest_fro, honest_abs, cheat_fro, cheat_name, tol)
+    return Profile(digest, precision, optimization, headroom, tuple(h for h, _ in honest), (step,))

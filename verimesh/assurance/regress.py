@@ -47,7 +47,7 @@ MAX_SUITE_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CASE_KEYS = {
     "name", "model", "input", "mode", "steps", "samples", "circuit", "srs", "tolerance_profile",
-    "tamper", "detection_trials", "budget", "min_detection",
+    "tamper", "detection_trials", "budget", "min_detection", "max_new_tokens",
 }  # fmt: skip
 _BUDGET_KEYS = (
     "max_prove_seconds", "max_verify_seconds", "max_proof_bytes", "max_quantization_error", "max_prove_ratio",
@@ -77,8 +77,9 @@ class Budget:
 
 # Relative budgets a case gets when it names none: 3x the medians measured on the 2-core CI
 # machine (docs/ci.md), the floor covering what a tiny model's fixed costs are (signing, files).
-DEFAULT_RATIOS = {"spot": {"prove": 3.0, "verify": 3.0}, "zk": {"prove": 3.5, "verify": 3.0}}
-DEFAULT_FLOOR_SECONDS = {"spot": 0.05, "zk": 1.0}
+DEFAULT_RATIOS = {"spot": {"prove": 3.0, "verify": 3.0}, "zk": {"prove": 3.5, "verify": 3.0},
+                  "generate": {"prove": 3.0, "verify": 3.0}}  # fmt: skip
+DEFAULT_FLOOR_SECONDS = {"spot": 0.05, "zk": 1.0, "generate": 0.05}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Case:
     detection_trials: int
     budget: Budget
     min_detection: tuple[tuple[str, float], ...]
+    max_new_tokens: int | None = None  # generate mode: the input is a prompt.json
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def _file(base: Path, value: Any, what: str, path: Path, *, folder: bool = False
 
 
 def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
-    from verimesh.assurance.redteam import STRATEGIES
+    from verimesh.assurance import generate_redteam, redteam
 
     doc = _table(doc, f"case #{index + 1}", path, _CASE_KEYS)
     name = doc.get("name")
@@ -182,8 +184,13 @@ def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
         raise _fail(path, f"case #{index + 1} needs a name of letters, digits, '.', '_' or '-' (got {name!r})")
     what = f"case {name}:"
     mode = doc.get("mode", "spot")
-    if mode not in ("spot", "zk"):
-        raise _fail(path, f"{what} mode must be spot or zk, got {mode!r}")
+    if mode not in ("spot", "zk", "generate"):
+        raise _fail(path, f"{what} mode must be spot, zk or generate, got {mode!r}")
+    if (mode == "generate") != ("max_new_tokens" in doc):
+        raise _fail(path, f'{what} max_new_tokens goes with mode = "generate" (its input is a prompt.json)')
+    if mode == "generate" and ("steps" in doc or "tolerance_profile" in doc):
+        raise _fail(path, f"{what} a generate case is one step, the model: no steps or tolerance_profile")
+    STRATEGIES = generate_redteam.STRATEGIES if mode == "generate" else redteam.STRATEGIES
     for required in ("model", "input"):
         if required not in doc:
             raise _fail(path, f"{what} needs {required}")
@@ -231,6 +238,11 @@ def _case(doc: Any, index: int, base: Path, path: Path) -> Case:
         ),
         budget=budget,
         min_detection=tuple((str(k), float(v)) for k, v in detection.items()),
+        max_new_tokens=(
+            _number(doc["max_new_tokens"], f"{what} max_new_tokens", path, integer=True, low=1)
+            if "max_new_tokens" in doc
+            else None
+        ),
     )
 
 
@@ -480,8 +492,32 @@ class _CaseRun:
         if budget.max_quantization_error is not None:
             self.budget("quantization-error", _quantization_error(job, result.bundle),
                         budget.max_quantization_error, "(relative Frobenius)")  # fmt: skip
-        if case.tamper:
+        if case.tamper and case.mode == "generate":
+            self.generate_cheats(job, key)
+        elif case.tamper:
             self.tampers(job, result.bundle, key)
+
+    def generate_cheats(self, job: Any, key: Any) -> None:
+        """Generate mode: each of the red team's cheats once, verified with every position checked."""
+        import random
+
+        import numpy as np
+
+        from verimesh.assurance.generate_redteam import STRATEGIES, _Cheater
+        from verimesh.workflows import verify
+
+        cheater = _Cheater(job, key, self.work, random.Random(self.seed))
+        rng = np.random.default_rng(self.seed)
+        for strategy in STRATEGIES:
+            with self.phase(f"tamper:{strategy}"):
+                played = cheater.play(strategy, rng)
+                if played is None or played[1] < 1.0:  # nothing to attack, or a near-tie (no fraud there)
+                    self.check(f"tamper:{strategy}", True, "not applicable to this job's answer")
+                    continue
+                verdict = verify(cheater.seal(played[0]), job=job, node_key=key.public, samples="all", seed=self.seed)
+                caught = not verdict.accepted
+                reason = f"{verdict.status} at {_failed_check(verdict)}" if caught else "ACCEPTED a cheating answer"
+                self.check(f"tamper:{strategy}", caught, reason)
 
     def time_budget(
         self, name: str, value: float, reference: float, absolute: float | None, ratio: float | None, what: str
@@ -533,8 +569,17 @@ class _CaseRun:
 
         case = self.case
         strategies = [s for s, _ in case.min_detection]
-        report = run_redteam(case.model, case.input, trials=case.detection_trials, honest=0, samples=case.samples,
-                             steps=case.steps, seed=self.seed, strategies=strategies)  # fmt: skip
+        if case.mode == "generate":
+            from verimesh.assurance.generate_redteam import run_generate_redteam
+
+            assert case.max_new_tokens is not None
+            report = run_generate_redteam(case.model, case.input, max_new_tokens=case.max_new_tokens,
+                                          trials=case.detection_trials, honest=1, seed=self.seed,
+                                          strategies=strategies)  # fmt: skip
+        else:
+            report = run_redteam(case.model, case.input, trials=case.detection_trials, honest=0,
+                                 samples=case.samples, steps=case.steps, seed=self.seed,
+                                 strategies=strategies)  # fmt: skip
         rates = {s["strategy"]: (s["detected"], s["trials"]) for s in report["strategies"]}
         for strategy, minimum in case.min_detection:
             detected, trials = rates[strategy]
@@ -570,8 +615,22 @@ def _timings(job: Any, worker: Any, bundle: Path, key: Any, case: Case, work: Pa
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
-    repeats = 3 if case.mode == "spot" else 1
+    repeats = 3 if case.mode in ("spot", "generate") else 1
     prove = timed(lambda: worker.prove(job, out=work / "warm.vmb"), repeats)
+    if case.mode == "generate":  # both against plain generation (the decode loop, committing nothing)
+        from verimesh.jobs.generation import generate
+
+        gen_runner = StepRunner(device="cpu", precision=job.policy.precision, optimization=job.policy.optimization)
+        blob, digest, prompt = job.read_step_model(0), job.steps[0].digest, job.read_input()["input_ids"]
+
+        def plain() -> object:
+            run = lambda feeds, names: gen_runner.run(digest, blob, feeds, names)  # noqa: E731
+            return generate(run, job.generate, prompt, job.nonce, lambda _t, _row: None)
+
+        plain()
+        reference = timed(plain, repeats)
+        return {"prove": prove, "prove_reference": reference, "verify_reference": reference,
+                "verify": timed(lambda: verify(bundle, job=job, node_key=key.public, seed=seed), repeats)}  # fmt: skip
     if case.mode == "zk":
         from verimesh.zk import ezkl_backend as zk
 
@@ -602,6 +661,11 @@ def case_job(case: Case, out: Path, *, circuit: Path | None = None) -> Any:
     overrides the case's (golden files carry a copy of it)."""
     from verimesh.jobs.job import new_job
 
+    if case.mode == "generate":
+        from verimesh.jobs.generate_job import new_generate_job
+
+        assert case.max_new_tokens is not None
+        return new_generate_job(case.model, case.input, out, max_new_tokens=case.max_new_tokens)
     return new_job(case.model, case.input, out, mode=case.mode, steps=case.steps, samples=case.samples,
                    circuit=circuit or case.circuit, profile=case.tolerance_profile)  # fmt: skip
 
@@ -742,12 +806,15 @@ def make_golden(suite: Suite, case: Case) -> Path:
     seed = suite.case_seed(case)
     with tempfile.TemporaryDirectory(prefix="verimesh-golden-") as tmp:
         other = case_job(case, Path(tmp) / "other.json", circuit=circuit)
-        tamperer = Tamperer(job, key=key, other_key=generate_key(), other_job=other, seed=seed)
-        cheat = "output-perturbed" if case.mode == "spot" else "claimed-output-not-proven"
-        tamperer.make(cheat, folder / "honest.vmb", folder / "fraud.vmb")
+        if case.mode == "generate":  # an answer whose last token was edited to another decisive one
+            _generate_fraud(job, key, folder / "fraud.vmb", Path(tmp), seed)
+        else:
+            tamperer = Tamperer(job, key=key, other_key=generate_key(), other_job=other, seed=seed)
+            cheat = "output-perturbed" if case.mode == "spot" else "claimed-output-not-proven"
+            tamperer.make(cheat, folder / "honest.vmb", folder / "fraud.vmb")
     entries: list[dict[str, Any]] = []
     for bundle in ("honest.vmb", "fraud.vmb"):
-        evidence = folder / "fraud.vme" if bundle == "fraud.vmb" and case.mode == "spot" else None
+        evidence = folder / "fraud.vme" if bundle == "fraud.vmb" and case.mode != "zk" else None
         verdict = verify(folder / bundle, job=job, node_key=key.public, seed=seed, evidence_out=evidence,
                          srs=srs)  # fmt: skip
         entries.append({"bundle": bundle, "seed": seed, "expect": _verdict_record(verdict)})
@@ -769,6 +836,22 @@ def make_golden(suite: Suite, case: Case) -> Path:
     }
     (folder / "golden.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _generate_fraud(job: Any, key: Any, out: Path, work: Path, seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    from verimesh.assurance.generate_redteam import _Cheater
+
+    cheater = _Cheater(job, key, work, random.Random(seed))
+    for _ in range(50):
+        played = cheater.play("edited-token", np.random.default_rng(seed))
+        if played is not None and played[1] == 1.0:
+            shutil.copyfile(cheater.seal(played[0]), out)
+            return
+    raise InvalidInputError("the golden answer has no decisive position to edit")
 
 
 def _verdict_record(verdict: Any) -> dict[str, Any]:

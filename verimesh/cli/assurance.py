@@ -28,7 +28,7 @@ from verimesh.errors import EXIT_REJECTED, InvalidInputError
 @click.option("--repeats", type=click.IntRange(min=1), help="Timed spot runs per model [default: 11; quick: 3].")
 @steps_option
 @click.option("--only", "only",
-              help="Comma-separated sections: spot,subtasks,mesh,costs,zk,signatures,ledger,startup "
+              help="Comma-separated sections: spot,subtasks,mesh,costs,zk,signatures,ledger,startup,generate "
               "[default: all].")  # fmt: skip
 @click.option("--zk-model", "zk_models", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model for the zk section (repeatable) [default: fixtures/mlp.onnx].")  # fmt: skip
@@ -57,7 +57,12 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
     sections = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
     if not sections or any(s not in SECTIONS for s in sections):
         raise click.UsageError(f"--only takes sections from {', '.join(SECTIONS)}")
-    fixtures = tuple(sorted(Path("fixtures").glob("*.onnx")))
+    # A decoder with a prompt beside it is the generate section's, not a spot model.
+    fixtures = tuple(p for p in sorted(Path("fixtures").glob("*.onnx")) if not p.with_suffix(".prompt.json").exists())
+    decoders = tuple((p, p.with_suffix(".prompt.json")) for p in sorted(Path("fixtures").glob("*.onnx"))
+                     if p.with_suffix(".prompt.json").exists())  # fmt: skip
+    large = Path("bench-out/lm-large.onnx")  # `make bench` exports it
+    large_decoders = ((large, large.with_suffix(".prompt.json")),) if large.exists() and not quick else ()
     cost_models = models
     if not cost_models and "costs" in sections:
         built = (Path(f"bench-out/{name}.onnx") for name in ("resnet50", "recurrent", "encoder"))
@@ -86,6 +91,7 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
         quick=quick,
         cost_models=cost_models,
         startup_model=next((p for p in (Path("fixtures/mlp.onnx"),) if p.exists()), None),
+        generate_models=decoders + large_decoders,
     )
     say = (lambda m: click.echo(f"bench: {m}", err=True)) if sys.stderr.isatty() else None
     report = run_benchmarks(options, progress=say)
@@ -100,7 +106,11 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
 
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@input_option(required=True, help="Input tensors: .npy, .npz or .json.")
+@input_option(required=False, help="Input tensors: .npy, .npz or .json.")
+@click.option("--prompt", "prompt_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Generate mode: a decoder MODEL's prompt.json (instead of --input).")  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Generate mode: positions measured.")  # fmt: skip
 @steps_option
 @click.option("--precision", type=click.Choice(["fp32-strict", "tf32"]), default="fp32-strict", show_default=True)
 @click.option("--optimization", type=click.Choice(["disable", "basic", "extended", "all"]), default="extended",
@@ -110,18 +120,30 @@ def bench(ctx: click.Context, models: tuple[Path, ...], quick: bool, repeats: in
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Profile to write.")
 @json_option
 @click.pass_context
-def calibrate(ctx: click.Context, model: Path, input_file: Path, steps: int | None, precision: str, optimization: str,
-              headroom: float, out: Path, as_json: bool) -> None:  # fmt: skip
-    """Per-step tolerances from honest variations and cheats; refuses when they overlap."""
+def calibrate(ctx: click.Context, model: Path, input_file: Path | None, prompt_file: Path | None,
+              max_new_tokens: int, steps: int | None, precision: str, optimization: str, headroom: float, out: Path,
+              as_json: bool) -> None:  # fmt: skip
+    """Per-step tolerances from honest variations and cheats; refuses when they overlap. With
+    --prompt (a decoder model): the tolerance of a generate job's records, from the spread between
+    decode loops and the verifier's prefill pass (`job new --mode generate --tolerance`)."""
     from verimesh.assurance.calibrate import calibrate as run_calibrate
-    from verimesh.assurance.calibrate import write_profile
+    from verimesh.assurance.calibrate import calibrate_generate, write_profile
     from verimesh.core.tensors import load_input_file
     from verimesh.jobs.plan import load_model, model_io
 
     init_runtime(ctx)
-    tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
-    profile = run_calibrate(model, tensors, steps=steps, precision=precision, optimization=optimization,
-                            headroom=headroom)  # fmt: skip
+    if (input_file is None) == (prompt_file is None):
+        raise click.UsageError("give --input (a model's input) or --prompt (a decoder's prompt), one of them")
+    if prompt_file is not None:
+        if steps is not None:
+            raise click.UsageError("--steps does not go with --prompt: a generate job is one step, the model")
+        profile = calibrate_generate(model, prompt_file, max_new_tokens=max_new_tokens, precision=precision,
+                                     optimization=optimization, headroom=headroom)  # fmt: skip
+    else:
+        assert input_file is not None
+        tensors = load_input_file(input_file, model_io(load_model(model)[0])[0])
+        profile = run_calibrate(model, tensors, steps=steps, precision=precision, optimization=optimization,
+                                headroom=headroom)  # fmt: skip
     write_profile(profile, out)
     if not any(h.startswith("cuda") for h in profile.honest):
         warning = (

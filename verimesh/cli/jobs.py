@@ -196,7 +196,7 @@ def _generate_job(model: Path, out: Path, force: bool, as_json: bool, prompt_fil
 
     if prompt_file is None or max_new_tokens is None:
         raise click.UsageError("--mode generate needs --prompt prompt.json and --max-new-tokens N")
-    others = {"--input": input_file, "--circuit": circuit_dir, "--tolerance": tolerance_file, "--steps": steps}
+    others = {"--input": input_file, "--circuit": circuit_dir, "--steps": steps}
     given = [flag for flag, value in others.items() if value is not None]
     if given:
         raise click.UsageError(f"{', '.join(given)} do not go with --mode generate (the prompt is its input)")
@@ -205,6 +205,7 @@ def _generate_job(model: Path, out: Path, force: bool, as_json: bool, prompt_fil
         model, prompt_file, out, max_new_tokens=max_new_tokens, sampling=parse_sampling(sampling),
         stop_tokens=tuple(stop_tokens), tokenizer=tokenizer_file, precision=precision, optimization=optimization,
         samples=None if source is click.core.ParameterSource.DEFAULT else samples, overwrite=force,
+        profile=tolerance_file,
     )  # fmt: skip
     spec = j.generate
     assert spec is not None

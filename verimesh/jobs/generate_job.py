@@ -50,6 +50,7 @@ def new_generate_job(
     optimization: str = "extended",
     tolerance: Tolerance | None = None,
     overwrite: bool = False,
+    profile: Path | None = None,
 ) -> Job:
     """Check the model (model safety, the decoder layout), read the prompt, run the model once
     over the longest sequence the job can produce (a model that cannot is refused now, not on a
@@ -68,6 +69,8 @@ def new_generate_job(
         raise InvalidInputError(f"unknown precision class {precision!r}", hint="use fp32-strict or tf32")
     model, model_bytes = load_model(model_path)
     layout = discover_layout(model)
+    if profile is not None:
+        tolerance = _profiled(profile, sha256_bytes(model_bytes), precision)
     prompt = load_prompt(prompt_path, tokenizer)
     digest = sha256_bytes(model_bytes)
     runner = StepRunner(device="cpu", precision=precision, optimization=optimization)
@@ -144,6 +147,21 @@ def new_generate_job(
     partial.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")
     partial.replace(out)
     return job
+
+
+def _profiled(path: Path, model_digest: str, precision: str) -> Tolerance:
+    """The tolerance of a generate calibration (``calibrate --prompt``): one step, the model."""
+    from verimesh.jobs.tolerance import load_tolerance_profile
+
+    loaded = load_tolerance_profile(path)
+    if loaded.model_digest != model_digest or set(loaded.steps) != {0} or loaded.steps[0][0] != model_digest:
+        raise InvalidInputError(f"tolerance profile {path} was not calibrated for this model's generation",
+                                hint="calibrate with `verimesh calibrate MODEL --prompt prompt.json`")  # fmt: skip
+    if loaded.precision != precision:
+        raise InvalidInputError(
+            f"tolerance profile {path} is for precision {loaded.precision}, the job uses {precision}"
+        )
+    return loaded.steps[0][1]
 
 
 def generated_text(job: Job, tokens: np.ndarray) -> str | None:

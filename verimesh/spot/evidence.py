@@ -257,7 +257,7 @@ def check_evidence(path: Path) -> EvidenceResult:
     # Evidence re-runs spot-check steps (or a generate job's records): a zk job's outputs are
     # proven by its proofs, and its statement commits to no trace these kinds could speak about.
     if job.mode == "zk":
-        return result(False, f"{kind} evidence concerns spot-check and generate jobs; this job is {job.mode}")
+        return result(False, f"{kind} evidence concerns spot-check jobs (and generate jobs); this job is {job.mode}")
     try:
         predicate_type = envelope.statement()["predicateType"]
     except InvalidInputError:
