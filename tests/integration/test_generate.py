@@ -309,3 +309,43 @@ def test_a_model_whose_decode_differs_from_one_pass_is_never_signed(tmp_path: Pa
     job = load_job(tmp_path / "job.json")
     bundle = Worker(key, self_check=False).prove(job, out=tmp_path / "unchecked.vmb").bundle
     assert verify(bundle, job=job, node_key=key.public).status == "reject"
+
+
+def test_the_vectorized_shortcut_never_passes_a_record_the_full_check_refuses(greedy: Job) -> None:
+    """``check_positions`` skips ``position_problem`` only where a vectorized pass finds the record
+    inside half of every bound: over records perturbed at every scale, a record that shortcut
+    passes must pass the full check too (the shortcut can only send work to the full check)."""
+    from verimesh.spot.generate import _clearly_fine
+
+    spec = greedy.generate
+    assert spec is not None
+    cheater = _Cheater(greedy, generate_key(), greedy.base_dir, random.Random(0))
+    logits = np.stack(cheater.logits)
+    tol = greedy.policy.tolerance_for(0)
+    matrix = sketch_matrix(greedy.nonce, spec.layout.vocab, spec.sketch)
+    rng = np.random.default_rng(11)
+    count = logits.shape[0]
+    shortcut = full = 0
+    for trial in range(300):
+        records = {k: v.copy() for k, v in cheater.honest.items()}
+        scale = 10.0 ** rng.uniform(-9, 0)
+        what = trial % 4
+        if what == 0:
+            records["topk_values"] += (rng.standard_normal(records["topk_values"].shape) * scale).astype(np.float32)
+        elif what == 1:
+            records["sketch"] += (rng.standard_normal(records["sketch"].shape) * scale).astype(np.float32)
+        elif what == 2:
+            t = int(rng.integers(count))
+            records["topk_indices"][t, int(rng.integers(spec.top_k))] = int(rng.integers(spec.layout.vocab))
+        else:
+            t = int(rng.integers(count))
+            records["tokens"][0, t] = int(rng.integers(spec.layout.vocab))
+        fine = _clearly_fine(spec, tol, logits, records, list(range(count)), matrix)
+        for t in range(count):
+            problem = position_problem(spec, tol, greedy.nonce, t, logits[t], int(records["tokens"][0, t]),
+                                       records["topk_values"][t], records["topk_indices"][t], records["sketch"][t],
+                                       matrix)  # fmt: skip
+            shortcut += bool(fine[t])
+            full += problem is None
+            assert not (fine[t] and problem is not None), (trial, t, problem)
+    assert shortcut > count * 100  # the honest-looking records do take the shortcut
