@@ -265,6 +265,7 @@ class Worker:
             return data
 
         runner = self.runner(job)
+        _check_layout(job, load())
         prompt = job.read_input()["input_ids"]
         matrix = sketch_matrix(job.nonce, spec.layout.vocab, spec.sketch)
         rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -534,6 +535,21 @@ def verify_parsed(
         return state.verdict("reject", _write_evidence(rejected, state, evidence_out)), {}
     # 8.
     return state.verdict("accept"), _outputs(parsed, job)
+
+
+def _check_layout(job: Job, model_bytes: bytes) -> None:
+    """The job's layout is the one its model's graph has (a job document may pair a past input
+    with another layer's present output, and the decode would then be wrong by the job's hand)."""
+    import onnx
+
+    from verimesh.jobs.generation import discover_layout
+
+    assert job.generate is not None
+    found = discover_layout(onnx.load_model_from_string(model_bytes))
+    pinned = job.generate.layout
+    if {**found.__dict__, "vocab": 0} != {**pinned.__dict__, "vocab": 0}:
+        raise InvalidInputError("the job's generate layout is not its model's graph (inputs, outputs, their pairing)",
+                                code="model-inconsistent")  # fmt: skip
 
 
 def _self_check_generate(job: Job, trace: Mapping[str, np.ndarray], load: Callable[[], bytes]) -> None:

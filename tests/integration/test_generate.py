@@ -349,3 +349,84 @@ def test_the_vectorized_shortcut_never_passes_a_record_the_full_check_refuses(gr
             full += problem is None
             assert not (fine[t] and problem is not None), (trial, t, problem)
     assert shortcut > count * 100  # the honest-looking records do take the shortcut
+
+
+def _masked_lm(path: Path, mask_value: float) -> None:
+    """fixtures/lm.onnx with its last token masked out of the logits (``logits = raw + mask``)."""
+    model = onnx.load(str(LM))
+    for node in model.graph.node:
+        node.output[:] = ["raw_logits" if o == "logits" else o for o in node.output]
+    mask = np.zeros(256, dtype=np.float32)
+    mask[255] = mask_value
+    model.graph.initializer.append(numpy_helper.from_array(mask, "mask"))
+    model.graph.node.append(helper.make_node("Add", ["raw_logits", "mask"], ["logits"]))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, -1e4, -1e9])
+def test_a_masked_vocabulary_leaves_every_check_in_force(tmp_path: Path, mask_value: float) -> None:
+    """Masked tokens (-inf, or a large negative logit) neither disable the checks nor widen the
+    near-tie margin: the honest answer passes, an answer steered to unlikely tokens does not."""
+    _masked_lm(tmp_path / "masked.onnx", mask_value)
+    job = new_generate_job(tmp_path / "masked.onnx", PROMPT, tmp_path / "job.json", max_new_tokens=16)
+    key = generate_key()
+    honest = Worker(key).prove(job, out=tmp_path / "honest.vmb").bundle
+    assert verify(honest, job=job, node_key=key.public).status == "accept"
+    cheater = _Cheater(job, key, tmp_path, random.Random(0))
+    steered = {k: v.copy() for k, v in cheater.honest.items()}
+    row = cheater.logits[0]
+    steered["tokens"][0, 0] = int(np.argsort(row)[1])  # an unlikely (but not masked) token at position 0
+    verdict = verify(cheater.seal(steered), job=job, node_key=key.public)
+    assert verdict.status == "reject" and "position 0" in verdict.reason
+    masked = {k: v.copy() for k, v in cheater.honest.items()}
+    masked["tokens"][0, 0] = 255
+    assert verify(cheater.seal(masked), job=job, node_key=key.public).status == "reject"
+
+
+def test_a_top_p_cut_between_decode_and_prefill_does_not_reject_an_honest_answer(tmp_path: Path) -> None:
+    """Where the mass at the top-p cut sits within the margin of top_p, noise can move the cut by a
+    token; the verifier allows the draw with the cut one token either way there. Every top_p
+    just above or below a position's cumulative mass, on an honest answer: accepted."""
+    from verimesh.jobs.generation import _cumulative
+
+    base = new_generate_job(LM, PROMPT, tmp_path / "base.json", max_new_tokens=8,
+                            sampling=parse_sampling("temperature=1.0,top_p=0.9"))  # fmt: skip
+    cheater = _Cheater(base, generate_key(), tmp_path, random.Random(0))
+    _, cumulative = _cumulative(cheater.logits[0], base.generate.sampling)  # type: ignore[union-attr]
+    key = generate_key()
+    for i, cut in enumerate(cumulative[1:6]):
+        for top_p in (float(cut) - 1e-7, float(cut) + 1e-7):
+            job = new_generate_job(LM, PROMPT, tmp_path / f"j{i}-{top_p}.json", max_new_tokens=8,
+                                   sampling=parse_sampling(f"temperature=1.0,top_p={top_p!r}"))  # fmt: skip
+            bundle = Worker(key).prove(job, out=tmp_path / f"b{i}-{top_p}.vmb").bundle
+            assert verify(bundle, job=job, node_key=key.public).status == "accept", top_p
+
+
+def test_a_job_whose_layout_is_not_its_models_graph_is_refused_by_the_worker(tmp_path: Path) -> None:
+    from verimesh.jobs.job import compute_job_id
+
+    job_path = tmp_path / "job.json"
+    new_generate_job(LM, PROMPT, job_path, max_new_tokens=8)
+    doc = json.loads(job_path.read_text())
+    past = doc["generate"]["layout"]["past"]
+    doc["generate"]["layout"]["past"] = past[::-1]  # layer 1's cache fed to layer 0
+    doc.pop("job_id")
+    doc["job_id"] = compute_job_id(doc)
+    job_path.write_text(json.dumps(doc))
+    assert _cli("keys", "new", "-o", "node.key", cwd=tmp_path).returncode == 0
+    proved = _cli("prove", "job.json", "--key", "node.key", "-o", "g.vmb", cwd=tmp_path)
+    assert proved.returncode == 3 and "layout" in proved.stderr, proved.stderr
+
+
+def test_a_tokenizer_that_cannot_encode_the_prompt_is_one_line(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tokenizer = Tokenizer(WordLevel({"w1": 1, "w2": 2}, unk_token="[UNK]"))  # its unknown token is not in it
+    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "p.json").write_text('{"text": "w1 hello w2"}')
+    done = _cli("job", "new", LM, "--mode", "generate", "--prompt", "p.json", "--max-new-tokens", "4", "--tokenizer",
+                "tokenizer.json", "-o", "j.json", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 3 and "cannot encode" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -318,6 +318,9 @@ def generate(
         else:
             full = np.concatenate([prompt, np.array([tokens], dtype=np.int64)], axis=1) if tokens else prompt
             logits = sequence_logits(run, layout, full)[-1]
+        problem = logits_problem(t, logits)
+        if problem is not None:
+            raise InvalidInputError(problem, code="model-inconsistent")
         on_row(t, logits)
         token = choose(logits, spec.sampling, nonce, t)
         tokens.append(token)
@@ -340,18 +343,41 @@ def _order(logits: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(logits.size), -logits.astype(np.float64)))
 
 
-def choose(logits: np.ndarray, sampling: Sampling, nonce: str, t: int, u: float | None = None) -> int:
+def choose(logits: np.ndarray, sampling: Sampling, nonce: str, t: int, u: float | None = None,
+           keep_shift: int = 0) -> int:  # fmt: skip
+    """The token the rule picks (``keep_shift``: the top-p cut one token earlier or later, what a
+    verifier also allows where the cut's mass is within its margin of ``top_p``)."""
     if sampling.kind == "greedy":
         return int(np.argmax(logits))  # the first maximum: the lowest id among exact ties
+    order, cumulative = _cumulative(logits, sampling)
+    keep = min(max(_cut(cumulative, sampling.top_p) + keep_shift, 1), cumulative.size)
+    kept = cumulative[:keep] / cumulative[keep - 1]
+    draw = sample_u(nonce, t) if u is None else u
+    return int(order[min(int(np.searchsorted(kept, draw, side="right")), keep - 1)])
+
+
+def _cumulative(logits: np.ndarray, sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
     order = _order(logits)
     scaled = logits[order].astype(np.float64) / sampling.temperature
     probs = np.exp(scaled - scaled.max())
     probs /= probs.sum()
-    cumulative = np.cumsum(probs)
-    keep = int(np.searchsorted(cumulative, sampling.top_p - 1e-12)) + 1
-    kept = cumulative[:keep] / cumulative[keep - 1]
-    draw = sample_u(nonce, t) if u is None else u
-    return int(order[min(int(np.searchsorted(kept, draw, side="right")), keep - 1)])
+    return order, np.cumsum(probs)
+
+
+def _cut(cumulative: np.ndarray, top_p: float) -> int:
+    return min(int(np.searchsorted(cumulative, top_p - 1e-12)) + 1, cumulative.size)
+
+
+def logits_problem(t: int, logits: np.ndarray) -> str | None:
+    """Logits a token can be chosen from: finite, or -inf for a token the model masks out."""
+    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
+        return f"the model's logits at position {t} hold NaN or +inf, or nothing finite: no token can be chosen"
+    return None
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """The logits with masked (-inf) tokens at 0: what the sketch projects."""
+    return np.where(np.isfinite(logits), logits, 0).astype(np.float32)
 
 
 def sketch_matrix(nonce: str, vocab: int, width: int) -> np.ndarray:
@@ -362,32 +388,37 @@ def sketch_matrix(nonce: str, vocab: int, width: int) -> np.ndarray:
 
 
 def record(logits: np.ndarray, top_k: int, sketch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(top-k values, top-k indices, sketch) of one position's logits."""
+    """(top-k values, top-k indices, sketch) of one position's logits (masked tokens: -inf)."""
     part = np.argpartition(-logits, top_k - 1)[:top_k]
     idx = part[np.lexsort((part, -logits[part].astype(np.float64)))]
-    return logits[idx].astype(np.float32), idx.astype(np.int64), (logits.astype(np.float32) @ sketch).astype(np.float32)
+    return logits[idx].astype(np.float32), idx.astype(np.int64), (_finite(logits) @ sketch).astype(np.float32)
 
 
 def near_tie(tol: Tolerance, logits: np.ndarray) -> float:
-    """Two logits closer than this are a near-tie: the order between them is no evidence."""
-    return max(tol.argmax_margin, tol.atol + tol.rtol * float(np.max(np.abs(logits))))
+    """Two logits closer than this are a near-tie, whose order is no evidence: what the top-k
+    comparison lets the committed values deviate in all (atol plus the relative Frobenius bound
+    of the k largest logits), for two of them."""
+    finite = logits[np.isfinite(logits)].astype(np.float64)
+    top = np.partition(finite, max(finite.size - DEFAULT_TOP_K, 0))[-DEFAULT_TOP_K:] if finite.size else finite
+    return float(np.sqrt(2) * (tol.atol + tol.max_rel_frobenius * np.linalg.norm(top)))
+
+
+def sketch_bound(tol: Tolerance, logits: np.ndarray) -> float:
+    """How far each sketch entry may be from the verifier's: every column of R has unit norm, so
+    an entry moves at most by the logits' own deviation (the relative Frobenius bound of them all)."""
+    return float(tol.atol + tol.max_rel_frobenius * np.linalg.norm(_finite(logits).astype(np.float64)))
 
 
 def position_problem(
     spec: GenerateSpec, tol: Tolerance, nonce: str, t: int, recomputed: np.ndarray, token: int,
     values: np.ndarray, indices: np.ndarray, sketch: np.ndarray, matrix: np.ndarray,
 ) -> str | None:  # fmt: skip
-    """What is wrong with position t's record against the verifier's own logits (None: it holds)."""
+    """What is wrong with position t's record against the verifier's own logits (None: it holds).
+    The logits must be usable (``logits_problem``: the caller raises on that, blaming no node)."""
     tie = near_tie(tol, recomputed)
     if len(set(indices.tolist())) != indices.size or indices.min() < 0 or indices.max() >= recomputed.size:
         return f"position {t}: the committed top-k indices are not {spec.top_k} distinct token ids"
-    if not np.all(np.isfinite(recomputed)):
-        return (
-            None
-            if np.array_equal(np.isnan(recomputed[indices]), np.isnan(values))
-            else (f"position {t}: the committed top-k values differ in NaN from the recomputed logits")
-        )
-    compared = compare_tensors(f"position {t} top-k", values, recomputed[indices], tol)
+    compared = compare_tensors(f"position {t} top-k", values, recomputed[indices], tol)  # -inf: exact
     if not compared.ok:
         return compared.reason
     others = np.ones(recomputed.size, dtype=bool)
@@ -395,9 +426,14 @@ def position_problem(
     if others.any() and float(recomputed[others].max()) > float(recomputed[indices].min()) + tie:
         better = int(np.flatnonzero(others)[np.argmax(recomputed[others])])
         return f"position {t}: token {better} beats the committed top-{spec.top_k} (not a near-tie)"
-    compared = compare_tensors(f"position {t} sketch", sketch, recomputed.astype(np.float32) @ matrix, tol)
-    if not compared.ok:
-        return compared.reason
+    if not np.isfinite(sketch).all():
+        return f"position {t}: the committed sketch is not finite"
+    deviation = float(np.max(np.abs(sketch.astype(np.float64) - (_finite(recomputed) @ matrix).astype(np.float64))))
+    bound = sketch_bound(tol, recomputed)
+    if not deviation <= bound:
+        return f"position {t} sketch: an entry is {deviation:.3g} from the recomputed one (bound {bound:.3g})"
+    if not np.isfinite(recomputed[token]):
+        return f"position {t}: token {token} is one the model masks out (-inf)"
     allowed = allowed_tokens(spec, tol, nonce, t, recomputed)
     if token not in allowed:
         rule = "the argmax" if spec.sampling.kind == "greedy" else "what the sampling rule draws"
@@ -407,16 +443,24 @@ def position_problem(
 
 def allowed_tokens(spec: GenerateSpec, tol: Tolerance, nonce: str, t: int, logits: np.ndarray) -> set[int]:
     """The tokens position t may hold given these logits: the rule's choice, and near it the
-    choices a near-tie allows (greedy: every token within the margin of the maximum; sampling:
-    the draws at u_t and u_t +- the margin over the temperature, at most 0.05)."""
+    choices a near-tie allows. Greedy: every token within the margin of the maximum. Sampling:
+    the draws at u_t and u_t +- w, w = min(0.05, 2 x margin / temperature) (a logit moved by d
+    moves each token's probability by at most a factor e^(2d/T)), each with the top-p cut where
+    it is, and one token earlier or later where the mass at the cut is within w of top_p."""
     tie = near_tie(tol, logits)
     if spec.sampling.kind == "greedy":
         return set(np.flatnonzero(logits >= logits.max() - tie).tolist())
     u = sample_u(nonce, t)
-    window = min(0.05, tie / spec.sampling.temperature)
-    return {
-        choose(logits, spec.sampling, nonce, t, u=min(max(v, 0.0), 1.0 - 1e-12)) for v in (u - window, u, u + window)
-    }
+    window = min(0.05, 2 * tie / spec.sampling.temperature)
+    _, cumulative = _cumulative(logits, spec.sampling)
+    keep = _cut(cumulative, spec.sampling.top_p)
+    shifts = [0]
+    if keep > 1 and spec.sampling.top_p - cumulative[keep - 2] <= window:
+        shifts.append(-1)
+    if keep < cumulative.size and cumulative[keep - 1] - spec.sampling.top_p <= window:
+        shifts.append(1)
+    return {choose(logits, spec.sampling, nonce, t, u=min(max(v, 0.0), 1.0 - 1e-12), keep_shift=shift)
+            for v in (u - window, u, u + window) for shift in shifts}  # fmt: skip
 
 
 def stop_problem(spec: GenerateSpec, tokens: Sequence[int]) -> str | None:
@@ -458,7 +502,10 @@ def load_prompt(path: Path, tokenizer: Path | None) -> np.ndarray:
     if isinstance(doc, dict) and set(doc) == {"text"} and isinstance(doc["text"], str):
         if tokenizer is None:
             raise InvalidInputError(f"{path} gives text: pass --tokenizer tokenizer.json to encode it")
-        ids = [load_tokenizer(tokenizer).encode(doc["text"]).ids]
+        try:
+            ids = [load_tokenizer(tokenizer).encode(doc["text"]).ids]
+        except Exception as exc:  # the tokenizers library raises its own exception types
+            raise InvalidInputError(f"{tokenizer} cannot encode the prompt's text: {str(exc)[:200]}") from exc
     elif isinstance(doc, dict) and set(doc) == {"input_ids"}:
         ids = doc["input_ids"]
     else:

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from verimesh.core.digest import tensor_digest
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.generation import (
+    DEFAULT_TOP_K,
     GenerateSpec,
+    logits_problem,
     position_problem,
     sequence_logits,
     shape_problem,
@@ -82,6 +85,10 @@ def check_positions(job: Job, logits: np.ndarray, tensors: Mapping[str, np.ndarr
     matrix = sketch_matrix(job.nonce, spec.layout.vocab, spec.sketch)
     tokens = tensors["tokens"][0]
     positions = list(positions)
+    for t in positions:  # the model's doing, not the node's: no verdict can rest on such logits
+        problem = logits_problem(t, logits[t])
+        if problem is not None:
+            raise InvalidInputError(problem, code="model-inconsistent")
     clear = _clearly_fine(spec, tol, logits, tensors, positions, matrix)
     for t in positions:
         if clear[t]:
@@ -117,8 +124,8 @@ def _clearly_fine(spec: GenerateSpec, tol: Tolerance, logits: np.ndarray, tensor
     safe = np.where(valid[:, None], chosen, 0)
     recomputed = logits[rows]
     at = np.take_along_axis(recomputed, safe, axis=1).astype(np.float64)
-    top = np.abs(recomputed).max(axis=1).astype(np.float64)
-    tie = np.maximum(tol.argmax_margin, tol.atol + tol.rtol * top)
+    largest = np.partition(recomputed, vocab - min(DEFAULT_TOP_K, vocab), axis=1)[:, -min(DEFAULT_TOP_K, vocab) :]
+    tie = np.sqrt(2) * (tol.atol + tol.max_rel_frobenius * np.linalg.norm(largest.astype(np.float64), axis=1))
 
     def within(got: np.ndarray, want: np.ndarray) -> np.ndarray:
         diff = np.abs(got.astype(np.float64) - want)
@@ -130,7 +137,9 @@ def _clearly_fine(spec: GenerateSpec, tol: Tolerance, logits: np.ndarray, tensor
     others = recomputed.astype(np.float64).copy()
     np.put_along_axis(others, safe, -np.inf, axis=1)
     ok &= others.max(axis=1) <= at.min(axis=1) + 0.5 * tie
-    ok &= within(sketches[rows], recomputed.astype(np.float64) @ matrix.astype(np.float64))
+    bound = tol.atol + tol.max_rel_frobenius * np.linalg.norm(recomputed.astype(np.float64), axis=1)
+    drift = np.abs(sketches[rows].astype(np.float64) - recomputed.astype(np.float64) @ matrix.astype(np.float64))
+    ok &= drift.max(axis=1) <= 0.5 * bound
     picked = np.take_along_axis(recomputed, tokens[rows][:, None].clip(0, vocab - 1), axis=1)[:, 0]
     ok &= (tokens[rows] >= 0) & (tokens[rows] < vocab) & (picked >= recomputed.max(axis=1) - 0.5 * tie)
     fine[rows[ok]] = True
@@ -144,6 +153,8 @@ def check_evidence_claim(kind: str, step: object, field: object, job: Job, tenso
         "tokens", "topk_values", "topk_indices", "sketch"}  # fmt: skip
     if set(tensors) != needed:
         return False, f"{kind} evidence must carry exactly the sealed {', '.join(sorted(needed))}"
+    if "input_ids" in tensors and tensor_digest("input_ids", tensors["input_ids"]) != job.input_tensors[0].digest:
+        return False, "the sealed input_ids are not the job's prompt: that is a binding claim, not this one"
     shaped = structure(job, tensors)
     if kind == "generate":
         if field not in GENERATE_FIELDS:
