@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import secrets
 import shutil
@@ -30,7 +29,7 @@ from verimesh.jobs.generation import (
     sequence_logits,
     tokenizer_digest,
 )
-from verimesh.jobs.job import Job, Policy, StepRef, compute_job_id
+from verimesh.jobs.job import Job, Policy, StepRef, publish_job
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 
@@ -136,17 +135,10 @@ def new_generate_job(
             base_dir=base,
             generate=spec,
         )
-        job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
-        if files.exists():
-            shutil.rmtree(files)
-        staging.replace(files)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps({**job.document(), "job_id": job.job_id}, indent=2) + "\n")
-    partial.replace(out)
-    return job
+    return publish_job(job, staging, files, out)
 
 
 def _profiled(path: Path, model_digest: str, precision: str) -> Tolerance:

@@ -706,7 +706,19 @@ def new_job(
             circuit_path=circuit_ref[0] if circuit_ref else None,
             circuit_digest=circuit_ref[1] if circuit_ref else None,
         )
-        job = Job(**{**job.__dict__, "job_id": compute_job_id(job.document())})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish_job(job, staging, files, out)
+
+
+def publish_job(draft: Job, staging: Path, files: Path, out: Path) -> Job:
+    """Give a drafted job its id, put its files folder (prepared in ``staging``) in place and write
+    the job file: the folder and the file appear whole or not at all."""
+    import shutil
+
+    try:
+        job = Job(**{**draft.__dict__, "job_id": compute_job_id(draft.document())})
         if files.exists():
             shutil.rmtree(files)
         staging.replace(files)
