@@ -685,7 +685,7 @@ class Coordinator:
             if self._sandbox is None:
                 self._verify_item(item)
             else:
-                status, detail = self._sandbox.call(item, timeout=self.verify_timeout)
+                status, detail = self._sandbox.call(item, timeout=self._time_limit(item))
                 if status == "timeout" and self._settled_already(item) and item.task_id not in self._retried:
                     self._retried.add(item.task_id)  # the ledger took its verdict just before the kill: once more
                     continue
@@ -699,6 +699,14 @@ class Coordinator:
                                       verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
             count += 1
         return count
+
+    def _time_limit(self, item: Verifying) -> float:
+        """--verify-timeout for one answer; the answer that completes a replicated job's set may
+        also settle every replica and, on a disagreement, verify each in full and run the model
+        once more: it gets the limit once per replica, and once more."""
+        doc = self.state.job(item.job_id)
+        replicas = int(doc["spec"].get("replicas", 1)) if doc is not None else 1
+        return self.verify_timeout * (1 if replicas <= 1 else replicas + 2)
 
     def _settled_already(self, item: Verifying) -> bool:
         """The ledger holds a verdict by this task's node for its job (or one of its segments)."""
