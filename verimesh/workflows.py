@@ -162,6 +162,7 @@ class Worker:
         self._zk: Any = None
         self._runners: dict[tuple[str, str], StepRunner] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
+        self._layouts: set[tuple[str, bytes]] = set()  # (model digest, layout) pairs checked against the graph
 
     def runner(self, job: Job) -> StepRunner:
         config = (job.policy.precision, job.policy.optimization)
@@ -265,7 +266,10 @@ class Worker:
             return data
 
         runner = self.runner(job)
-        _check_layout(job, load())
+        checked = (digest, canonical_json(spec.layout.to_json()))
+        if checked not in self._layouts:  # parsing a large model costs more than a short answer
+            _check_layout(job, load())
+            self._layouts.add(checked)
         prompt = job.read_input()["input_ids"]
         matrix = sketch_matrix(job.nonce, spec.layout.vocab, spec.sketch)
         rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
