@@ -293,22 +293,9 @@ def calibrate_generate(
     matrix = sketch_matrix("calibration", vocab, DEFAULT_SKETCH)
 
     def forced_rows(run: Any) -> list[np.ndarray]:
-        """Decode the reference tokens with the KV cache (or the whole prefix without one)."""
+        """The decode loop's logits on the reference tokens (fed, not chosen)."""
         rows: list[np.ndarray] = []
-        past: dict[str, np.ndarray] | None = None
-        past_len, step_ids = 0, ids
-        wanted = [layout.logits, *(n for pair in layout.present for n in pair)]
-        for t in range(len(tokens)):
-            if layout.past:
-                out = run(feeds_for(layout, step_ids, past_len, past), wanted)
-                rows.append(out[layout.logits][0, -1].astype(np.float32))
-                past = {p: out[q] for pin, pout in zip(layout.past, layout.present, strict=True)
-                        for p, q in zip(pin, pout, strict=True)}  # fmt: skip
-                past_len += step_ids.shape[1]
-            else:
-                prefix = np.concatenate([ids, np.array([tokens[:t]], dtype=np.int64)], axis=1) if t else ids
-                rows.append(sequence_logits(run, layout, prefix)[-1])
-            step_ids = np.array([[tokens[t]]], dtype=np.int64)
+        decode(run, spec, ids, "calibration", lambda _t, row: rows.append(row), forced=tokens)
         return rows
 
     def spread(rows: list[np.ndarray]) -> tuple[float, float]:

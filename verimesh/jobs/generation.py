@@ -298,17 +298,23 @@ def _rows(out: np.ndarray, n: int, layout: Layout) -> np.ndarray:
 
 
 def generate(
-    run: Run, spec: GenerateSpec, prompt: np.ndarray, nonce: str, on_row: Callable[[int, np.ndarray], None]
+    run: Run,
+    spec: GenerateSpec,
+    prompt: np.ndarray,
+    nonce: str,
+    on_row: Callable[[int, np.ndarray], None],
+    forced: Sequence[int] | None = None,
 ) -> list[int]:
     """Prefill, then decode with the KV cache (re-running the whole prefix without one); calls
-    ``on_row(t, logits)`` with the logits each generated token was chosen from."""
+    ``on_row(t, logits)`` with the logits each generated token was chosen from. ``forced``: feed
+    these tokens instead of choosing (calibration compares runs position by position)."""
     layout = spec.layout
     tokens: list[int] = []
     past: dict[str, np.ndarray] | None = None
     past_len = 0
     ids = prompt
     wanted = [layout.logits, *(n for pair in layout.present for n in pair)]
-    for t in range(spec.max_new_tokens):
+    for t in range(spec.max_new_tokens if forced is None else len(forced)):
         if layout.past:
             out = run(feeds_for(layout, ids, past_len, past), wanted)
             logits = _rows(out[layout.logits], ids.shape[1], layout)[-1]
@@ -322,7 +328,7 @@ def generate(
         if problem is not None:
             raise InvalidInputError(problem, code="model-inconsistent")
         on_row(t, logits)
-        token = choose(logits, spec.sampling, nonce, t)
+        token = choose(logits, spec.sampling, nonce, t) if forced is None else int(forced[t])
         tokens.append(token)
         if token in spec.stop_tokens:
             break
