@@ -29,7 +29,7 @@ from verimesh.jobs.generation import (
     sequence_logits,
     tokenizer_digest,
 )
-from verimesh.jobs.job import Job, Policy, StepRef, publish_job
+from verimesh.jobs.job import Job, Policy, StepRef, publish_job, stage_job_files
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance
 
 
@@ -96,11 +96,7 @@ def new_generate_job(
         raise InvalidInputError(f"the prompt and --stop-token ids must be below the vocabulary size {vocab}")
     if not 2 <= top_k <= min(64, vocab) or not 1 <= sketch <= 64:
         raise InvalidInputError("--top-k must be 2 .. min(64, vocab) and the sketch 1 .. 64 wide")
-    base = out.resolve().parent
-    files = out.with_name(out.stem + ".files")
-    staging = out.with_name(f".{out.stem}.files.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    base, files, staging = stage_job_files(out)
     try:
         buf = io.BytesIO()
         np.savez(buf, input_ids=prompt)

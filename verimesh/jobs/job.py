@@ -616,11 +616,7 @@ def new_job(
     specs_in, specs_out = model_io(model)
     tensors = load_input_file(input_path, specs_in)
     tol = tolerance or DEFAULT_TOLERANCES[precision]
-    base = out.resolve().parent
-    files = out.with_name(out.stem + ".files")
-    staging = out.with_name(f".{out.stem}.files.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    base, files, staging = stage_job_files(out)
     try:
         # 2.
         wanted = decision_inputs(model) if mode == "spot" else []
@@ -710,6 +706,19 @@ def new_job(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return publish_job(job, staging, files, out)
+
+
+def stage_job_files(out: Path) -> tuple[Path, Path, Path]:
+    """(the job's base folder, its ``NAME.files`` folder, an empty private staging folder that
+    ``publish_job`` puts in the files folder's place) for a job file written to ``out``."""
+    import os
+    import shutil
+
+    files = out.with_name(out.stem + ".files")
+    staging = out.with_name(f".{out.stem}.files.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return out.resolve().parent, files, staging
 
 
 def publish_job(draft: Job, staging: Path, files: Path, out: Path) -> Job:
