@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("workflows", ("verimesh.workflows",)),
     ("subtasks", ("verimesh.subtasks",)),
     ("settlement", ("verimesh.settlement",)),
+    ("fleet", ("verimesh.fleet",)),
     ("mesh", ("verimesh.mesh",)),
     ("assurance", ("verimesh.assurance",)),
     ("cli", ("verimesh.cli",)),
@@ -45,6 +46,7 @@ RESTRICTED: dict[str, tuple[str, ...]] = {
     "starlette": ("verimesh.mesh",),
     "uvicorn": ("verimesh.mesh",),
     "httpx": ("verimesh.mesh",),
+    "ray": ("verimesh.fleet",),
 }
 
 

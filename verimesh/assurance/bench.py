@@ -578,7 +578,7 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup", "generate")
+SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup", "generate", "fleet")
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -684,6 +684,17 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
             new_tokens, repeats = (32, 3) if options.quick else (128, 5)
             say(f"generate: {model.name}, {new_tokens} new tokens ({repeats} repeats)")
             report["generate"].append(bench_generate(model, prompt, new_tokens=new_tokens, repeats=repeats))
+    if "fleet" in options.sections:
+        from verimesh.assurance.fleet_bench import bench_fleet
+
+        largest = max(options.models, key=lambda m: m.stat().st_size) if options.models else None
+        fleet_input = _input_for(largest) if largest is not None else None
+        if largest is None or fleet_input is None:
+            report["notes"].append("fleet skipped: no spot model with an input beside it")
+        else:
+            bundles, repeats = (20, 1) if options.quick else (100, 3)
+            say(f"fleet: {bundles} verifications of {largest.name}, in process and on 1 and 2 Ray actors")
+            report["fleet"] = [bench_fleet(largest, fleet_input, bundles=bundles, repeats=repeats)]
     report["targets"] = targets(report)
     return report
 
@@ -886,6 +897,18 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             "(one prefill pass over prompt + answer), back to back with warm sessions; medians.",
             "",
             *generate_table(report["generate"]),
+        ]
+    if report.get("fleet"):
+        from verimesh.assurance.fleet_bench import fleet_table
+
+        lines += [
+            "",
+            "### Verifier fleet (verify-many's verifiers)",
+            "",
+            "One bundle verified N times with every step re-checked, in process and on 1 and 2 Ray verifier "
+            "actors of a loopback cluster (warm sessions); medians. Ratios are bundles/s over in process.",
+            "",
+            *fleet_table(report["fleet"]),
         ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from verimesh import __version__
-from verimesh.cli import assurance, bundles, jobs, keys, ledger, mesh, subtasks, zk
+from verimesh.cli import assurance, bundles, fleet, jobs, keys, ledger, mesh, subtasks, zk
 from verimesh.cli.common import EXIT_CODES_HELP
 from verimesh.errors import (
     EXIT_BACKEND_MISSING,
@@ -347,7 +347,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 for command in (
-    keys.keys, jobs.plan, jobs.job, jobs.prove, jobs.verify, bundles.outputs, bundles.bundle, jobs.evidence,
+    keys.keys, jobs.plan, jobs.job, jobs.prove, jobs.verify, fleet.verify_many, bundles.outputs, bundles.bundle,
+    jobs.evidence,
     assurance.bench, assurance.calibrate,
     assurance.redteam, assurance.regress, zk.srs, zk.circuit, ledger.ledger, mesh.serve, mesh.node, mesh.submit,
     mesh.status,
