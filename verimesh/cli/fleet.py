@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def index_jobs(folder: Path) -> dict[str, Path]:
         try:
             if path.is_file() and path.stat().st_size < 64 * 1024 * 1024:
                 found.setdefault(load_job(path).job_id, path)
-        except (InvalidInputError, OSError, ValueError, json.JSONDecodeError):
+        except (InvalidInputError, OSError, ValueError, RecursionError):  # not a job document: passed over
             continue
     return found
 
