@@ -622,22 +622,18 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
         from verimesh.assurance.subtask_bench import bench_subtasks
 
         report["subtasks"] = []
-        largest = max(options.models, key=lambda m: m.stat().st_size) if options.models else None
-        input_file = _input_for(largest) if largest is not None else None
-        if largest is None or input_file is None:
-            report["notes"].append("subtasks skipped: no spot model with an input beside it")
-        else:
+        picked = _model_with_input(options.models, max, "subtasks", report)
+        if picked is not None:
+            largest, input_file = picked
             repeats = max(3, options.repeats // 2)
             say(f"subtasks: {largest.name} in 4 segments ({repeats} repeats)")
             report["subtasks"].append(bench_subtasks(largest, input_file, segments=4, repeats=repeats))
     if "mesh" in options.sections:
         from verimesh.assurance.mesh_bench import bench_mesh
 
-        smallest = min(options.models, key=lambda m: m.stat().st_size) if options.models else None
-        mesh_input = _input_for(smallest) if smallest is not None else None
-        if smallest is None or mesh_input is None:
-            report["notes"].append("mesh skipped: no spot model with an input beside it")
-        else:
+        picked = _model_with_input(options.models, min, "mesh", report)
+        if picked is not None:
+            smallest, mesh_input = picked
             tasks, count = (20, 4) if options.quick else (200, 20)
             say(f"mesh: {tasks} tasks of {smallest.name} on {count} nodes")
             report["mesh"] = [bench_mesh(smallest, mesh_input, tasks=tasks, nodes=count)]
@@ -667,13 +663,13 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
         from verimesh.assurance.startup import bench_startup
 
         start_model = options.startup_model
-        input_file = _input_for(start_model) if start_model is not None else None
-        if start_model is None or input_file is None:
+        start_input = _input_for(start_model) if start_model is not None else None
+        if start_model is None or start_input is None:
             report["notes"].append("startup skipped: no model with an input beside it (fixtures/mlp.onnx)")
         else:
             repeats = 5 if options.quick else 11
             say(f"startup: {start_model.name} ({repeats} repeats of each process)")
-            report["startup"] = bench_startup(start_model, input_file, repeats=repeats)
+            report["startup"] = bench_startup(start_model, start_input, repeats=repeats)
     if "generate" in options.sections:
         from verimesh.assurance.generate_bench import bench_generate
 
@@ -687,16 +683,26 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
     if "fleet" in options.sections:
         from verimesh.assurance.fleet_bench import bench_fleet
 
-        largest = max(options.models, key=lambda m: m.stat().st_size) if options.models else None
-        fleet_input = _input_for(largest) if largest is not None else None
-        if largest is None or fleet_input is None:
-            report["notes"].append("fleet skipped: no spot model with an input beside it")
-        else:
+        picked = _model_with_input(options.models, max, "fleet", report)
+        if picked is not None:
+            largest, fleet_input = picked
             bundles, repeats = (20, 1) if options.quick else (100, 3)
             say(f"fleet: {bundles} verifications of {largest.name}, in process and on 1 and 2 Ray actors")
             report["fleet"] = [bench_fleet(largest, fleet_input, bundles=bundles, repeats=repeats)]
     report["targets"] = targets(report)
     return report
+
+
+def _model_with_input(models: tuple[Path, ...], pick: Callable[..., Path], section: str,
+                      report: dict[str, Any]) -> tuple[Path, Path] | None:  # fmt: skip
+    """The largest (``max``) or smallest (``min``) spot model by size and the input beside it; None,
+    with a note in the report, when there is none."""
+    model = pick(models, key=lambda m: m.stat().st_size) if models else None
+    input_file = _input_for(model) if model is not None else None
+    if model is None or input_file is None:
+        report["notes"].append(f"{section} skipped: no spot model with an input beside it")
+        return None
+    return model, input_file
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
