@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import Keys, model_path
+from tests.conftest import Keys, input_path, model_path
 from tests.integration.test_ledger import join, new_ledger, post
 from verimesh.cli.app import cli
 from verimesh.errors import InvalidInputError
@@ -243,3 +243,32 @@ def test_run_task_turns_bad_input_into_an_error(batch: dict[str, Path], tmp_path
     (tmp_path / "job.json").write_text("{}")
     outcome = run_task(VerifyTask("x", batch["mlp"], tmp_path / "job.json", load_public_key(keys.node_pub)))
     assert outcome.verdict.status == "error" and not outcome.verdict
+
+
+def test_a_broken_copy_of_a_job_does_not_hide_the_good_one(keys: Keys, tmp_path: Path) -> None:
+    """Review finding: two files of one job id, the one sorting first with a step file edited: the
+    intact copy is used, so a cheat is still rejected (exit 1), not left unverified (exit 3)."""
+    from verimesh.jobs.job import new_job
+
+    good = tmp_path / "jobs"
+    job = new_job(model_path("rescnn"), input_path("rescnn"), good / "job.json")
+    honest, cheated = tmp_path / "b.vmb", cheat(job, keys, tmp_path / "cheat.vmb")
+    prove(job, key=keys.node, out=honest, device="cpu")
+    broken = good / "a"
+    broken.mkdir()
+    for item in good.iterdir():
+        if item.name != "a":
+            target = broken / item.name
+            subprocess.run(["cp", "-r", str(item), str(target)], check=True)
+    step = sorted((broken / "job.files").glob("*.onnx"))[-1]
+    step.write_bytes(step.read_bytes() + b"x")
+    code, report = run_cli(str(honest), str(cheated), "--jobs-from", str(good), "--node-key", str(keys.node_pub))
+    assert code == 1 and verdicts(report) == {"b": "accept", "cheat": "reject"}, report
+
+
+def test_a_job_file_changed_after_routing_is_not_verified(batch: dict[str, Path], jobs: dict[str, Job],
+                                                         keys: Keys) -> None:  # fmt: skip
+    public = load_public_key(keys.node_pub)
+    task = VerifyTask("x", batch["mlp"], job_file(jobs, "rescnn"), public, job_id=jobs["mlp"].job_id)
+    outcome = run_task(task)
+    assert outcome.verdict.status == "error" and "changed" in outcome.verdict.reason

@@ -17,23 +17,39 @@ MAX_JOB_FILES = 10_000
 
 def index_jobs(folder: Path) -> dict[str, Path]:
     """Job id -> job file, for every ``*.json`` in ``folder`` (and one level below) that is a job
-    document; other JSON files are passed over. A job id is the digest of its document, so two
-    files with one id are the same job."""
+    document; other JSON files are passed over. A job id pins the document and, through its
+    digests, the step files beside it: of several files with one id, the first whose step files
+    all match is taken (a stale or broken copy sorting first must not hide the good one)."""
     from verimesh.jobs.job import load_job
 
     if not folder.is_dir():
         raise InvalidInputError(f"--jobs-from {folder} is not a folder")
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     candidates = sorted([*folder.glob("*.json"), *folder.glob("*/*.json")])
     if len(candidates) > MAX_JOB_FILES:
         raise InvalidInputError(f"--jobs-from {folder} holds more than {MAX_JOB_FILES} JSON files")
     for path in candidates:
         try:
             if path.is_file() and path.stat().st_size < 64 * 1024 * 1024:
-                found.setdefault(load_job(path).job_id, path)
+                found.setdefault(load_job(path).job_id, []).append(path)
         except (InvalidInputError, OSError, ValueError, RecursionError):  # not a job document: passed over
             continue
-    return found
+    return {job_id: paths[0] if len(paths) == 1 else _intact(paths) for job_id, paths in found.items()}
+
+
+def _intact(paths: list[Path]) -> Path:
+    """The first of several copies of one job whose step files all match their digests (else the first)."""
+    from verimesh.jobs.job import load_job
+
+    for path in paths:
+        try:
+            job = load_job(path)
+            for index in range(len(job.steps)):
+                job.read_step_model(index)
+        except (InvalidInputError, OSError, ValueError, RecursionError):
+            continue
+        return path
+    return paths[0]
 
 
 def _named_job(bundle: Path) -> tuple[str | None, str | None]:
@@ -128,7 +144,7 @@ def verify_many(ctx: click.Context, bundles: tuple[Path, ...], jobs_from: Path, 
             undecided.append(failed(str(bundle), reason, "none"))
             continue
         if pinned is not None:
-            tasks.append(VerifyTask(str(bundle), bundle, jobs[job_id], pinned, samples, seed))
+            tasks.append(VerifyTask(str(bundle), bundle, jobs[job_id], pinned, samples, seed, job_id))
             continue
         from verimesh.settlement import registered_signer
 
@@ -139,7 +155,7 @@ def verify_many(ctx: click.Context, bundles: tuple[Path, ...], jobs_from: Path, 
             undecided.append(failed(str(bundle), exc.message, "none"))
             continue
         tasks.append(VerifyTask(str(bundle), bundle, jobs[job_id], public, samples if samples is not None
-                                else in_force, seed))  # fmt: skip
+                                else in_force, seed, job_id))  # fmt: skip
     outcomes = {o.label: o for o in undecided}
     fleet_note, start_s, wall = _run(kind, address, actors, tasks, timeout, outcomes)
     results = [_row(outcomes[str(b)]) for b in bundles]

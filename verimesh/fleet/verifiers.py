@@ -43,6 +43,7 @@ class VerifyTask:
     node_key: PublicKey
     samples: Samples = None
     seed: int | None = None
+    job_id: str | None = None  # the job the caller routed the bundle to: the job file must still be it
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ def run_task(task: VerifyTask, runner: Callable[[str, str], StepRunner] | None =
     started = time.perf_counter()
     try:
         job = load_job(task.job)
+        if task.job_id is not None and job.job_id != task.job_id:
+            raise InvalidInputError(f"the job file {task.job} changed: it is no longer job {task.job_id}")
         step_runner = runner(job.policy.precision, job.policy.optimization) if runner is not None else None
         verdict = verify(task.bundle, job=job, node_key=task.node_key, samples=task.samples, seed=task.seed,
                          runner=step_runner)  # fmt: skip
