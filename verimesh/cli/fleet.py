@@ -53,7 +53,7 @@ def _intact(paths: list[Path]) -> Path:
 
 
 def _named_job(bundle: Path) -> tuple[str | None, str | None]:
-    """(job id, node id) the bundle's statement names, or (None, why) when it cannot be read."""
+    """(the job id the bundle's statement names, None), or (None, why) when it cannot be read."""
     from verimesh.jobs.bundle import read_bundle
 
     try:

@@ -4,8 +4,8 @@ A ``VerifyTask`` is one bundle, its job file and the node key it must be signed 
 ``VerifyOutcome`` is its verdict (and the evidence bytes of a reject that has some). Both kinds
 of verifier yield outcomes as they finish.
 
-On Ray, each actor keeps its onnxruntime sessions warm from task to task (``shared_runner``,
-one per process), has one task at a time (so a task's time limit is its own), and is placed on a
+On Ray, each actor keeps its onnxruntime sessions warm from task to task (a ``StepRunner`` per
+precision and optimization level), has one task at a time (so a task's time limit is its own), and is placed on a
 GPU where the cluster has them. A task that runs past its limit gets its actor killed and
 restarted, and the task an ``error`` verdict. An actor that dies mid-check is restarted by Ray
 and the task re-run on it (``max_restarts``, ``max_task_retries``: verification is
