@@ -578,7 +578,19 @@ def bench_signatures(count: int = 200, *, reference_count: int = 5, signers: int
 
 # -- the whole benchmark (`verimesh bench`, `make bench`) ------------------------------------------
 
-SECTIONS = ("spot", "subtasks", "mesh", "costs", "zk", "signatures", "ledger", "startup", "generate", "fleet")
+SECTIONS = (
+    "spot",
+    "subtasks",
+    "mesh",
+    "costs",
+    "zk",
+    "signatures",
+    "ledger",
+    "startup",
+    "generate",
+    "fleet",
+    "simulate",
+)
 BEGIN_MARK = "<!-- verimesh bench: generated from here; edit outside these marks -->"
 END_MARK = "<!-- verimesh bench: end of generated part -->"
 
@@ -689,6 +701,12 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
             bundles, repeats = (20, 1) if options.quick else (100, 3)
             say(f"fleet: {bundles} verifications of {largest.name}, in process and on 1 and 2 Ray actors")
             report["fleet"] = [bench_fleet(largest, fleet_input, bundles=bundles, repeats=repeats)]
+    if "simulate" in options.sections:
+        from verimesh.assurance.simulate import bench_simulate
+
+        say("simulate: the analytic model in this process (" + ("10^3 nodes, 10^5 jobs)" if options.quick
+            else "10^4 nodes, 10^6 jobs)"))  # fmt: skip
+        report["simulate"] = bench_simulate(quick=options.quick)
     report["targets"] = targets(report)
     return report
 
@@ -759,6 +777,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             big["unchecked_over_plain"] <= gen.PROVE_TARGET if judged else None, where)  # fmt: skip
         add("generate verify (all positions) / generation", f"≤ {gen.VERIFY_TARGET}", big["verify_over_generation"],
             big["verify_over_generation"] <= gen.VERIFY_TARGET if judged else None, where)  # fmt: skip
+    sim = report.get("simulate")
+    if sim:
+        add("simulate 10^4 nodes x 10^6 jobs, s", f"≤ {sim['target_s']:g}", sim["seconds"],
+            sim["seconds"] <= sim["target_s"] if sim["at_full_scale"] else None,
+            f"{sim['nodes']:,} nodes, {sim['jobs']:,} jobs, in process" + ("" if sim["at_full_scale"]
+            else " (quick: not the stated scale)"))  # fmt: skip
     start = report.get("startup")
     if start:
         add("verify process / python + onnxruntime + numpy", f"≤ {start['target']:g}", start["verify_over_floor"],
@@ -915,6 +939,17 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             "actors of a loopback cluster (warm sessions); medians. Ratios are bundles/s over in process.",
             "",
             *fleet_table(report["fleet"]),
+        ]
+    if report.get("simulate"):
+        from verimesh.assurance.simulate import simulate_table
+
+        lines += [
+            "",
+            "### Simulation (`verimesh simulate`'s analytic model)",
+            "",
+            "The protocol played for every simulated job in this process (no real sample); medians.",
+            "",
+            *simulate_table(report["simulate"]),
         ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}."]

@@ -348,7 +348,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 for command in (
     keys.keys, jobs.plan, jobs.job, jobs.prove, jobs.verify, fleet.verify_many, bundles.outputs, bundles.bundle,
-    jobs.evidence,
+    jobs.evidence, fleet.simulate,
     assurance.bench, assurance.calibrate,
     assurance.redteam, assurance.regress, zk.srs, zk.circuit, ledger.ledger, mesh.serve, mesh.node, mesh.submit,
     mesh.status,

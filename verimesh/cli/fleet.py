@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,160 @@ def _row(outcome: Any) -> dict[str, Any]:
         "node_id": verdict.node_id, "seed": verdict.seed, "sampled_steps": list(verdict.sampled_steps),
         "evidence": verdict.evidence, "verifier": outcome.verifier, "seconds": round(outcome.seconds, 6),
     }  # fmt: skip
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.option("--nodes", type=click.IntRange(1, 1_000_000), default=1000, show_default=True, help="Simulated nodes.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 100_000_000),
+    default=100_000,
+    show_default=True,
+    help="Simulated jobs (the analytic model).",
+)
+@click.option(
+    "--cheaters",
+    default="lazy:3%,perturb:1%,equivocate:0.5%",
+    show_default=True,
+    help="Share of the nodes playing each cheating strategy (lazy, perturb, equivocate).",
+)
+@click.option(
+    "--audit",
+    default="adaptive",
+    show_default=True,
+    help="adaptive (the ledger's policy), full (every step), or K samples per job beside the last.",
+)
+@click.option("--stake", type=click.IntRange(min=1), default=1000, show_default=True, help="Each node's stake.")
+@click.option("--reward", type=click.IntRange(min=1), default=1, show_default=True, help="Reward per accepted answer.")
+@click.option(
+    "--gain",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="What a wrong result accepted (perturb) or a second one sold (equivocate) is worth to the cheater.",
+)
+@click.option(
+    "--work-cost",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="An honest answer's compute cost, as a share of the reward (lazy saves part of it).",
+)
+@click.option("--lazy-fraction", type=float, default=0.25, show_default=True, help="Share of the work lazy skips.")
+@click.option("--slash-fraction", default="0.5", show_default=True, help="Share of the stake a fraud slash takes.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, 8),
+    default=1,
+    show_default=True,
+    help="Nodes per job (quorum; disagreement calls the referee).",
+)
+@click.option(
+    "--drop",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Chance a node misses a task's deadline (the task is reassigned).",
+)
+@click.option(
+    "--real",
+    type=click.IntRange(min=0),
+    default=500,
+    show_default=True,
+    help="Jobs run through real prove, verify and ledger settlement (0: none; the check needs 500).",
+)
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The workload's ONNX model (default: a built-in 7-layer MLP).",
+)
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The model's input (with --model).",
+)
+@click.option("--steps", type=click.IntRange(1, 12), default=6, show_default=True, help="Steps the job is cut into.")
+@click.option(
+    "--shards",
+    type=click.IntRange(1, 4096),
+    default=8,
+    show_default=True,
+    help="Simulated nodes are cut into this many shards (the same results in process and on Ray).",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="Run the shards on Ray actors (a local loopback cluster, or $RAY_ADDRESS)."
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw profit by strategy and wrong results accepted against the audit rate (PNG).",
+)
+@click.pass_context
+def simulate(ctx: click.Context, nodes: int, jobs: int, cheaters: str, audit: str, stake: int, reward: int, gain: float,
+             work_cost: float, lazy_fraction: float, slash_fraction: str, replicas: int, drop: float, real: int,
+             model: Path | None, input_file: Path | None, steps: int, shards: int, seed: int, use_ray: bool,
+             json_out: Path | None, plot_out: Path | None) -> None:  # fmt: skip
+    """Simulate the mesh: real jobs through prove, verify and the ledger for the rates, an analytic
+    model of the protocol for the scale. Prints a table; exit 0, or 1 when an honest node was
+    slashed (the policy rejected an honest node)."""
+    import json
+
+    from verimesh.assurance import simulate as sim
+
+    init_runtime(ctx)
+    if (model is None) != (input_file is None):
+        raise click.UsageError("--model and --input go together")
+    config = sim.Config(nodes=nodes, jobs=jobs, cheaters=sim.parse_cheaters(cheaters), audit=sim.parse_audit(audit),
+                        stake=stake, reward=reward, gain=gain, work_cost=work_cost, lazy_fraction=lazy_fraction,
+                        slash_fraction=slash_fraction, replicas=replicas, drop=drop, real=real, seed=seed,
+                        shards=shards, steps=steps)  # fmt: skip
+    sim.check_config(config)
+
+    def say(message: str) -> None:
+        click.echo(f"verimesh: {message}", err=True)
+
+    if plot_out is not None:
+        _plot_backend()
+    if use_ray:
+        from verimesh.fleet.cluster import parse_verifiers, ray_cluster
+        from verimesh.fleet.parallel import map_on_ray
+
+        _, address = parse_verifiers("ray")
+        with ray_cluster(address) as cluster:
+            actors = max(1, int(cluster.cpus))
+            say(f"Ray cluster at {cluster.address}: {actors} simulation actors")
+
+            def on_ray(shards: Sequence[sim.Shard]) -> list[dict[str, Any]]:
+                return map_on_ray(sim.run_shard, shards, actors=actors)
+
+            report = sim.run_simulation(config, model=model, input_file=input_file, sweep=plot_out is not None,
+                                        runner=on_ray,
+                                        progress=say)  # fmt: skip
+            report["speed"]["runner"] = f"ray ({actors} actors)"
+    else:
+        report = sim.run_simulation(config, model=model, input_file=input_file, sweep=plot_out is not None,
+                                    progress=say)  # fmt: skip
+        report["speed"]["runner"] = "this process"
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if plot_out is not None:
+        sim.plot(report, plot_out)
+    click.echo(sim.summary(report))
+    if report["honest_slashed"]:
+        ctx.exit(EXIT_REJECTED)
+
+
+def _plot_backend() -> None:
+    """Refuse --plot before the run, not after it, when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from verimesh.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("--plot needs matplotlib", hint="pip install matplotlib") from None
