@@ -35,7 +35,8 @@ from typing import Any
 
 from verimesh.core.canonical import b64encode
 from verimesh.core.container import DEFAULT_LIMITS, Limits
-from verimesh.core.digest import sha256_bytes
+from verimesh.core.digest import sha256_bytes, sha256_file
+from verimesh.core.tensors import write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, load_job
@@ -50,12 +51,13 @@ from verimesh.signing.envelope import Envelope
 from verimesh.signing.keys import PublicKey, SecretKey
 from verimesh.spot.evidence import EvidenceResult, check_evidence
 from verimesh.subtasks.chain import ChainVerdict, SegmentResult, verify_chain
-from verimesh.workflows import Samples, verify
+from verimesh.workflows import Samples, committed_outputs, verify
 
 MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
 NODE_KINDS = ("register", "top-up", "withdraw", "release", "verdict", "reward", "slash")
 
 __all__ = [
+    "Prefetched",
     "Settlement",
     "SlashResult",
     "all_standings",
@@ -80,6 +82,7 @@ class Settlement:
     samples_in_force: int | None
     equivocation_evidence: str | None = None  # always None: settlement proves no equivocation (see verify_and_settle)
     note: str | None = None  # why the ledger recorded less than the verdict (or nothing)
+    verified_by: str = "here"  # or the fleet verifier whose prefetched verdict was taken
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,7 +91,32 @@ class Settlement:
             "samples_in_force": self.samples_in_force,
             "equivocation_evidence": self.equivocation_evidence,
             "ledger_note": self.note,
+            "verified_by": self.verified_by,
         }
+
+
+@dataclass(frozen=True)
+class Prefetched:
+    """A verdict a verifier fleet reached ahead of settlement (docs/design.md §12), with what it
+    was reached on. ``verify_and_settle`` takes it only when every one of those is what it would
+    verify with itself: the same bundle bytes, job, registered key, samples in force and seed;
+    otherwise it verifies here. A reject still has its evidence re-checked before any slash."""
+
+    bundle_digest: str
+    job_id: str
+    node_key: str  # the registered public key, hex
+    samples: Samples
+    seed: int
+    verdict: Verdict
+    verifier: str
+
+    def fits(self, bundle: Path, job: Job, public: PublicKey, samples: Samples, seed: int | None) -> bool:
+        return (
+            seed is not None
+            and self.verdict.status in ("accept", "reject")
+            and (self.job_id, self.node_key, self.samples, self.seed) == (job.job_id, public.key.hex(), samples, seed)
+            and sha256_file(bundle) == self.bundle_digest
+        )
 
 
 # -- reads ----------------------------------------------------------------------------------------
@@ -493,9 +521,11 @@ def verify_and_settle(
     runner: StepRunner | None = None,
     limits: Limits = DEFAULT_LIMITS,
     outputs_out: Path | None = None,
+    prefetched: Prefetched | None = None,
 ) -> Settlement:
     """Verify with the node's registered key and the audit policy in force, then settle
-    (``outputs_out``: on an accept, also write the verified output values there).
+    (``outputs_out``: on an accept, also write the verified output values there; ``prefetched``:
+    a verifier fleet's verdict, taken in place of step 3 only when it fits, ``Prefetched``).
 
     1. Check the log since its last checkpoint and that ``writer`` may write; find the bundle's
        signer among registered nodes (the statement's node when its signature verifies); the job
@@ -537,17 +567,23 @@ def verify_and_settle(
     # 2.
     in_force = samples if samples is not None else standing.samples_for(len(job.steps), job.policy.samples)
     # 3.
-    verdict = verify(
-        bundle,
-        job=job,
-        node_key=public,
-        samples=in_force,
-        seed=seed,
-        evidence_out=evidence_out,
-        runner=runner,
-        limits=limits,
-        outputs_out=outputs_out,
-    )
+    verified_by = "here"
+    if prefetched is not None and prefetched.fits(bundle, job, public, in_force, seed):
+        verdict, verified_by = prefetched.verdict, prefetched.verifier
+        if verdict.status == "accept" and outputs_out is not None:
+            write_tensor_file(outputs_out, committed_outputs(bundle, job, limits))
+    else:
+        verdict = verify(
+            bundle,
+            job=job,
+            node_key=public,
+            samples=in_force,
+            seed=seed,
+            evidence_out=evidence_out,
+            runner=runner,
+            limits=limits,
+            outputs_out=outputs_out,
+        )
     in_force_count = None if in_force == "all" else int(in_force)
     assert envelope is not None  # a signer was found in it
     # 4.
@@ -576,7 +612,7 @@ def verify_and_settle(
     appended = list(settle.appended)
     if txn.commit_seq is not None:
         appended.append((txn.commit_seq, "commit"))
-    return Settlement(verdict, tuple(appended), in_force_count, None, "; ".join(notes) or None)
+    return Settlement(verdict, tuple(appended), in_force_count, None, "; ".join(notes) or None, verified_by)
 
 
 @dataclass(frozen=True)

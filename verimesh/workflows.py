@@ -613,6 +613,14 @@ def _verify_generate(parsed: Bundle, job: Job, public: PublicKey, state: _Verifi
     state.checks.append(check)
 
 
+def committed_outputs(bundle: Path, job: Job, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """The output values a bundle commits to, read without verifying: for a caller that holds a
+    verdict on these very bytes (``settlement.Prefetched``); never for a segment."""
+    if job.segment is not None:
+        raise InvalidInputError("a segment's outputs are verified only as part of its chain")
+    return _outputs(read_bundle(bundle, limits=limits, version=job.version), job)
+
+
 def _outputs(parsed: Bundle, job: Job) -> dict[str, np.ndarray]:
     """The output values, copied out of the bundle's buffer."""
     return {name: np.array(parsed.tensors[name]) for name in job.output_names}

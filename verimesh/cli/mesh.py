@@ -70,26 +70,46 @@ def coordinator_option(f: Any) -> Any:
               "registered in the ledger beforehand (`verimesh ledger register`).")  # fmt: skip
 @click.option("--blob-quota-mb", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Per key: uploads no submitted job refers to yet (collected after an hour).")  # fmt: skip
+@click.option("--verifiers", default="local", show_default=True,
+              help="local (the coordinator's own verifier process), ray (a local loopback Ray cluster, or "
+              "$RAY_ADDRESS), or ray://HOST:PORT: results are verified there ahead of settlement.")  # fmt: skip
+@click.option("--verifier-actors", type=click.IntRange(1, 256), default=None,
+              help="Ray verifier actors (default: the cluster's CPUs).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
           max_upload_mb: int, read_token: str | None, verify_timeout: float, admission: str,
-          blob_quota_mb: int) -> None:  # fmt: skip
+          blob_quota_mb: int, verifiers: str, verifier_actors: int | None) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
+    from contextlib import ExitStack
+
+    from verimesh.fleet.cluster import parse_verifiers
     from verimesh.mesh.coordinator import Coordinator
 
-    coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
-                              heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
-                              read_token=read_token, verify_timeout=verify_timeout, admission=admission,
-                              blob_quota=blob_quota_mb * 1024 * 1024)  # fmt: skip
+    kind, address = parse_verifiers(verifiers)
+    with ExitStack() as stack:
+        fleet = None
+        if kind == "ray":
+            from verimesh.fleet.cluster import ray_cluster
+            from verimesh.fleet.verifiers import RayVerifiers
 
-    def ready(url: str) -> None:
-        note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "
-             f"{coordinator.operator.node_id}); dashboard at {url}/")  # fmt: skip
-        sys.stderr.flush()
+            cluster = stack.enter_context(ray_cluster(address))
+            fleet = RayVerifiers(verifier_actors or max(1, int(cluster.cpus)))
+            stack.callback(fleet.close)
+            where = " (a local loopback cluster, shut down with the coordinator)" if cluster.local else ""
+            note(f"verifier fleet: {len(fleet.actors)} Ray actor(s) on {cluster.address}{where}")
+        coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
+                                  heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
+                                  read_token=read_token, verify_timeout=verify_timeout, admission=admission,
+                                  blob_quota=blob_quota_mb * 1024 * 1024, fleet=fleet)  # fmt: skip
 
-    try:
-        coordinator.serve(host, port, on_ready=ready)
-    except (KeyboardInterrupt, TerminatedError):  # uvicorn shut down gracefully first, then passed the signal on
-        note("verimesh coordinator stopped")
+        def ready(url: str) -> None:
+            note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "
+                 f"{coordinator.operator.node_id}); dashboard at {url}/")  # fmt: skip
+            sys.stderr.flush()
+
+        try:
+            coordinator.serve(host, port, on_ready=ready)
+        except (KeyboardInterrupt, TerminatedError):  # uvicorn shut down gracefully first, then passed the signal on
+            note("verimesh coordinator stopped")
 
 
 @click.group("node", epilog=EXIT_CODES_HELP)

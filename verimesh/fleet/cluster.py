@@ -13,6 +13,8 @@ with a loopback node address Ray listens on loopback only; the address it report
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +73,10 @@ def ray_cluster(address: str | None = None, *, num_cpus: int | None = None) -> I
         ray = _import_ray()
     if ray.is_initialized():
         raise InvalidInputError("this process is already connected to a Ray cluster", code="ray-busy")
+    # ray.init replaces the SIGTERM handler with one that exits at once (code 15): the command's
+    # own handling (a server's graceful shutdown, exit 143) is put back; this block shuts Ray down.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -82,6 +88,9 @@ def ray_cluster(address: str | None = None, *, num_cpus: int | None = None) -> I
             f"cannot reach the Ray cluster at {address}: {exc}"[:300], code="ray-unreachable",
             hint="start it with `ray start --head`, or use --verifiers ray for a local one",
         ) from exc  # fmt: skip
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     try:
         gcs = str(ray.get_runtime_context().gcs_address)
         if address is None and not gcs.startswith("127.0.0.1:"):

@@ -54,9 +54,10 @@ from starlette.routing import Route
 
 from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
-from verimesh.core.digest import parse_digest, sha256_bytes
+from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
 from verimesh.core.tensors import write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
+from verimesh.fleet.verifiers import Verifiers
 from verimesh.jobs.bundle import read_bundle
 from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
@@ -64,15 +65,17 @@ from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tenso
 from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
-from verimesh.mesh.files import check_files, job_files, materialize
+from verimesh.mesh.files import JOB_NAME, check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
 from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying
 from verimesh.settlement import (
+    Prefetched,
     all_standings,
     node_standing,
     register_job,
     register_node,
     registered_key,
+    registered_signer,
     settle_chain,
     slash_with_evidence,
     verify_and_settle,
@@ -155,6 +158,7 @@ class Coordinator:
         admission: str = "open",
         blob_quota: int = 2 * 1024 * 1024 * 1024,
         blob_ttl: float = 3600.0,
+        fleet: Verifiers | None = None,
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -186,6 +190,7 @@ class Coordinator:
             raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
         self.admission = admission
         self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout, admission) if isolate else None
+        self.fleet = fleet  # verifies ahead of settlement (``_prefetch``); settlement stays here
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -372,7 +377,8 @@ class Coordinator:
                  "attempts": t["attempts"], "history": t["history"],
                  "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
                                                                ("verdict", "reason", "node_id", "decided_by",
-                                                                "settle_s", "distance_to_referee")}}
+                                                                "settle_s", "distance_to_referee",
+                                                                "verified_by")}}
                 for t in doc["tasks"]
             ],
         }  # fmt: skip
@@ -679,26 +685,67 @@ class Coordinator:
         One that fails otherwise is an error for that answer: the task goes to another node. No
         item is ever retried in a loop that would block the ones behind it."""
         count = 0
-        for item in self.state.verifying():
-            if self._stop.is_set():
-                break
-            if self._sandbox is None:
-                self._verify_item(item)
-            else:
-                status, detail = self._sandbox.call(item, timeout=self._time_limit(item))
-                if status == "timeout" and self._settled_already(item) and item.task_id not in self._retried:
-                    self._retried.add(item.task_id)  # the ledger took its verdict just before the kill: once more
-                    continue
-                if status == "timeout":
-                    why = f"verification ran past {self.verify_timeout:g} s: the job's model is too costly to verify"
-                    self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}", fail_job=why,
-                                      verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
-                elif status != "ok":
-                    why = f"the verifier failed ({detail or 'its process died'})"
-                    self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}",
-                                      verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
-            count += 1
+        items = list(self.state.verifying())
+        with tempfile.TemporaryDirectory(prefix="verimesh-prefetch-") as tmp:
+            ahead = self._prefetch(items, Path(tmp)) if self.fleet is not None and items else {}
+            for item in items:
+                if self._stop.is_set():
+                    break
+                count += self._settle_item(item, ahead.get(item.task_id))
         return count
+
+    def _settle_item(self, item: Verifying, prefetched: Prefetched | None) -> bool:
+        """One stored result: verified (or its fleet verdict taken) and settled, in the child;
+        False when it is left for the next pass."""
+        if self._sandbox is None:
+            self._verify_item((item, prefetched))
+        else:
+            status, detail = self._sandbox.call((item, prefetched), timeout=self._time_limit(item))
+            if status == "timeout" and self._settled_already(item) and item.task_id not in self._retried:
+                self._retried.add(item.task_id)  # the ledger took its verdict just before the kill: once more
+                return False
+            if status == "timeout":
+                why = f"verification ran past {self.verify_timeout:g} s: the job's model is too costly to verify"
+                self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}", fail_job=why,
+                                  verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
+            elif status != "ok":
+                why = f"the verifier failed ({detail or 'its process died'})"
+                self.state.decide(item.task_id, accepted=False, outcome=f"error: {why}",
+                                  verdict={"verdict": "error", "reason": why, "node_id": item.node_id})  # fmt: skip
+        return True
+
+    def _prefetch(self, items: list[Verifying], folder: Path) -> dict[str, Prefetched]:
+        """Verify the whole-job results among ``items`` on the fleet, all at once, each with the
+        samples in force for its node now and its seed. Settlement takes a verdict only if these
+        still hold when its turn comes (an earlier settlement may have moved the node's audit
+        level); a fleet failure (an actor lost, a time limit) decides nothing: the result is
+        verified in the child as before. Segments and replicas are verified in the child."""
+        from verimesh.fleet.verifiers import VerifyTask
+
+        assert self.fleet is not None
+        tasks, keys = [], {}
+        for item in items:
+            doc = self.state.job(item.job_id)
+            if doc is None or doc["spec"].get("segments") or doc["spec"].get("replicas", 1) > 1:
+                continue
+            place = folder / item.task_id.replace("/", "_")
+            try:
+                job, _ = materialize(doc["spec"]["files"], self._stored, place, with_model=False)
+                bundle = place / "result.vmb"
+                bundle.write_bytes(self._stored(item.bundle))
+                public = self._holder_signed(bundle, job, item.node_id)
+                _, samples = registered_signer(bundle, job=job, ledger=self.ledger)
+            except InvalidInputError:  # the child finds the same and decides it
+                continue
+            seed = self.seed_for(item.task_id, item.bundle)
+            tasks.append(VerifyTask(item.task_id, bundle, place / "job" / JOB_NAME, public, samples, seed, job.job_id))
+            keys[item.task_id] = (sha256_file(bundle), job.job_id, public.key.hex(), samples, seed)
+        ahead = {}
+        for outcome in self.fleet.run(tasks, timeout=self.verify_timeout):
+            digest, job_id, node_key, samples, seed = keys[outcome.label]
+            ahead[outcome.label] = Prefetched(digest, job_id, node_key, samples, seed, outcome.verdict,
+                                              outcome.verifier)  # fmt: skip
+        return ahead
 
     def _time_limit(self, item: Verifying) -> float:
         """--verify-timeout for one answer; the answer that completes a replicated job's set may
@@ -714,8 +761,9 @@ class Coordinator:
         ids = {item.job_id, *(doc["spec"]["posted"] if doc is not None else ())}
         return any(e.event.get("job_id") in ids for e in self.ledger.entries(node_id=item.node_id, kinds=["verdict"]))
 
-    def _verify_item(self, item: Verifying) -> str:
-        self._verify_one(item)
+    def _verify_item(self, message: tuple[Verifying, Prefetched | None]) -> str:
+        item, prefetched = message
+        self._verify_one(item, prefetched)
         self._checkpoint_if_due()
         return "decided"
 
@@ -740,7 +788,7 @@ class Coordinator:
         if size - (latest.tree_size if latest is not None else 0) >= CHECKPOINT_EVERY:
             self.ledger.checkpoint(self.operator)
 
-    def _verify_one(self, item: Verifying) -> None:
+    def _verify_one(self, item: Verifying, prefetched: Prefetched | None = None) -> None:
         job_doc = self.state.job(item.job_id)
         assert job_doc is not None
         spec = job_doc["spec"]
@@ -764,7 +812,7 @@ class Coordinator:
                 elif spec.get("replicas", 1) > 1:
                     self._verify_replica(item, job, bundle, public, seed, folder)
                 else:
-                    self._verify_whole(item, job, bundle, public, seed, folder)
+                    self._verify_whole(item, job, bundle, public, seed, folder, prefetched)
             except InvalidInputError as exc:
                 verdict_doc: dict[str, Any] = {"verdict": "error", "reason": exc.message, "node_id": item.node_id,
                                                "decided_by": "spot"}  # fmt: skip
@@ -774,13 +822,14 @@ class Coordinator:
                 self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=outcome)
 
     def _verify_whole(self, item: Verifying, job: Job, bundle: Path, public: PublicKey, seed: int,
-                      folder: Path) -> None:  # fmt: skip
+                      folder: Path, prefetched: Prefetched | None = None) -> None:  # fmt: skip
         outputs = folder / "outputs.npz"
         started = time.perf_counter()
         settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
-                                    outputs_out=outputs)  # fmt: skip
+                                    outputs_out=outputs, prefetched=prefetched)  # fmt: skip
         verdict = settled.verdict
         verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
+                       "verified_by": settled.verified_by,
                        "settle_s": round(time.perf_counter() - started, 6),
                        "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
         if verdict.status == "accept":
@@ -1098,7 +1147,7 @@ def _outputs_agree(outputs: list[dict[str, np.ndarray]], job: Job) -> bool:
 
 
 def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float,
-                   admission: str = "open") -> Callable[[Verifying], str]:  # fmt: skip
+                   admission: str = "open") -> Callable[[tuple[Verifying, Prefetched | None]], str]:  # fmt: skip
     """The verifier's child process (``mesh.sandbox``): the same coordinator state, verifying in place."""
     coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False,
                               admission=admission)  # fmt: skip

@@ -1,0 +1,121 @@
+"""`serve --verifiers ray`: the coordinator verifies results on a Ray fleet ahead of settlement
+and stays the ledger's only writer. A prefetched verdict is taken only when it was reached on the
+very bundle, job, key, samples and seed settlement would use; a prefetched reject slashes only
+through evidence that re-checks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Keys
+from tests.integration.mesh_harness import Mesh, _node_id
+from tests.integration.test_fleet import cheat
+from tests.integration.test_ledger import join, new_ledger, operator, post
+from verimesh.core.digest import sha256_file
+from verimesh.jobs.job import Job
+from verimesh.jobs.verdict import Check, Verdict
+from verimesh.settlement import Prefetched, node_standing, verify_and_settle
+from verimesh.workflows import prove, verify
+
+
+def _prefetched(bundle: Path, job: Job, keys: Keys, verdict: Verdict, *, seed: int = 7, samples: int = 0,
+                digest: str | None = None) -> Prefetched:  # fmt: skip
+    return Prefetched(digest or sha256_file(bundle), job.job_id, keys.node.public.key.hex(), samples, seed, verdict,
+                      "ray:0")  # fmt: skip
+
+
+@pytest.fixture()
+def ledger_with_node(tmp_path: Path, jobs: dict[str, Job], keys: Keys) -> tuple[object, Job]:
+    led = new_ledger(tmp_path / "led.db")
+    join(led, keys.node, 1000)
+    post(led, jobs["rescnn"].job_id)
+    return led, jobs["rescnn"]
+
+
+def test_a_prefetched_accept_that_does_not_fit_is_not_taken(
+    tmp_path: Path, keys: Keys, ledger_with_node: tuple[object, Job]
+) -> None:
+    """A cheat with a fleet 'accept' beside it: a seed, a sample count or bundle bytes other than
+    settlement's own, and the bundle is verified here (and rejected, and slashed)."""
+    led, job = ledger_with_node
+    bad = cheat(job, keys, tmp_path / "cheat.vmb")
+    samples = node_standing(led, keys.node.node_id).samples_for(len(job.steps), job.policy.samples)  # type: ignore[arg-type]
+    accept = Verdict("accept", (Check("forged", True, "a fleet verdict for something else"),))
+    for wrong in (
+        _prefetched(bad, job, keys, accept, seed=8, samples=samples),
+        _prefetched(bad, job, keys, accept, seed=7, samples=samples + 1),
+        _prefetched(bad, job, keys, accept, seed=7, samples=samples, digest="sha256:" + "0" * 64),
+        replace(_prefetched(bad, job, keys, accept, seed=7, samples=samples), job_id="sha256:" + "1" * 64),
+    ):
+        settled = verify_and_settle(bad, job=job, ledger=led, writer=operator(led), seed=7, prefetched=wrong)  # type: ignore[arg-type]
+        assert settled.verified_by == "here"
+        assert settled.verdict.status == "reject"
+    assert node_standing(led, keys.node.node_id).slashed > 0  # type: ignore[arg-type]
+
+
+def test_a_fitting_prefetched_verdict_is_taken_and_a_reject_slashes_only_through_its_evidence(
+    tmp_path: Path, keys: Keys, ledger_with_node: tuple[object, Job]
+) -> None:
+    led, job = ledger_with_node
+    good = tmp_path / "good.vmb"
+    prove(job, key=keys.node, out=good, device="cpu")
+    samples = node_standing(led, keys.node.node_id).samples_for(len(job.steps), job.policy.samples)  # type: ignore[arg-type]
+    # A fleet 'reject' of an honest bundle, pointing at evidence that proves another node's fraud:
+    # the evidence does not re-check against this node's statement, so nothing is slashed.
+    bad = cheat(job, replace(keys, node=keys.other), tmp_path / "other.vmb")
+    real_reject = verify(bad, job=job, node_key=keys.other.public, samples=samples, seed=7)
+    assert real_reject.status == "reject" and real_reject.evidence
+    wrong = _prefetched(good, job, keys, real_reject, samples=samples)
+    settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, prefetched=wrong)  # type: ignore[arg-type]
+    assert settled.verified_by == "ray:0" and settled.verdict.status == "reject"
+    assert node_standing(led, keys.node.node_id).slashed == 0  # type: ignore[arg-type]
+    assert "evidence does not re-check" in (settled.note or "")
+    # The fleet's own accept of the honest bundle is taken as it is, with the outputs from the bundle.
+    honest = verify(good, job=job, node_key=keys.node.public, samples=samples, seed=7)
+    outputs = tmp_path / "outputs.npz"
+    settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, outputs_out=outputs,  # type: ignore[arg-type]
+                                prefetched=_prefetched(good, job, keys, honest, samples=samples))  # fmt: skip
+    assert settled.verified_by == "ray:0" and settled.verdict.status == "accept" and outputs.stat().st_size > 0
+    assert "reward" in [k for _, k in settled.appended]
+
+
+@pytest.mark.slow
+def test_serve_with_a_ray_fleet_verifies_there_and_settles_here(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path, extra=("--verifiers", "ray", "--verifier-actors", "1"))
+    try:
+        assert "verifier fleet: 1 Ray actor(s) on 127.0.0.1:" in (tmp_path / "serve.log").read_text()
+        cheater = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
+             "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
+            cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        mesh.procs.append(cheater)
+        mesh.wait_for(lambda: mesh.status()["nodes"], "the cheater")
+        sent = mesh.submit()
+        assert sent.returncode == 0, sent.stderr
+        job_id = json.loads(sent.stdout)["job_id"]
+        mesh.wait_for(lambda: any("slashed" in h["outcome"] for h in mesh.status(job_id)["tasks"][0]["history"]),
+                      "the cheat to be slashed")  # fmt: skip
+        rejected = mesh.status(job_id)["tasks"][0]["verdict"]
+        assert rejected["verdict"] == "reject" and rejected["verified_by"] == "ray:0", rejected
+        mesh.node("honest")
+        done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the honest node")
+        task = done["tasks"][0]
+        assert task["node_id"] == _node_id(mesh, "honest")
+        assert task["verdict"]["verdict"] == "accept" and task["verdict"]["verified_by"] == "ray:0", task
+        honest_kinds = mesh.ledger_kinds(_node_id(mesh, "honest"))
+        assert "slash" not in honest_kinds and honest_kinds.count("reward") == 1
+        # SIGTERM stops it gracefully (Ray's own handler, which exits at once, is not left in place).
+        assert mesh.coordinator is not None
+        mesh.coordinator.send_signal(signal.SIGTERM)
+        assert mesh.coordinator.wait(timeout=60) == 0
+        assert "coordinator stopped" in (tmp_path / "serve.log").read_text()
+    finally:
+        mesh.close()
