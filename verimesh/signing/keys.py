@@ -50,7 +50,7 @@ class PublicKey:
         return node_id_for(self.key)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
-        return _bls.backend().verify(self.key, message, signature)
+        return _bls.verify(self.key, message, signature)
 
     def check_possession(self) -> bool:
         """Proof of possession (needed before this key is aggregated with others); about 1 s."""
