@@ -272,3 +272,25 @@ def test_symbolic_output_dimension_is_refused_by_name() -> None:
         symbolic_dims(model, X)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
     assert symbolic_dims(model, X) == {"n": 1}
+
+
+def test_zk_proof_checks_run_on_a_ray_verifier_fleet(single: ZkCase, keys: Keys, tmp_path: Path) -> None:
+    """verify-many on a local Ray cluster: the honest zk bundle accepted by an actor, one whose
+    claimed output is not the proven one rejected there (exit 1)."""
+    import subprocess
+    import sys
+
+    outputs = {k: np.array(v) for k, v in read_bundle(single.bundle).tensors.items()}
+    outputs["logits"].reshape(-1)[0] += 0.25
+    bad = reseal(single, keys.node, tmp_path / "claimed.vmb", outputs=outputs)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "verimesh", "verify-many", str(single.bundle), str(bad), "--jobs-from",
+         str(single.bundle.parent), "--node-key", str(keys.node_pub), "--verifiers", "ray", "--actors", "1", "--json"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    rows = {Path(r["bundle"]).name: r for r in json.loads(proc.stdout)["results"]}
+    assert rows[single.bundle.name]["verdict"] == "accept", rows
+    assert rows["claimed.vmb"]["verdict"] == "reject", rows
+    assert all(r["verifier"].startswith("ray:") for r in rows.values()), rows
