@@ -178,3 +178,13 @@ def test_bench_simulate_reports_simulated_jobs_per_second(tmp_path: Path) -> Non
     row = json.loads(out.read_text())["simulate"]
     assert row["jobs"] == 100_000 and row["simulated_jobs_per_s"] > 0 and not row["at_full_scale"]
     assert "simulated jobs/s" in result.output
+
+
+def test_a_job_goes_on_to_the_nodes_left_when_the_ones_it_tried_are_excluded() -> None:
+    """Two lazy nodes and one honest one: however many of a job's nodes are caught and excluded,
+    the job is served by the one left (it is never counted unserved while an eligible node is untried)."""
+    for seed in range(20):
+        config = sim.Config(nodes=3, jobs=50, cheaters=(("lazy", 2 / 3),), audit="0", real=0, drop=0.0, seed=seed)
+        report = analytic(config)
+        assert report["unserved"] == 0 and report["completed"] == 50, seed
+        assert report["ejected"]["lazy"]["ejected"] == report["ejected"]["lazy"]["cheated"]

@@ -59,6 +59,7 @@ KINDS = (HONEST, *STRATEGIES)
 MAX_NODES = 1_000_000
 MAX_JOBS = 100_000_000
 ACCEPT = {"kind": "verdict", "status": "accept"}
+MIN_SHARD_NODES = 100  # a shard schedules among its own nodes: fewer would be a mesh of its own
 MAX_ROUNDS = 10  # times a job goes round every eligible node of its shard before it is unserved
 CHECKPOINT_EVERY = 10  # real jobs between the real ledger's checkpoints
 
@@ -322,9 +323,11 @@ def run_shard(shard: Shard) -> dict[str, Any]:
             wrong = cheat and kind != "equivocate"
             if wrong and rng.random() < work.rate(kind, k):
                 slash(node)
+                used.discard(node)  # excluded now: ``used`` counts the eligible nodes tried
                 continue
             if not cheat and rng.random() < shard.false_positive:
                 slash(node)
+                used.discard(node)
                 continue
             passed.append((node, wrong, cheat and kind == "equivocate"))
             if len(passed) < cfg.replicas:
@@ -335,6 +338,7 @@ def run_shard(shard: Shard) -> dict[str, Any]:
                 for i, w, _ in passed:
                     if w:
                         slash(i)
+                        used.discard(i)
                 passed = [entry for entry in passed if not entry[1]]
                 if not passed:  # every answer was wrong: the task goes out again
                     continue
@@ -378,7 +382,8 @@ def shard_seed(seed: int, index: int) -> int:
 
 def make_shards(config: Config, workload: Workload, false_positive: float) -> list[Shard]:
     """The population (its kinds in their shares, shuffled by the seed) cut into ``shards``
-    contiguous shards, each with its share of the jobs."""
+    contiguous shards of at least MIN_SHARD_NODES nodes (one for a smaller population), each with
+    its share of the jobs."""
     rng = random.Random(shard_seed(config.seed, -1))
     counts = {name: round(config.nodes * config.share(name)) for name in STRATEGIES}
     if sum(counts.values()) > config.nodes:
@@ -386,7 +391,7 @@ def make_shards(config: Config, workload: Workload, false_positive: float) -> li
     population = [KINDS.index(name) for name in STRATEGIES for _ in range(counts[name])]
     population += [0] * (config.nodes - len(population))
     rng.shuffle(population)
-    count = max(1, min(config.shards, config.nodes // max(config.replicas, 1)))
+    count = max(1, min(config.shards, config.nodes // max(MIN_SHARD_NODES, config.replicas)))
     bounds = [round(i * config.nodes / count) for i in range(count + 1)]
     jobs = [
         round(config.jobs * bounds[i + 1] / config.nodes) - round(config.jobs * bounds[i] / config.nodes)
@@ -854,7 +859,7 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"{cfg['nodes']} nodes, {cfg['jobs']} jobs, audit {cfg['audit']}, stake {cfg['stake']}, reward "
         f"{cfg['reward']}, replicas {cfg['replicas']} ({report['speed']['seconds']:.1f} s, "
-        f"{report['speed']['simulated_jobs_per_s']:,.0f} simulated jobs/s)",
+        f"{report['speed']['simulated_jobs_per_s'] or 0:,.0f} simulated jobs/s)",
         "",
         f"{'kind':<11} {'nodes':>6} {'cheats':>7} {'caught':>7} {'ejected':>8} {'jobs to ejection':>17} "
         f"{'profit/node [95% CI]':>28} {'vs honest/job':>14}",
