@@ -446,6 +446,21 @@ def test_an_edited_stake_is_found_and_no_decision_uses_it(
         node_standing(mesh, keys.node.node_id)
 
 
+def test_an_entry_edited_after_this_process_proved_it_included_is_still_found(
+    mesh: Ledger, keys: Keys, tmp_path: Path
+) -> None:
+    """Inclusion proofs are remembered per (checkpoint root, position, leaf): an edited body is
+    another leaf, proven afresh, and fails, though the original was proven a moment before."""
+    mesh.checkpoint(operator(mesh))
+    assert node_standing(mesh, keys.node.node_id).stake == 1000  # proves the registration included
+    seq = next(e.seq for e in mesh.entries(kinds=["register"]))
+    body = mesh.entry(seq).body.replace(b'"stake":1000', b'"stake":9000')
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:
+        conn.execute("UPDATE ledger_entries SET body = ? WHERE seq = ?", (body, seq))
+    with pytest.raises(IntegrityError):
+        node_standing(mesh, keys.node.node_id)
+
+
 def test_a_version_1_ledger_is_refused_clearly(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "old.db") as conn:
         conn.execute("CREATE TABLE ledger_meta (key VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL)")

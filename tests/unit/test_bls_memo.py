@@ -3,7 +3,7 @@ message or signature is checked afresh (and fails), whatever was checked before.
 
 from __future__ import annotations
 
-from verimesh.signing import _bls
+from verimesh.core.memo import Memo
 from verimesh.signing.keys import generate_key
 
 
@@ -26,13 +26,12 @@ def test_a_check_is_remembered_only_for_the_same_bytes() -> None:
 def test_a_length_split_cannot_alias_two_inputs() -> None:
     """(key, message, signature) are length-prefixed in the memo key: moving bytes from one part
     to the next is another key."""
-    assert _bls._Memo.key("verify:x", b"ab", b"c") != _bls._Memo.key("verify:x", b"a", b"bc")
-    assert _bls._Memo.key("verify:x", b"a") != _bls._Memo.key("verify:y", b"a")
+    assert Memo.key("verify:x", b"ab", b"c") != Memo.key("verify:x", b"a", b"bc")
+    assert Memo.key("verify:x", b"a") != Memo.key("verify:y", b"a")
 
 
 def test_the_memo_is_bounded() -> None:
-    memo = _bls._Memo()
-    memo.LIMIT = 4
+    memo = Memo(limit=4)
     for i in range(10):
         memo.put(bytes([i]), True)
     assert memo.get(bytes([0])) is None and memo.get(bytes([9])) is True

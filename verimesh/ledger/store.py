@@ -34,6 +34,7 @@ from sqlalchemy import event as sa_event
 from verimesh.core import merkle
 from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_json
 from verimesh.core.digest import format_digest, parse_digest, sha256_bytes
+from verimesh.core.memo import Memo
 from verimesh.errors import BackendUnavailableError, ConfigurationError, IntegrityError, InvalidInputError
 from verimesh.ledger.events import (
     DEFAULT_SETTINGS,
@@ -59,6 +60,9 @@ from verimesh.ledger.events import (
     time_plus,
 )
 from verimesh.signing.keys import PublicKey, SecretKey, node_id_for
+
+# Leaves proven included under a checkpoint's root, in this process (``LedgerView._check_included``).
+_INCLUDED = Memo()
 
 CHECKPOINT_TYPE = "verimesh/checkpoint"
 READ_ONLY = "verimesh_read_only"  # a connection execution option: reads only, a snapshot
@@ -1318,8 +1322,12 @@ class LedgerView:
         return rows
 
     def _check_included(self, entries: Sequence[Entry]) -> None:
-        """Entries before the anchor: an RFC 9162 inclusion proof each, under the checkpoint's root."""
-        early = [e for e in entries if e.seq < self.anchor]
+        """Entries before the anchor: an RFC 9162 inclusion proof each, under the checkpoint's root
+        (whose signature the view checked). Whether a leaf is included at a position under a root
+        is a fact about those bytes alone: one proven before, in this process, is not proven again."""
+        size, root = self.anchor.to_bytes(8, "big"), self.anchor_root
+        memo = {e.seq: Memo.key("inclusion", size, root, e.seq.to_bytes(8, "big"), e.leaf_hash) for e in entries}
+        early = [e for e in entries if e.seq < self.anchor and _INCLUDED.get(memo[e.seq]) is None]
         if not early:
             return
         wanted: set[tuple[int, int]] = set()
@@ -1335,6 +1343,7 @@ class LedgerView:
                 raise tampered(f"stored hashes on the path of entry {e.seq} are missing") from None
             if not merkle.verify_inclusion(e.leaf_hash, e.seq, self.anchor, path, self.anchor_root):
                 raise tampered(f"entry {e.seq} is not the one the last checkpoint signed (edited)")
+            _INCLUDED.put(memo[e.seq], True)
 
     def _check(self, entries: list[Entry]) -> list[Entry]:
         for e in entries:

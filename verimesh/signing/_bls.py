@@ -9,16 +9,14 @@ they run once per key.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cache
 from typing import Any, Protocol
 
+from verimesh.core.memo import Memo
 from verimesh.errors import ConfigurationError
 
 SECRET_KEY_BYTES = 32
@@ -206,54 +204,22 @@ def pop_prove(sk: int) -> bytes:
     return bytes(_reference().PopProve(sk))
 
 
-class _Memo:
-    """Results of checks already made in this process, by a digest of everything they depend on.
-
-    A BLS verification is a pure function of (suite, public key, message, signature): the same
-    bytes give the same answer, so a check repeated over bytes already checked (a ledger view
-    re-verifying the commits since its last checkpoint, a registration read again) is answered
-    from here. Any changed byte is another digest, checked afresh. Bounded; oldest out first."""
-
-    LIMIT = 1 << 17
-
-    def __init__(self) -> None:
-        self._seen: OrderedDict[bytes, bool] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(kind: str, *parts: bytes) -> bytes:
-        h = hashlib.sha256(kind.encode() + b"\x00")
-        for part in parts:
-            h.update(len(part).to_bytes(8, "big"))
-            h.update(part)
-        return h.digest()
-
-    def get(self, key: bytes) -> bool | None:
-        with self._lock:
-            return self._seen.get(key)
-
-    def put(self, key: bytes, value: bool) -> bool:
-        with self._lock:
-            self._seen[key] = value
-            if len(self._seen) > self.LIMIT:
-                self._seen.popitem(last=False)
-        return value
-
-
-_MEMO = _Memo()
+# Results of checks made in this process: a check is a pure function of its bytes (core/memo.py), so
+# a commit a ledger view re-verifies since its last checkpoint, or a registration re-read, is checked once.
+_MEMO = Memo()
 
 
 def verify(pk: bytes, message: bytes, signature: bytes) -> bool:
-    """``backend().verify``, answered from ``_Memo`` for bytes this process has checked before."""
+    """``backend().verify``, answered from the memo for bytes this process has checked before."""
     chosen = backend()
-    key = _Memo.key("verify:" + chosen.name, pk, message, signature)
+    key = Memo.key("verify:" + chosen.name, pk, message, signature)
     known = _MEMO.get(key)
     return known if known is not None else _MEMO.put(key, chosen.verify(pk, message, signature))
 
 
 def pop_verify(pk: bytes, proof: bytes) -> bool:
     """Proof of possession (memoized like ``verify``)."""
-    key = _Memo.key("pop:" + os.environ.get("VERIMESH_BLS_BACKEND", ""), pk, proof)
+    key = Memo.key("pop:" + os.environ.get("VERIMESH_BLS_BACKEND", ""), pk, proof)
     known = _MEMO.get(key)
     return known if known is not None else _MEMO.put(key, _pop_verify(pk, proof))
 
