@@ -509,6 +509,17 @@ def registered_signer(
     return public, standing.samples_for(len(job.steps), job.policy.samples)
 
 
+def _fleet_reject_holds(verdict: Verdict, envelope: Envelope | None, public: PublicKey, job_id: str) -> bool:
+    own = _own_statement(envelope, public, job_id) if envelope is not None else None
+    if verdict.evidence is None or own is None:
+        return False
+    try:
+        body = _read_evidence(Path(verdict.evidence))
+    except (InvalidInputError, OSError):
+        return False
+    return _proves(_check_evidence_bytes(body), public.node_id, job_id, own[1], fraud=True)
+
+
 def verify_and_settle(
     bundle: Path,
     *,
@@ -568,7 +579,13 @@ def verify_and_settle(
     in_force = samples if samples is not None else standing.samples_for(len(job.steps), job.policy.samples)
     # 3.
     verified_by = "here"
-    if prefetched is not None and prefetched.fits(bundle, job, public, in_force, seed):
+    taken = prefetched is not None and prefetched.fits(bundle, job, public, in_force, seed)
+    if taken and prefetched is not None and prefetched.verdict.status == "reject":
+        # A fleet reject stands only with evidence that proves this node's fraud; any other (no
+        # evidence, or evidence that does not re-check: a verifier on other hardware, say) is
+        # decided here, so the fleet can never exclude a node the verifier here would accept.
+        taken = _fleet_reject_holds(prefetched.verdict, envelope, public, job.job_id)
+    if taken and prefetched is not None:
         verdict, verified_by = prefetched.verdict, prefetched.verifier
         if verdict.status == "accept" and outputs_out is not None:
             write_tensor_file(outputs_out, committed_outputs(bundle, job, limits))

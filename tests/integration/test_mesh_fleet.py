@@ -18,6 +18,7 @@ from tests.conftest import Keys
 from tests.integration.mesh_harness import Mesh, _node_id
 from tests.integration.test_fleet import cheat
 from tests.integration.test_ledger import join, new_ledger, operator, post
+from verimesh.assurance.simulate import copy_job
 from verimesh.core.digest import sha256_file
 from verimesh.jobs.job import Job
 from verimesh.jobs.verdict import Check, Verdict
@@ -68,20 +69,30 @@ def test_a_fitting_prefetched_verdict_is_taken_and_a_reject_slashes_only_through
     prove(job, key=keys.node, out=good, device="cpu")
     samples = node_standing(led, keys.node.node_id).samples_for(len(job.steps), job.policy.samples)  # type: ignore[arg-type]
     # A fleet 'reject' of an honest bundle, pointing at evidence that proves another node's fraud:
-    # the evidence does not re-check against this node's statement, so nothing is slashed.
+    # the evidence does not re-check against this node's statement, so the bundle is verified
+    # here (accepted), and nothing is slashed.
     bad = cheat(job, replace(keys, node=keys.other), tmp_path / "other.vmb")
     real_reject = verify(bad, job=job, node_key=keys.other.public, samples=samples, seed=7)
     assert real_reject.status == "reject" and real_reject.evidence
     wrong = _prefetched(good, job, keys, real_reject, samples=samples)
     settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, prefetched=wrong)  # type: ignore[arg-type]
-    assert settled.verified_by == "ray:0" and settled.verdict.status == "reject"
+    assert settled.verified_by == "here" and settled.verdict.status == "accept"
     assert node_standing(led, keys.node.node_id).slashed == 0  # type: ignore[arg-type]
-    assert "evidence does not re-check" in (settled.note or "")
-    # The fleet's own accept of the honest bundle is taken as it is, with the outputs from the bundle.
-    honest = verify(good, job=job, node_key=keys.node.public, samples=samples, seed=7)
+    # So is a fleet reject with no evidence at all.
+    bare = replace(wrong, verdict=replace(real_reject, evidence=None))
+    settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, prefetched=bare)  # type: ignore[arg-type]
+    assert settled.verified_by == "here"
+    # The fleet's accept of the honest bundle (on a fresh job) is taken as it is, with the outputs
+    # read from the bundle.
+    fresh = copy_job(job)
+    post(led, fresh.job_id)  # type: ignore[arg-type]
+    again = tmp_path / "again.vmb"
+    prove(fresh, key=keys.node, out=again, device="cpu")
+    samples = node_standing(led, keys.node.node_id).samples_for(len(job.steps), job.policy.samples)  # type: ignore[arg-type]
+    honest = verify(again, job=fresh, node_key=keys.node.public, samples=samples, seed=7)
     outputs = tmp_path / "outputs.npz"
-    settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, outputs_out=outputs,  # type: ignore[arg-type]
-                                prefetched=_prefetched(good, job, keys, honest, samples=samples))  # fmt: skip
+    settled = verify_and_settle(again, job=fresh, ledger=led, writer=operator(led), seed=7, outputs_out=outputs,  # type: ignore[arg-type]
+                                prefetched=_prefetched(again, fresh, keys, honest, samples=samples))  # fmt: skip
     assert settled.verified_by == "ray:0" and settled.verdict.status == "accept" and outputs.stat().st_size > 0
     assert "reward" in [k for _, k in settled.appended]
 
@@ -119,3 +130,52 @@ def test_serve_with_a_ray_fleet_verifies_there_and_settles_here(tmp_path: Path) 
         assert "coordinator stopped" in (tmp_path / "serve.log").read_text()
     finally:
         mesh.close()
+
+
+class _BrokenFleet:
+    name = "ray"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.actors = [object()]
+
+    def run(self, tasks: object, *, timeout: float = 0) -> object:
+        self.calls += 1
+        raise RuntimeError("the fleet is down")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_prefetch_that_fails_for_one_result_or_for_all_decides_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong ahead of settlement (a job's files that cannot be written, a fleet that
+    fails) leaves the results to the verifier child: no pass dies on it (review: one job with a
+    path too long for the prefetch folder stopped every settlement)."""
+    from verimesh.mesh import coordinator as module
+    from verimesh.mesh.state import Verifying
+    from verimesh.signing.keys import generate_key
+
+    fleet = _BrokenFleet()
+    coordinator = module.Coordinator(f"sqlite:///{tmp_path / 'c.db'}", generate_key(), isolate=False, fleet=fleet)  # type: ignore[arg-type]
+    items = [Verifying(f"t{i}", f"sha256:{i:064x}", "vm-00000000000000000000", f"sha256:{i:064x}") for i in range(2)]
+
+    def too_long(job_id: str) -> None:
+        raise OSError(36, "File name too long")
+
+    monkeypatch.setattr(coordinator.state, "job", too_long)
+    assert coordinator._prefetch(items, tmp_path / "pre") == {}
+    monkeypatch.setattr(coordinator.state, "job", lambda job_id: None)
+    assert coordinator._prefetch(items, tmp_path / "pre") == {} and fleet.calls == 2
+
+
+def test_a_job_naming_a_path_longer_than_any_work_folder_can_hold_is_refused(jobs: dict[str, Job]) -> None:
+    from verimesh.errors import InvalidInputError
+    from verimesh.jobs.job import MAX_PATH_CHARS, job_from_bytes
+
+    path = jobs["mlp"].base_dir / "mlp.json"
+    doc = json.loads(path.read_text())
+    doc["steps"][0]["path"] = "a/" * (MAX_PATH_CHARS // 2) + "step.onnx"
+    with pytest.raises(InvalidInputError, match="characters long"):
+        job_from_bytes(json.dumps(doc).encode(), jobs["mlp"].base_dir, what="job")

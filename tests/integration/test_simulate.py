@@ -147,6 +147,9 @@ def test_the_same_seed_gives_the_same_report_and_every_job_is_counted_once() -> 
         (["--drop", "1.5"], 3, "--drop"),
         (["--slash-fraction", "two"], 3, "--slash-fraction"),
         (["--nodes", "0"], 2, "--nodes"),
+        (["--gain", "1e308"], 3, "--gain"),
+        (["--work-cost", "1e306"], 3, "--work-cost"),
+        (["--stake", str(10**13)], 3, "--stake"),
     ],
 )
 def test_bad_options_get_one_line_and_the_documented_exit_code(args: list[str], code: int, words: str) -> None:
@@ -188,3 +191,35 @@ def test_a_job_goes_on_to_the_nodes_left_when_the_ones_it_tried_are_excluded() -
         report = analytic(config)
         assert report["unserved"] == 0 and report["completed"] == 50, seed
         assert report["ejected"]["lazy"]["ejected"] == report["ejected"]["lazy"]["cheated"]
+
+
+def _real(jobs: int, honest: tuple[int, int], **strategies: tuple[int, int, float]) -> dict[str, Any]:
+    """A real-sample summary: honest (answers, rejected); strategy (trials, detected, analytic)."""
+    from verimesh.assurance.redteam import wilson
+
+    out: dict[str, Any] = {"jobs": jobs, "strategies": {}}
+    low, high = wilson(honest[1], honest[0])
+    out["honest"] = {"answers": honest[0], "rejected": honest[1], "ci95": [low, high], "within_ci": low <= 1e-9}
+    for kind, (trials, detected, analytic) in strategies.items():
+        low, high = wilson(detected, trials)
+        out["strategies"][kind] = {"trials": trials, "detected": detected, "analytic": analytic,
+                                   "within_ci": low - 1e-9 <= analytic <= high + 1e-9}  # fmt: skip
+    return out
+
+
+def test_the_comparison_judges_only_what_was_measured_enough() -> None:
+    """Review: Wilson's lower bound at 0 of 94 is 3e-18, not 0 (a spurious OUTSIDE naming no one);
+    no cheaters, or one trial a strategy, said 'every analytic rate is inside'."""
+    words, within = sim._judge(_real(500, (94, 0), lazy=(20, 19, 0.95)))
+    assert within is True and "every analytic rate is inside" in words
+    words, within = sim._judge(_real(500, (94, 0)))
+    assert within is True and "only the honest rate" in words
+    words, within = sim._judge(_real(500, (94, 0), lazy=(2, 2, 0.95), perturb=(30, 29, 0.9)))
+    assert within is False and "not checked for lazy (2)" in words
+    words, within = sim._judge(_real(500, (94, 0), perturb=(30, 5, 0.9)))
+    assert within is False and "perturb is OUTSIDE" in words
+    words, within = sim._judge(_real(500, (94, 3), perturb=(30, 27, 0.9)))
+    assert within is False and "honest (false rejects) is OUTSIDE" in words
+    words, within = sim._judge(_real(60, (40, 0), perturb=(30, 27, 0.9)))
+    assert within is True and "a sample of 60 jobs" in words
+    assert sim._judge(None) == ("not checked: no real sample (--real 0)", None)

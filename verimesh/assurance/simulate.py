@@ -58,6 +58,8 @@ STRATEGIES = ("lazy", "perturb", "equivocate")
 KINDS = (HONEST, *STRATEGIES)
 MAX_NODES = 1_000_000
 MAX_JOBS = 100_000_000
+MAX_AMOUNT = 10**12  # stake, reward, gain, work cost: sums over 10^8 jobs stay exact in a float
+MIN_TRIALS = 5  # real trials of a strategy (and honest answers) below which its rate is not judged
 ACCEPT = {"kind": "verdict", "status": "accept"}
 MIN_SHARD_NODES = 100  # a shard schedules among its own nodes: fewer would be a mesh of its own
 MAX_ROUNDS = 10  # times a job goes round every eligible node of its shard before it is unserved
@@ -127,9 +129,11 @@ def check_config(config: Config) -> None:
         raise InvalidInputError(f"--replicas {config.replicas} needs at least as many nodes")
     if config.stake < 1 or config.reward < 1:
         raise InvalidInputError("--stake and --reward must be positive whole numbers (ledger units)")
+    if config.stake > MAX_AMOUNT or config.reward > MAX_AMOUNT:
+        raise InvalidInputError(f"--stake and --reward must be at most {MAX_AMOUNT:.0e}")
     for name, value in (("--gain", config.gain), ("--work-cost", config.work_cost)):
-        if not math.isfinite(value) or value < 0:
-            raise InvalidInputError(f"{name} must be a finite number, 0 or more")
+        if not math.isfinite(value) or not 0 <= value <= MAX_AMOUNT:
+            raise InvalidInputError(f"{name} must be a number from 0 to {MAX_AMOUNT:.0e}")
     if not 0 < config.lazy_fraction < 1:
         raise InvalidInputError("--lazy-fraction must be between 0 and 1")
     if not 0 <= config.drop < 1:
@@ -673,7 +677,7 @@ def run_real(
             "rejected": honest_rejects,
             "ci95": [low, high],
             "analytic": 0.0,
-            "within_ci": low <= 0.0 <= high,
+            "within_ci": low <= 1e-9,  # Wilson's lower bound at 0 successes is 0 up to rounding
         },
         "honest_slashed": honest_slashed,
         "strategies": strategies,
@@ -723,21 +727,7 @@ def run_simulation(
     false_positive = real["honest"]["rejected"] / max(real["honest"]["answers"], 1) if real else 0.0
     say(f"analytic model: {config.nodes} nodes, {config.jobs} jobs")
     analytic, seconds = run_analytic(config, workload, false_positive, runner)
-    checked = [s["within_ci"] for s in (real or {}).get("strategies", {}).values()]
-    if real is None:
-        verdict, within = "not checked: no real sample (--real 0)", None
-    elif any(s["trials"] == 0 for s in real["strategies"].values()):
-        untested = [k for k, s in real["strategies"].items() if s["trials"] == 0]
-        verdict, within = f"not checked for {', '.join(untested)}: no cheat of that kind in the real sample", False
-    else:
-        within = all(checked) and real["honest"]["within_ci"]
-        verdict = (
-            "every analytic rate is inside the real jobs' 95% interval"
-            if within
-            else "the analytic rate of "
-            + ", ".join(k for k, s in real["strategies"].items() if not s["within_ci"])
-            + " is OUTSIDE the real jobs' 95% interval"
-        )
+    verdict, within = _judge(real)
     report: dict[str, Any] = {
         "config": {**asdict(config), "cheaters": dict(config.cheaters), "model": model.name},
         "workload": {
@@ -774,6 +764,29 @@ def run_simulation(
             "policy": _point(config.audit, result),
         }
     return report
+
+
+def _judge(real: dict[str, Any] | None) -> tuple[str, bool | None]:
+    """(what the comparison says, analytic_within_real_ci): None without a real sample; False
+    when a rate is outside its interval, or a kind has too few real trials to judge."""
+    if real is None:
+        return "not checked: no real sample (--real 0)", None
+    rates = {"honest (false rejects)": (real["honest"]["answers"], real["honest"]["within_ci"])}
+    rates.update({kind: (s["trials"], s["within_ci"]) for kind, s in real["strategies"].items()})
+    few = [f"{kind} ({count})" for kind, (count, _) in rates.items() if count < MIN_TRIALS]
+    outside = [kind for kind, (count, inside) in rates.items() if count >= MIN_TRIALS and not inside]
+    size = "" if real["jobs"] >= 500 else f"; a sample of {real['jobs']} jobs, where the check asks for at least 500"
+    if outside:
+        return f"the analytic rate of {', '.join(outside)} is OUTSIDE the real jobs' 95% interval{size}", False
+    if few:
+        return (
+            f"not checked for {', '.join(few)}: fewer than {MIN_TRIALS} real trials (under the adaptive policy "
+            f"a cheater plays 10 honest jobs first; a larger --real gives more){size}",
+            False,
+        )
+    if not real["strategies"]:
+        return f"only the honest rate was compared (no cheaters in the run): inside its 95% interval{size}", True
+    return f"every analytic rate is inside the real jobs' 95% interval{size}", True
 
 
 def _point(audit: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -326,11 +326,18 @@ def _spec_from(doc: Any, what: str) -> TensorSpec:
     return TensorSpec(doc["name"], doc["dtype"], None if shape is None else tuple(shape))
 
 
+# Longest path a job may name for a file: every folder a job is written under (a verifier's, a
+# node's, a fleet's) must still hold it within the system's 4096-byte path limit.
+MAX_PATH_CHARS = 1024
+
+
 def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
     if not isinstance(value, str) or not value or value.startswith("/") or "\\" in value or "\x00" in value:
         raise InvalidInputError(f"job {what} path must be a relative POSIX path")
     if not allow_parent and ".." in PurePosixPath(value).parts:
         raise InvalidInputError(f"job {what} path {value!r} escapes the job folder")
+    if len(value) > MAX_PATH_CHARS:
+        raise InvalidInputError(f"job {what} path is {len(value)} characters long (at most {MAX_PATH_CHARS})")
     return value
 
 
