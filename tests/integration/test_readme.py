@@ -27,7 +27,7 @@ NOT_RUN = {
     "verimesh bench --quick": "tests/integration/test_cli.py runs the bench sections on the fixtures",
     "verimesh bench fixtures/rescnn.onnx": "tests/integration/test_cli.py runs the spot section",
     "verimesh regress fixtures/suite.toml --profile quick": ".ci/run runs exactly this after the tests",
-    "verimesh simulate --nodes 2000 --jobs 20000": "two minutes of real jobs: tests/integration/test_simulate.py "
+    "verimesh simulate --nodes 2000 --jobs 20000": "500 real jobs: tests/integration/test_simulate.py "
     "runs exactly this (README_RUN), with --json and --plot",
     "verimesh circuit bench": "a minute of proving (setup, cold and warm proofs, bare ezkl); run by hand for "
     "docs/benchmarks.md (not covered by a test)",
