@@ -75,7 +75,6 @@ from verimesh.settlement import (
     register_job,
     register_node,
     registered_key,
-    registered_signer,
     settle_chain,
     slash_with_evidence,
     verify_and_settle,
@@ -720,11 +719,12 @@ class Coordinator:
         return True
 
     def _prefetch(self, items: list[Verifying], folder: Path) -> dict[str, Prefetched]:
-        """Verify the whole-job results among ``items`` on the fleet, all at once, each with the
-        samples in force for its node now and its seed. Settlement takes a verdict only if these
-        still hold when its turn comes (an earlier settlement may have moved the node's audit
-        level); a fleet failure (an actor lost, a time limit) decides nothing: the result is
-        verified in the child as before. Segments and replicas are verified in the child."""
+        """Verify the whole-job results among ``items`` on the fleet, together, each with the lease
+        holder's registered key, the samples in force for it now and the result's seed. Settlement
+        takes a verdict only if these still hold when its turn comes (an earlier settlement may
+        have moved the node's audit level); a fleet failure (an actor lost, a time limit) decides
+        nothing: the result is verified in the child as before. Segments and replicas are
+        verified in the child."""
         from verimesh.fleet.verifiers import VerifyTask
 
         assert self.fleet is not None
@@ -738,8 +738,13 @@ class Coordinator:
                 job, _ = materialize(doc["spec"]["files"], self._stored, place, with_model=False)
                 bundle = place / "result.vmb"
                 bundle.write_bytes(self._stored(item.bundle))
-                public = self._holder_signed(bundle, job, item.node_id)
-                _, samples = registered_signer(bundle, job=job, ledger=self.ledger)
+                # The lease holder's key and audit level, from the ledger: the bundle itself is
+                # parsed only by the fleet and the child (a bundle its holder did not sign fails
+                # there, and settlement's own signer then does not fit this verdict).
+                public = self._registered_key(item.node_id)
+                if public is None:
+                    continue
+                samples = node_standing(self.ledger, item.node_id).samples_for(len(job.steps), job.policy.samples)
                 seed = self.seed_for(item.task_id, item.bundle)
                 keys[item.task_id] = (sha256_file(bundle), job.job_id, public.key.hex(), samples, seed)
             except Exception:  # noqa: BLE001 (anything wrong with one result: the child verifies and decides it)
