@@ -562,3 +562,33 @@ def test_keys_that_upload_garbage_are_excluded_without_using_up_the_owners_attem
         for node in cheats:
             node.close()
         mesh.close()
+
+
+def test_a_job_asking_for_trusted_nodes_goes_only_to_a_node_the_ledger_trusts(tmp_path: Path) -> None:
+    """`submit --min-level 1`: a fresh node (audit level 0: every step checked) is not leased the
+    task; a node with a streak of accepted jobs in the ledger (level 1) is."""
+    from tests.integration.test_ledger import history, join
+
+    mesh = Mesh(tmp_path, settings={"operator_key_path": str(tmp_path / "op.key")})
+    try:
+        led = Ledger.open(mesh.db)
+        trusted = load_secret_key(tmp_path / "honest.key")
+        join(led, trusted, 1000)
+        history(led, trusted, 10)
+        mesh.node("other")
+        mesh.wait_for(lambda: mesh.status()["nodes"], "the fresh node")
+        sent = mesh.submit("--min-level", "1")
+        assert sent.returncode == 0, sent.stderr
+        job_id = json.loads(sent.stdout)["job_id"]
+        time.sleep(3)  # the fresh node polls every 0.2 s: it would have leased it by now
+        job = mesh.status(job_id)
+        assert job["min_level"] == 1 and job["tasks"][0]["state"] == "pending" and job["tasks"][0]["attempts"] == 0
+        mesh.node("honest")
+        done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the trusted node")
+        assert done["tasks"][0]["node_id"] == trusted.node_id
+        levels = {n["node_id"]: n["audit_level"] for n in mesh.status()["nodes"]}
+        assert levels[trusted.node_id] >= 1 and levels[_node_id(mesh, "other")] == 0
+    finally:
+        mesh.close()
+    assert _cli("submit", "x.onnx", "--min-level", "9", "--coordinator", mesh.url, "--key", "owner.key",
+                cwd=tmp_path).returncode == 2  # fmt: skip

@@ -12,6 +12,7 @@ import click
 
 from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note
 from verimesh.errors import EXIT_REJECTED, TerminatedError
+from verimesh.ledger.reputation import MAX_LEVEL
 
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)?$")
 
@@ -173,6 +174,9 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               help="Run the job on R distinct nodes: each answer is spot-checked, agreeing answers are settled "
               "by the quorum, a disagreement by a referee's full verification (the deposit pays each accepted "
               "replica). Not with --segments.")  # fmt: skip
+@click.option("--min-level", type=click.IntRange(min=0, max=MAX_LEVEL), default=0, show_default=True,
+              help="Lease the job only to nodes the ledger trusts at this audit level or above (level L: a streak "
+              "of accepted jobs, docs/design.md §6); 0: any staked node.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
 @click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -182,8 +186,9 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "coordinator announces, which proves nothing against a coordinator you do not trust).")  # fmt: skip
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
-           samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int, wait: bool,
-           timeout: float, out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
+           samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int, min_level: int,
+           wait: bool, timeout: float, out_dir: Path | None, verifier_key: Path | None,
+           as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
@@ -199,7 +204,7 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
                           max_attempts=max_attempts, segments=segments, device=job_device,
-                          replicas=replicas)  # fmt: skip
+                          replicas=replicas, min_level=min_level)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")
@@ -250,10 +255,12 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
                      + (", ".join(f"{k} {v}" for k, v in sorted(doc["tasks"].items())) or "none"))  # fmt: skip
         for n in doc["nodes"]:
             lines.append(f"  node {n['node_id']}  {n['device']}  {'online' if n['online'] else 'offline'}  "
-                         f"stake {n.get('stake', '?')}  score {n.get('score', '?')}"
+                         f"stake {n.get('stake', '?')}  score {n.get('score', '?')}  "
+                         f"audit level {n.get('audit_level', '?')}"
                          + (f"  EXCLUDED: {n['banned']}" if n["banned"] else ""))  # fmt: skip
     for j in jobs:
-        lines.append(f"job {j['job_id']}  {j['state']}" + (f"  ({j['error']})" if j["error"] else ""))
+        wants = f"  (nodes at audit level >= {j['min_level']} only)" if j.get("min_level") else ""
+        lines.append(f"job {j['job_id']}  {j['state']}{wants}" + (f"  ({j['error']})" if j["error"] else ""))
         for t in j["tasks"]:
             last = t["history"][-1]["outcome"] if t["history"] else ""
             replica = f" replica {t.get('replica', 0)}" if j.get("replicas", 1) > 1 else ""

@@ -63,6 +63,7 @@ from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
 from verimesh.ledger.events import SignedRequest
+from verimesh.ledger.reputation import MAX_LEVEL
 from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import JOB_NAME, check_files, job_files, materialize
@@ -180,7 +181,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
-        self._bonds: dict[str, tuple[int, int]] = {}  # node id -> (ledger size, bonded stake)
+        self._bonds: dict[str, tuple[int, int, int]] = {}  # node id -> (ledger size, bonded stake, audit level)
         self.verify_timeout = verify_timeout
         self._retried: set[str] = set()
         self.blob_quota, self.blob_ttl = blob_quota, blob_ttl
@@ -370,6 +371,7 @@ class Coordinator:
             "job_id": doc["job_id"], "owner": doc["owner"], "state": doc["state"], "created": doc["created"],
             "updated": doc["updated"], "error": doc["error"], "receipt": doc["receipt"] is not None,
             "device": doc["spec"].get("device", "any"), "replicas": doc["spec"].get("replicas", 1),
+            "min_level": doc["spec"].get("min_level", 0),
             "tasks": [
                 {"task_id": t["task_id"], "position": t["position"], "replica": t["replica"], "state": t["state"],
                  "node_id": t["node_id"],
@@ -468,10 +470,12 @@ class Coordinator:
         signed = self._signed(request, body)
         doc = self._json_body(body)
         keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
-        if not isinstance(doc, dict) or set(doc) - {"device", "replicas"} != keys:
+        if not isinstance(doc, dict) or set(doc) - {"device", "replicas", "min_level"} != keys:
             raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally "
-                            "device and replicas")  # fmt: skip
-        device, replicas = doc.get("device", "any"), doc.get("replicas", 1)
+                            "device, replicas and min_level")  # fmt: skip
+        device, replicas, min_level = doc.get("device", "any"), doc.get("replicas", 1), doc.get("min_level", 0)
+        if type(min_level) is not int or not 0 <= min_level <= MAX_LEVEL:
+            raise HTTPError(422, "bad-min-level", f"min_level must be an audit level, 0 .. {MAX_LEVEL}")
         if device not in JOB_DEVICES:
             raise HTTPError(422, "bad-device", f"device must be one of {', '.join(JOB_DEVICES)}")
         if type(replicas) is not int or not 1 <= replicas <= MAX_REPLICAS:
@@ -534,7 +538,7 @@ class Coordinator:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
                 "segments": None if ranges is None else [list(r) for r in ranges], "device": device,
-                "replicas": replicas}  # fmt: skip
+                "replicas": replicas, "min_level": min_level}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted), replicas=replicas)
         self._checkpoint_if_due()
         self._wake.set()
@@ -583,24 +587,27 @@ class Coordinator:
 
     def _lease(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
-        if self._bonded(signed.node_id) <= 0:  # its answers could be neither paid nor slashed
+        stake, level = self._bonded(signed.node_id)
+        if stake <= 0:  # its answers could be neither paid nor slashed
             raise HTTPError(403, "no-stake", "this node has no bonded stake that a slash could take: it gets no "
                             "tasks until it tops up (`verimesh ledger stake top-up`)")  # fmt: skip
-        lease = self.state.lease(signed.node_id, deadline_default=self.deadline)
+        lease = self.state.lease(signed.node_id, deadline_default=self.deadline, level=level)
         return None if lease is None else lease.to_json()
 
-    def _bonded(self, node_id: str) -> int:
-        """The node's bonded stake, as of the ledger's current size (read again whenever the
-        ledger grew: a slash or a withdrawal a moment ago counts). Stake only unbonding does not
-        count: a node that is withdrawing everything takes no new task it could walk away from."""
+    def _bonded(self, node_id: str) -> tuple[int, int]:
+        """The node's bonded stake and audit level, as of the ledger's current size (read again
+        whenever the ledger grew: a slash or a withdrawal a moment ago counts). Stake only
+        unbonding does not count: a node that is withdrawing everything takes no new task it
+        could walk away from."""
         size = self.ledger.size()
         cached = self._bonds.get(node_id)
         if cached is None or cached[0] != size:
             if len(self._bonds) > 100_000:
                 self._bonds.clear()
-            cached = (size, node_standing(self.ledger, node_id).stake)
+            standing = node_standing(self.ledger, node_id)
+            cached = (size, standing.stake, standing.audit_level)
             self._bonds[node_id] = cached
-        return cached[1]
+        return cached[1], cached[2]
 
     def _file(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)

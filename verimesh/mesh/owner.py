@@ -37,12 +37,13 @@ class Submitted:
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
     samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
-    replicas: int = 1,
+    replicas: int = 1, min_level: int = 0,
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
     from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
     leased only to nodes that registered that device, or ``any``; ``replicas``: the whole job run
-    by that many distinct nodes, the deposit paying each accepted one)."""
+    by that many distinct nodes, the deposit paying each accepted one; ``min_level``: leased only
+    to nodes at that audit level or above)."""
     from verimesh.jobs.segments import plan_segments, views_of
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
@@ -54,7 +55,7 @@ def submit(
         post = [v.job_id for v in views_of(job, ranges)] if ranges else None
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
                                    max_attempts=max_attempts, post=post, segments=ranges,
-                                   device=device, replicas=replicas)  # fmt: skip
+                                   device=device, replicas=replicas, min_level=min_level)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
 
 

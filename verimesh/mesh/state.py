@@ -370,8 +370,9 @@ class MeshState:
                 state="failed", updated=now, error=f"task {row.position}: {len(history)} leases; last: {why}"[:500]
             ))  # fmt: skip
 
-    def lease(self, node_id: str, *, deadline_default: float) -> Lease | None:
-        """The node's current lease, else the oldest pending task it may take, leased to it now."""
+    def lease(self, node_id: str, *, deadline_default: float, level: int = 0) -> Lease | None:
+        """The node's current lease, else the oldest pending task it may take (of its device, for
+        its audit ``level``, never a second sub-task of one job), leased to it now."""
         now = time.time()
         with self._read() as conn:  # the common idle case without the write lock
             busy = conn.execute(sa.select(tasks.c.task_id).where(
@@ -393,6 +394,8 @@ class MeshState:
                 spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
                 if spec.get("device", "any") not in ("any", device):
                     continue  # the job asked for another device than this node's
+                if int(spec.get("min_level", 0)) > level:
+                    continue  # the job asked for nodes the ledger trusts more
                 siblings = conn.execute(
                     sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
                     .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
