@@ -510,12 +510,19 @@ def registered_signer(
 
 
 def _fleet_reject_holds(verdict: Verdict, envelope: Envelope | None, public: PublicKey, job_id: str) -> bool:
+    """The fleet's reject comes with evidence that proves this node's fraud for this claim, and
+    the evidence is about this very statement (the envelope it carries is this bundle's)."""
+    from verimesh.core.container import read_container
+
     own = _own_statement(envelope, public, job_id) if envelope is not None else None
-    if verdict.evidence is None or own is None:
+    if verdict.evidence is None or own is None or envelope is None:
         return False
     try:
         body = _read_evidence(Path(verdict.evidence))
+        carried = bytes(read_container(body, what="evidence").get("envelope.json", b""))
     except (InvalidInputError, OSError):
+        return False
+    if carried != envelope.to_bytes():
         return False
     return _proves(_check_evidence_bytes(body), public.node_id, job_id, own[1], fraud=True)
 

@@ -78,6 +78,15 @@ def test_a_fitting_prefetched_verdict_is_taken_and_a_reject_slashes_only_through
     settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, prefetched=wrong)  # type: ignore[arg-type]
     assert settled.verified_by == "here" and settled.verdict.status == "accept"
     assert node_standing(led, keys.node.node_id).slashed == 0  # type: ignore[arg-type]
+    # So is one whose evidence proves this very node's fraud on this claim, in another statement
+    # than this bundle's (review 2): the verdict settled is about this bundle, verified here.
+    own_cheat = cheat(job, keys, tmp_path / "own-cheat.vmb")
+    own_reject = verify(own_cheat, job=job, node_key=keys.node.public, samples=samples, seed=7)
+    assert own_reject.status == "reject" and own_reject.evidence
+    settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7,  # type: ignore[arg-type]
+                                prefetched=_prefetched(good, job, keys, own_reject, samples=samples))  # fmt: skip
+    assert settled.verified_by == "here" and settled.verdict.status == "accept"
+    assert node_standing(led, keys.node.node_id).slashed == 0  # type: ignore[arg-type]
     # So is a fleet reject with no evidence at all.
     bare = replace(wrong, verdict=replace(real_reject, evidence=None))
     settled = verify_and_settle(good, job=job, ledger=led, writer=operator(led), seed=7, prefetched=bare)  # type: ignore[arg-type]
@@ -172,10 +181,18 @@ def test_a_prefetch_that_fails_for_one_result_or_for_all_decides_nothing(
 
 def test_a_job_naming_a_path_longer_than_any_work_folder_can_hold_is_refused(jobs: dict[str, Job]) -> None:
     from verimesh.errors import InvalidInputError
-    from verimesh.jobs.job import MAX_PATH_CHARS, job_from_bytes
+    from verimesh.jobs.job import MAX_PATH_BYTES, job_from_bytes
 
     path = jobs["mlp"].base_dir / "mlp.json"
     doc = json.loads(path.read_text())
-    doc["steps"][0]["path"] = "a/" * (MAX_PATH_CHARS // 2) + "step.onnx"
-    with pytest.raises(InvalidInputError, match="characters long"):
+    for long in ("a/" * (MAX_PATH_BYTES // 2) + "step.onnx", "é/" * (MAX_PATH_BYTES // 3) + "s.onnx", "n" * 256):
+        doc["steps"][0]["path"] = long
+        with pytest.raises(InvalidInputError, match="bytes long"):
+            job_from_bytes(json.dumps(doc).encode(), jobs["mlp"].base_dir, what="job")
+    # A local job's model may sit anywhere: its path is not capped (review 2: a job new_job wrote
+    # with a model 1,200 characters away no longer loaded).
+    doc = json.loads(path.read_text())
+    doc["model"]["path"] = "../" * 400 + doc["model"]["path"].lstrip("./")
+    with pytest.raises(InvalidInputError) as refused:
         job_from_bytes(json.dumps(doc).encode(), jobs["mlp"].base_dir, what="job")
+    assert "bytes long" not in refused.value.message

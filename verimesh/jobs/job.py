@@ -326,9 +326,11 @@ def _spec_from(doc: Any, what: str) -> TensorSpec:
     return TensorSpec(doc["name"], doc["dtype"], None if shape is None else tuple(shape))
 
 
-# Longest path a job may name for a file: every folder a job is written under (a verifier's, a
-# node's, a fleet's) must still hold it within the system's 4096-byte path limit.
-MAX_PATH_CHARS = 1024
+# Longest path a job may name for a file inside its files folder (UTF-8 bytes): every folder a job
+# is written under (a verifier's, a node's, a fleet's) must still hold it within the system's
+# 4096-byte path limit. Paths that may leave the folder (a local job's model, a zk circuit) are
+# never written under a work folder and are not capped.
+MAX_PATH_BYTES = 1024
 
 
 def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
@@ -336,8 +338,10 @@ def _relative_path(value: Any, what: str, *, allow_parent: bool = False) -> str:
         raise InvalidInputError(f"job {what} path must be a relative POSIX path")
     if not allow_parent and ".." in PurePosixPath(value).parts:
         raise InvalidInputError(f"job {what} path {value!r} escapes the job folder")
-    if len(value) > MAX_PATH_CHARS:
-        raise InvalidInputError(f"job {what} path is {len(value)} characters long (at most {MAX_PATH_CHARS})")
+    if not allow_parent:  # a path inside the job's files folder: written under every work folder
+        size = len(value.encode())
+        if size > MAX_PATH_BYTES or any(len(part.encode()) > 255 for part in PurePosixPath(value).parts):
+            raise InvalidInputError(f"job {what} path is {size} bytes long (at most {MAX_PATH_BYTES}, and 255 a name)")
     return value
 
 
