@@ -67,6 +67,7 @@ def _import_ray_for_loopback() -> Any:
 def ray_cluster(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Cluster]:
     """Connect to ``address``, or start a loopback-only local cluster (``num_cpus``: default the
     machine's) and shut it down on exit. Refuses a second connection in one process."""
+    switch = os.environ.get(LOOPBACK_SWITCH)
     if address is None:
         ray = _import_ray_for_loopback()
     else:
@@ -101,3 +102,7 @@ def ray_cluster(address: str | None = None, *, num_cpus: int | None = None) -> I
                       float(resources.get("GPU", 0)))  # fmt: skip
     finally:
         ray.shutdown()
+        if switch is None:  # the process's environment as it was (children started later inherit it)
+            os.environ.pop(LOOPBACK_SWITCH, None)
+        else:
+            os.environ[LOOPBACK_SWITCH] = switch

@@ -43,10 +43,11 @@ async function refresh() {
   document.querySelector("#jobs tbody").innerHTML = s.jobs.flatMap(j => j.tasks.map(t => {
     const last = t.history.length ? t.history[t.history.length - 1].outcome : "";
     const v = t.verdict ? t.verdict.verdict : "";
+    const by = t.verdict && t.verdict.verified_by && t.verdict.verified_by !== "here" ? " (" + t.verdict.verified_by + ")" : "";
     return "<tr class='job' data-state='" + esc(j.state) + "'><td><code>" + short(j.job_id) + "</code></td><td class='" +
       esc(j.state) + "'>" + esc(j.state) + "</td><td class='" + esc(t.state) + "'>" + esc(t.position) + " " +
       esc(t.state) + "</td><td><code>" + esc(t.node_id) + "</code></td><td>" + esc(t.attempts) + "</td><td class='" +
-      esc(v) + "'>" + esc(v) + "</td><td>" + esc(last) + "</td></tr>";
+      esc(v) + "'>" + esc(v) + esc(by) + "</td><td>" + esc(last) + "</td></tr>";
   })).join("");
 }
 refresh(); setInterval(refresh, 1000);
