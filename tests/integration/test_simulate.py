@@ -223,3 +223,31 @@ def test_the_comparison_judges_only_what_was_measured_enough() -> None:
     words, within = sim._judge(_real(60, (40, 0), perturb=(30, 27, 0.9)))
     assert within is True and "a sample of 60 jobs" in words
     assert sim._judge(None) == ("not checked: no real sample (--real 0)", None)
+
+
+def test_a_cheat_the_model_will_not_run_is_refused_up_front_or_played_honestly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verimesh.assurance.redteam import _Cheater
+    from verimesh.errors import InvalidInputError, StepExecutionError
+
+    original = _Cheater.lazy
+    calls = {"n": 0}
+
+    def fails_after(limit: int) -> Any:
+        def lazy(self: Any, fraction: float) -> Any:
+            calls["n"] += 1
+            if calls["n"] > limit:
+                raise StepExecutionError("step 2 does not run on these inputs")
+            return original(self, fraction)
+
+        return lazy
+
+    monkeypatch.setattr(_Cheater, "lazy", fails_after(0))
+    with pytest.raises(InvalidInputError, match="lazy strategy cannot cheat on this model"):
+        sim.run_simulation(sim.Config(nodes=50, jobs=500, cheaters=(("lazy", 0.2),), real=0))
+    report = sim.run_simulation(sim.Config(nodes=50, jobs=500, cheaters=(("perturb", 0.2),), real=0))
+    assert "lazy" not in report["workload"]["detection"] and report["completed"] == 500
+    calls["n"] = 0
+    monkeypatch.setattr(_Cheater, "lazy", fails_after(sim.Config().calibration))  # the real sample's cheats fail
+    report = sim.run_simulation(sim.Config(nodes=50, jobs=500, cheaters=(("lazy", 0.5),), audit="1", real=20))
+    lazy = report["real"]["strategies"]["lazy"]
+    assert lazy["inapplicable"] > 0 and lazy["trials"] == 0 and report["real"]["ledger_verified"]

@@ -44,12 +44,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from verimesh.errors import InvalidInputError
+from verimesh.errors import InvalidInputError, StepExecutionError
 from verimesh.jobs.job import Job, compute_job_id, new_job
 from verimesh.ledger.reputation import Standing, apply, fraud_slash
 
@@ -201,7 +202,8 @@ class Workload:
         return table[min(k, len(table) - 1)]
 
 
-def build_workload(job: Job, cheater: Any, rng: random.Random, calibration: int, lazy_fraction: float) -> Workload:
+def build_workload(job: Job, cheater: Any, rng: random.Random, calibration: int, lazy_fraction: float,
+                   strategies: Sequence[str] = STRATEGIES) -> Workload:  # fmt: skip
     """Detection tables from calibration cheats (not the real sample's), and expected check costs."""
     from verimesh.assurance.redteam import miss_probability
     from verimesh.spot.spotcheck import mandatory_steps, sample_steps
@@ -210,12 +212,21 @@ def build_workload(job: Job, cheater: Any, rng: random.Random, calibration: int,
     costs = tuple(max(s.cost, 1) for s in job.steps)
     always = frozenset(mandatory_steps(job))
     caught: dict[str, list[frozenset[int]]] = {"lazy": [], "perturb": []}
-    for _ in range(calibration):
-        cheater.lazy(lazy_fraction)
-        caught["lazy"].append(cheater.caught_by(cheater.last_trace))
+    makers: list[tuple[str, Callable[[], Any]]] = [("lazy", lambda: cheater.lazy(lazy_fraction))] * calibration
     for index in range(max(steps - 1, 1)):
-        cheater.perturb_step(index if steps > 1 else 0)
-        caught["perturb"].append(cheater.caught_by(cheater.last_trace))
+        makers.append(("perturb", partial(cheater.perturb_step, index if steps > 1 else 0)))
+    for name, make in makers:
+        try:
+            make()
+        except StepExecutionError:  # the model does not run on what this cheat changed: not a cheat it can make
+            continue
+        caught[name].append(cheater.caught_by(cheater.last_trace))
+    for name, sets in list(caught.items()):
+        if not sets and name not in strategies:
+            del caught[name]  # not in the run: no table
+        elif not sets:
+            raise InvalidInputError(f"the {name} strategy cannot cheat on this model (no calibration cheat of it runs)",
+                                    hint="simulate it without that strategy in --cheaters")  # fmt: skip
     detection = {
         name: tuple(float(np.mean([1 - miss_probability(costs, c, k, always) for c in sets])) for k in range(steps))
         for name, sets in caught.items()
@@ -525,6 +536,7 @@ class _Trials:
     detected: int = 0
     predicted: list[float] = field(default_factory=list)
     wrong_accepted: int = 0
+    inapplicable: int = 0  # cheats the model would not run: played honestly
 
 
 def run_real(
@@ -593,11 +605,16 @@ def run_real(
         cheat = node.kind != HONEST and k < full
         cheater.retarget(this, node.key)
         tick = time.perf_counter()
-        if cheat and node.kind == "lazy":
-            bundle = cheater.lazy(config.lazy_fraction)
-        elif cheat and node.kind == "perturb":
-            bundle = cheater.perturb_step(rng.randrange(full) if full else 0)
-        else:
+        bundle = None
+        try:
+            if cheat and node.kind == "lazy":
+                bundle = cheater.lazy(config.lazy_fraction)
+            elif cheat and node.kind == "perturb":
+                bundle = cheater.perturb_step(rng.randrange(full) if full else 0)
+        except StepExecutionError:  # the model does not run on this cheat: the node plays this job honestly
+            trials[node.kind].inapplicable += 1
+            cheat = False
+        if bundle is None:
             bundle = work / "honest.vmb"
             seal_trace(this, cheater.honest, key=node.key, runner=cheater.runner, out=bundle)
         traced = dict(cheater.last_trace) if cheat and node.kind != "equivocate" else None
@@ -666,6 +683,7 @@ def run_real(
             "analytic": predicted,
             "within_ci": None if predicted is None else low - 1e-9 <= predicted <= high + 1e-9,
             "wrong_accepted": record.wrong_accepted,
+            "inapplicable": record.inapplicable,
         }
     low, high = wilson(honest_rejects, honest_answers)
     return {
@@ -717,8 +735,9 @@ def run_simulation(
         job = new_job(model, input_file, work / "job.json", steps=config.steps)
         cheater = _Cheater(job, generate_key(), work, random.Random(shard_seed(config.seed, -3)))
         say(f"calibrating the detection model on {model.name} ({len(job.steps)} steps)")
+        kinds = [name for name, share in config.cheaters if share > 0]
         workload = build_workload(
-            job, cheater, random.Random(shard_seed(config.seed, -4)), config.calibration, config.lazy_fraction
+            job, cheater, random.Random(shard_seed(config.seed, -4)), config.calibration, config.lazy_fraction, kinds
         )
         real = None
         if config.real:
