@@ -294,9 +294,16 @@ def _row(outcome: Any) -> dict[str, Any]:
     type=click.IntRange(1, 4096),
     default=8,
     show_default=True,
-    help="Simulated nodes are cut into this many shards (the same results in process and on Ray).",
+    help="Simulated nodes are cut into at most this many shards of at least 100 nodes, each scheduling its own "
+    "(the same report in process and on Ray).",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="The run's randomness: the same seed and options give the same results (timings aside).",
+)
 @click.option(
     "--ray", "use_ray", is_flag=True, help="Run the shards on Ray actors (a local loopback cluster, or $RAY_ADDRESS)."
 )
