@@ -592,3 +592,57 @@ def test_a_job_asking_for_trusted_nodes_goes_only_to_a_node_the_ledger_trusts(tm
         mesh.close()
     assert _cli("submit", "x.onnx", "--min-level", "9", "--coordinator", mesh.url, "--key", "owner.key",
                 cwd=tmp_path).returncode == 2  # fmt: skip
+
+
+def test_a_batch_runs_as_shards_on_three_nodes_and_a_cheating_shard_is_slashed_and_redone(tmp_path: Path) -> None:
+    """`submit --shards`: each row is the whole job on that row, run by its own node in parallel,
+    settled on arrival; after the last, the batch is verified as one and the receipt (kind
+    shards) and the batch of outputs come back. A cheat on a row is slashed and the row redone."""
+    import onnxruntime as ort
+
+    mesh = Mesh(tmp_path)
+    try:
+        rows = np.load(model_path("mlp_batch").with_name("mlp_batch.rows.npz"))["input"][:3]
+        np.savez(tmp_path / "batch.npz", input=rows)
+        cheater = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
+             "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
+            cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        mesh.procs.append(cheater)
+        mesh.wait_for(lambda: mesh.status()["nodes"], "the cheater")
+        sent = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "submit", str(model_path("mlp_batch")), "--input",
+             str(input_path("mlp_batch")), "--shards", "batch.npz", "--coordinator", mesh.url, "--key", "owner.key",
+             "--wait", "-o", "out", "--verifier-key", "op.key.pub", "--json"],
+            cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        mesh.procs.append(sent)
+        job_id = mesh.wait_for(lambda: next((j["job_id"] for j in mesh.status()["jobs"]), None), "the job")
+
+        def slashed() -> bool:
+            return any("slashed" in h["outcome"] for t in mesh.status(job_id)["tasks"] for h in t["history"])
+
+        mesh.wait_for(slashed, "the cheating shard to be slashed")
+        for name in ("honest", "other", "third"):
+            mesh.node(name)
+        _, err = sent.communicate(timeout=180)
+        assert sent.returncode == 0, err[-2000:]
+        job = mesh.status(job_id)
+        assert job["state"] == "done" and len(job["tasks"]) == 3
+        assert len({t["node_id"] for t in job["tasks"]}) == 3
+        session = ort.InferenceSession(str(model_path("mlp_batch")), providers=["CPUExecutionProvider"])
+        expected = session.run(None, {"input": rows})[0]
+        got = np.load(tmp_path / "out" / "outputs.npz")
+        assert np.allclose(got[next(iter(got.files))], expected, rtol=1e-4, atol=1e-5)
+        receipt = json.loads((tmp_path / "out" / "receipt.json").read_text())
+        assert receipt["receipt"]["kind"] == "shards" and len(receipt["receipt"]["subtasks"]) == 3
+        check = _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=tmp_path)
+        assert check.returncode == 0, check.stderr
+        cheater_id = load_public_key(tmp_path / "rk" / "cheater-0.key.pub").node_id
+        assert "slash" in mesh.ledger_kinds(cheater_id) and "reward" not in mesh.ledger_kinds(cheater_id)
+        for name in ("honest", "other", "third"):
+            kinds = mesh.ledger_kinds(_node_id(mesh, name))
+            assert kinds.count("reward") == 1 and "slash" not in kinds, (name, kinds)
+    finally:
+        mesh.close()

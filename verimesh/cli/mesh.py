@@ -174,6 +174,10 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               help="Run the job on R distinct nodes: each answer is spot-checked, agreeing answers are settled "
               "by the quorum, a disagreement by a referee's full verification (the deposit pays each accepted "
               "replica). Not with --segments.")  # fmt: skip
+@click.option("--shards", "shards_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A batch (.npz, the model's inputs with a leading batch axis): each row is run as the whole job "
+              "by another node, in parallel (the mesh needs a node per row; each row is posted with --deposit); "
+              "outputs.npz is the batch of verified outputs.")  # fmt: skip
 @click.option("--min-level", type=click.IntRange(min=0, max=MAX_LEVEL), default=0, show_default=True,
               help="Lease the job only to nodes the ledger trusts at this audit level or above (level L: a streak "
               "of accepted jobs, docs/design.md §6); 0: any staked node.")  # fmt: skip
@@ -186,9 +190,9 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "coordinator announces, which proves nothing against a coordinator you do not trust).")  # fmt: skip
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
-           samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int, min_level: int,
-           wait: bool, timeout: float, out_dir: Path | None, verifier_key: Path | None,
-           as_json: bool) -> None:  # fmt: skip
+           samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int,
+           shards_file: Path | None, min_level: int, wait: bool, timeout: float, out_dir: Path | None,
+           verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
@@ -200,11 +204,13 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         raise click.UsageError("-o/--out goes with --wait")
     if replicas > 1 and segments is not None:
         raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
+    if shards_file is not None and (segments is not None or replicas > 1):
+        raise click.UsageError("--shards runs each row as a whole job: not with --segments or --replicas (yet)")
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
                           max_attempts=max_attempts, segments=segments, device=job_device,
-                          replicas=replicas, min_level=min_level)  # fmt: skip
+                          replicas=replicas, min_level=min_level, shards=shards_file)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")

@@ -162,11 +162,13 @@ class Client:
     def submit_job(self, job_bytes: bytes, *, files: dict[str, Any], deposit: int, deadline: float,
                    max_attempts: int, post: list[str] | None = None,
                    segments: list[list[int]] | None = None, device: str = "any",
-                   replicas: int = 1, min_level: int = 0) -> dict[str, Any]:  # fmt: skip
+                   replicas: int = 1, min_level: int = 0,
+                   shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
         """Post a job: ``post`` names what the ledger settles (the job, or each of its segments,
         in order), each with ``deposit`` signed by this key; ``replicas``: run by that many
         distinct nodes (a whole job), each answer spot-checked, a quorum or a referee deciding;
-        ``min_level``: leased only to nodes the ledger audits at that level or above."""
+        ``min_level``: leased only to nodes the ledger audits at that level or above; ``shards``:
+        one ``{input, tensors}`` per row of a batch, each run as the whole job on that row."""
         assert self.key is not None
         job_doc = json.loads(job_bytes)
         ids = post or [str(job_doc["job_id"])]
@@ -179,6 +181,8 @@ class Client:
             doc["replicas"] = replicas
         if min_level:
             doc["min_level"] = min_level
+        if shards is not None:
+            doc["shards"] = shards
         return dict(self._post_json("/v1/jobs", doc))
 
     def wait(self, job_id: str, *, timeout: float, poll: float = 0.5) -> dict[str, Any]:

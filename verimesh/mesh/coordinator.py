@@ -55,7 +55,7 @@ from starlette.routing import Route
 from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
 from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
-from verimesh.core.tensors import write_tensor_file
+from verimesh.core.tensors import TensorRef, write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.fleet.verifiers import Verifiers
 from verimesh.jobs.bundle import read_bundle
@@ -470,9 +470,12 @@ class Coordinator:
         signed = self._signed(request, body)
         doc = self._json_body(body)
         keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
-        if not isinstance(doc, dict) or set(doc) - {"device", "replicas", "min_level"} != keys:
+        if not isinstance(doc, dict) or set(doc) - {"device", "replicas", "min_level", "shards"} != keys:
             raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally "
-                            "device, replicas and min_level")  # fmt: skip
+                            "device, replicas, min_level and shards")  # fmt: skip
+        shard_docs = _shard_docs(doc.get("shards"))
+        if shard_docs is not None and (doc["segments"] is not None or doc.get("replicas", 1) != 1):
+            raise HTTPError(422, "bad-shards", "shards run the whole job on each row: not with segments or replicas")
         device, replicas, min_level = doc.get("device", "any"), doc.get("replicas", 1), doc.get("min_level", 0)
         if type(min_level) is not int or not 0 <= min_level <= MAX_LEVEL:
             raise HTTPError(422, "bad-min-level", f"min_level must be an audit level, 0 .. {MAX_LEVEL}")
@@ -510,8 +513,13 @@ class Coordinator:
             if job_files(probe, files["input"]) != files:
                 raise HTTPError(422, "files-mismatch", "files name other blobs than the job pins")
             ranges = None if doc["segments"] is None else check_ranges(doc["segments"], len(probe.steps))
-            # The ledger posts what is settled: the job, or each of its segments (docs/design.md §9).
+            # The ledger posts what is settled: the job, or each of its segments or shards (docs/design.md §9).
             posted = [probe.job_id] if ranges is None else [v.job_id for v in views_of(probe, ranges)]
+            if shard_docs is not None:
+                missing = self.state.has_blobs([d["input"] for d in shard_docs])
+                if missing:
+                    raise HTTPError(422, "missing-blobs", f"upload these first: {missing[:5]}")
+                posted = [self._shard_of(probe, shard_docs, k, Path(tmp)).job_id for k in range(len(shard_docs))]
             if [r.request.get("job_id") for r in requests] != posted:
                 raise HTTPError(422, "job-mismatch", "the job requests must post " +
                                 ("the job" if ranges is None else "each segment, in order"))  # fmt: skip
@@ -538,7 +546,7 @@ class Coordinator:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
                 "segments": None if ranges is None else [list(r) for r in ranges], "device": device,
-                "replicas": replicas, "min_level": min_level}  # fmt: skip
+                "replicas": replicas, "min_level": min_level, "shards": shard_docs}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted), replicas=replicas)
         self._checkpoint_if_due()
         self._wake.set()
@@ -618,6 +626,9 @@ class Coordinator:
         doc = self.state.job(job_id) if job_id else None
         files = doc["spec"]["files"] if doc else {}
         allowed = {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", [])}
+        if doc is not None and doc["spec"].get("shards"):  # a shard reads its own row
+            position = next(t["position"] for t in doc["tasks"] if t["task_id"] == task_id)
+            allowed.add(doc["spec"]["shards"][position]["input"])
         if doc is not None and doc["spec"].get("segments"):  # a segment reads its predecessors' bundles
             position = next(t["position"] for t in doc["tasks"] if t["task_id"] == task_id)
             allowed |= {d for k, d in self.state.done_bundles(str(job_id)).items() if k < position}
@@ -739,10 +750,11 @@ class Coordinator:
         for number, item in enumerate(items):
             try:
                 doc = self.state.job(item.job_id)
-                if doc is None or doc["spec"].get("segments") or doc["spec"].get("replicas", 1) > 1:
+                spec = doc["spec"] if doc is not None else None
+                if spec is None or spec.get("segments") or spec.get("shards") or spec.get("replicas", 1) > 1:
                     continue
                 place = folder / str(number)
-                job, _ = materialize(doc["spec"]["files"], self._stored, place, with_model=False)
+                job, _ = materialize(spec["files"], self._stored, place, with_model=False)
                 bundle = place / "result.vmb"
                 bundle.write_bytes(self._stored(item.bundle))
                 # The lease holder's key and audit level, from the ledger: the bundle itself is
@@ -815,8 +827,12 @@ class Coordinator:
         with tempfile.TemporaryDirectory(prefix="verimesh-verify-") as tmp:
             folder = Path(tmp)
             parent, _ = materialize(spec["files"], self._stored, folder, with_model=False)
-            ranges = spec.get("segments")
-            job = parent if not ranges else segment_view(parent, check_ranges(ranges, len(parent.steps)), item.position)
+            ranges, shards = spec.get("segments"), spec.get("shards")
+            if shards:
+                job = self._shard_of(parent, shards, item.position, folder)
+            else:
+                job = parent if not ranges else segment_view(parent, check_ranges(ranges, len(parent.steps)),
+                                                             item.position)  # fmt: skip
             bundle = folder / "result.vmb"
             bundle.write_bytes(self._stored(item.bundle))
             try:
@@ -827,7 +843,9 @@ class Coordinator:
                 return
             try:
                 seed = self.seed_for(item.task_id, item.bundle)
-                if ranges:
+                if shards:
+                    self._verify_shard(item, parent, job, bundle, seed, folder, shards)
+                elif ranges:
                     self._verify_segment(item, parent, job, bundle, public, seed, folder, ranges, spec["posted"])
                 elif spec.get("replicas", 1) > 1:
                     self._verify_replica(item, job, bundle, public, seed, folder)
@@ -1089,6 +1107,91 @@ class Coordinator:
         if slashed:
             self._standings = (0.0, {})
 
+    def _shard_of(self, parent: Job, shards: list[dict[str, Any]], index: int, folder: Path) -> Job:
+        """Shard ``index``: the parent job on that row, its input written beside the job files (the
+        row's tensors checked against the model's inputs and against the ones the shard pins)."""
+        from verimesh.core.tensors import load_input_file
+        from verimesh.jobs.segments import check_batchable, shard_view
+
+        check_batchable(parent)
+        doc = shards[index]
+        refs = tuple(TensorRef.from_json(t, what=f"shard {index} input tensor") for t in doc["tensors"])
+        name = f"shard-{index}.npz"
+        path = parent.base_dir / name
+        path.write_bytes(self._stored(doc["input"]))
+        values = load_input_file(path, parent.model_inputs)
+        if [r.name for r in refs] != [s.name for s in parent.model_inputs] or any(
+            TensorRef.of(r.name, values[r.name]) != r or values[r.name].shape[:1] != (1,) for r in refs
+        ):
+            raise InvalidInputError(f"shard {index}'s input blob does not hold the one row its tensors pin")
+        return shard_view(parent, len(shards), index, refs, name)
+
+    def _verify_shard(self, item: Verifying, parent: Job, view: Job, bundle: Path, seed: int, folder: Path,
+                      shards: list[dict[str, Any]]) -> None:  # fmt: skip
+        """One shard, settled on arrival like a whole job (it is one, on its row); after the last,
+        the whole batch is verified again with a fresh seed for the receipt and the batch of
+        outputs. A shard that fails then is settled again with that seed (its own evidence slashes
+        it: a second verdict for a claim that has one) and that shard alone is redone."""
+        from verimesh.core.tensors import load_input_file
+        from verimesh.spot.spotcheck import derived_seed
+        from verimesh.subtasks.chain import verify_shards
+
+        started = time.perf_counter()
+        settled = verify_and_settle(bundle, job=view, ledger=self.ledger, writer=self.operator, seed=seed)
+        verdict = settled.verdict
+        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
+                       "settle_s": round(time.perf_counter() - started, 6), "verified_by": settled.verified_by,
+                       "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
+        if verdict.status != "accept":
+            self._rejected(item, verdict.reason, verdict_doc, {view.job_id})
+            return
+        done = {**self.state.done_bundles(item.job_id), item.position: item.bundle}
+        if len(done) < len(shards):
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
+            return
+        gone = self._unsettleable(item.job_id, len(shards))
+        if gone is not None and gone[0] != item.position:
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
+            self.state.free_done(item.job_id, gone[0], f"redone: {gone[1]}", verdict_doc)
+            return
+        nodes = {t["position"]: t["node_id"] for t in (self.state.job(item.job_id) or {"tasks": []})["tasks"]}
+        paths, keys, views, rows = [], [], [], []
+        for k in range(len(shards)):
+            path = folder / f"shard-{k}.vmb"
+            path.write_bytes(self._stored(done[k]))
+            paths.append(path)
+            key = self._registered_key(str(nodes.get(k)))
+            if key is None:
+                raise InvalidInputError(f"shard {k}'s node is not registered")
+            keys.append(key)
+            views.append(view if k == item.position else self._shard_of(parent, shards, k, folder))
+            rows.append(load_input_file(views[k].resolve(views[k].input_path), parent.model_inputs))
+        batch = {s.name: np.concatenate([r[s.name] for r in rows]) for s in parent.model_inputs}
+        batch_seed = self.seed_for(item.job_id, "".join(done[k] for k in range(len(shards))))
+        chain, values = verify_shards(paths, job=parent, node_keys=keys, batch=batch, seed=batch_seed)
+        chain_doc = {**verdict_doc, "chain": chain.to_json()}
+        if chain.status == "accept":
+            out = folder / "outputs.npz"
+            write_tensor_file(out, values)
+            finish = self._finish(chain, out.read_bytes())
+            self.state.decide(item.task_id, accepted=True, verdict=chain_doc,
+                              outcome="accepted (spot check, then the batch)", finish=finish)  # fmt: skip
+            return
+        failed = next((s.index for s in chain.segments if s.verdict.status != "accept"), item.position)
+        again = verify_and_settle(paths[failed], job=views[failed], ledger=self.ledger, writer=self.operator,
+                                  seed=derived_seed(batch_seed, failed))  # fmt: skip
+        culprit = str(nodes.get(failed))
+        slashed = again.verdict.status == "reject" and self._slashed_for(culprit, {views[failed].job_id})
+        why = f"rejected with the batch{' and slashed' if slashed else ''}: {chain.reason}"[:300]
+        ban = f"slashed for job {item.job_id[:19]}…: {chain.reason}" if slashed else None
+        if failed == item.position:
+            self.state.decide(item.task_id, accepted=False, verdict=chain_doc, outcome=why, ban=ban)
+        else:
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
+            self.state.free_done(item.job_id, failed, why, chain_doc, ban=(culprit, ban) if ban else None)
+        if slashed:
+            self._standings = (0.0, {})
+
     def _unsettleable(self, job_id: str, before: int) -> tuple[int, str] | None:
         """The first done segment before ``before`` whose node can no longer be settled with (it
         was excluded, or has nothing slashable left): its segment is redone, no one else blamed."""
@@ -1164,6 +1267,23 @@ def _outputs_agree(outputs: list[dict[str, np.ndarray]], job: Job) -> bool:
         set(a) == set(b) and all(compare_tensors(n, a[n], b[n], doubled).ok for n in a)
         for i, a in enumerate(outputs) for b in outputs[i + 1:]
     )  # fmt: skip
+
+
+def _shard_docs(value: Any) -> list[dict[str, Any]] | None:
+    """A submission's ``shards``: one ``{input, tensors}`` per row, or None."""
+    from verimesh.jobs.segments import MAX_SHARDS
+
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= min(MAX_SHARDS, MAX_SEGMENTS):
+        raise HTTPError(400, "malformed", f"shards: 1..{min(MAX_SHARDS, MAX_SEGMENTS)} rows")
+    for doc in value:
+        if not isinstance(doc, dict) or set(doc) != {"input", "tensors"} or not isinstance(doc["tensors"], list):
+            raise HTTPError(400, "malformed", "each shard is {input, tensors}")
+        parse_digest(doc["input"], what="shard input digest")
+        for t in doc["tensors"]:
+            TensorRef.from_json(t, what="shard input tensor")
+    return [{"input": d["input"], "tensors": list(d["tensors"])} for d in value]
 
 
 def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float,

@@ -25,6 +25,7 @@ from typing import Any
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
 from verimesh.jobs.bundle import read_bundle
+from verimesh.jobs.job import Job
 from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
 from verimesh.mesh.files import materialize
@@ -116,9 +117,12 @@ class Node:
         try:
             try:
                 fetch = self._fetch(task_id)
-                ranges = lease.get("segments")
+                ranges, shard = lease.get("segments"), lease.get("shard")
                 job, model = materialize(lease["files"], fetch, folder, with_model=not ranges)
                 inputs_from: list[Path] = []
+                if shard:  # the whole job on one row of a batch: the row, checked against what it pins
+                    (folder / "job" / _shard_name(lease)).write_bytes(fetch(str(shard["input"])))
+                    job = _shard_job(job, lease)
                 if ranges:  # a segment: the parent's view, from its predecessors' verified bundles
                     job = segment_view(job, check_ranges(ranges, len(job.steps)), int(lease["position"]))
                     assert job.segment is not None
@@ -152,7 +156,8 @@ class Node:
         """Prove in the prover's child process, bounded by the lease's deadline (a job's model may
         run forever: the child is killed then, and the task given back)."""
         message = (str(folder / "job" / "job.json"), lease.get("segments"), int(lease.get("position", 0)),
-                   None if model is None else str(model), [str(p) for p in inputs_from], str(bundle))  # fmt: skip
+                   None if model is None else str(model), [str(p) for p in inputs_from], str(bundle),
+                   lease.get("shard"))  # fmt: skip
         if self._sandbox is None:
             _prove_message(self.worker, message)
             return
@@ -208,14 +213,36 @@ class Node:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-_ProveMessage = tuple[str, Any, int, "str | None", list[str], str]
+_ProveMessage = tuple[str, Any, int, "str | None", list[str], str, Any]
+
+
+def _shard_name(lease: dict[str, Any]) -> str:
+    return f"shard-{int(lease['position'])}.npz"
+
+
+def _shard_job(parent: Job, lease: dict[str, Any]) -> Job:
+    """The lease's shard: the parent job on the row its input blob holds (written beside the job
+    files as ``shard-K.npz``), refused unless the row is the one the shard's tensors pin."""
+    from verimesh.core.tensors import TensorRef, load_input_file
+    from verimesh.jobs.segments import shard_view
+
+    shard, index = lease["shard"], int(lease["position"])
+    if not isinstance(shard, dict) or not isinstance(shard.get("tensors"), list):
+        raise InvalidInputError("the lease's shard is malformed")
+    refs = tuple(TensorRef.from_json(t, what="shard input tensor") for t in shard["tensors"])
+    values = load_input_file(parent.base_dir / _shard_name(lease), parent.model_inputs)
+    if any(r.name not in values or TensorRef.of(r.name, values[r.name]) != r for r in refs):
+        raise InvalidInputError("the shard's input is not the row its tensors pin")
+    return shard_view(parent, int(shard.get("count", 0)), index, refs, _shard_name(lease))
 
 
 def _prove_message(worker: Worker, message: _ProveMessage) -> str:
     from verimesh.jobs.job import load_job
 
-    job_path, ranges, position, model, inputs_from, out = message
+    job_path, ranges, position, model, inputs_from, out, shard = message
     job = load_job(Path(job_path))
+    if shard:
+        job = _shard_job(job, {"shard": shard, "position": position})
     if ranges:
         job = segment_view(job, check_ranges(ranges, len(job.steps)), position)
     result = worker.prove(job, out=Path(out), model=None if model is None else Path(model),

@@ -21,7 +21,7 @@ from verimesh.core.canonical import canonical_json, parse_canonical_json
 from verimesh.core.digest import tensor_digest
 from verimesh.core.tensors import parse_npz
 from verimesh.errors import IntegrityError, VerificationFailedError
-from verimesh.jobs.job import new_job
+from verimesh.jobs.job import Job, new_job
 from verimesh.ledger.store import check_inclusion_document
 from verimesh.mesh.client import Client, upload_job
 from verimesh.signing.keys import PublicKey
@@ -37,13 +37,14 @@ class Submitted:
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
     samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
-    replicas: int = 1, min_level: int = 0,
+    replicas: int = 1, min_level: int = 0, shards: Path | None = None,
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
     from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
     leased only to nodes that registered that device, or ``any``; ``replicas``: the whole job run
     by that many distinct nodes, the deposit paying each accepted one; ``min_level``: leased only
-    to nodes at that audit level or above)."""
+    to nodes at that audit level or above; ``shards``: a batch file, each row run as the whole
+    job by another node, each row posted in the ledger with ``deposit``)."""
     from verimesh.jobs.segments import plan_segments, views_of
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
@@ -53,10 +54,39 @@ def submit(
         files = upload_job(client, job_path, input_blob=input_blob)
         ranges = [list(r) for r in plan_segments(job, segments)] if segments else None
         post = [v.job_id for v in views_of(job, ranges)] if ranges else None
+        rows = None
+        if shards is not None:
+            rows, post = _upload_shards(client, job, shards)
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
                                    max_attempts=max_attempts, post=post, segments=ranges,
-                                   device=device, replicas=replicas, min_level=min_level)  # fmt: skip
+                                   device=device, replicas=replicas, min_level=min_level, shards=rows)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
+
+
+def _upload_shards(client: Client, job: Job, batch_file: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each row of the batch as an input blob of its own: the submission's ``shards`` and the
+    shard ids the ledger posts, in row order."""
+    from verimesh.core.tensors import TensorRef, load_input_file
+    from verimesh.jobs.segments import batch_rows, check_batchable, shard_view
+
+    check_batchable(job)
+    rows = batch_rows(job, load_input_file(batch_file, job.model_inputs))
+    docs, post = [], []
+    for index, row in enumerate(rows):
+        refs = tuple(TensorRef.of(s.name, row[s.name]) for s in job.model_inputs)
+        docs.append({"input": client.put_blob(npz_bytes(row)), "tensors": [r.to_json() for r in refs]})
+        post.append(shard_view(job, len(rows), index, refs).job_id)
+    return docs, post
+
+
+def npz_bytes(values: dict[str, Any]) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **values)
+    return buf.getvalue()
 
 
 def collect(client: Client, job_id: str, out: Path, *, verifier_key: PublicKey) -> dict[str, Any]:

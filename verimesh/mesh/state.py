@@ -112,9 +112,13 @@ class Lease:
     inputs: tuple[tuple[int, str], ...] = ()  # a segment's predecessors: (position, bundle digest)
 
     def to_json(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "job_id": self.job_id, "lease_id": self.lease_id,
-                "deadline": self.deadline, "files": self.spec["files"], "position": self.position,
-                "segments": self.spec.get("segments"), "inputs": {str(k): d for k, d in self.inputs}}  # fmt: skip
+        doc = {"task_id": self.task_id, "job_id": self.job_id, "lease_id": self.lease_id,
+               "deadline": self.deadline, "files": self.spec["files"], "position": self.position,
+               "segments": self.spec.get("segments"), "inputs": {str(k): d for k, d in self.inputs}}  # fmt: skip
+        shards = self.spec.get("shards")
+        if shards:  # the whole job on one row: its input blob and the tensors it pins
+            doc["shard"] = {"count": len(shards), **shards[self.position]}
+        return doc
 
 
 @dataclass(frozen=True)
@@ -400,8 +404,8 @@ class MeshState:
                     sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
                     .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
                 ).all()  # fmt: skip
-                if any(t.position < row.position and t.state != "done" for t in siblings):
-                    continue  # a segment starts from its predecessors' verified outputs
+                if spec.get("segments") and any(t.position < row.position and t.state != "done" for t in siblings):
+                    continue  # a segment starts from its predecessors' verified outputs (shards run in parallel)
                 if any(t.node_id == node_id or node_id in {h["node_id"] for h in json.loads(t.history)}
                        for t in siblings):  # fmt: skip
                     continue  # one node never runs two sub-tasks of one job
@@ -480,6 +484,19 @@ class MeshState:
                     conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(
                         state="pending", node_id=None, lease_id=None, leased_at=None, lease_deadline=None,
                         bundle=None, history=json.dumps(history), updated=now))  # fmt: skip
+
+    def free_done(self, job_id: str, position: int, outcome: str, verdict: dict[str, Any],
+                  ban: tuple[str, str] | None = None) -> None:  # fmt: skip
+        """A done shard found wrong when the whole batch was verified: that task alone goes back to
+        pending without its node (a judged answer), ``ban`` in the same transaction."""
+        now = time.time()
+        with self._txn() as conn:
+            if ban is not None:
+                conn.execute(nodes.update().where(nodes.c.node_id == ban[0]).values(banned=ban[1][:300]))
+            row = conn.execute(self._locked(sa.select(tasks).where(
+                tasks.c.job_id == job_id, tasks.c.position == position, tasks.c.state == "done"))).first()  # fmt: skip
+            if row is not None:
+                self._free(conn, row, outcome, now, verdict)
 
     def holds(self, node_id: str, task_id: str) -> bool:
         """The node holds a live lease on the task (it may read the task's files)."""
