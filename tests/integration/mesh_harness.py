@@ -83,6 +83,19 @@ class Mesh:
         self.procs.append(proc)
         return proc
 
+    def cheater(self, strategy: str = "perturb-final") -> subprocess.Popen[str]:
+        """One cheating node daemon (`verimesh redteam --mesh`, key in rk/cheater-0.key), up and
+        registered when this returns; its output is piped."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "verimesh", "redteam", "--mesh", self.url, "--strategy", strategy,
+             "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
+            cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        self.wait_for(lambda: (self.root / "rk" / "cheater-0.key.pub").exists() and self.status()["nodes"],
+                      "the cheater")  # fmt: skip
+        return proc
+
     def python(self, code: str) -> subprocess.Popen[str]:
         """A node written against the Python API (a node that hangs mid-task, say)."""
         log = open(self.root / "python.log", "a")

@@ -110,13 +110,7 @@ def test_a_split_job_runs_segment_by_segment_on_three_nodes(mesh: Mesh) -> None:
 
 
 def test_a_cheating_node_is_slashed_excluded_and_its_task_redone(mesh: Mesh) -> None:
-    cheater = subprocess.Popen(
-        [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
-         "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
-        cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    mesh.procs.append(cheater)
-    mesh.wait_for(lambda: (mesh.root / "rk" / "cheater-0.key.pub").exists() and mesh.status()["nodes"], "the cheater")
+    cheater = mesh.cheater()
     sent = mesh.submit()
     assert sent.returncode == 0, sent.stderr
     job_id = json.loads(sent.stdout)["job_id"]
@@ -604,13 +598,7 @@ def test_a_batch_runs_as_shards_on_three_nodes_and_a_cheating_shard_is_slashed_a
     try:
         rows = np.load(model_path("mlp_batch").with_name("mlp_batch.rows.npz"))["input"][:3]
         np.savez(tmp_path / "batch.npz", input=rows)
-        cheater = subprocess.Popen(
-            [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
-             "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
-            cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        mesh.procs.append(cheater)
-        mesh.wait_for(lambda: mesh.status()["nodes"], "the cheater")
+        mesh.cheater()
         sent = subprocess.Popen(
             [sys.executable, "-m", "verimesh", "submit", str(model_path("mlp_batch")), "--input",
              str(input_path("mlp_batch")), "--shards", "batch.npz", "--coordinator", mesh.url, "--key", "owner.key",

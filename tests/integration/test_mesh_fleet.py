@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,13 +109,7 @@ def test_serve_with_a_ray_fleet_verifies_there_and_settles_here(tmp_path: Path) 
     mesh = Mesh(tmp_path, extra=("--verifiers", "ray", "--verifier-actors", "1"))
     try:
         assert "verifier fleet: 1 Ray actor(s) on 127.0.0.1:" in (tmp_path / "serve.log").read_text()
-        cheater = subprocess.Popen(
-            [sys.executable, "-m", "verimesh", "redteam", "--mesh", mesh.url, "--strategy", "perturb-final",
-             "--nodes", "1", "--keys-dir", "rk", "--idle-exit", "30"],
-            cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        mesh.procs.append(cheater)
-        mesh.wait_for(lambda: mesh.status()["nodes"], "the cheater")
+        mesh.cheater()
         sent = mesh.submit()
         assert sent.returncode == 0, sent.stderr
         job_id = json.loads(sent.stdout)["job_id"]
