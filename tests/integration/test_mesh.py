@@ -634,3 +634,38 @@ def test_a_batch_runs_as_shards_on_three_nodes_and_a_cheating_shard_is_slashed_a
             assert kinds.count("reward") == 1 and "slash" not in kinds, (name, kinds)
     finally:
         mesh.close()
+
+
+def test_a_batch_job_keeps_its_rows_and_refuses_a_model_whose_outputs_have_no_batch_axis(tmp_path: Path) -> None:
+    """Review 3: row blobs were not marked in use (collected an hour after upload, the job stuck);
+    a model whose output had no leading batch axis was split, paid per row, then failed (or came
+    back reassembled in the wrong shape)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from verimesh.errors import InvalidInputError
+    from verimesh.jobs.job import new_job
+    from verimesh.jobs.segments import check_batchable
+    from verimesh.mesh.state import MeshState
+
+    led = Ledger.create(f"sqlite:///{tmp_path / 's.db'}", generate_key())
+    state = MeshState(led.engine)
+    digests = [state.upload("owner", payload, quota=1 << 20) for payload in (b"job", b"row-0", b"row-1")]
+    files = {"job": digests[0], "model": digests[0], "input": digests[0], "steps": []}
+    spec = {"files": files, "shards": [{"input": digests[1], "tensors": []}, {"input": digests[2], "tensors": []}]}
+    state.add_job("sha256:" + "1" * 64, "owner", spec, positions=2)
+    state.collect_blobs(-1.0)  # everything past its time: only what no job refers to goes
+    assert state.has_blobs(digests) == []
+    # A model that sums its batch to one value: refused as a batch job.
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "sum.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 4), dtype=np.float32))
+    job = new_job(tmp_path / "sum.onnx", tmp_path / "x.npy", tmp_path / "sum.json")
+    with pytest.raises(InvalidInputError, match="output 'y' has no dynamic leading batch axis"):
+        check_batchable(job)

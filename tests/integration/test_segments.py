@@ -595,7 +595,7 @@ def test_shards_need_a_dynamic_batch_axis(tmp_path: Path, chain: Chain) -> None:
 
     batch = tmp_path / "rows.npz"
     np.savez(batch, input=np.zeros((4, 8, 32), dtype=np.float32))
-    with pytest.raises(InvalidInputError, match="no dynamic batch axis"):
+    with pytest.raises(InvalidInputError, match="no dynamic leading batch axis"):
         write_shards(chain.job_path, batch, tmp_path / "parts")
 
 

@@ -238,17 +238,20 @@ def shard_id(parent_job_id: str, count: int, index: int, input_digest: str) -> s
 
 
 def check_batchable(parent: Job) -> None:
-    """A whole spot-mode job (version 2) whose model declares a dynamic batch axis on every input."""
+    """A whole spot-mode job (version 2) whose model declares a dynamic leading batch axis on every
+    input and every output (the outputs of the rows are put back together along it)."""
     if parent.segment is not None or parent.shard is not None:
         raise InvalidInputError("this is already a sub-job; split the parent job")
     if parent.mode != "spot" or parent.version < 2:
         raise InvalidInputError("only spot-mode jobs of version 2 are split into shards (zk jobs are not split)")
-    for spec in parent.model_inputs:
-        if not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
-            raise InvalidInputError(
-                f"the model's input {spec.name!r} has no dynamic batch axis (its shape is {spec.describe()})",
-                hint="export the model with a dynamic first axis (torch.onnx.export(..., dynamic_axes=...))",
-            )
+    for kind, specs in (("input", parent.model_inputs), ("output", parent.model_outputs)):
+        for spec in specs:
+            if not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+                raise InvalidInputError(
+                    f"the model's {kind} {spec.name!r} has no dynamic leading batch axis (its shape is "
+                    f"{spec.describe()})",
+                    hint="export the model with a dynamic first axis (torch.onnx.export(..., dynamic_axes=...))",
+                )
 
 
 def batch_rows(parent: Job, batch: dict[str, Any], *, what: str = "--shards") -> list[dict[str, Any]]:

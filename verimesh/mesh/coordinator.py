@@ -76,6 +76,7 @@ from verimesh.settlement import (
     register_job,
     register_node,
     registered_key,
+    registered_signer,
     settle_chain,
     slash_with_evidence,
     verify_and_settle,
@@ -535,6 +536,8 @@ class Coordinator:
         if existing is not None:
             if existing["owner"] != signed.node_id:
                 raise HTTPError(409, "job-exists", "this job was submitted by another owner")
+            if existing["spec"].get("shards") != shard_docs:
+                raise HTTPError(409, "job-exists", "this job was submitted with another batch (or none)")
             return {"job_id": job.job_id, "state": existing["state"], "created": False}
         for ledger_request, job_id in zip(requests, posted, strict=True):
             try:
@@ -784,6 +787,8 @@ class Coordinator:
         also settle every replica and, on a disagreement, verify each in full and run the model
         once more: it gets the limit once per replica, and once more."""
         doc = self.state.job(item.job_id)
+        if doc is not None and doc["spec"].get("shards"):  # the last row checks and settles every row
+            return self.verify_timeout * (2 * len(doc["spec"]["shards"]) + 1)
         replicas = int(doc["spec"].get("replicas", 1)) if doc is not None else 1
         return self.verify_timeout * (1 if replicas <= 1 else replicas + 2)
 
@@ -1128,31 +1133,29 @@ class Coordinator:
 
     def _verify_shard(self, item: Verifying, parent: Job, view: Job, bundle: Path, seed: int, folder: Path,
                       shards: list[dict[str, Any]]) -> None:  # fmt: skip
-        """One shard, settled on arrival like a whole job (it is one, on its row); after the last,
-        the whole batch is verified again with a fresh seed for the receipt and the batch of
-        outputs. A shard that fails then is settled again with that seed (its own evidence slashes
-        it: a second verdict for a claim that has one) and that shard alone is redone."""
+        """One row, spot-checked on arrival with the node's audit level (a reject slashes with its
+        evidence and the row goes to another node); nothing is paid yet. After the last row, the
+        batch is verified as one (``verify_shards``, a seed derived from every row's bundle) and
+        each row settled with that seed's share of it: paid once per row, or a row that fails
+        then slashed through its own evidence and redone alone (rows settled before it stay
+        settled: a claim is paid once)."""
         from verimesh.core.tensors import load_input_file
         from verimesh.spot.spotcheck import derived_seed
         from verimesh.subtasks.chain import verify_shards
 
         started = time.perf_counter()
-        settled = verify_and_settle(bundle, job=view, ledger=self.ledger, writer=self.operator, seed=seed)
-        verdict = settled.verdict
-        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
-                       "settle_s": round(time.perf_counter() - started, 6), "verified_by": settled.verified_by,
-                       "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
+        public, samples = registered_signer(bundle, job=view, ledger=self.ledger)
+        verdict = verify(bundle, job=view, node_key=public, samples=samples, seed=seed)
+        verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": samples,
+                       "settle_s": round(time.perf_counter() - started, 6)}  # fmt: skip
         if verdict.status != "accept":
+            if verdict.status == "reject":
+                self._slash(verdict.evidence)
             self._rejected(item, verdict.reason, verdict_doc, {view.job_id})
             return
         done = {**self.state.done_bundles(item.job_id), item.position: item.bundle}
         if len(done) < len(shards):
             self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
-            return
-        gone = self._unsettleable(item.job_id, len(shards))
-        if gone is not None and gone[0] != item.position:
-            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
-            self.state.free_done(item.job_id, gone[0], f"redone: {gone[1]}", verdict_doc)
             return
         nodes = {t["position"]: t["node_id"] for t in (self.state.job(item.job_id) or {"tasks": []})["tasks"]}
         paths, keys, views, rows = [], [], [], []
@@ -1170,27 +1173,46 @@ class Coordinator:
         batch_seed = self.seed_for(item.job_id, "".join(done[k] for k in range(len(shards))))
         chain, values = verify_shards(paths, job=parent, node_keys=keys, batch=batch, seed=batch_seed)
         chain_doc = {**verdict_doc, "chain": chain.to_json()}
-        if chain.status == "accept":
-            out = folder / "outputs.npz"
-            write_tensor_file(out, values)
-            finish = self._finish(chain, out.read_bytes())
-            self.state.decide(item.task_id, accepted=True, verdict=chain_doc,
-                              outcome="accepted (spot check, then the batch)", finish=finish)  # fmt: skip
+        failed = next((s.index for s in chain.segments if s.verdict.status != "accept"), None)
+        if chain.status != "accept" and failed is None:  # about no row: the batch itself (never a node's doing)
+            self.state.decide(item.task_id, accepted=False, verdict=chain_doc, outcome=f"error: {chain.reason}",
+                              fail_job=f"the batch could not be verified as one: {chain.reason}"[:300])  # fmt: skip
             return
-        failed = next((s.index for s in chain.segments if s.verdict.status != "accept"), item.position)
-        again = verify_and_settle(paths[failed], job=views[failed], ledger=self.ledger, writer=self.operator,
-                                  seed=derived_seed(batch_seed, failed))  # fmt: skip
-        culprit = str(nodes.get(failed))
-        slashed = again.verdict.status == "reject" and self._slashed_for(culprit, {views[failed].job_id})
-        why = f"rejected with the batch{' and slashed' if slashed else ''}: {chain.reason}"[:300]
-        ban = f"slashed for job {item.job_id[:19]}…: {chain.reason}" if slashed else None
-        if failed == item.position:
-            self.state.decide(item.task_id, accepted=False, verdict=chain_doc, outcome=why, ban=ban)
-        else:
-            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
-            self.state.free_done(item.job_id, failed, why, chain_doc, ban=(culprit, ban) if ban else None)
-        if slashed:
-            self._standings = (0.0, {})
+        entries: list[list[Any]] = []
+        for k in range(len(shards)):  # in row order, up to the first that fails: each paid once
+            try:
+                settled = verify_and_settle(paths[k], job=views[k], ledger=self.ledger, writer=self.operator,
+                                            seed=derived_seed(batch_seed, k))  # fmt: skip
+            except InvalidInputError as exc:  # its node can no longer answer for it: the row alone is redone
+                self._redo_row(item, k, f"redone: {exc.message}", verdict_doc, chain_doc, None)
+                return
+            entries += [list(e) for e in settled.appended]
+            if settled.verdict.status != "accept":
+                culprit = str(nodes.get(k))
+                slashed = self._slashed_for(culprit, {views[k].job_id})
+                why = f"rejected with the batch{' and slashed' if slashed else ''}: {settled.verdict.reason}"[:300]
+                ban = (culprit, f"slashed for job {item.job_id[:19]}…: {settled.verdict.reason}") if slashed else None
+                self._redo_row(item, k, why, verdict_doc, chain_doc, ban)
+                if slashed:
+                    self._standings = (0.0, {})
+                return
+        if chain.status != "accept":  # the batch check and the settlement disagree: decide nothing now
+            raise InvalidInputError(f"the batch check rejected row {failed} but its settlement accepted it")
+        out = folder / "outputs.npz"
+        write_tensor_file(out, values)
+        finish = self._finish(chain, out.read_bytes())
+        self.state.decide(item.task_id, accepted=True, verdict={**chain_doc, "ledger_entries": entries},
+                          outcome="accepted (spot check, then the batch)", finish=finish)  # fmt: skip
+
+    def _redo_row(self, item: Verifying, row: int, why: str, verdict_doc: dict[str, Any], chain_doc: dict[str, Any],
+                  ban: tuple[str, str] | None) -> None:  # fmt: skip
+        """Row ``row`` goes to another node; the row that arrived last is done unless it is that one."""
+        if row == item.position:
+            self.state.decide(item.task_id, accepted=False, verdict=chain_doc, outcome=why,
+                              ban=None if ban is None else ban[1])  # fmt: skip
+            return
+        self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)")
+        self.state.free_done(item.job_id, row, why, chain_doc, ban=ban)
 
     def _unsettleable(self, job_id: str, before: int) -> tuple[int, str] | None:
         """The first done segment before ``before`` whose node can no longer be settled with (it

@@ -291,7 +291,8 @@ class MeshState:
             conn.execute(jobs.insert().values(job_id=job_id, owner=owner, state="open", created=now, updated=now,
                                               spec=json.dumps(spec, sort_keys=True)))  # fmt: skip
             files = spec["files"]
-            pinned = [files["job"], files["model"], files["input"], *files["steps"]]
+            pinned = [files["job"], files["model"], files["input"], *files["steps"],
+                      *(d["input"] for d in spec.get("shards") or ())]  # fmt: skip
             conn.execute(blobs.update().where(blobs.c.digest.in_(pinned)).values(referenced=True))
             conn.execute(
                 tasks.insert(),
