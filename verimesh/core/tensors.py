@@ -229,6 +229,13 @@ def parse_npy(data: bytes, *, what: str) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), order="C")  # a copy: writable, owns its memory
 
 
+def npz_bytes(values: Mapping[str, np.ndarray]) -> bytes:
+    """An .npz archive (stored, not compressed) of ``values`` by name: what ``parse_npz`` reads."""
+    buf = io.BytesIO()
+    np.savez(buf, **values)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
 def parse_npz(data: bytes, *, what: str) -> dict[str, np.ndarray]:
     """Arrays of an .npz archive by name. The ZIP directory is checked first: at most
     MAX_NPZ_MEMBERS ``.npy`` members, stored or deflated (deflate's ratio is bounded and zipfile

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from verimesh.core.digest import sha256_bytes, tensor_set_digest
-from verimesh.core.tensors import TensorRef, TensorSpec
+from verimesh.core.tensors import TensorRef, TensorSpec, npz_bytes
 from verimesh.errors import InvalidInputError, StepExecutionError
 from verimesh.jobs.generation import (
     DEFAULT_SKETCH,
@@ -98,9 +97,7 @@ def new_generate_job(
         raise InvalidInputError("--top-k must be 2 .. min(64, vocab) and the sketch 1 .. 64 wide")
     base, files, staging = stage_job_files(out)
     try:
-        buf = io.BytesIO()
-        np.savez(buf, input_ids=prompt)
-        (staging / "input.npz").write_bytes(buf.getvalue())
+        (staging / "input.npz").write_bytes(npz_bytes({"input_ids": prompt}))
         pinned_tokenizer = None
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / "tokenizer.json")

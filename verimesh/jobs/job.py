@@ -7,7 +7,6 @@ digest of the canonical job document without its ``job_id`` field, so any edit i
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 import stat
@@ -26,7 +25,7 @@ from verimesh.errors import IntegrityError, InvalidInputError
 
 if TYPE_CHECKING:
     from verimesh.jobs.circuit import Circuit
-from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor
+from verimesh.core.tensors import DTYPES, TensorRef, TensorSpec, check_tensor, npz_bytes
 from verimesh.jobs.generation import TRACE as GENERATE_TRACE
 from verimesh.jobs.generation import GenerateSpec
 from verimesh.jobs.modelsafety import check_model_bytes, max_model_bytes
@@ -678,9 +677,7 @@ def new_job(
         profiled = (
             _profile_tolerances(profile, sha256_bytes(model_bytes), precision, step_refs) if profile else ((), ())
         )
-        buf = io.BytesIO()
-        np.savez(buf, **tensors)  # type: ignore[arg-type]
-        (staging / "input.npz").write_bytes(buf.getvalue())
+        (staging / "input.npz").write_bytes(npz_bytes(tensors))
         model_rel = os.path.relpath(model_path.resolve(), base)
         if upgrade_opset is not None:  # the job pins the converted model, kept with its files
             (staging / "model.onnx").write_bytes(model_bytes)

@@ -26,7 +26,7 @@ from typing import Any
 
 from verimesh.core.canonical import canonical_json
 from verimesh.core.digest import sha256_bytes, tensor_set_digest
-from verimesh.core.tensors import TensorRef, TensorSpec
+from verimesh.core.tensors import TensorRef, TensorSpec, npz_bytes
 from verimesh.errors import IntegrityError, InvalidInputError
 from verimesh.jobs.job import Job, Policy, Segment, Shard, StepRef, load_job
 
@@ -300,9 +300,6 @@ def shard_view(parent: Job, count: int, index: int, refs: tuple[TensorRef, ...],
 
 def write_shards(job_path: Path, batch_file: Path, out_dir: Path, *, overwrite: bool = False) -> list[tuple[Path, Job]]:
     """``verimesh job split --shards``: a pointer file and an input file per row in ``out_dir``."""
-    import io
-
-    import numpy as np
 
     from verimesh.core.tensors import load_input_file
 
@@ -319,10 +316,8 @@ def write_shards(job_path: Path, batch_file: Path, out_dir: Path, *, overwrite: 
     written = []
     for k, (path, row) in enumerate(zip(paths, rows, strict=True)):
         refs = tuple(TensorRef.of(s.name, row[s.name]) for s in parent.model_inputs)
-        buf = io.BytesIO()
-        np.savez(buf, **row)
         input_file = out_dir / f"shard-{k}.npz"
-        input_file.write_bytes(buf.getvalue())
+        input_file.write_bytes(npz_bytes(row))
         view = shard_view(parent, len(rows), k, refs, os.path.relpath(input_file.resolve(), parent.base_dir))
         doc = {
             "type": SHARD_TYPE,

@@ -19,7 +19,7 @@ from typing import Any
 
 from verimesh.core.canonical import canonical_json, parse_canonical_json
 from verimesh.core.digest import tensor_digest
-from verimesh.core.tensors import parse_npz
+from verimesh.core.tensors import npz_bytes, parse_npz
 from verimesh.errors import IntegrityError, VerificationFailedError
 from verimesh.jobs.job import Job, new_job
 from verimesh.ledger.store import check_inclusion_document
@@ -77,16 +77,6 @@ def _upload_shards(client: Client, job: Job, batch_file: Path) -> tuple[list[dic
         docs.append({"input": client.put_blob(npz_bytes(row)), "tensors": [r.to_json() for r in refs]})
         post.append(shard_view(job, len(rows), index, refs).job_id)
     return docs, post
-
-
-def npz_bytes(values: dict[str, Any]) -> bytes:
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez(buf, **values)
-    return buf.getvalue()
 
 
 def collect(client: Client, job_id: str, out: Path, *, verifier_key: PublicKey) -> dict[str, Any]:
