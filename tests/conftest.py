@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,29 @@ class Keys:
     node_pub: Path
     other_file: Path
     other_pub: Path
+
+
+@contextmanager
+def one_ray_cluster() -> Iterator[None]:
+    """Held while a test runs a Ray cluster: two local clusters starting at once on two cores
+    (the suite runs files on two workers) can take past a test's start-up limit, so the tests
+    that start one take turns, across worker processes (an exclusive lock on one file)."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "verimesh-tests-ray.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture()
+def ray_turn() -> Iterator[None]:
+    """This test starts a Ray cluster: wait for any other test's to be gone (``one_ray_cluster``)."""
+    with one_ray_cluster():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ class Mesh:
              "--max-upload-mb", str(self.max_upload_mb), *self.extra],
             cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
-        end = time.monotonic() + 60
+        end = time.monotonic() + 120  # a coordinator with --verifiers ray starts its cluster first
         while time.monotonic() < end:
             try:
                 if httpx.get(self.url + "/v1/info", timeout=1).status_code == 200:

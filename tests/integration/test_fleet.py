@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import Keys, input_path, model_path
+from tests.conftest import Keys, input_path, model_path, one_ray_cluster
 from tests.integration.test_ledger import join, new_ledger, post
 from verimesh.cli.app import cli
 from verimesh.errors import InvalidInputError
@@ -28,6 +28,13 @@ from verimesh.jobs.runtime import StepRunner
 from verimesh.signing.keys import load_public_key
 from verimesh.spot.spotcheck import run_steps
 from verimesh.workflows import prove, seal_trace
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_turn() -> Iterator[None]:
+    """Every test here starts a Ray cluster (or the module's): the module takes its turn whole."""
+    with one_ray_cluster():
+        yield
 
 
 def cheat(job: Job, keys: Keys, out: Path) -> Path:

@@ -105,6 +105,7 @@ def test_a_fitting_prefetched_verdict_is_taken_and_a_reject_slashes_only_through
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_turn")
 def test_serve_with_a_ray_fleet_verifies_there_and_settles_here(tmp_path: Path) -> None:
     mesh = Mesh(tmp_path, extra=("--verifiers", "ray", "--verifier-actors", "1"))
     try:

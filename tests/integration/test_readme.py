@@ -49,6 +49,7 @@ def expected_exit(line: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.usefixtures("ray_turn")  # two of its commands start a Ray cluster
 def test_readme_runs_in_order(tmp_path: Path) -> None:
     text = (ROOT / "README.md").read_text()
     for prefix in NOT_RUN:

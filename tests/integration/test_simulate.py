@@ -159,6 +159,7 @@ def test_bad_options_get_one_line_and_the_documented_exit_code(args: list[str], 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_turn")
 def test_ray_actors_give_the_same_report_as_this_process(tmp_path: Path) -> None:
     args = ["--nodes", "400", "--jobs", "40000", "--real", "0", "--shards", "4", "--seed", "2"]
     env = {**os.environ, "RAY_ADDRESS": ""}

@@ -274,6 +274,7 @@ def test_symbolic_output_dimension_is_refused_by_name() -> None:
     assert symbolic_dims(model, X) == {"n": 1}
 
 
+@pytest.mark.usefixtures("ray_turn")
 def test_zk_proof_checks_run_on_a_ray_verifier_fleet(single: ZkCase, keys: Keys, tmp_path: Path) -> None:
     """verify-many on a local Ray cluster: the honest zk bundle accepted by an actor, one whose
     claimed output is not the proven one rejected there (exit 1)."""
