@@ -722,23 +722,11 @@ def run_simulation(
 ) -> dict[str, Any]:
     """The report (JSON-ready): the analytic run, the real sample, and how they compare; with
     ``sweep``, also the analytic run at every fixed number of samples (for ``plot``)."""
-    from verimesh.assurance.redteam import _Cheater
-    from verimesh.signing.keys import generate_key
-
     check_config(config)
     say = progress or (lambda message: None)
     with tempfile.TemporaryDirectory(prefix="verimesh-simulate-") as tmp:
         work = Path(tmp)
-        if model is None:
-            model, input_file = write_builtin_model(work / "workload")
-        assert input_file is not None
-        job = new_job(model, input_file, work / "job.json", steps=config.steps)
-        cheater = _Cheater(job, generate_key(), work, random.Random(shard_seed(config.seed, -3)))
-        say(f"calibrating the detection model on {model.name} ({len(job.steps)} steps)")
-        kinds = [name for name, share in config.cheaters if share > 0]
-        workload = build_workload(
-            job, cheater, random.Random(shard_seed(config.seed, -4)), config.calibration, config.lazy_fraction, kinds
-        )
+        model, job, cheater, workload = _prepare(config, work, model, input_file, say)
         real = None
         if config.real:
             say(f"real sample: {config.real} jobs through prove, verify and ledger settlement")
@@ -783,6 +771,27 @@ def run_simulation(
             "policy": _point(config.audit, result),
         }
     return report
+
+
+def _prepare(
+    config: Config, work: Path, model: Path | None, input_file: Path | None, say: Callable[[str], None]
+) -> tuple[Path, Job, Any, Workload]:
+    """The workload's job (the built-in model unless one is given), a cheater for it, and the
+    detection model calibrated on it."""
+    from verimesh.assurance.redteam import _Cheater
+    from verimesh.signing.keys import generate_key
+
+    if model is None:
+        model, input_file = write_builtin_model(work / "workload")
+    assert input_file is not None
+    job = new_job(model, input_file, work / "job.json", steps=config.steps)
+    cheater = _Cheater(job, generate_key(), work, random.Random(shard_seed(config.seed, -3)))
+    say(f"calibrating the detection model on {model.name} ({len(job.steps)} steps)")
+    kinds = [name for name, share in config.cheaters if share > 0]
+    workload = build_workload(
+        job, cheater, random.Random(shard_seed(config.seed, -4)), config.calibration, config.lazy_fraction, kinds
+    )
+    return model, job, cheater, workload
 
 
 def _judge(real: dict[str, Any] | None) -> tuple[str, bool | None]:
@@ -946,16 +955,9 @@ SCALE_TARGET_S = 600.0  # a 10^4-node, 10^6-job simulation on this machine (issu
 def bench_simulate(*, quick: bool = False, repeats: int = 3) -> dict[str, Any]:
     """Simulated jobs/s of the analytic model in this process at 10^4 nodes x 10^6 jobs (quick:
     10^3 x 10^5), the default strategies and adaptive audit; medians over ``repeats``."""
-    from verimesh.assurance.redteam import _Cheater
-    from verimesh.signing.keys import generate_key
-
     config = Config(nodes=1000 if quick else 10_000, jobs=100_000 if quick else 1_000_000, real=0)
     with tempfile.TemporaryDirectory(prefix="verimesh-simulate-bench-") as tmp:
-        work = Path(tmp)
-        model, input_file = write_builtin_model(work / "workload")
-        job = new_job(model, input_file, work / "job.json", steps=config.steps)
-        cheater = _Cheater(job, generate_key(), work, random.Random(0))
-        workload = build_workload(job, cheater, random.Random(1), config.calibration, config.lazy_fraction)
+        workload = _prepare(config, Path(tmp), None, None, lambda message: None)[3]
     walls = [run_analytic(config, workload, 0.0, in_process)[1] for _ in range(1 if quick else repeats)]
     wall = statistics.median(walls)
     return {"nodes": config.nodes, "jobs": config.jobs, "shards": config.shards, "repeats": len(walls),
