@@ -38,6 +38,7 @@ from verimesh.spot.spotcheck import (
     PREDICATE_TYPES,
     Progress,
     StepCheck,
+    challenged_members,
     commit_entries,
     mandatory_steps,
     recheck_step,
@@ -498,6 +499,8 @@ def verify_parsed(
     seed = seed if seed is not None else int.from_bytes(os.urandom(8), "big") >> 11
     state = _Verification(job, public, seed)
     detail = f"format {parsed.version}: {len(parsed.members) or len(parsed.trace)} members, {len(parsed.proofs)} proofs"
+    if parsed.opened is not None and job.mode != "spot":
+        raise InvalidInputError(f"an opened bundle is a spot-check answer; this is a {job.mode} job")
     state.checks.append(Check("bundle-format", True, detail))
     if job.mode == "zk":
         verdict = _verify_zk(parsed, state, srs=srs, evidence_out=evidence_out)
@@ -529,6 +532,8 @@ def verify_parsed(
             state.sampled = sample_steps(job, k, seeded_rng(seed))
             detail = f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"
         state.checks.append(Check("sampling", True, detail))
+        if parsed.opened is not None:
+            _require_opened(parsed, job, state.sampled)
         # 7.
         runner = runner or shared_runner(job.policy.precision, job.policy.optimization)
         if job.version == 1:
@@ -539,6 +544,20 @@ def verify_parsed(
         return state.verdict("reject", _write_evidence(rejected, state, evidence_out)), {}
     # 8.
     return state.verdict("accept"), _outputs(parsed, job)
+
+
+def _require_opened(parsed: Bundle, job: Job, sampled: Sequence[int]) -> None:
+    """An opened bundle must carry what the re-check of the sampled steps reads: otherwise it
+    cannot be verified with this sample (the error of a verifier that drew another sample than
+    the one the node was challenged with; nothing about the node follows from it)."""
+    have = {name for name, _ in parsed.members}
+    lacking = [m for m in challenged_members(job, sampled) if m not in have]
+    if lacking:
+        raise InvalidInputError(
+            f"the opened bundle does not carry {lacking[0]} that the re-check of steps {list(sampled)} reads",
+            code="not-opened",
+            hint="an opened bundle verifies only with the seed and samples it was challenged with",
+        )
 
 
 def _check_layout(job: Job, model_bytes: bytes) -> None:
@@ -758,7 +777,7 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
     # 2. and 3.
     statement, pred, runtime, commitment = _checked_statement(
         parsed, job, public, checks, predicate_type=PREDICATE_TYPES[2], algorithm=COMMITMENT_ALGORITHMS[2],
-        leaves=len(parsed.members), step_range=job.step_range,
+        leaves=parsed.leaf_count, step_range=job.step_range,
         binding_evidence=lambda field, detail: _sealed_evidence(parsed, job, public, "binding", field, detail, []),
     )  # fmt: skip
     links = _segment_links(pred, job)
@@ -768,11 +787,14 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
                               str(pred.get("shard"))[:200]))  # fmt: skip
     root = _signed_root(commitment, job, runtime, checks)
     # 4.
-    sealed = sealed_root(parsed.leaves)
-    if sealed != root:
-        detail = "the bundle's bytes are not the ones the node sealed (changed after signing?)"
-        raise _Rejected(Check("seal", False, detail, root.hex(), sealed.hex()))
-    checks.append(Check("seal", True, f"every byte of {len(parsed.members)} members under the signed root"))
+    if parsed.opened is not None:
+        _check_opened(parsed, job, root, checks)
+    else:
+        sealed = sealed_root(parsed.leaves)
+        if sealed != root:
+            detail = "the bundle's bytes are not the ones the node sealed (changed after signing?)"
+            raise _Rejected(Check("seal", False, detail, root.hex(), sealed.hex()))
+        checks.append(Check("seal", True, f"every byte of {len(parsed.members)} members under the signed root"))
     # 5.
     for member, problem in parsed.problems:
         field = "trace" if member == "trace.json" else "tensor"
@@ -788,6 +810,8 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         field = "trace" if names != job.trace_names else "members"
         raise _Rejected(check, _sealed_evidence(parsed, job, public, "malformed", field, reason, ["trace.json"]))
     for ref in job.input_tensors:
+        if ref.name not in parsed.tensors:  # an opened bundle: unopened, it is as unchecked as an unsampled step
+            continue
         got = tensor_digest(ref.name, parsed.tensors[ref.name])
         if got != ref.digest:
             reason = f"committed input {ref.name!r} is not the job's input"
@@ -795,6 +819,8 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
             check = Check("input-binding", False, reason, ref.digest, got)
             raise _Rejected(check, _sealed_evidence(parsed, job, public, "binding", "input-tensor", reason, members))
     for name, digest in links.items():
+        if name not in parsed.tensors:
+            continue
         got = tensor_digest(name, parsed.tensors[name])
         if got != digest:
             reason = f"committed input {name!r} is not the tensor the statement's link names"
@@ -814,6 +840,22 @@ def _check_sealed(parsed: Bundle, job: Job, public: PublicKey, state: _Verificat
         detail = ("pinned inputs are the job's, linked inputs the tensors the links name (links checked only "
                   "when the chain is verified), outputs are the signed subjects")  # fmt: skip
     checks.append(Check("bindings", True, detail))
+
+
+def _check_opened(parsed: Bundle, job: Job, root: bytes, checks: list[Check]) -> None:
+    """Step 4 for an opened bundle: each member it carries sits at its position under the signed
+    root, and it carries the outputs (what the statement's subjects name). A member that is not
+    under the root is bytes the node did not seal: rejected, blamed on no one."""
+    from verimesh.core import merkle
+
+    for (name, _), leaf, (index, proof) in zip(parsed.members, parsed.leaves, parsed.opened or (), strict=True):
+        if not merkle.verify_inclusion(merkle.leaf_hash(leaf), index, parsed.size, proof, root):
+            detail = f"opened member {name!r} is not the one sealed at position {index} under the signed root"
+            raise _Rejected(Check("seal", False, detail))
+    missing = [n for n in job.output_names if n not in parsed.tensors and not parsed.problems]
+    if missing:
+        raise _Rejected(Check("seal", False, f"the opened bundle does not carry the output {missing[0]!r}"))
+    checks.append(Check("seal", True, f"{len(parsed.members)} opened members of {parsed.size} under the signed root"))
 
 
 def _segment_links(pred: Mapping[str, Any], job: Job) -> dict[str, str]:

@@ -528,7 +528,7 @@ def test_keys_that_upload_garbage_are_excluded_without_using_up_the_owners_attem
 
     cheats: list[Node] = []
     try:
-        sent = mesh.submit("--max-attempts", "3")
+        sent = mesh.submit("--max-attempts", "3", "--transfer", "full")  # uploads of whole bundles
         assert sent.returncode == 0, sent.stderr
         job_id = json.loads(sent.stdout)["job_id"]
         for hook in (garbage, another_nodes, broken_seal):

@@ -66,6 +66,9 @@ def coordinator_option(f: Any) -> Any:
 )
 @click.option("--verify-timeout", type=Duration(), default="600s", show_default=True,
               help="Longest one verification may run (a longer job fails; no node is blamed).")  # fmt: skip
+@click.option("--answer-within", type=Duration(), default="60s", show_default=True,
+              help="Challenge mode: time a node has to open the sampled steps once it committed (then it loses "
+              "the task; unanswered challenges exclude it).")  # fmt: skip
 @click.option("--admission", type=click.Choice(["open", "ledger"]), default="open", show_default=True,
               help="open: any key may join with its signed registration; ledger: only nodes the operator "
               "registered in the ledger beforehand (`verimesh ledger register`).")  # fmt: skip
@@ -77,7 +80,7 @@ def coordinator_option(f: Any) -> Any:
 @click.option("--verifier-actors", type=click.IntRange(1, 256), default=None,
               help="Ray verifier actors (default: the cluster's CPUs).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
-          max_upload_mb: int, read_token: str | None, verify_timeout: float, admission: str,
+          max_upload_mb: int, read_token: str | None, verify_timeout: float, answer_within: float, admission: str,
           blob_quota_mb: int, verifiers: str, verifier_actors: int | None) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
     from contextlib import ExitStack
@@ -100,7 +103,8 @@ def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: f
         coordinator = Coordinator(ledger_url, load_signing_key(operator_key), deadline=deadline,
                                   heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
                                   read_token=read_token, verify_timeout=verify_timeout, admission=admission,
-                                  blob_quota=blob_quota_mb * 1024 * 1024, fleet=fleet)  # fmt: skip
+                                  blob_quota=blob_quota_mb * 1024 * 1024, fleet=fleet,
+                                  answer_within=answer_within)  # fmt: skip
 
         def ready(url: str) -> None:
             note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "
@@ -181,6 +185,11 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @click.option("--min-level", type=click.IntRange(min=0, max=MAX_LEVEL), default=0, show_default=True,
               help="Lease the job only to nodes the ledger trusts at this audit level or above (level L: a streak "
               "of accepted jobs, docs/design.md §6); 0: any staked node.")  # fmt: skip
+@click.option("--transfer", type=click.Choice(["challenge", "full"]), default=None,
+              help="What a node uploads. challenge (the default for a whole job run once): its commitment "
+              "(statement, trace.json, outputs), then only the tensors of the steps the coordinator samples after "
+              "it; full (the default with --segments, --shards or --replicas): its whole bundle, kept for offline "
+              "audit.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
 @click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -191,8 +200,8 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
            samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int,
-           shards_file: Path | None, min_level: int, wait: bool, timeout: float, out_dir: Path | None,
-           verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
+           shards_file: Path | None, min_level: int, transfer: str | None, wait: bool, timeout: float,
+           out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
@@ -206,11 +215,15 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
     if shards_file is not None and (segments is not None or replicas > 1):
         raise click.UsageError("--shards runs each row as a whole job: not with --segments or --replicas (yet)")
+    if transfer == "challenge" and (segments is not None or replicas > 1 or shards_file is not None):
+        raise click.UsageError("--transfer challenge is for whole jobs run once: --segments, --shards and "
+                               "--replicas ship full bundles")  # fmt: skip
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
                           max_attempts=max_attempts, segments=segments, device=job_device,
-                          replicas=replicas, min_level=min_level, shards=shards_file)  # fmt: skip
+                          replicas=replicas, min_level=min_level, shards=shards_file,
+                          transfer=transfer)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")

@@ -10,12 +10,14 @@ in the file is refused before any member is interpreted.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from verimesh.core.files import open_input
 from verimesh.core.threads import map_bytes
@@ -61,10 +63,11 @@ def _check_name(name: str) -> bytes:
 class ContainerWriter:
     """Writes members one at a time (to ``path.partial``, renamed on ``close``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
+        """``path`` None: in memory (``getvalue`` after ``close``)."""
         self._path = path
-        self._tmp = path.with_name(path.name + ".partial")
-        self._fh = self._tmp.open("wb")
+        self._tmp = path.with_name(path.name + ".partial") if path is not None else None
+        self._fh: Any = self._tmp.open("wb") if self._tmp is not None else io.BytesIO()
         self._central: list[bytes] = []
         self._names: set[str] = set()
         self._offset = 0
@@ -100,18 +103,35 @@ class ContainerWriter:
         self._fh.write(cd)
         self._fh.write(_END.pack(_END_SIG, 0, 0, n, n, len(cd), self._offset, 0))
         total = self._fh.tell()
+        if self._tmp is None:
+            self._value: bytes = self._fh.getvalue()
         self._fh.close()
-        self._tmp.replace(self._path)
-        return total
+        if self._tmp is not None and self._path is not None:
+            self._tmp.replace(self._path)
+        return int(total)
+
+    def getvalue(self) -> bytes:
+        return self._value
 
     def abort(self) -> None:
         self._fh.close()
-        self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
 
 def write_container(path: Path, members: Sequence[tuple[str, bytes | memoryview]]) -> int:
     """Write members in the given order; returns the file size."""
-    writer = ContainerWriter(path)
+    return _written(ContainerWriter(path), members)
+
+
+def container_bytes(members: Sequence[tuple[str, bytes | memoryview]]) -> bytes:
+    """A container of ``members`` (in order), in memory."""
+    writer = ContainerWriter(None)
+    _written(writer, members)
+    return writer.getvalue()
+
+
+def _written(writer: ContainerWriter, members: Sequence[tuple[str, bytes | memoryview]]) -> int:
     try:
         for name, data in members:
             writer.add(name, data)

@@ -28,16 +28,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from verimesh.core import merkle
-from verimesh.core.canonical import canonical_json, parse_canonical_json
+from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json, parse_canonical_json
 from verimesh.core.container import (
     DEFAULT_LIMITS,
     ContainerWriter,
     Limits,
+    container_bytes,
     crc32,
+    read_container,
     read_container_file,
     write_container,
 )
@@ -67,9 +70,27 @@ class Bundle:
     members: tuple[tuple[str, memoryview], ...] = ()  # format 2: every member before envelope.json
     leaves: tuple[bytes, ...] = ()  # format 2: their commitment leaves, in order
     problems: tuple[tuple[str, str], ...] = ()  # format 2: (member, what is wrong) in sealed members
+    # An opened bundle (format 2, ``write_opening``): only some members, each with its position
+    # and RFC 9162 inclusion proof under the signed root; ``size`` is the sealed member count.
+    opened: tuple[tuple[int, tuple[bytes, ...]], ...] | None = None  # one per member, in order
+    size: int = 0
 
     def member(self, name: str) -> memoryview:
         return dict(self.members)[name]
+
+    @property
+    def leaf_count(self) -> int:
+        """Members the signed root covers."""
+        return self.size if self.opened is not None else len(self.members)
+
+    def inclusion(self, name: str) -> tuple[int, list[bytes]]:
+        """A sealed member's position and its inclusion proof under the root of every member."""
+        names = [n for n, _ in self.members]
+        if self.opened is not None:
+            index, proof = self.opened[names.index(name)]
+            return index, list(proof)
+        index = names.index(name)
+        return index, merkle.inclusion_proof([merkle.leaf_hash(leaf) for leaf in self.leaves], index)
 
 
 def trace_document(entries: tuple[TensorRef, ...], version: int = 1) -> bytes:
@@ -200,6 +221,9 @@ def read_bundle(path: Path, *, limits: Limits = DEFAULT_LIMITS, version: int | N
     members = read_container_file(path, what="bundle", limits=limits, crcs=crcs)
     if version is None:
         version = _declared_version(members)
+    if version == 2 and next(iter(members), None) == OPENING_NAME:
+        _check_crcs(path, members, crcs)
+        return _read_opened(members, what=f"opened bundle {path}")
     if version == 2:
         return _read_sealed(path, members, crcs)
     _check_crcs(path, members, crcs)
@@ -322,3 +346,137 @@ def decode_tensor(entry: TensorRef, data: memoryview, *, what: str) -> np.ndarra
     if entry.dtype == "bool" and arr.size and np.frombuffer(data, dtype=np.uint8).max() > 1:
         raise InvalidInputError(f"{what} tensor {entry.name!r}: bool bytes other than 0 and 1")
     return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+
+
+# -- opened bundles: some members of a sealed bundle, each proven under its signed root ------------
+
+OPENING_NAME = "opening.json"
+OPENING_TYPE = "verimesh/opening"
+
+
+def write_opening(bundle: Bundle, names: Sequence[str]) -> bytes:
+    """The opened form of a sealed (format 2) bundle with only ``names`` (docs/format.md §14)::
+
+        opening.json        canonical JSON {type, version 1, members: [{name, index, inclusion_proof}]}
+        sealed/<name>       each member's bytes, in sealed order
+        envelope.json       the node's signed envelope, byte for byte
+
+    Each member is attributable like the full bundle: its leaf sits at its position under the root
+    the node signed. From a full bundle the proofs are computed; from an opened one, carried."""
+    if bundle.version != 2:
+        raise InvalidInputError("only a sealed (format 2) bundle has an opened form")
+    have = [n for n, _ in bundle.members]
+    wanted = dict.fromkeys(names)
+    missing = [n for n in wanted if n not in have]
+    if missing:
+        raise InvalidInputError(f"the bundle has no member {missing[0]!r} to open")
+    records, parts = [], []
+    for name in sorted(wanted, key=lambda n: bundle.inclusion(n)[0]):
+        index, proof = bundle.inclusion(name)
+        records.append({"name": name, "index": index, "inclusion_proof": [b64encode(p) for p in proof]})
+        parts.append((f"sealed/{name}", bundle.member(name)))
+    doc = {"type": OPENING_TYPE, "version": 1, "members": records}
+    return container_bytes([(OPENING_NAME, canonical_json(doc)), *parts, ("envelope.json", bundle.envelope.to_bytes())])
+
+
+def merge_openings(first: bytes, second: bytes, *, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """One opened bundle from two of the same envelope (a node's commitment and its answer to the
+    challenge): every member of either, each once, in sealed order. A member both carry must be
+    the same bytes with the same proof; the envelopes must be the same bytes."""
+    parsed = []
+    for blob, what in ((first, "commitment"), (second, "opening")):
+        members = read_container(blob, what=what, limits=limits)
+        parsed.append((members, _opening_records(members, what=what)))
+    if bytes(parsed[0][0]["envelope.json"]) != bytes(parsed[1][0]["envelope.json"]):
+        raise InvalidInputError("the opening is for another statement than the commitment", code="foreign-opening")
+    merged: dict[str, tuple[dict[str, Any], memoryview]] = {}
+    for members, records in parsed:
+        for record in records:
+            view = members[f"sealed/{record['name']}"]
+            seen = merged.get(record["name"])
+            if seen is not None and (seen[0] != record or bytes(seen[1]) != bytes(view)):
+                raise InvalidInputError(f"the opening's {record['name']!r} differs from the commitment's")
+            merged[record["name"]] = (record, view)
+    ordered = sorted(merged.values(), key=lambda rd: int(rd[0]["index"]))
+    doc = {"type": OPENING_TYPE, "version": 1, "members": [r for r, _ in ordered]}
+    parts = [(f"sealed/{r['name']}", d) for r, d in ordered]
+    envelope = parsed[0][0]["envelope.json"]
+    return container_bytes([(OPENING_NAME, canonical_json(doc)), *parts, ("envelope.json", envelope)])
+
+
+def opened_names(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[str, ...]:
+    """The member names an opened bundle carries (structure only: nothing is proven here)."""
+    return tuple(r["name"] for r in _opening_records(read_container(data, what="opening", limits=limits),
+                                                     what="opening"))  # fmt: skip
+
+
+def _opening_records(members: dict[str, memoryview], *, what: str) -> list[dict[str, Any]]:
+    """opening.json's records, checked against the container's members (names, order, shape)."""
+    names = list(members)
+    if not names or names[0] != OPENING_NAME or names[-1] != "envelope.json":
+        raise InvalidInputError(f"{what} must start with {OPENING_NAME} and end with envelope.json")
+    doc = parse_canonical_json(bytes(members[OPENING_NAME]), what=f"{what} {OPENING_NAME}")
+    if not isinstance(doc, dict) or doc.get("type") != OPENING_TYPE or doc.get("version") != 1 or set(doc) != {
+        "type", "version", "members"
+    }:  # fmt: skip
+        raise InvalidInputError(f"{what} {OPENING_NAME} must be {{type: {OPENING_TYPE}, version: 1, members}}")
+    records = doc["members"]
+    if not isinstance(records, list) or len(records) > MAX_OPENED:
+        raise InvalidInputError(f"{what} members must be a list of at most {MAX_OPENED}")
+    last = -1
+    for record in records:
+        if not _record_ok(record) or not last < record["index"]:
+            raise InvalidInputError(f"{what}: a member record is malformed or out of order")
+        last = record["index"]
+    if names[1:-1] != [f"sealed/{r['name']}" for r in records]:
+        raise InvalidInputError(f"{what}: the members are not the ones {OPENING_NAME} names, in its order")
+    return records
+
+
+MAX_OPENED = 100_000
+
+
+def _record_ok(record: Any) -> bool:
+    if not isinstance(record, dict) or set(record) != {"name", "index", "inclusion_proof"}:
+        return False
+    proof = record["inclusion_proof"]
+    return (
+        isinstance(record["name"], str) and type(record["index"]) is int and isinstance(proof, list)
+        and len(proof) <= 64 and all(isinstance(p, str) for p in proof)
+    )  # fmt: skip
+
+
+def _read_opened(members: dict[str, memoryview], *, what: str) -> Bundle:
+    """Parse an opened bundle: trace.json must be among its members (it says what each tensor
+    member is and how many members the root covers); each member's position must be the one its
+    name has in a sealed bundle. Nothing is proven here: ``workflows`` checks each member's
+    inclusion under the signed root, and reports what is wrong in ``problems`` only after."""
+    records = _opening_records(members, what=what)
+    envelope = Envelope.from_bytes(bytes(members["envelope.json"]), what=f"{what} envelope")
+    by_name = {r["name"]: r for r in records}
+    if "trace.json" not in by_name:
+        raise InvalidInputError(f"{what} does not open trace.json")
+    trace_bytes = bytes(members["sealed/trace.json"])
+    specs = trace_specs(trace_bytes)
+    size = len(specs) + 1  # tensors, then trace.json (a spot bundle has no proof members)
+    expected = {tensor_member(i): i for i in range(len(specs))} | {"trace.json": len(specs)}
+    for record in records:
+        if expected.get(record["name"]) != record["index"]:
+            raise InvalidInputError(f"{what}: {record['name']!r} is not a member at position {record['index']}")
+    sealed = tuple((r["name"], members[f"sealed/{r['name']}"]) for r in records)
+    leaves = tuple(member_leaf(name, data) for name, data in sealed)
+    opened = tuple(
+        (int(r["index"]), tuple(b64decode_strict(p, what=f"{what} inclusion proof") for p in r["inclusion_proof"]))
+        for r in records
+    )
+    entries = tuple(TensorRef(name, dtype, shape, "") for name, dtype, shape in specs)
+    tensors: dict[str, np.ndarray] = {}
+    problems: list[tuple[str, str]] = []
+    for i, entry in enumerate(entries):
+        member = tensor_member(i)
+        if member in by_name:
+            try:
+                tensors[entry.name] = decode_tensor(entry, members[f"sealed/{member}"], what="bundle")
+            except InvalidInputError as exc:
+                problems.append((member, exc.message))
+    return Bundle(envelope, entries, trace_bytes, tensors, (), 2, sealed, leaves, tuple(problems), opened, size)

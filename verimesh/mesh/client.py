@@ -144,6 +144,21 @@ class Client:
     def result(self, task_id: str, lease_id: str, bundle: bytes) -> dict[str, Any]:
         return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/result/{lease_id}", bundle)))
 
+    def commit(self, task_id: str, lease_id: str, commitment: bytes) -> dict[str, Any]:
+        """Challenge mode: upload the commitment (an opened bundle of trace.json and the outputs);
+        the challenge: the members to open and the deadline."""
+        doc = self._json(self._call("POST", f"/v1/tasks/{task_id}/commit/{lease_id}", commitment))
+        if not isinstance(doc, dict) or not isinstance(doc.get("challenge"), dict):
+            raise MeshError("the coordinator's challenge is malformed", code="bad-challenge")
+        challenge = doc["challenge"]
+        if not isinstance(challenge.get("members"), list) or not all(isinstance(m, str) for m in challenge["members"]):
+            raise MeshError("the coordinator's challenge is malformed", code="bad-challenge")
+        return dict(challenge)
+
+    def open(self, task_id: str, lease_id: str, opening: bytes) -> dict[str, Any]:
+        """Challenge mode: the answer, the challenged members opened under the committed root."""
+        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/open/{lease_id}", opening)))
+
     def release(self, task_id: str, lease_id: str, reason: str) -> None:
         self._post_json(f"/v1/tasks/{task_id}/release/{lease_id}", {"reason": reason[:300]})
 
@@ -163,12 +178,14 @@ class Client:
                    max_attempts: int, post: list[str] | None = None,
                    segments: list[list[int]] | None = None, device: str = "any",
                    replicas: int = 1, min_level: int = 0,
-                   shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+                   shards: list[dict[str, Any]] | None = None, transfer: str = "full") -> dict[str, Any]:  # fmt: skip
         """Post a job: ``post`` names what the ledger settles (the job, or each of its segments,
         in order), each with ``deposit`` signed by this key; ``replicas``: run by that many
         distinct nodes (a whole job), each answer spot-checked, a quorum or a referee deciding;
         ``min_level``: leased only to nodes the ledger audits at that level or above; ``shards``:
-        one ``{input, tensors}`` per row of a batch, each run as the whole job on that row."""
+        one ``{input, tensors}`` per row of a batch, each run as the whole job on that row;
+        ``transfer``: ``challenge`` (a whole job run once: the node commits, then opens only the
+        steps the coordinator samples) or ``full`` (the node uploads its whole bundle)."""
         assert self.key is not None
         job_doc = json.loads(job_bytes)
         ids = post or [str(job_doc["job_id"])]
@@ -183,6 +200,8 @@ class Client:
             doc["min_level"] = min_level
         if shards is not None:
             doc["shards"] = shards
+        if transfer != "full":
+            doc["transfer"] = transfer
         return dict(self._post_json("/v1/jobs", doc))
 
     def wait(self, job_id: str, *, timeout: float, poll: float = 0.5) -> dict[str, Any]:

@@ -54,11 +54,12 @@ from starlette.routing import Route
 
 from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.core.container import DEFAULT_LIMITS
 from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
 from verimesh.core.tensors import TensorRef, write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.fleet.verifiers import Verifiers
-from verimesh.jobs.bundle import read_bundle
+from verimesh.jobs.bundle import merge_openings, opened_names, read_bundle
 from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
@@ -68,7 +69,7 @@ from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import JOB_NAME, check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
-from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying
+from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying, challenge_view
 from verimesh.settlement import (
     Prefetched,
     all_standings,
@@ -82,11 +83,14 @@ from verimesh.settlement import (
     verify_and_settle,
 )
 from verimesh.signing.keys import PublicKey, SecretKey
+from verimesh.spot.spotcheck import challenged_members, commitment_members, sample_steps, seeded_rng
 from verimesh.subtasks.chain import ChainVerdict, whole_verdict
 from verimesh.subtasks.receipt import MAX_REPLICAS, receipt_body, sign_receipt
 from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
+
+TRANSFERS = ("challenge", "full")  # what a node uploads: commitment then sampled openings, or the full bundle
 
 MAX_JSON = 12 * 1024 * 1024  # a submission: a job document (8 MiB at most) and its requests
 DEVICES = ("cpu", "cuda", "auto")
@@ -160,6 +164,7 @@ class Coordinator:
         blob_quota: int = 2 * 1024 * 1024 * 1024,
         blob_ttl: float = 3600.0,
         fleet: Verifiers | None = None,
+        answer_within: float = 60.0,
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -192,6 +197,8 @@ class Coordinator:
         self.admission = admission
         self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout, admission) if isolate else None
         self.fleet = fleet  # verifies ahead of settlement (``_prefetch``); settlement stays here
+        self.answer_within = answer_within  # seconds a node has to open its challenged members
+        self._jobs: dict[str, Job] = {}  # job document digest -> parsed job (challenges sample on it)
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -234,6 +241,8 @@ class Coordinator:
             Route("/v1/lease", self._wrap(self._lease), methods=["POST"]),
             Route("/v1/tasks/{task_id}/files/{digest}", self._wrap(self._file), methods=["GET"]),
             Route("/v1/tasks/{task_id}/result/{lease_id}", self._wrap(self._result, upload=True), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/commit/{lease_id}", self._wrap(self._commit, upload=True), methods=["POST"]),
+            Route("/v1/tasks/{task_id}/open/{lease_id}", self._wrap(self._open, upload=True), methods=["POST"]),
             Route("/v1/tasks/{task_id}/release/{lease_id}", self._wrap(self._release), methods=["POST"]),
         ]
 
@@ -345,7 +354,8 @@ class Coordinator:
             {
                 "node_id": n["node_id"], "device": n["device"],
                 "online": now - n["last_seen"] <= self.state.heartbeat_timeout and not n["banned"],
-                "last_seen": round(n["last_seen"], 3), "banned": n["banned"], **standings.get(n["node_id"], {}),
+                "last_seen": round(n["last_seen"], 3), "banned": n["banned"], "missed": int(n.get("missed") or 0),
+                **standings.get(n["node_id"], {}),
             }
             for n in self.state.nodes()
         ]  # fmt: skip
@@ -372,11 +382,14 @@ class Coordinator:
             "job_id": doc["job_id"], "owner": doc["owner"], "state": doc["state"], "created": doc["created"],
             "updated": doc["updated"], "error": doc["error"], "receipt": doc["receipt"] is not None,
             "device": doc["spec"].get("device", "any"), "replicas": doc["spec"].get("replicas", 1),
-            "min_level": doc["spec"].get("min_level", 0),
+            "min_level": doc["spec"].get("min_level", 0), "transfer": doc["spec"].get("transfer", "full"),
             "tasks": [
                 {"task_id": t["task_id"], "position": t["position"], "replica": t["replica"], "state": t["state"],
                  "node_id": t["node_id"],
                  "attempts": t["attempts"], "history": t["history"],
+                 **({"challenge": {"steps": t["challenge"]["steps"], "samples": t["challenge"]["samples"],
+                                   "tensors": len(t["challenge"]["members"]), "bytes": t["challenge"]["bytes"]}}
+                    if t.get("challenge") else {}),
                  "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
                                                                ("verdict", "reason", "node_id", "decided_by",
                                                                 "settle_s", "distance_to_referee",
@@ -471,9 +484,9 @@ class Coordinator:
         signed = self._signed(request, body)
         doc = self._json_body(body)
         keys = {"job", "files", "requests", "segments", "deadline", "max_attempts"}
-        if not isinstance(doc, dict) or set(doc) - {"device", "replicas", "min_level", "shards"} != keys:
+        if not isinstance(doc, dict) or set(doc) - {"device", "replicas", "min_level", "shards", "transfer"} != keys:
             raise HTTPError(400, "malformed", f"a submission is {{{', '.join(sorted(keys))}}} and optionally "
-                            "device, replicas, min_level and shards")  # fmt: skip
+                            "device, replicas, min_level, shards and transfer")  # fmt: skip
         shard_docs = _shard_docs(doc.get("shards"))
         if shard_docs is not None and (doc["segments"] is not None or doc.get("replicas", 1) != 1):
             raise HTTPError(422, "bad-shards", "shards run the whole job on each row: not with segments or replicas")
@@ -487,6 +500,13 @@ class Coordinator:
         if replicas > 1 and doc["segments"] is not None:
             raise HTTPError(422, "bad-replicas", "replicas run whole jobs; a job split into segments runs once "
                             "(not yet: replicated segments)")  # fmt: skip
+        transfer = doc.get("transfer", "full")
+        if transfer not in TRANSFERS:
+            raise HTTPError(422, "bad-transfer", f"transfer must be one of {', '.join(TRANSFERS)}")
+        if transfer == "challenge" and (doc["segments"] is not None or shard_docs is not None or replicas != 1):
+            raise HTTPError(422, "bad-transfer", "challenges are for whole jobs run once: segments, shards and "
+                            "replicas ship full bundles (their successors, batch and referee read every "
+                            "tensor)")  # fmt: skip
         deadline, attempts = doc["deadline"], doc["max_attempts"]
         if type(deadline) is not int or not 1 <= deadline <= 7 * 86400:
             raise HTTPError(422, "bad-deadline", "deadline must be an integer number of seconds, 1 .. 7 days")
@@ -549,7 +569,7 @@ class Coordinator:
                     raise HTTPError(409, "job-exists", "this job is posted in the ledger by another owner") from exc
         spec = {"files": files, "deadline": float(deadline), "max_attempts": attempts, "posted": posted,
                 "segments": None if ranges is None else [list(r) for r in ranges], "device": device,
-                "replicas": replicas, "min_level": min_level, "shards": shard_docs}  # fmt: skip
+                "replicas": replicas, "min_level": min_level, "shards": shard_docs, "transfer": transfer}  # fmt: skip
         self.state.add_job(job.job_id, signed.node_id, spec, positions=len(posted), replicas=replicas)
         self._checkpoint_if_due()
         self._wake.set()
@@ -603,7 +623,12 @@ class Coordinator:
             raise HTTPError(403, "no-stake", "this node has no bonded stake that a slash could take: it gets no "
                             "tasks until it tops up (`verimesh ledger stake top-up`)")  # fmt: skip
         lease = self.state.lease(signed.node_id, deadline_default=self.deadline, level=level)
-        return None if lease is None else lease.to_json()
+        if lease is None:
+            return None
+        doc = lease.to_json()
+        if level == 0 and doc["transfer"] == "challenge" and lease.challenge is None:
+            doc["transfer"] = "full"  # its audit checks every step: the full bundle is the smaller upload
+        return doc
 
     def _bonded(self, node_id: str) -> tuple[int, int]:
         """The node's bonded stake and audit level, as of the ledger's current size (read again
@@ -645,8 +670,80 @@ class Coordinator:
         if not body:
             raise HTTPError(400, "malformed", "the body is the bundle's bytes")
         self.state.check_lease(signed.node_id, task_id, lease_id)  # before anything is stored
+        held = self.state.lease_of(signed.node_id, task_id)
+        if held is not None and held.challenge is not None:  # another bundle now would fish for another sample
+            raise HTTPError(409, "challenged", "this lease is waiting for the answer to its challenge")
         digest = self.state.put_blob(body)
         self.state.submit(signed.node_id, task_id, lease_id, digest)
+        self._wake.set()
+        return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
+
+    # -- challenges: commit, then open only the sampled steps (docs/design.md §10) -----------------
+
+    def _challenged_job(self, task_id: str) -> Job:
+        """The whole job a challenge-mode task runs (409 for a task that takes a full bundle)."""
+        job_id = self.state.task_job(task_id)
+        doc = self.state.job(job_id) if job_id is not None else None
+        if doc is None:
+            raise HTTPError(404, "not-found", "no such task")
+        if doc["spec"].get("transfer", "full") != "challenge":
+            raise HTTPError(409, "full-transfer", "this task takes a full bundle: POST it to /result")
+        digest = doc["spec"]["files"]["job"]
+        job = self._jobs.get(digest)
+        if job is None:
+            with tempfile.TemporaryDirectory(prefix="verimesh-job-") as tmp:
+                job = job_from_bytes(self._stored(digest), Path(tmp), what="job")
+            if len(self._jobs) > 1000:
+                self._jobs.clear()
+            self._jobs[digest] = job
+        return job
+
+    def _commit(self, request: Request, body: bytes) -> Any:
+        """The lease holder's commitment: its signed envelope, trace.json and outputs, each proven
+        under the signed root. The sample is drawn now, from the operator's randomness over the
+        commitment (so after it), and the node is told which members to open, and by when."""
+        signed = self._node(request, body)
+        task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
+        self.state.check_lease(signed.node_id, task_id, lease_id)
+        job = self._challenged_job(task_id)
+        try:
+            carried = opened_names(body, limits=DEFAULT_LIMITS)
+        except InvalidInputError as exc:
+            raise HTTPError(422, "bad-commitment", f"the commitment is not an opened bundle: {exc.message}") from exc
+        if sorted(carried) != sorted(commitment_members(job)):
+            raise HTTPError(422, "bad-commitment", "a commitment opens trace.json and the outputs, nothing else: "
+                            + ", ".join(commitment_members(job)))  # fmt: skip
+        digest = sha256_bytes(body)
+        seed = self.seed_for(task_id, digest)
+        samples = node_standing(self.ledger, signed.node_id).samples_for(len(job.steps), job.policy.samples)
+        steps = sample_steps(job, samples, seeded_rng(seed))
+        drawn = {"commitment": digest, "seed": seed, "samples": samples, "steps": list(steps),
+                 "members": list(challenged_members(job, steps)), "bytes": {"commitment": len(body)}}  # fmt: skip
+        self.state.put_blob(body)
+        challenge = self.state.challenge(signed.node_id, task_id, lease_id, drawn, self.answer_within)
+        return {"task_id": task_id, "challenge": challenge_view(challenge)}
+
+    def _open(self, request: Request, body: bytes) -> Any:
+        """The answer to a challenge: exactly the challenged members, each proven under the root of
+        the committed envelope, before the challenge's deadline (after it the lease is lost)."""
+        signed = self._node(request, body)
+        task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
+        self.state.check_lease(signed.node_id, task_id, lease_id)
+        lease = self.state.lease_of(signed.node_id, task_id)
+        challenge = lease.challenge if lease is not None else None
+        if challenge is None:
+            raise HTTPError(409, "no-challenge", "this lease has no challenge to answer: commit first")
+        try:
+            carried = opened_names(body, limits=DEFAULT_LIMITS)
+            if sorted(carried) != sorted(challenge["members"]):
+                raise InvalidInputError("it must open exactly the challenged members: " +
+                                        ", ".join(challenge["members"][:20]))  # fmt: skip
+            merged = merge_openings(self._stored(challenge["commitment"]), body, limits=DEFAULT_LIMITS)
+        except InvalidInputError as exc:
+            raise HTTPError(422, "bad-opening", f"the answer is not the challenge's opening: {exc.message}") from exc
+        digest = self.state.put_blob(merged)
+        self.state.submit(signed.node_id, task_id, lease_id, digest, challenged=True)
+        self.state.answered(task_id, len(body))
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
 
@@ -756,6 +853,8 @@ class Coordinator:
                 spec = doc["spec"] if doc is not None else None
                 if spec is None or spec.get("segments") or spec.get("shards") or spec.get("replicas", 1) > 1:
                     continue
+                if item.challenge:  # verified here, on the sample it was challenged with
+                    continue
                 place = folder / str(number)
                 job, _ = materialize(spec["files"], self._stored, place, with_model=False)
                 bundle = place / "result.vmb"
@@ -847,7 +946,9 @@ class Coordinator:
                                {"verdict": "error", "reason": exc.message, "node_id": item.node_id})  # fmt: skip
                 return
             try:
-                seed = self.seed_for(item.task_id, item.bundle)
+                # A challenged answer is verified with the sample it was challenged with (drawn
+                # from the commitment); a full bundle with one drawn from the bundle itself.
+                seed = int(item.challenge["seed"]) if item.challenge else self.seed_for(item.task_id, item.bundle)
                 if shards:
                     self._verify_shard(item, parent, job, bundle, seed, folder, shards)
                 elif ranges:
@@ -868,8 +969,9 @@ class Coordinator:
                       folder: Path, prefetched: Prefetched | None = None) -> None:  # fmt: skip
         outputs = folder / "outputs.npz"
         started = time.perf_counter()
+        samples = int(item.challenge["samples"]) if item.challenge else None
         settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
-                                    outputs_out=outputs, prefetched=prefetched)  # fmt: skip
+                                    samples=samples, outputs_out=outputs, prefetched=prefetched)  # fmt: skip
         verdict = settled.verdict
         verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
                        "verified_by": settled.verified_by,

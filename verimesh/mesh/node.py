@@ -5,7 +5,11 @@
 2. Heartbeat in the background while it runs: a node whose heartbeat stops loses its lease.
 3. Lease a task (the coordinator hands back a lease the node still holds, so a node that
    crashed and restarted resumes it), fetch the job's files by digest (each checked, kept in a
-   cache folder), prove, upload the bundle for that lease, repeat.
+   cache folder), prove, upload for that lease, repeat. A task in challenge mode: upload the
+   commitment (the signed statement, trace.json and the outputs, each proven under the root),
+   then open the members the coordinator's challenge names, before its deadline. The bundle is
+   kept in the work folder until then, so a node restarted with the same ``work_dir`` answers
+   the challenge it owes; one that lost it gives the task back (a missed challenge).
 
 A job the node will not run (an unsafe model, a file that does not match its digest) is given
 back with its reason; it is never run, and the node is not offered that task again.
@@ -24,13 +28,14 @@ from typing import Any
 
 from verimesh.core.digest import sha256_bytes
 from verimesh.errors import InvalidInputError
-from verimesh.jobs.bundle import read_bundle
+from verimesh.jobs.bundle import read_bundle, write_opening
 from verimesh.jobs.job import Job
 from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
 from verimesh.mesh.files import materialize
 from verimesh.mesh.sandbox import Sandbox
 from verimesh.signing.keys import SecretKey
+from verimesh.spot.spotcheck import commitment_members
 from verimesh.workflows import Worker
 
 log = logging.getLogger("verimesh.mesh.node")
@@ -114,6 +119,8 @@ class Node:
             return False
         task_id, lease_id = str(lease["task_id"]), str(lease["lease_id"])
         folder = Path(tempfile.mkdtemp(prefix="task-", dir=self.work_dir))
+        challenged = lease.get("transfer") == "challenge"
+        kept = self.work_dir / "answers" / f"{lease_id}.vmb"  # a challenge-mode bundle, until it is opened
         try:
             try:
                 fetch = self._fetch(task_id)
@@ -134,22 +141,58 @@ class Node:
                         path.write_bytes(fetch(str(digest)))
                         inputs_from.append(path)
                 bundle = folder / "result.vmb"
-                self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
-                self._prove(folder, lease, model, inputs_from, bundle)
-                # The coordinator excludes a node whose upload it cannot read within its limits.
-                read_bundle(bundle, version=job.version)
+                if lease.get("challenge") is not None and not kept.is_file():
+                    raise InvalidInputError("it committed to this task and no longer has the bundle (restarted "
+                                            "without its work folder)", code="lost-commitment")  # fmt: skip
+                if not kept.is_file():
+                    self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
+                    self._prove(folder, lease, model, inputs_from, bundle)
+                    # The coordinator excludes a node whose upload it cannot read within its limits.
+                    read_bundle(bundle, version=job.version)
+                    if self.on_bundle is not None:
+                        self.on_bundle(bundle, job)
+                    if challenged:
+                        kept.parent.mkdir(exist_ok=True)
+                        bundle.replace(kept)
             except InvalidInputError as exc:
                 self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
                 self.client.release(task_id, lease_id, exc.message)
                 return True
-            if self.on_bundle is not None:
-                self.on_bundle(bundle, job)
-            answer = self.client.result(task_id, lease_id, bundle.read_bytes())
+            if challenged:
+                try:
+                    answer = self._answer_challenge(task_id, lease_id, kept, job, lease.get("challenge"))
+                except InvalidInputError as exc:  # its own bundle unreadable now (a disk fault): it cannot answer
+                    self.on_event(f"task {task_id[:8]}: cannot answer its challenge ({exc.message}); giving it back")
+                    self.client.release(task_id, lease_id, exc.message)
+                    kept.unlink(missing_ok=True)
+                    return True
+                kept.unlink(missing_ok=True)
+            else:
+                answer = self.client.result(task_id, lease_id, bundle.read_bytes())
             self.done += 1
             self.on_event(f"task {task_id[:8]}: uploaded ({answer.get('state')})")
+        except MeshError as exc:
+            if exc.status in (403, 404, 409):  # the lease is gone: nothing left to answer with this bundle
+                kept.unlink(missing_ok=True)
+            raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return True
+
+    def _answer_challenge(self, task_id: str, lease_id: str, bundle: Path, job: Job,
+                          challenge: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+        """Commit (unless a restarted node already did), then open what the challenge names."""
+        full = read_bundle(bundle, version=job.version)
+        if challenge is None:
+            challenge = self.client.commit(task_id, lease_id, write_opening(full, commitment_members(job)))
+        self.on_event(f"task {task_id[:8]}: challenged to open steps {challenge.get('steps')} "
+                      f"({len(challenge['members'])} tensors)")  # fmt: skip
+        try:
+            opening = write_opening(full, challenge["members"])
+        except InvalidInputError as exc:  # a challenge naming members this bundle lacks: not ours to answer
+            raise MeshError(f"the coordinator's challenge names what no bundle holds: {exc.message}",
+                            code="bad-challenge") from exc  # fmt: skip
+        return self.client.open(task_id, lease_id, opening)
 
     def _prove(self, folder: Path, lease: dict[str, Any], model: Path | None, inputs_from: list[Path],
                bundle: Path) -> None:  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 from verimesh.core.canonical import canonical_json, parse_canonical_json
 from verimesh.core.digest import tensor_digest
 from verimesh.core.tensors import npz_bytes, parse_npz
-from verimesh.errors import IntegrityError, VerificationFailedError
+from verimesh.errors import IntegrityError, InvalidInputError, VerificationFailedError
 from verimesh.jobs.job import Job, new_job
 from verimesh.ledger.store import check_inclusion_document
 from verimesh.mesh.client import Client, upload_job
@@ -37,14 +37,15 @@ class Submitted:
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
     samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
-    replicas: int = 1, min_level: int = 0, shards: Path | None = None,
+    replicas: int = 1, min_level: int = 0, shards: Path | None = None, transfer: str | None = None,
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
     from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
     leased only to nodes that registered that device, or ``any``; ``replicas``: the whole job run
     by that many distinct nodes, the deposit paying each accepted one; ``min_level``: leased only
     to nodes at that audit level or above; ``shards``: a batch file, each row run as the whole
-    job by another node, each row posted in the ledger with ``deposit``)."""
+    job by another node, each row posted in the ledger with ``deposit``; ``transfer``: ``challenge``
+    or ``full``, None for challenge where it applies, a whole job run once, else full)."""
     from verimesh.jobs.segments import plan_segments, views_of
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
@@ -57,9 +58,15 @@ def submit(
         rows = None
         if shards is not None:
             rows, post = _upload_shards(client, job, shards)
+        whole = ranges is None and shards is None and replicas == 1
+        if transfer == "challenge" and not whole:
+            raise InvalidInputError("transfer challenge is for whole jobs run once: segments, shards and replicas "
+                                    "ship full bundles", code="bad-transfer")  # fmt: skip
+        transfer = transfer or ("challenge" if whole else "full")
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
                                    max_attempts=max_attempts, post=post, segments=ranges,
-                                   device=device, replicas=replicas, min_level=min_level, shards=rows)  # fmt: skip
+                                   device=device, replicas=replicas, min_level=min_level, shards=rows,
+                                   transfer=transfer)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
 
 

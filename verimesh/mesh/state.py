@@ -56,6 +56,9 @@ nodes = sa.Table(
     sa.Column("joined", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
     sa.Column("banned", sa.String(300)),
+    # Challenges left unanswered (committed, then not opened in time, or given back): a node that
+    # commits and walks away whenever the sample would hit its wrong step is excluded at MAX_MISSED.
+    sa.Column("missed", sa.Integer, nullable=False, default=0),
 )
 nonces = sa.Table(
     "mesh_nonces",
@@ -92,6 +95,9 @@ tasks = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("excluded", sa.Text, nullable=False),  # JSON list of node ids
     sa.Column("bundle", sa.String(71)),
+    # Challenge mode: JSON {commitment, seed, samples, steps, members, deadline, bytes} once the
+    # lease holder committed (docs/design.md §10); the answer must come before ``deadline``.
+    sa.Column("challenge", sa.Text),
     sa.Column("verdict", sa.Text),  # JSON: the last verdict (accept, or the reject that freed the task)
     sa.Column("history", sa.Text, nullable=False),  # JSON list: what happened to each attempt
     sa.Column("created", sa.Float, nullable=False),
@@ -99,6 +105,7 @@ tasks = sa.Table(
 )
 
 CHURN = 5  # leases without an answer a task allows per judged attempt
+MAX_MISSED = 3  # unanswered challenges that exclude a node
 
 
 @dataclass(frozen=True)
@@ -110,20 +117,29 @@ class Lease:
     spec: dict[str, Any]
     position: int = 0
     inputs: tuple[tuple[int, str], ...] = ()  # a segment's predecessors: (position, bundle digest)
+    challenge: dict[str, Any] | None = None  # a resumed lease: the challenge its holder still owes
 
     def to_json(self) -> dict[str, Any]:
         doc = {"task_id": self.task_id, "job_id": self.job_id, "lease_id": self.lease_id,
                "deadline": self.deadline, "files": self.spec["files"], "position": self.position,
-               "segments": self.spec.get("segments"), "inputs": {str(k): d for k, d in self.inputs}}  # fmt: skip
+               "segments": self.spec.get("segments"), "inputs": {str(k): d for k, d in self.inputs},
+               "transfer": self.spec.get("transfer", "full")}  # fmt: skip
+        if self.challenge is not None:
+            doc["challenge"] = challenge_view(self.challenge)
         shards = self.spec.get("shards")
         if shards:  # the whole job on one row: its input blob and the tensors it pins
             doc["shard"] = {"count": len(shards), **shards[self.position]}
         return doc
 
 
+def challenge_view(challenge: dict[str, Any]) -> dict[str, Any]:
+    """What the node is told of its challenge: the members to open, by when (and the sample)."""
+    return {k: challenge[k] for k in ("members", "deadline", "steps", "seed", "samples")}
+
+
 @dataclass(frozen=True)
 class Verifying:
-    """A stored result waiting for its verdict."""
+    """A stored result waiting for its verdict (``challenge``: the sample it was challenged with)."""
 
     task_id: str
     job_id: str
@@ -131,6 +147,7 @@ class Verifying:
     bundle: str
     position: int = 0
     replica: int = 0
+    challenge: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,9 +185,16 @@ class MeshState:
         self.churn = churn  # None: leases that end without an answer never fail a task (an open mesh)
         self._postgres = engine.dialect.name == "postgresql"
         metadata.create_all(engine)
-        if "replica" not in {c["name"] for c in sa.inspect(engine).get_columns("mesh_tasks")}:
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("mesh_tasks")}
+        if "replica" not in columns:
             with self._txn() as conn:  # a database from before replicas: every task was the only run
                 conn.execute(sa.text("ALTER TABLE mesh_tasks ADD COLUMN replica INTEGER NOT NULL DEFAULT 0"))
+        if "challenge" not in columns:  # from before challenges: every result was a full bundle
+            with self._txn() as conn:
+                conn.execute(sa.text("ALTER TABLE mesh_tasks ADD COLUMN challenge TEXT"))
+        if "missed" not in {c["name"] for c in sa.inspect(engine).get_columns("mesh_nodes")}:
+            with self._txn() as conn:
+                conn.execute(sa.text("ALTER TABLE mesh_nodes ADD COLUMN missed INTEGER NOT NULL DEFAULT 0"))
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -331,6 +355,9 @@ class MeshState:
         doc["excluded"] = json.loads(doc["excluded"])
         doc["history"] = json.loads(doc["history"])
         doc["verdict"] = _row_json(doc["verdict"], None)
+        challenge = _row_json(doc.pop("challenge", None), None)
+        if challenge is not None:  # its size and sample; the seed is the operator's to publish
+            doc["challenge"] = {k: challenge[k] for k in ("steps", "samples", "members", "bytes")}
         doc.pop("lease_id")
         return doc
 
@@ -348,7 +375,21 @@ class MeshState:
         ).all()
         for row in rows:
             why = "deadline" if row.lease_deadline < now else "heartbeat"
+            if row.challenge is not None:
+                self._missed(conn, row.node_id, f"challenge not answered ({why} missed)")
+                self._free(conn, row, f"lease lost: challenge not answered ({why} missed)", now)
+                continue
             self._free(conn, row, f"lease lost ({why} missed)", now)
+
+    def _missed(self, conn: sa.Connection, node_id: str, why: str) -> None:
+        """A node left a challenge unanswered: a strike; at MAX_MISSED it is excluded. A
+        commitment it walks away from costs it the task, the reward and, repeated, the mesh: a
+        node that opened only the samples that miss its wrong steps would otherwise lose nothing."""
+        missed = int(conn.execute(sa.select(nodes.c.missed).where(nodes.c.node_id == node_id)).scalar_one() or 0) + 1
+        values: dict[str, Any] = {"missed": missed}
+        if missed >= MAX_MISSED:
+            values["banned"] = f"excluded: {missed} challenges left unanswered (last: {why})"[:300]
+        conn.execute(nodes.update().where(nodes.c.node_id == node_id, nodes.c.banned.is_(None)).values(**values))
 
     def _free(self, conn: sa.Connection, row: Any, why: str, now: float, verdict: Any = None) -> None:
         """Back to pending without the node that held it. The task fails after ``max_attempts``
@@ -365,7 +406,7 @@ class MeshState:
         values: dict[str, Any] = {
             "state": "failed" if failed else "pending", "node_id": None, "lease_id": None, "leased_at": None,
             "lease_deadline": None, "bundle": None, "excluded": json.dumps(excluded), "history": json.dumps(history),
-            "updated": now,
+            "updated": now, "challenge": None,
         }  # fmt: skip
         if verdict is not None:
             values["verdict"] = json.dumps(verdict, sort_keys=True)
@@ -452,7 +493,14 @@ class MeshState:
     def _lease_of(self, conn: sa.Connection, row: Any) -> Lease:
         spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
         return Lease(row.task_id, row.job_id, row.lease_id, row.lease_deadline, spec, row.position,
-                     self._inputs(conn, row.job_id, row.position))  # fmt: skip
+                     self._inputs(conn, row.job_id, row.position), _row_json(row.challenge, None))  # fmt: skip
+
+    def lease_of(self, node_id: str, task_id: str) -> Lease | None:
+        """The node's lease on the task, when it holds one."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id, tasks.c.node_id == node_id,
+                                                      tasks.c.state == "leased")).first()  # fmt: skip
+            return None if row is None else self._lease_of(conn, row)
 
     def done_bundles(self, job_id: str) -> dict[int, str]:
         """Position -> bundle digest of the job's done tasks."""
@@ -484,7 +532,7 @@ class MeshState:
                     ]
                     conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(
                         state="pending", node_id=None, lease_id=None, leased_at=None, lease_deadline=None,
-                        bundle=None, history=json.dumps(history), updated=now))  # fmt: skip
+                        bundle=None, challenge=None, history=json.dumps(history), updated=now))  # fmt: skip
 
     def free_done(self, job_id: str, position: int, outcome: str, verdict: dict[str, Any],
                   ban: tuple[str, str] | None = None) -> None:  # fmt: skip
@@ -521,27 +569,67 @@ class MeshState:
         if row.lease_deadline < time.time():
             raise StateError(409, "the lease was lost (too late)")
 
-    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str) -> None:
-        """Store a node's result for its own live lease (StateError otherwise)."""
+    def _held(self, conn: sa.Connection, node_id: str, task_id: str, lease_id: str) -> Any:
+        """The task row, locked, when the node holds this live lease (StateError otherwise)."""
+        self._expire(conn, time.time())
+        row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
+        if row is None:
+            raise StateError(404, "no such task")
+        if row.node_id != node_id or row.lease_id != lease_id:
+            lost = node_id in json.loads(row.excluded)
+            raise StateError(409 if lost else 403, "the lease was lost (too late)" if lost
+                             else "this task is not leased to you")  # fmt: skip
+        if row.state != "leased":
+            raise StateError(409, f"the task is {row.state}, not waiting for a result")
+        return row
+
+    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str, *, challenged: bool = False) -> None:
+        """Store a node's result for its own live lease (StateError otherwise). ``challenged``:
+        the result is the opened bundle that answers the lease's challenge; a full bundle is
+        refused once the holder committed (it would answer a sample it chose)."""
         now = time.time()
         with self._txn() as conn:
-            self._expire(conn, now)
-            row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
-            if row is None:
-                raise StateError(404, "no such task")
-            if row.node_id != node_id or row.lease_id != lease_id:
-                lost = node_id in json.loads(row.excluded)
-                raise StateError(409 if lost else 403, "the lease was lost (too late)" if lost
-                                 else "this task is not leased to you")  # fmt: skip
-            if row.state != "leased":
-                raise StateError(409, f"the task is {row.state}, not waiting for a result")
+            row = self._held(conn, node_id, task_id, lease_id)
+            if challenged != (row.challenge is not None):
+                raise StateError(409, "this lease is waiting for the answer to its challenge" if row.challenge
+                                 else "this lease has no challenge to answer: commit first")  # fmt: skip
             conn.execute(tasks.update().where(tasks.c.task_id == task_id)
                          .values(state="verifying", bundle=bundle, updated=now))  # fmt: skip
+
+    def challenge(self, node_id: str, task_id: str, lease_id: str, challenge: dict[str, Any],
+                  answer_within: float) -> dict[str, Any]:  # fmt: skip
+        """Record the holder's commitment and the challenge drawn for it; the lease now ends at the
+        answer's deadline. One commitment per lease: a second, other one is refused (a node must
+        not re-commit until a sample suits it); the same one again gets the same challenge."""
+        now = time.time()
+        with self._txn() as conn:
+            row = self._held(conn, node_id, task_id, lease_id)
+            if row.challenge is not None:
+                held = json.loads(row.challenge)
+                if held["commitment"] != challenge["commitment"]:
+                    raise StateError(409, "this lease has a commitment already; its challenge stands")
+                return dict(held)
+            deadline = min(float(row.lease_deadline), now + answer_within)
+            doc = {**challenge, "deadline": deadline}
+            conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
+                challenge=json.dumps(doc, sort_keys=True), lease_deadline=deadline, updated=now))  # fmt: skip
+            return doc
+
+    def answered(self, task_id: str, answer_bytes: int) -> None:
+        """Note the answer's size beside its challenge (for status and the bench)."""
+        with self._txn() as conn:
+            row = conn.execute(self._locked(sa.select(tasks.c.challenge).where(tasks.c.task_id == task_id))).first()
+            if row is not None and row.challenge is not None:
+                doc = json.loads(row.challenge)
+                doc["bytes"] = {**doc.get("bytes", {}), "answer": answer_bytes}
+                conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
+                    challenge=json.dumps(doc, sort_keys=True)))  # fmt: skip
 
     def verifying(self) -> list[Verifying]:
         with self._read() as conn:
             rows = conn.execute(sa.select(tasks).where(tasks.c.state == "verifying").order_by(tasks.c.updated)).all()
-        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.position, r.replica) for r in rows]
+        return [Verifying(r.task_id, r.job_id, r.node_id, r.bundle, r.position, r.replica, _row_json(r.challenge, None))
+                for r in rows]  # fmt: skip
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
@@ -608,6 +696,8 @@ class MeshState:
             row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
             if row is None or row.node_id != node_id or row.lease_id != lease_id or row.state != "leased":
                 raise StateError(409, "this task is not leased to you")
+            if row.challenge is not None:  # given back after seeing the challenge: as if unanswered
+                self._missed(conn, node_id, f"given back after its challenge: {reason}")
             self._free(conn, row, f"released by the node: {reason}"[:300], now)
 
     def counts(self) -> dict[str, int]:

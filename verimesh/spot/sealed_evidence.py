@@ -88,12 +88,9 @@ def write_sealed_evidence(
     step_models: Sequence[tuple[int, bytes]] = (),
 ) -> None:
     """Write evidence carrying ``members`` of the sealed ``bundle`` with their inclusion proofs."""
-    names = [name for name, _ in bundle.members]
-    hashes = [merkle.leaf_hash(leaf) for leaf in bundle.leaves]
     records = []
     for name in dict.fromkeys(members):  # each member once, in the order given
-        index = names.index(name)
-        proof = merkle.inclusion_proof(hashes, index)
+        index, proof = bundle.inclusion(name)
         records.append({"name": name, "index": index, "inclusion_proof": [b64encode(p) for p in proof]})
     job_bytes, split = job_document(job)
     doc = {

@@ -165,6 +165,29 @@ def sample_steps(job: Job, samples: int | None, rng: random.Random, *, also: Seq
     return tuple(sorted(chosen | always))
 
 
+def commitment_members(job: Job) -> tuple[str, ...]:
+    """What a node uploads first in challenge mode (docs/design.md §10): trace.json and the output
+    tensors (the statement signs the root and names the outputs as its subjects)."""
+    from verimesh.jobs.bundle import tensor_member
+
+    names = job.trace_names
+    return ("trace.json", *(tensor_member(names.index(n)) for n in job.output_names))
+
+
+def challenged_members(job: Job, sampled: Sequence[int]) -> tuple[str, ...]:
+    """The members a re-check of ``sampled`` reads beyond ``commitment_members``: each sampled
+    step's inputs and outputs and, with a window of 2, those of the step after it."""
+    from verimesh.jobs.bundle import tensor_member
+
+    names = job.trace_names
+    wanted: dict[str, None] = {}
+    for index in sorted(sampled):
+        for i in (index, index + 1) if job.policy.window >= 2 else (index,):
+            if i < len(job.steps):
+                wanted.update(dict.fromkeys((*job.steps[i].inputs, *job.steps[i].outputs)))
+    return tuple(sorted({tensor_member(names.index(n)) for n in wanted} - set(commitment_members(job))))
+
+
 def derived_seed(seed: int, index: int) -> int:
     """Sub-task ``index``'s own seed from a verification's seed (53 bits, JSON-safe): shards that
     share steps and costs must not all re-check the same steps."""
