@@ -71,6 +71,8 @@ def test_an_honest_opening_is_accepted_with_its_sample_and_moves_fewer_bytes(job
     result = CliRunner().invoke(cli, [*args, "--samples", str(SAMPLES), "--seed", "7", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["verdict"] == "accept"
+    shown = CliRunner().invoke(cli, ["bundle", "show", str(opened), "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["opened"]["of"] == len(job.trace_names) + 1
 
 
 def test_an_opening_never_answers_a_sample_it_does_not_cover(job: Job, keys: Keys, workdir: Path) -> None:
@@ -198,3 +200,16 @@ def test_corrupt_or_truncated_openings_are_never_accepted(job: Job, keys: Keys, 
         except InvalidInputError:
             continue
         assert verdict.status != "accept", (i, verdict.reason)
+
+
+def test_the_bench_counts_the_bytes_a_node_uploads() -> None:
+    """`bench --only mesh`'s challenge rows are the bodies a node sends: the commitment plus the
+    answer, fewer as the audit level rises, every byte at level 0 (and the fixed overheads)."""
+    from verimesh.assurance.mesh_bench import bench_challenges, challenge_table
+
+    row = bench_challenges(model_path("rescnn"), input_path("rescnn"), seeds=6)
+    shares = [r["median_share"] for r in row["levels"]]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 1.0 > shares[-1]
+    assert all(r["max_bytes"] >= r["median_bytes"] > row["commitment_bytes"] for r in row["levels"])
+    assert row["levels"][0]["samples"] == row["steps"] - 1 and row["levels"][-1]["samples"] == 1
+    assert len(challenge_table(row)) == 4 + len(row["levels"])

@@ -649,6 +649,13 @@ def run_benchmarks(options: BenchOptions, *, progress: Callable[[str], None] | N
             tasks, count = (20, 4) if options.quick else (200, 20)
             say(f"mesh: {tasks} tasks of {smallest.name} on {count} nodes")
             report["mesh"] = [bench_mesh(smallest, mesh_input, tasks=tasks, nodes=count)]
+        picked = _model_with_input(options.models, max, "mesh challenges", report)
+        if picked is not None:
+            from verimesh.assurance.mesh_bench import bench_challenges
+
+            largest, challenge_input = picked
+            say(f"mesh: challenge-mode bytes of {largest.name} per audit level")
+            report["challenges"] = bench_challenges(largest, challenge_input, seeds=16 if options.quick else 64)
     if "costs" in options.sections:
         report["costs"] = []
         for model in options.cost_models:
@@ -788,6 +795,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         overhead = row["settle_p50_ms"] - row["bare_verify_ms"]
         add("coordinator overhead per task, p50 ms (settle less the bare check)", f"≤ {MESH_OVERHEAD_MS:g}", overhead,
             overhead <= MESH_OVERHEAD_MS, where)  # fmt: skip
+    challenges = report.get("challenges")
+    if challenges:
+        default = challenges["levels"][challenges["default_level"]]
+        add("challenge upload / full bundle, median at the default policy", f"≤ {challenges['target_share']:.0%}",
+            default["median_share"], default["median_share"] <= challenges["target_share"],
+            f"{challenges['model']}, audit level {default['level']} (the job's samples {default['samples']}), "
+            f"{challenges['seeds']} challenges")  # fmt: skip
     sim = report.get("simulate")
     if sim:
         add("simulate 10^4 nodes x 10^6 jobs, s", f"≤ {sim['target_s']:g}", sim["seconds"],
@@ -868,6 +882,19 @@ def render_markdown(report: dict[str, Any], *, command: str) -> str:
             "verify+settle is the coordinator's spot check plus its ledger transaction per task.",
             "",
             *mesh_table(report["mesh"]),
+        ]
+    if report.get("challenges"):
+        from verimesh.assurance.mesh_bench import challenge_table
+
+        lines += [
+            "",
+            "### Challenge mode: bytes a node uploads per job",
+            "",
+            "The node's commitment (statement, trace.json, outputs) plus its answer to the challenge (the "
+            "sampled steps' tensors, each with its inclusion proof), against the full bundle it would upload "
+            "otherwise; challenges drawn as the coordinator draws them.",
+            "",
+            *challenge_table(report["challenges"]),
         ]
     if report.get("costs"):
         lines += [

@@ -7,6 +7,10 @@ Measured: tasks per second from the first lease to the last verdict; every reque
 the node sees it (lease, file, result, heartbeat; p50/p99); the coordinator's verify-and-settle
 time per task (the spot check and the ledger transaction, p50/p99) beside a bare ``verify`` of
 one bundle; the bytes a task moves (files to the node, the bundle back).
+
+``bench_challenges``: the bytes a node uploads in challenge mode (its commitment, then its answer
+to the challenge: the bodies ``Node`` sends, built by the same functions) against its full bundle,
+per audit level, over many challenges drawn as the coordinator draws them.
 """
 
 from __future__ import annotations
@@ -118,6 +122,56 @@ def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4
             server.terminate()
             server.wait(timeout=30)
             log.close()
+
+
+CHALLENGE_TARGET = 0.15  # challenge bytes / full bundle bytes at the default policy (issue 16)
+
+
+def bench_challenges(model: Path, input_file: Path, *, seeds: int = 64) -> dict[str, Any]:
+    """Upload bytes per job in challenge mode at each audit level, against the full bundle: the
+    commitment plus the answer, for ``seeds`` challenges (median and largest). The default policy
+    is the job's own (``samples`` 1) at the level a node in good standing reaches (MAX_LEVEL)."""
+    from verimesh.jobs.bundle import read_bundle, write_opening
+    from verimesh.jobs.job import new_job
+    from verimesh.ledger.reputation import MAX_LEVEL, samples_at
+    from verimesh.signing.keys import generate_key
+    from verimesh.spot.spotcheck import challenged_members, commitment_members, sample_steps, seeded_rng
+    from verimesh.workflows import prove
+
+    with tempfile.TemporaryDirectory(prefix="verimesh-bench-challenge-") as tmp:
+        job = new_job(model, input_file, Path(tmp) / "job.json")
+        bundle = prove(job, key=generate_key(), out=Path(tmp) / "r.vmb", device="cpu").bundle
+        full_bytes = bundle.stat().st_size
+        full = read_bundle(bundle, version=job.version)
+        commitment = len(write_opening(full, commitment_members(job)))
+        levels = []
+        for level in range(MAX_LEVEL + 1):
+            samples = samples_at(level, len(job.steps), job.policy.samples)
+            moved = []
+            for seed in range(seeds):
+                steps = sample_steps(job, samples, seeded_rng(seed))
+                moved.append(commitment + len(write_opening(full, challenged_members(job, steps))))
+            levels.append({"level": level, "samples": samples, "median_bytes": statistics.median(moved),
+                           "max_bytes": max(moved), "median_share": statistics.median(moved) / full_bytes,
+                           "max_share": max(moved) / full_bytes})  # fmt: skip
+    return {"model": model.name, "steps": len(job.steps), "full_bundle_bytes": full_bytes,
+            "input_bytes": input_file.stat().st_size, "commitment_bytes": commitment, "seeds": seeds,
+            "levels": levels, "default_level": MAX_LEVEL, "target_share": CHALLENGE_TARGET}  # fmt: skip
+
+
+def challenge_table(row: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{row['model']}: {row['steps']} steps, full bundle {row['full_bundle_bytes']} bytes, commitment "
+        f"{row['commitment_bytes']} bytes; {row['seeds']} challenges per level.",
+        "",
+        "| audit level | steps checked beside the last | upload median bytes (share) | largest (share) |",
+        "|---|---|---|---|",
+    ]
+    for r in row["levels"]:
+        note = " (every step: leased as a full transfer)" if r["level"] == 0 else ""
+        lines.append(f"| {r['level']}{note} | {r['samples']} | {r['median_bytes']:.0f} ({r['median_share']:.1%}) | "
+                     f"{r['max_bytes']} ({r['max_share']:.1%}) |")  # fmt: skip
+    return lines
 
 
 def mesh_table(rows: list[dict[str, Any]]) -> list[str]:

@@ -184,6 +184,7 @@ def bundle_show(bundle_file: Path, as_json: bool) -> None:
         "proofs": len(parsed.proofs),
         "members": members,
         "problems": [{"member": m, "problem": p} for m, p in parsed.problems],
+        "opened": None if parsed.opened is None else {"members": len(parsed.members), "of": parsed.size},
         "verified": False,
     }
     lines = [
@@ -195,6 +196,9 @@ def bundle_show(bundle_file: Path, as_json: bool) -> None:
     commitment = payload["commitment"]
     if isinstance(commitment, dict):
         lines.append(f"  root     {commitment.get('root')} ({commitment.get('algorithm')}, {commitment.get('leaves')})")
+    if parsed.opened is not None:
+        lines.append(f"  opened   {len(parsed.members)} of {parsed.size} members (a challenge's answer: it verifies "
+                     "with the seed and samples it was challenged with)")  # fmt: skip
     lines += [f"  output   {name} {digest}" for name, digest in payload["subjects"].items()]
     lines += [f"  PROBLEM  {p['member']}: {p['problem']}" for p in payload["problems"]]
     emit(as_json, payload, "\n".join(lines))

@@ -81,10 +81,7 @@ class Standing:
 
     def samples_for(self, steps: int, job_samples: int) -> int:
         """Steps to check beside the last, for a job of ``steps`` steps."""
-        others = max(steps - 1, 0)
-        if self.audit_level == 0:
-            return others
-        return min(others, max(job_samples, math.ceil(others / (1 << self.audit_level))))
+        return samples_at(self.audit_level, steps, job_samples)
 
     def audit_rate(self, steps: int, job_samples: int) -> float:
         return (self.samples_for(steps, job_samples) + 1) / max(steps, 1)
@@ -106,6 +103,15 @@ class Standing:
             "audit": "every step" if self.audit_level == 0 else f"last step + 1/{1 << self.audit_level} of the others",
             "slash_evidence": list(self.slashes),
         }
+
+
+def samples_at(level: int, steps: int, job_samples: int) -> int:
+    """Steps checked beside the last at audit ``level`` (0: every step; L: 1/2^L of the others,
+    never fewer than the job's own ``samples``)."""
+    others = max(steps - 1, 0)
+    if level == 0:
+        return others
+    return min(others, max(job_samples, math.ceil(others / (1 << level))))
 
 
 def take(standing: Standing, amount: int) -> Standing:
