@@ -540,10 +540,12 @@ def verify_and_settle(
     limits: Limits = DEFAULT_LIMITS,
     outputs_out: Path | None = None,
     prefetched: Prefetched | None = None,
+    srs: Path | None = None,
 ) -> Settlement:
     """Verify with the node's registered key and the audit policy in force, then settle
     (``outputs_out``: on an accept, also write the verified output values there; ``prefetched``:
-    a verifier fleet's verdict, taken in place of step 3 only when it fits, ``Prefetched``).
+    a verifier fleet's verdict, taken in place of step 3 only when it fits, ``Prefetched``;
+    ``srs``: a zk job's SRS, if not where its circuit recorded it).
 
     1. Check the log since its last checkpoint and that ``writer`` may write; find the bundle's
        signer among registered nodes (the statement's node when its signature verifies); the job
@@ -607,6 +609,7 @@ def verify_and_settle(
             runner=runner,
             limits=limits,
             outputs_out=outputs_out,
+            srs=srs,
         )
     in_force_count = None if in_force == "all" else int(in_force)
     assert envelope is not None  # a signer was found in it

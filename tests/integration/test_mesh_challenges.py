@@ -102,7 +102,7 @@ def test_a_challenged_job_moves_less_than_the_bundle_and_its_verdict_is_the_chal
         task = mesh.status(json.loads(sent.stdout)["job_id"])["tasks"][0]
         assert task["state"] == "done" and "challenge" not in task
         refused = mesh.submit("--transfer", "challenge", "--replicas", "2")
-        assert refused.returncode == 2 and "whole jobs" in refused.stderr
+        assert refused.returncode == 2 and "whole spot jobs" in refused.stderr
     finally:
         mesh.close()
 
@@ -246,6 +246,43 @@ def test_a_node_that_walks_away_from_its_commitments_is_excluded(tmp_path: Path)
         for job_id in jobs:
             assert _done(mesh, job_id)["state"] == "done"
         assert "slash" not in mesh.ledger_kinds(walker.key.node_id)
+    finally:
+        for node in nodes:
+            node.close()
+        mesh.close()
+
+
+def test_a_coordinator_outage_mid_challenge_strikes_no_one(tmp_path: Path) -> None:
+    """The coordinator is killed after an honest node committed and restarted past the heartbeat
+    timeout; another node's request reaches it first. The honest node's answer, inside its
+    deadline, is still taken: the time the coordinator was down is no node's (found by review:
+    the first request after a restart used to expire every lease as a missed heartbeat)."""
+    from tests.integration.mesh_harness import HEARTBEAT_TIMEOUT
+
+    mesh = trusted_mesh(tmp_path)
+    bystander = Node(mesh.url, generate_key(), stake=5, isolate=False)
+    nodes: list[Node] = [bystander]
+
+    def across_a_restart(node: Node, task_id: str, lease_id: str, full: Any, job: Job,
+                         challenge: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        mesh.kill_coordinator()
+        time.sleep(HEARTBEAT_TIMEOUT + 2)
+        mesh.start()
+        assert bystander.client.lease() is None  # the first request after the restart is another node's
+        return node.client.open(task_id, lease_id, write_opening(full, challenge["members"]))
+
+    try:
+        job_id = json.loads(mesh.submit().stdout)["job_id"]
+        bystander.join()
+        honest = Committer(mesh.url, load_secret_key(tmp_path / "honest.key"), isolate=False, answer=across_a_restart)
+        nodes.append(honest)
+        honest.join()
+        assert honest.run_one()
+        done = _done(mesh, job_id)
+        assert done["state"] == "done" and done["tasks"][0]["node_id"] == honest.key.node_id, done
+        assert done["tasks"][0]["attempts"] == 1
+        mine = next(n for n in mesh.status()["nodes"] if n["node_id"] == honest.key.node_id)
+        assert mine["missed"] == 0 and not mine["banned"]
     finally:
         for node in nodes:
             node.close()

@@ -66,6 +66,9 @@ def coordinator_option(f: Any) -> Any:
 )
 @click.option("--verify-timeout", type=Duration(), default="600s", show_default=True,
               help="Longest one verification may run (a longer job fails; no node is blamed).")  # fmt: skip
+@click.option("--srs", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="zk jobs: the SRS the coordinator checks proofs with (a zk job whose circuit pins another "
+              "is refused at submission).")  # fmt: skip
 @click.option("--answer-within", type=Duration(), default="60s", show_default=True,
               help="Challenge mode: time a node has to open the sampled steps once it committed (then it loses "
               "the task; unanswered challenges exclude it).")  # fmt: skip
@@ -80,7 +83,8 @@ def coordinator_option(f: Any) -> Any:
 @click.option("--verifier-actors", type=click.IntRange(1, 256), default=None,
               help="Ray verifier actors (default: the cluster's CPUs).")  # fmt: skip
 def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: float, heartbeat_timeout: float,
-          max_upload_mb: int, read_token: str | None, verify_timeout: float, answer_within: float, admission: str,
+          max_upload_mb: int, read_token: str | None, verify_timeout: float, srs: Path | None, answer_within: float,
+          admission: str,
           blob_quota_mb: int, verifiers: str, verifier_actors: int | None) -> None:  # fmt: skip
     """Run the coordinator: job board, verifier and ledger writer, until Ctrl-C or SIGTERM."""
     from contextlib import ExitStack
@@ -104,7 +108,7 @@ def serve(ledger_url: str, operator_key: Path, host: str, port: int, deadline: f
                                   heartbeat_timeout=heartbeat_timeout, max_upload=max_upload_mb * 1024 * 1024,
                                   read_token=read_token, verify_timeout=verify_timeout, admission=admission,
                                   blob_quota=blob_quota_mb * 1024 * 1024, fleet=fleet,
-                                  answer_within=answer_within)  # fmt: skip
+                                  answer_within=answer_within, srs=srs)  # fmt: skip
 
         def ready(url: str) -> None:
             note(f"verimesh coordinator {coordinator.ledger.ledger_id} serving on {url} (operator "
@@ -138,15 +142,18 @@ def node() -> None:
               help="Seconds between lease requests when idle.")  # fmt: skip
 @click.option("--heartbeat", type=click.FloatRange(min=0.1, max=600), default=3.0, show_default=True,
               help="Seconds between heartbeats.")  # fmt: skip
+@click.option("--srs", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="zk jobs: the node's SRS file (each circuit pins its digest; a node without it gives zk tasks "
+              "back).")  # fmt: skip
 @json_option
 def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads: int, work_dir: Path | None,
-             max_tasks: int | None, idle_exit: float | None, poll: float, heartbeat: float,
+             max_tasks: int | None, idle_exit: float | None, poll: float, heartbeat: float, srs: Path | None,
              as_json: bool) -> None:  # fmt: skip
     """Register (once), heartbeat, lease tasks, prove, upload; until stopped."""
     from verimesh.mesh.node import Node
 
     daemon = Node(coordinator, load_signing_key(key_file), stake=stake, device=device, work_dir=work_dir,
-                  poll=poll, heartbeat=heartbeat, threads=threads, on_event=note)  # fmt: skip
+                  poll=poll, heartbeat=heartbeat, threads=threads, on_event=note, srs=srs)  # fmt: skip
     try:
         done = daemon.run(max_tasks=max_tasks, idle_exit=idle_exit)
     finally:
@@ -185,6 +192,13 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @click.option("--min-level", type=click.IntRange(min=0, max=MAX_LEVEL), default=0, show_default=True,
               help="Lease the job only to nodes the ledger trusts at this audit level or above (level L: a streak "
               "of accepted jobs, docs/design.md §6); 0: any staked node.")  # fmt: skip
+@click.option("--mode", "job_mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True,
+              help="spot: the coordinator re-runs sampled steps; zk: the node proves with ezkl and the "
+              "coordinator checks the proof (needs --circuit; the coordinator and the nodes hold its "
+              "SRS).")  # fmt: skip
+@click.option("--circuit", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="zk mode: the circuit folder built by `verimesh circuit build` (it travels with the "
+              "job).")  # fmt: skip
 @click.option("--transfer", type=click.Choice(["challenge", "full"]), default=None,
               help="What a node uploads. challenge (the default for a whole job run once): its commitment "
               "(statement, trace.json, outputs), then only the tensors of the steps the coordinator samples after "
@@ -200,7 +214,8 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
            samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int,
-           shards_file: Path | None, min_level: int, transfer: str | None, wait: bool, timeout: float,
+           shards_file: Path | None, min_level: int, job_mode: str, circuit: Path | None, transfer: str | None,
+           wait: bool, timeout: float,
            out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
@@ -215,15 +230,20 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
     if shards_file is not None and (segments is not None or replicas > 1):
         raise click.UsageError("--shards runs each row as a whole job: not with --segments or --replicas (yet)")
-    if transfer == "challenge" and (segments is not None or replicas > 1 or shards_file is not None):
-        raise click.UsageError("--transfer challenge is for whole jobs run once: --segments, --shards and "
-                               "--replicas ship full bundles")  # fmt: skip
+    if (job_mode == "zk") != (circuit is not None):
+        raise click.UsageError("--mode zk needs --circuit DIR, and --circuit goes with --mode zk")
+    if job_mode == "zk" and (segments is not None or shards_file is not None):
+        raise click.UsageError("a zk job is proven whole: not with --segments or --shards")
+    if transfer == "challenge" and (segments is not None or replicas > 1 or shards_file is not None
+                                    or job_mode == "zk"):  # fmt: skip
+        raise click.UsageError("--transfer challenge is for whole spot jobs run once: --segments, --shards, "
+                               "--replicas and --mode zk ship full bundles")  # fmt: skip
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
         sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
                           max_attempts=max_attempts, segments=segments, device=job_device,
                           replicas=replicas, min_level=min_level, shards=shards_file,
-                          transfer=transfer)  # fmt: skip
+                          transfer=transfer, mode=job_mode, circuit=circuit)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")

@@ -237,7 +237,15 @@ def upload_job(client: Client, job_path: Path, *, input_blob: bytes) -> dict[str
 
     blobs[sha256_bytes(input_blob)] = input_blob
     blobs[sha256_bytes(job.canonical_bytes())] = job.canonical_bytes()
-    files = job_files(job, sha256_bytes(input_blob))
+    circuit_json = None
+    if job.mode == "zk":  # the circuit the job pins, and each step's settings and verifying key
+        circuit = job.load_circuit()
+        circuit_json = (circuit.folder / "circuit.json").read_bytes()
+        blobs[sha256_bytes(circuit_json)] = circuit_json
+        for piece in circuit.steps:
+            blobs[piece.settings_digest] = circuit.read(piece.settings, piece.settings_digest)
+            blobs[piece.vk_digest] = circuit.read(piece.vk, piece.vk_digest)
+    files = job_files(job, sha256_bytes(input_blob), circuit_json)
     missing = set(client.missing_blobs([*blobs, job.model_digest]))
     for digest, data in blobs.items():
         if digest in missing:

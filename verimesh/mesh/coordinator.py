@@ -165,6 +165,7 @@ class Coordinator:
         blob_ttl: float = 3600.0,
         fleet: Verifiers | None = None,
         answer_within: float = 60.0,
+        srs: Path | None = None,
     ) -> None:
         try:
             self.ledger = Ledger.open(ledger_url)
@@ -195,7 +196,10 @@ class Coordinator:
         if admission not in ("open", "ledger"):
             raise InvalidInputError(f"admission must be open or ledger, not {admission!r}")
         self.admission = admission
-        self._sandbox = Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout, admission) if isolate else None
+        self.srs = srs.resolve() if srs is not None else None  # zk jobs: the SRS proofs are checked with
+        self.srs_digest = sha256_file(self.srs) if self.srs is not None else None
+        self._sandbox = (Sandbox(verifier_child, ledger_url, operator, heartbeat_timeout, admission, self.srs)
+                         if isolate else None)  # fmt: skip
         self.fleet = fleet  # verifies ahead of settlement (``_prefetch``); settlement stays here
         self.answer_within = answer_within  # seconds a node has to open its challenged members
         self._jobs: dict[str, Job] = {}  # job document digest -> parsed job (challenges sample on it)
@@ -503,7 +507,10 @@ class Coordinator:
         transfer = doc.get("transfer", "full")
         if transfer not in TRANSFERS:
             raise HTTPError(422, "bad-transfer", f"transfer must be one of {', '.join(TRANSFERS)}")
-        if transfer == "challenge" and (doc["segments"] is not None or shard_docs is not None or replicas != 1):
+        zk = isinstance(doc["files"], dict) and "circuit" in doc["files"]
+        if zk and (doc["segments"] is not None or shard_docs is not None or replicas != 1):
+            raise HTTPError(422, "bad-mode", "a zk job is proven whole, once: not with segments, shards or replicas")
+        if transfer == "challenge" and (doc["segments"] is not None or shard_docs is not None or replicas != 1 or zk):
             raise HTTPError(422, "bad-transfer", "challenges are for whole jobs run once: segments, shards and "
                             "replicas ship full bundles (their successors, batch and referee read every "
                             "tensor)")  # fmt: skip
@@ -528,10 +535,13 @@ class Coordinator:
             raise HTTPError(422, "digest-mismatch", "files.job is not the digest of the job document")
         with tempfile.TemporaryDirectory(prefix="verimesh-submit-") as tmp:
             probe = job_from_bytes(job_bytes, Path(tmp), what="submitted job")
-            if probe.mode != "spot":  # zk and generate jobs are verified offline (`verimesh verify`), not here yet
-                raise HTTPError(422, "bad-mode", f"this mesh runs spot-mode jobs; a {probe.mode} job is verified "
+            if probe.mode not in ("spot", "zk"):  # generate jobs are verified offline (`verimesh verify`), not here yet
+                raise HTTPError(422, "bad-mode", f"this mesh runs spot and zk jobs; a {probe.mode} job is verified "
                                 "with `verimesh prove` and `verimesh verify`")  # fmt: skip
-            if job_files(probe, files["input"]) != files:
+            if (probe.mode == "zk") != zk:
+                raise HTTPError(422, "files-mismatch", "a zk job's files name its circuit, and only a zk job's do")
+            circuit_json = self._zk_circuit(files) if zk else None
+            if job_files(probe, files["input"], circuit_json) != files:
                 raise HTTPError(422, "files-mismatch", "files name other blobs than the job pins")
             ranges = None if doc["segments"] is None else check_ranges(doc["segments"], len(probe.steps))
             # The ledger posts what is settled: the job, or each of its segments or shards (docs/design.md §9).
@@ -544,7 +554,8 @@ class Coordinator:
             if [r.request.get("job_id") for r in requests] != posted:
                 raise HTTPError(422, "job-mismatch", "the job requests must post " +
                                 ("the job" if ranges is None else "each segment, in order"))  # fmt: skip
-            missing = self.state.has_blobs([files["job"], files["model"], files["input"], *files["steps"]])
+            missing = self.state.has_blobs([files["job"], files["model"], files["input"], *files["steps"],
+                                            *files.get("circuit", ())])  # fmt: skip
             if missing:
                 raise HTTPError(422, "missing-blobs", f"upload these first: {missing[:5]}")
             _refuse_strict_tolerance(probe)
@@ -574,6 +585,22 @@ class Coordinator:
         self._checkpoint_if_due()
         self._wake.set()
         return {"job_id": job.job_id, "state": "open", "created": True, "subtasks": len(posted), "replicas": replicas}
+
+    def _zk_circuit(self, files: dict[str, Any]) -> bytes:
+        """A zk submission's circuit.json, when this coordinator holds the SRS it pins (else 422)."""
+        if self.srs_digest is None:
+            raise HTTPError(422, "no-srs", "this coordinator checks no zk proofs: it was started without --srs")
+        missing = self.state.has_blobs(files["circuit"][:1])
+        if missing:
+            raise HTTPError(422, "missing-blobs", f"upload these first: {missing}")
+        body = self._stored(files["circuit"][0])
+        doc = parse_json(body, what="circuit.json", max_bytes=1024 * 1024)
+        pinned = (
+            doc.get("srs", {}).get("digest") if isinstance(doc, dict) and isinstance(doc.get("srs"), dict) else None
+        )
+        if pinned != self.srs_digest:
+            raise HTTPError(422, "wrong-srs", "the circuit pins another SRS than the one this coordinator holds")
+        return body
 
     def _ledger_job_owner(self, job_id: str) -> str | None:
         for entry in self.ledger.entries(kinds=["job"]):
@@ -653,7 +680,8 @@ class Coordinator:
         job_id = self.state.task_job(task_id)
         doc = self.state.job(job_id) if job_id else None
         files = doc["spec"]["files"] if doc else {}
-        allowed = {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", [])}
+        allowed = {files.get("job"), files.get("model"), files.get("input"), *files.get("steps", []),
+                   *files.get("circuit", [])}  # fmt: skip
         if doc is not None and doc["spec"].get("shards"):  # a shard reads its own row
             position = next(t["position"] for t in doc["tasks"] if t["task_id"] == task_id)
             allowed.add(doc["spec"]["shards"][position]["input"])
@@ -761,6 +789,9 @@ class Coordinator:
 
     def start(self) -> None:
         if self._thread is None:
+            # Time the coordinator was down is no node's: every lease holder gets a fresh heartbeat
+            # window and every challenge its full answer time, counted from now.
+            self.state.resume(answer_within=self.answer_within)
             self._stop.clear()
             self._thread = threading.Thread(target=self._verifier_loop, name="verimesh-verifier", daemon=True)
             self._thread.start()
@@ -854,6 +885,8 @@ class Coordinator:
                 if spec is None or spec.get("segments") or spec.get("shards") or spec.get("replicas", 1) > 1:
                     continue
                 if item.challenge:  # verified here, on the sample it was challenged with
+                    continue
+                if spec["files"].get("circuit"):  # a zk proof: checked here, with the coordinator's SRS
                     continue
                 place = folder / str(number)
                 job, _ = materialize(spec["files"], self._stored, place, with_model=False)
@@ -971,7 +1004,8 @@ class Coordinator:
         started = time.perf_counter()
         samples = int(item.challenge["samples"]) if item.challenge else None
         settled = verify_and_settle(bundle, job=job, ledger=self.ledger, writer=self.operator, seed=seed,
-                                    samples=samples, outputs_out=outputs, prefetched=prefetched)  # fmt: skip
+                                    samples=samples, outputs_out=outputs, prefetched=prefetched,
+                                    srs=self.srs)  # fmt: skip
         verdict = settled.verdict
         verdict_doc = {**verdict.to_json(), "decided_by": "spot", "samples_in_force": settled.samples_in_force,
                        "verified_by": settled.verified_by,
@@ -1410,11 +1444,11 @@ def _shard_docs(value: Any) -> list[dict[str, Any]] | None:
     return [{"input": d["input"], "tensors": list(d["tensors"])} for d in value]
 
 
-def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float,
-                   admission: str = "open") -> Callable[[tuple[Verifying, Prefetched | None]], str]:  # fmt: skip
+def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: float, admission: str = "open",
+                   srs: Path | None = None) -> Callable[[tuple[Verifying, Prefetched | None]], str]:  # fmt: skip
     """The verifier's child process (``mesh.sandbox``): the same coordinator state, verifying in place."""
     coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False,
-                              admission=admission)  # fmt: skip
+                              admission=admission, srs=srs)  # fmt: skip
     return coordinator._verify_item
 
 

@@ -2,9 +2,13 @@
 
 A job over the mesh is its canonical job document plus the blobs it pins: every step file (by
 the digest the job pins), the model (by its digest) and the input file (by the sha256 of its
-bytes; the job pins the input's tensors, which ``Job.read_input`` checks). ``materialize``
-writes them into a private folder, each under the relative path the job names (checked to stay
-inside the job's folder) and each checked against its digest before it is written.
+bytes; the job pins the input's tensors, which ``Job.read_input`` checks); a zk job also its
+circuit: circuit.json (by the digest the job pins) and the settings and verifying key of each
+step (by the digests circuit.json pins), in the circuit folder the job names (inside its own
+folder: the owner copies it there). ``materialize`` writes them into a private folder, each under
+the relative path the job names (checked to stay inside the job's folder) and each checked
+against its digest before it is written. No SRS travels: the node and the coordinator hold their
+own (``--srs``), which must be the one the circuit pins.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from verimesh.core.canonical import parse_json
 from verimesh.core.digest import parse_digest, sha256_bytes
 from verimesh.errors import IntegrityError, InvalidInputError
 from verimesh.jobs.job import Job, job_from_bytes
@@ -21,26 +26,57 @@ MODEL_NAME = "model.onnx"
 JOB_NAME = "job.json"
 
 
-def job_files(job: Job, input_blob: str) -> dict[str, Any]:
-    """The blob digests a job needs (the lease's ``files``)."""
-    return {
+def job_files(job: Job, input_blob: str, circuit_json: bytes | None = None) -> dict[str, Any]:
+    """The blob digests a job needs (the lease's ``files``); a zk job's with its circuit's."""
+    files = {
         "job": sha256_bytes(job.canonical_bytes()),
         "model": job.model_digest,
         "input": input_blob,
         "steps": [s.digest for s in job.steps],
     }
+    if job.mode == "zk":
+        if circuit_json is None or sha256_bytes(circuit_json) != job.circuit_digest:
+            raise IntegrityError("the circuit.json given is not the one the zk job pins")
+        files["circuit"] = circuit_files(circuit_json)
+    return files
+
+
+def circuit_files(circuit_json: bytes) -> list[str]:
+    """circuit.json's digest, then the settings and verifying key digests it pins, step by step
+    (its step models are the job's steps)."""
+    doc = parse_json(circuit_json, what="circuit.json", max_bytes=MAX_CIRCUIT_JSON)
+    steps = doc.get("steps") if isinstance(doc, dict) else None
+    if not isinstance(steps, list) or not steps or len(steps) > 1024:
+        raise InvalidInputError("circuit.json must list its steps")
+    digests = [sha256_bytes(circuit_json)]
+    for step in steps:
+        if not isinstance(step, dict):
+            raise InvalidInputError("circuit.json steps must be objects")
+        for field in ("settings_digest", "vk_digest"):
+            parse_digest(step.get(field), what=f"circuit.json {field}")
+            digests.append(str(step[field]))
+    return digests
+
+
+MAX_CIRCUIT_JSON = 1024 * 1024
 
 
 def check_files(doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict) or set(doc) != {"job", "model", "input", "steps"}:
-        raise InvalidInputError("the job's files must name job, model, input and steps")
+    keys = set(doc) if isinstance(doc, dict) else set()
+    if keys - {"circuit"} != {"job", "model", "input", "steps"}:
+        raise InvalidInputError("the job's files must name job, model, input and steps (and a zk job's circuit)")
+    if "circuit" in doc:
+        if not isinstance(doc["circuit"], list) or not 3 <= len(doc["circuit"]) <= 2049:
+            raise InvalidInputError("files.circuit must list circuit.json's digest and its files'")
+        for digest in doc["circuit"]:
+            parse_digest(digest, what="files.circuit[]")
     for name in ("job", "model", "input"):
         parse_digest(doc[name], what=f"files.{name}")
     if not isinstance(doc["steps"], list) or len(doc["steps"]) > 100_000:
         raise InvalidInputError("files.steps must be a list of digests")
     for digest in doc["steps"]:
         parse_digest(digest, what="files.steps[]")
-    return doc
+    return dict(doc)
 
 
 def _inside(folder: Path, relative: str) -> Path:
@@ -62,8 +98,8 @@ def materialize(
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / JOB_NAME).write_bytes(data)
     job = job_from_bytes(data, job_dir.resolve(), what="mesh job")
-    if job.mode != "spot":
-        raise InvalidInputError(f"mode {job.mode} jobs do not run over the mesh yet (spot mode only)")
+    if job.mode not in ("spot", "zk"):
+        raise InvalidInputError(f"mode {job.mode} jobs do not run over the mesh yet (spot and zk only)")
     if [s.digest for s in job.steps] != list(files["steps"]) or job.model_digest != files["model"]:
         raise IntegrityError("the job's files are not the ones the job pins")
 
@@ -76,8 +112,30 @@ def materialize(
         target.write_bytes(body)
         return target
 
+    if job.mode == "zk":
+        _put_circuit(job, files, put)
     for step in job.steps:
         put(step.path, step.digest)
     put(job.input_path, files["input"])
     model = put(MODEL_NAME, files["model"], folder) if with_model else None
     return job, model
+
+
+def _put_circuit(job: Job, files: dict[str, Any], put: Callable[..., Path]) -> None:
+    """A zk job's circuit folder: circuit.json as the job pins it, then each step's settings and
+    verifying key under the names circuit.json gives them, each as circuit.json pins it."""
+    assert job.circuit_path is not None and job.circuit_digest is not None
+    listed = files.get("circuit")
+    if not isinstance(listed, list) or not listed or listed[0] != job.circuit_digest:
+        raise IntegrityError("the job's files do not name the circuit the zk job pins")
+    folder = job.circuit_path
+    data_path = put(f"{folder}/circuit.json", job.circuit_digest)
+    body = data_path.read_bytes()
+    if circuit_files(body) != list(listed):
+        raise IntegrityError("the job's circuit files are not the ones its circuit.json pins")
+    doc = parse_json(body, what="circuit.json", max_bytes=MAX_CIRCUIT_JSON)
+    for step in doc["steps"]:
+        for name, digest in ((step.get("settings"), step["settings_digest"]), (step.get("vk"), step["vk_digest"])):
+            if not isinstance(name, str):
+                raise InvalidInputError("circuit.json names a step file that is not a path")
+            put(f"{folder}/{name}", digest)

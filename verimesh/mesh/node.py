@@ -59,6 +59,7 @@ class Node:
         on_bundle: BundleHook | None = None,
         on_event: Callable[[str], None] | None = None,
         isolate: bool = True,
+        srs: Path | None = None,
     ) -> None:
         self.client = Client(coordinator, key)
         self.key = key
@@ -66,8 +67,8 @@ class Node:
         self.device = device
         self.poll = poll
         self.heartbeat_interval = heartbeat
-        self.worker = Worker(key, device=device, threads=threads)
-        self._sandbox = Sandbox(prover_child, key, device, threads) if isolate else None
+        self.worker = Worker(key, device=device, threads=threads, srs=srs)
+        self._sandbox = Sandbox(prover_child, key, device, threads, srs) if isolate else None
         self.on_bundle = on_bundle
         self.on_event = on_event or (lambda line: log.info("%s", line))
         self._own_dir = work_dir is None
@@ -146,7 +147,7 @@ class Node:
                                             "without its work folder)", code="lost-commitment")  # fmt: skip
                 if not kept.is_file():
                     self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
-                    self._prove(folder, lease, model, inputs_from, bundle)
+                    self._prove(folder, lease, model, inputs_from, bundle, in_process=job.mode == "zk")
                     # The coordinator excludes a node whose upload it cannot read within its limits.
                     read_bundle(bundle, version=job.version)
                     if self.on_bundle is not None:
@@ -195,14 +196,20 @@ class Node:
         return self.client.open(task_id, lease_id, opening)
 
     def _prove(self, folder: Path, lease: dict[str, Any], model: Path | None, inputs_from: list[Path],
-               bundle: Path) -> None:  # fmt: skip
+               bundle: Path, *, in_process: bool = False) -> None:  # fmt: skip
         """Prove in the prover's child process, bounded by the lease's deadline (a job's model may
-        run forever: the child is killed then, and the task given back)."""
+        run forever: the child is killed then, and the task given back). A zk job is proven here
+        (``in_process``): ezkl runs in its own worker process already, bounded by its timeout."""
         message = (str(folder / "job" / "job.json"), lease.get("segments"), int(lease.get("position", 0)),
                    None if model is None else str(model), [str(p) for p in inputs_from], str(bundle),
                    lease.get("shard"))  # fmt: skip
-        if self._sandbox is None:
-            _prove_message(self.worker, message)
+        if self._sandbox is None or in_process:
+            try:
+                _prove_message(self.worker, message)
+            except InvalidInputError:
+                raise
+            except Exception as exc:
+                raise InvalidInputError(f"proving failed: {type(exc).__name__}: {exc}", code="prove-failed") from exc
             return
         remaining = max(1.0, float(lease["deadline"]) - time.time())
         status, detail = self._sandbox.call(message, timeout=remaining)
@@ -293,7 +300,7 @@ def _prove_message(worker: Worker, message: _ProveMessage) -> str:
     return result.root
 
 
-def prover_child(key: SecretKey, device: str, threads: int) -> Callable[[_ProveMessage], str]:
+def prover_child(key: SecretKey, device: str, threads: int, srs: Path | None = None) -> Callable[[_ProveMessage], str]:
     """The node's prover child process (``mesh.sandbox``): one warm Worker."""
-    worker = Worker(key, device=device, threads=threads)
+    worker = Worker(key, device=device, threads=threads, srs=srs)
     return lambda message: _prove_message(worker, message)

@@ -38,6 +38,7 @@ def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
     samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
     replicas: int = 1, min_level: int = 0, shards: Path | None = None, transfer: str | None = None,
+    mode: str = "spot", circuit: Path | None = None,
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
     from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
@@ -45,12 +46,17 @@ def submit(
     by that many distinct nodes, the deposit paying each accepted one; ``min_level``: leased only
     to nodes at that audit level or above; ``shards``: a batch file, each row run as the whole
     job by another node, each row posted in the ledger with ``deposit``; ``transfer``: ``challenge``
-    or ``full``, None for challenge where it applies, a whole job run once, else full)."""
+    or ``full``, None for challenge where it applies, a whole job run once, else full; ``mode`` zk
+    with ``circuit``: the node proves with ezkl, the coordinator checks the proof, no step re-run;
+    the circuit travels with the job, each node and the coordinator hold the SRS it pins)."""
     from verimesh.jobs.segments import plan_segments, views_of
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
         job_path = Path(tmp) / "job.json"
-        job = new_job(model, input_path, job_path, samples=samples)
+        if circuit is not None:  # inside the job's folder, where the mesh's file layout keeps it
+            shutil.copytree(circuit, Path(tmp) / "circuit")
+            circuit = Path(tmp) / "circuit"
+        job = new_job(model, input_path, job_path, samples=samples, mode=mode, circuit=circuit)
         input_blob = job.resolve(job.input_path).read_bytes()
         files = upload_job(client, job_path, input_blob=input_blob)
         ranges = [list(r) for r in plan_segments(job, segments)] if segments else None
@@ -58,10 +64,10 @@ def submit(
         rows = None
         if shards is not None:
             rows, post = _upload_shards(client, job, shards)
-        whole = ranges is None and shards is None and replicas == 1
+        whole = ranges is None and shards is None and replicas == 1 and mode == "spot"
         if transfer == "challenge" and not whole:
-            raise InvalidInputError("transfer challenge is for whole jobs run once: segments, shards and replicas "
-                                    "ship full bundles", code="bad-transfer")  # fmt: skip
+            raise InvalidInputError("transfer challenge is for whole spot jobs run once: segments, shards, "
+                                    "replicas and zk proofs ship full bundles", code="bad-transfer")  # fmt: skip
         transfer = transfer or ("challenge" if whole else "full")
         answer = client.submit_job(job.canonical_bytes(), files=files, deposit=deposit, deadline=deadline,
                                    max_attempts=max_attempts, post=post, segments=ranges,

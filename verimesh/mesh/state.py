@@ -315,7 +315,7 @@ class MeshState:
             conn.execute(jobs.insert().values(job_id=job_id, owner=owner, state="open", created=now, updated=now,
                                               spec=json.dumps(spec, sort_keys=True)))  # fmt: skip
             files = spec["files"]
-            pinned = [files["job"], files["model"], files["input"], *files["steps"],
+            pinned = [files["job"], files["model"], files["input"], *files["steps"], *files.get("circuit", ()),
                       *(d["input"] for d in spec.get("shards") or ())]  # fmt: skip
             conn.execute(blobs.update().where(blobs.c.digest.in_(pinned)).values(referenced=True))
             conn.execute(
@@ -495,6 +495,26 @@ class MeshState:
         return Lease(row.task_id, row.job_id, row.lease_id, row.lease_deadline, spec, row.position,
                      self._inputs(conn, row.job_id, row.position), _row_json(row.challenge, None))  # fmt: skip
 
+    def resume(self, *, answer_within: float) -> None:
+        """After the coordinator was down: the nodes holding leases are seen now, and every
+        challenge's deadline is at least ``answer_within`` from now (an outage must not strike an
+        honest node that could not reach the coordinator)."""
+        now = time.time()
+        with self._txn() as conn:
+            held = conn.execute(self._locked(sa.select(tasks).where(tasks.c.state == "leased"))).all()
+            holders = sorted({r.node_id for r in held if r.node_id is not None})
+            if holders:
+                conn.execute(nodes.update().where(nodes.c.node_id.in_(holders)).values(last_seen=now))
+            for row in held:
+                if row.challenge is None:
+                    continue
+                doc = json.loads(row.challenge)
+                deadline = max(float(doc["deadline"]), now + answer_within)
+                doc["deadline"] = deadline
+                conn.execute(tasks.update().where(tasks.c.task_id == row.task_id).values(
+                    challenge=json.dumps(doc, sort_keys=True),
+                    lease_deadline=max(float(row.lease_deadline), deadline)))  # fmt: skip
+
     def lease_of(self, node_id: str, task_id: str) -> Lease | None:
         """The node's lease on the task, when it holds one."""
         with self._read() as conn:
@@ -570,7 +590,8 @@ class MeshState:
             raise StateError(409, "the lease was lost (too late)")
 
     def _held(self, conn: sa.Connection, node_id: str, task_id: str, lease_id: str) -> Any:
-        """The task row, locked, when the node holds this live lease (StateError otherwise)."""
+        """The task row, locked, when the node holds this live lease (StateError otherwise; a lease
+        whose holder missed its heartbeat was lost, whatever the holder sends now)."""
         self._expire(conn, time.time())
         row = conn.execute(self._locked(sa.select(tasks).where(tasks.c.task_id == task_id))).first()
         if row is None:
