@@ -311,6 +311,10 @@ class Coordinator:
 
     def _signed(self, request: Request, body: bytes) -> Signed:
         signed = self.auth.check(request.headers, method=request.method, path=request.url.path, body=body)
+        # A replay is refused before it is charged to its key: whoever saw one signed request of a
+        # node must not drain that node's rate (and make it miss a challenge's deadline).
+        if self.state.seen_nonce(signed.node_id, signed.nonce):
+            raise AuthError("this request was already seen (replayed nonce)")
         if not self._buckets.take(signed.node_id):
             raise HTTPError(429, "rate-limited", "too many requests from this key; slow down")
         if not self.state.use_nonce(signed.node_id, signed.nonce, signed.stamp, window=self.auth.window):

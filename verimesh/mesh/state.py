@@ -259,6 +259,12 @@ class MeshState:
 
     # -- nonces ----------------------------------------------------------------------------------
 
+    def seen_nonce(self, node_id: str, nonce: str) -> bool:
+        """Read only: this key used this nonce already (a replay)."""
+        with self._read() as conn:
+            row = conn.execute(sa.select(nonces.c.nonce).where(nonces.c.node_id == node_id, nonces.c.nonce == nonce))
+            return row.first() is not None
+
     def use_nonce(self, node_id: str, nonce: str, stamp: int, *, window: int) -> bool:
         """Record a request's nonce; False when this key already used it (a replay)."""
         now = int(time.time())
