@@ -81,6 +81,8 @@ def test_a_challenged_job_moves_less_than_the_bundle_and_its_verdict_is_the_chal
         assert task["state"] == "done" and task["node_id"] == _node_id(mesh, "honest")
         challenge = task["challenge"]
         moved = challenge["bytes"]["commitment"] + challenge["bytes"]["answer"]
+        shown = _cli("status", "--coordinator", mesh.url, doc["job_id"], cwd=tmp_path)
+        assert shown.returncode == 0 and f"challenged steps {challenge['steps']} ({moved} bytes up)" in shown.stdout
         # The full bundle of the same job, for comparison: what --transfer full would have moved.
         local = _cli("job", "new", model_path("rescnn"), "--input", input_path("rescnn"), "-o", "j.json",
                      cwd=tmp_path)  # fmt: skip

@@ -71,7 +71,10 @@ def test_a_zk_proof_that_does_not_hold_is_refused_and_its_task_redone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A node that signs outputs its proof does not prove (the proof is ezkl's, the output tensor
-    the node's own): the check fails, the node is excluded, another node redoes the task."""
+    the node's own): the check fails and is never accepted; another node redoes the task. The
+    cheat is not excluded for it: the check reads the owner's circuit, so a failed proof is not
+    evidence against the node (the next test); it is never offered the task again and is paid
+    nothing."""
     monkeypatch.setenv("VERIMESH_CACHE", str(tmp_path / "cache"))
     mesh = Mesh(tmp_path, extra=("--srs", str(SRS)))
     key = load_secret_key(tmp_path / "other.key")
@@ -110,10 +113,44 @@ def test_a_zk_proof_that_does_not_hold_is_refused_and_its_task_redone(
         assert cheat.run_one()
         mesh.wait_for(lambda: mesh.status(job_id)["tasks"][0]["history"], "the refusal", 120)
         first = mesh.status(job_id)["tasks"][0]["history"][0]
-        assert first["node_id"] == key.node_id and first["outcome"].startswith(("excluded", "rejected")), first
+        assert first["node_id"] == key.node_id and first["outcome"].startswith("error: the zk proof does not hold")
         mesh.node("honest", "--srs", str(SRS))
         done = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "done" and d, "the redo", 240)
         assert done["tasks"][0]["node_id"] == _node_id(mesh, "honest")
+        assert "reward" not in mesh.ledger_kinds(key.node_id)
     finally:
         cheat.close()
+        mesh.close()
+
+
+def test_a_circuit_whose_metadata_its_keys_do_not_satisfy_blames_no_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner's circuit.json says another input scale than the settings its proving key was
+    built from (found by review): the honest node's proof cannot pass the check, which reads the
+    circuit. That is not evidence against the node: the task goes to another node as a judged
+    attempt, the job fails when its attempts are used up, and the node is neither excluded nor
+    slashed."""
+    import shutil
+
+    from verimesh.core.canonical import canonical_json
+
+    monkeypatch.setenv("VERIMESH_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(CIRCUIT, tmp_path / "evil")
+    doc = json.loads((tmp_path / "evil" / "circuit.json").read_bytes())
+    doc["steps"][0]["input_scales"] = [doc["steps"][0]["input_scales"][0] - 1]
+    doc["srs"]["path"] = str(SRS)
+    (tmp_path / "evil" / "circuit.json").write_bytes(canonical_json(doc))
+    mesh = Mesh(tmp_path, extra=("--srs", str(SRS)))
+    try:
+        sent = mesh.submit("--mode", "zk", "--circuit", str(tmp_path / "evil"), "--max-attempts", "1")
+        assert sent.returncode == 0, sent.stderr
+        job_id = json.loads(sent.stdout)["job_id"]
+        mesh.node("honest", "--srs", str(SRS))
+        failed = mesh.wait_for(lambda: (d := mesh.status(job_id))["state"] == "failed" and d, "the job to fail", 240)
+        outcome = failed["tasks"][0]["history"][0]["outcome"]
+        assert outcome.startswith("error: the zk proof does not hold"), outcome
+        honest = next(n for n in mesh.status()["nodes"] if n["node_id"] == _node_id(mesh, "honest"))
+        assert not honest["banned"] and "slash" not in mesh.ledger_kinds(honest["node_id"])
+    finally:
         mesh.close()

@@ -296,6 +296,7 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
             lines.append(f"  node {n['node_id']}  {n['device']}  {'online' if n['online'] else 'offline'}  "
                          f"stake {n.get('stake', '?')}  score {n.get('score', '?')}  "
                          f"audit level {n.get('audit_level', '?')}"
+                         + (f"  missed challenges {n['missed']}" if n.get("missed") else "")
                          + (f"  EXCLUDED: {n['banned']}" if n["banned"] else ""))  # fmt: skip
     for j in jobs:
         wants = f"  (nodes at audit level >= {j['min_level']} only)" if j.get("min_level") else ""
@@ -304,7 +305,12 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
             last = t["history"][-1]["outcome"] if t["history"] else ""
             replica = f" replica {t.get('replica', 0)}" if j.get("replicas", 1) > 1 else ""
             decided = (t["verdict"] or {}).get("decided_by") if t["state"] == "done" else None
+            challenge = t.get("challenge")
+            opened = ""
+            if challenge:
+                moved = sum(challenge["bytes"].values())
+                opened = f"  challenged steps {challenge['steps']} ({moved} bytes up)"
             lines.append(f"  task {t['position']}{replica}  {t['state']}  node {t['node_id'] or '-'}  "
-                         f"attempts {t['attempts']}" + (f"  decided by: {decided}" if decided else "")
+                         f"attempts {t['attempts']}" + (f"  decided by: {decided}" if decided else "") + opened
                          + (f"  last: {last}" if last else ""))  # fmt: skip
     emit(False, doc, "\n".join(lines))

@@ -1015,11 +1015,22 @@ class Coordinator:
                        "verified_by": settled.verified_by,
                        "settle_s": round(time.perf_counter() - started, 6),
                        "ledger_entries": [list(e) for e in settled.appended]}  # fmt: skip
+        if job.mode == "zk":
+            verdict_doc["decided_by"] = "zk"
         if verdict.status == "accept":
             chain = whole_verdict(verdict, bundle=bundle, job=job, public=public)
             finish = self._finish(chain, outputs.read_bytes())
-            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome="accepted (spot check)",
+            how = "zk proof" if job.mode == "zk" else "spot check"
+            self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome=f"accepted ({how})",
                               finish=finish)  # fmt: skip
+            return
+        if job.mode == "zk" and verdict.status == "reject" and _circuit_dependent(verdict):
+            # The proof is checked against the owner's circuit (its circuit.json's scales, shapes,
+            # visibility): a proof that does not hold may be the circuit's doing as well as the
+            # node's, and proves neither. The task goes to another node, counted as a judged
+            # attempt (a job whose circuit no node can satisfy fails), and no node is blamed.
+            why = f"the zk proof does not hold ({verdict.reason[:200]}): the node's or the circuit's doing, unproven"
+            self.state.decide(item.task_id, accepted=False, verdict=verdict_doc, outcome=f"error: {why}")
             return
         self._rejected(item, verdict.reason, verdict_doc, {job.job_id})
 
@@ -1454,6 +1465,17 @@ def verifier_child(ledger_url: str, operator: SecretKey, heartbeat_timeout: floa
     coordinator = Coordinator(ledger_url, operator, heartbeat_timeout=heartbeat_timeout, isolate=False,
                               admission=admission, srs=srs)  # fmt: skip
     return coordinator._verify_item
+
+
+def _circuit_dependent(verdict: Any) -> bool:
+    """A zk reject whose failed check reads the owner's circuit (the proofs, their chain, the
+    quantized input and outputs), not only the node's signed statement and sealed bytes."""
+    failed = next((c for c in verdict.checks if not c.ok), None)
+    if failed is None:
+        return False
+    name = str(failed.name)
+    return (name.startswith(("proof-step-", "chain-")) or name == "input-binding"
+            or (name == "output-binding" and "proven output" in str(failed.detail)))  # fmt: skip
 
 
 def _refuse_strict_tolerance(job: Job) -> None:

@@ -59,6 +59,15 @@ def circuit_files(circuit_json: bytes) -> list[str]:
 
 
 MAX_CIRCUIT_JSON = 1024 * 1024
+MAX_RELATIVE_BYTES = 1024  # a path inside the job's folder (jobs pin at most this much, jobs/job.py)
+
+
+def plain_name(name: Any) -> str:
+    """A circuit file's name: one plain file name, as ``jobs.circuit`` reads it."""
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith(".")
+            or "\x00" in name or len(name.encode("utf-8", "surrogatepass")) > 255):  # fmt: skip
+        raise InvalidInputError(f"circuit.json names a file {str(name)!r:.80} that is not a plain file name")
+    return name
 
 
 def check_files(doc: Any) -> dict[str, Any]:
@@ -80,7 +89,12 @@ def check_files(doc: Any) -> dict[str, Any]:
 
 
 def _inside(folder: Path, relative: str) -> Path:
-    target = (folder / relative).resolve()
+    if "\x00" in relative or len(relative.encode("utf-8", "surrogatepass")) > MAX_RELATIVE_BYTES:
+        raise InvalidInputError(f"the job names a file path that is not one: {relative!r:.80}")
+    try:
+        target = (folder / relative).resolve()
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"the job names a file path that is not one: {relative!r:.80}") from exc
     if not target.is_relative_to(folder.resolve()) or target == folder.resolve():
         raise InvalidInputError(f"the job names a file outside its folder: {relative!r:.80}")
     return target
@@ -103,20 +117,28 @@ def materialize(
     if [s.digest for s in job.steps] != list(files["steps"]) or job.model_digest != files["model"]:
         raise IntegrityError("the job's files are not the ones the job pins")
 
+    written: set[Path] = {(job_dir / JOB_NAME).resolve()}
+
     def put(relative: str, digest: str, base: Path = job_dir) -> Path:
         target = _inside(base, relative)
+        if target in written:  # one file the job names twice would overwrite another (job.json, say)
+            raise InvalidInputError(f"the job names {relative!r:.80} for two of its files")
+        written.add(target)
         body = fetch(digest)
         if sha256_bytes(body) != digest:
             raise IntegrityError(f"{relative} does not match its digest")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(body)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"cannot write the job's file {relative!r:.80}: {exc}") from exc
         return target
 
-    if job.mode == "zk":
-        _put_circuit(job, files, put)
     for step in job.steps:
         put(step.path, step.digest)
     put(job.input_path, files["input"])
+    if job.mode == "zk":
+        _put_circuit(job, files, put)
     model = put(MODEL_NAME, files["model"], folder) if with_model else None
     return job, model
 
@@ -136,6 +158,5 @@ def _put_circuit(job: Job, files: dict[str, Any], put: Callable[..., Path]) -> N
     doc = parse_json(body, what="circuit.json", max_bytes=MAX_CIRCUIT_JSON)
     for step in doc["steps"]:
         for name, digest in ((step.get("settings"), step["settings_digest"]), (step.get("vk"), step["vk_digest"])):
-            if not isinstance(name, str):
-                raise InvalidInputError("circuit.json names a step file that is not a path")
-            put(f"{folder}/{name}", digest)
+            put(f"{folder}/{plain_name(name)}", digest)
+    job.load_circuit()  # what the prover and the verifier read: every name plain, every file as pinned

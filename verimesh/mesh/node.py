@@ -155,9 +155,10 @@ class Node:
                     if challenged:
                         kept.parent.mkdir(exist_ok=True)
                         bundle.replace(kept)
-            except InvalidInputError as exc:
-                self.on_event(f"task {task_id[:8]}: will not run it ({exc.message}); giving it back")
-                self.client.release(task_id, lease_id, exc.message)
+            except (InvalidInputError, OSError) as exc:  # the job's files, or this machine's: not the node's answer
+                why = exc.message if isinstance(exc, InvalidInputError) else f"cannot lay out the job's files: {exc}"
+                self.on_event(f"task {task_id[:8]}: will not run it ({why}); giving it back")
+                self.client.release(task_id, lease_id, why)
                 return True
             if challenged:
                 try:
