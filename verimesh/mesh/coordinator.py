@@ -16,6 +16,9 @@ HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
     POST /v1/lease                       node  {} -> 200 a lease, or 204 nothing to do
     GET  /v1/tasks/{task}/files/{digest} node  a file of a task it holds a live lease on
     POST /v1/tasks/{task}/result/{lease} node  the bundle (bytes), for its own live lease
+    POST /v1/tasks/{task}/commit/{lease} node  challenge mode: the commitment (an opened bundle of
+                                               trace.json and the outputs) -> the challenge
+    POST /v1/tasks/{task}/open/{lease}   node  challenge mode: the challenged members, opened
     POST /v1/tasks/{task}/release/{lease} node {reason}: give back a task it cannot run
 
 Refusals are JSON ``{"error": {"code", "message"}}``: 400/422 malformed, 401 unsigned, replayed,
@@ -25,10 +28,11 @@ banned one, a lease that is not its own), 404, 409 a late or duplicate answer, 4
 
 Results are verified by one verifier thread, in the order they arrived, with the ledger's audit
 policy for the node and a seed only the operator can derive (its deterministic BLS signature
-over the task and the bundle digest: unpredictable to the node, the same after a restart, so a
-result re-verified after a crash meets the same sample). ``verify_and_settle`` records the
-verdict, reward or slash in the ledger; the task is then done (the job with it, its receipt
-signed by the operator) or pending again for another node, in one transaction.
+over the task and the bundle digest, or in challenge mode the commitment's: unpredictable to the
+node, the same after a restart, so a result re-verified after a crash meets the same sample).
+``verify_and_settle`` records the verdict, reward or slash in the ledger; the task is then done
+(the job with it, its receipt signed by the operator) or pending again for another node, in one
+transaction.
 """
 
 from __future__ import annotations
