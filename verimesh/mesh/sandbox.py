@@ -13,30 +13,17 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 from collections.abc import Callable
 from typing import Any, Literal
+
+from verimesh.core.processes import die_with_parent
 
 Outcome = tuple[Literal["ok", "error", "timeout", "died"], Any]
 
 
-def _die_with_parent(parent: int) -> None:
-    """The child never outlives the process that started it (a coordinator killed with -9 must
-    not leave a verifier writing beside its restarted successor): Linux's parent-death signal,
-    and a check that the parent is still the one that started it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 def _serve(conn: multiprocessing.connection.Connection, factory: Callable[..., Callable[[Any], Any]],
            args: tuple[Any, ...], parent: int) -> None:  # fmt: skip
-    _die_with_parent(parent)
+    die_with_parent(parent)
     handler = factory(*args)
     while True:
         try:

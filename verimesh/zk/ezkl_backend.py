@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from verimesh.core.digest import sha256_bytes, sha256_file
+from verimesh.core.processes import die_with_parent
 from verimesh.errors import BackendUnavailableError, IntegrityError, InvalidInputError, VerimeshError
 from verimesh.jobs.circuit import Circuit, CircuitStep, cache_dir, write_circuit
 from verimesh.jobs.modelsafety import check_model_bytes
@@ -461,7 +462,9 @@ class ZkProver:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # The worker dies with this process (a node killed mid-proof leaves no ezkl proving on).
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=die_with_parent, initargs=(os.getpid(),))  # fmt: skip
         return self._pool
 
     def worker_pids(self) -> list[int]:
