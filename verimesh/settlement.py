@@ -172,6 +172,13 @@ def node_standing(ledger: Ledger, node_id: str) -> Standing:
         return _standing(view, node_id)
 
 
+def standings_of(ledger: Ledger, node_ids: Iterable[str]) -> dict[str, Standing]:
+    """These nodes' standings, read in one checked view of the ledger (one view for many nodes:
+    building it, which checks the log since the last checkpoint, is most of the cost)."""
+    with ledger.view() as view:
+        return {node_id: _standing(view, node_id) for node_id in dict.fromkeys(node_ids)}
+
+
 def all_standings(ledger: Ledger) -> dict[str, Standing]:
     """Every node's standing, from every entry (all of them checked first)."""
     with ledger.view() as view:

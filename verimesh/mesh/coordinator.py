@@ -68,7 +68,7 @@ from verimesh.jobs.job import Job, job_from_bytes
 from verimesh.jobs.segments import MAX_SEGMENTS, check_ranges, segment_view, views_of
 from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tensors
 from verimesh.ledger.events import SignedRequest
-from verimesh.ledger.reputation import MAX_LEVEL
+from verimesh.ledger.reputation import MAX_LEVEL, Standing
 from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
 from verimesh.mesh.files import JOB_NAME, check_files, job_files, materialize
@@ -84,6 +84,7 @@ from verimesh.settlement import (
     registered_signer,
     settle_chain,
     slash_with_evidence,
+    standings_of,
     verify_and_settle,
 )
 from verimesh.signing.keys import PublicKey, SecretKey
@@ -94,6 +95,7 @@ from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
 
+BOND_CACHE = 5000  # nodes whose standing the lease gate keeps, read again together when the ledger grows
 TRANSFERS = ("challenge", "full")  # what a node uploads: commitment then sampled openings, or the full bundle
 
 MAX_JSON = 12 * 1024 * 1024  # a submission: a job document (8 MiB at most) and its requests
@@ -192,7 +194,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
-        self._bonds: dict[str, tuple[int, int, int]] = {}  # node id -> (ledger size, bonded stake, audit level)
+        self._bonds: tuple[int, dict[str, Standing]] = (-1, {})  # ledger size, node id -> standing then
         self.verify_timeout = verify_timeout
         self._retried: set[str] = set()
         self.blob_quota, self.blob_ttl = blob_quota, blob_ttl
@@ -670,15 +672,21 @@ class Coordinator:
         whenever the ledger grew: a slash or a withdrawal a moment ago counts). Stake only
         unbonding does not count: a node that is withdrawing everything takes no new task it
         could walk away from."""
+        standing = self._standing_now(node_id)
+        return standing.stake, standing.audit_level
+
+    def _standing_now(self, node_id: str) -> Standing:
+        """The node's standing as of the ledger's current size. When the ledger grew, every node
+        asked about lately is read again, in one view (each settlement changes the size, and 20
+        polling nodes would otherwise build 20 views after each one)."""
         size = self.ledger.size()
-        cached = self._bonds.get(node_id)
-        if cached is None or cached[0] != size:
-            if len(self._bonds) > 100_000:
-                self._bonds.clear()
-            standing = node_standing(self.ledger, node_id)
-            cached = (size, standing.stake, standing.audit_level)
-            self._bonds[node_id] = cached
-        return cached[1], cached[2]
+        known_size, table = self._bonds
+        if known_size == size and node_id in table:
+            return table[node_id]
+        others = [n for n in table if n != node_id][-(BOND_CACHE - 1) :] if known_size != size else []
+        fresh = standings_of(self.ledger, [*others, node_id])
+        self._bonds = (size, fresh if known_size != size else {**table, **fresh})
+        return fresh[node_id]
 
     def _file(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
@@ -751,7 +759,7 @@ class Coordinator:
                             + ", ".join(commitment_members(job)))  # fmt: skip
         digest = sha256_bytes(body)
         seed = self.seed_for(task_id, digest)
-        samples = node_standing(self.ledger, signed.node_id).samples_for(len(job.steps), job.policy.samples)
+        samples = self._standing_now(signed.node_id).samples_for(len(job.steps), job.policy.samples)
         steps = sample_steps(job, samples, seeded_rng(seed))
         drawn = {"commitment": digest, "seed": seed, "samples": samples, "steps": list(steps),
                  "members": list(challenged_members(job, steps)), "bytes": {"commitment": len(body)}}  # fmt: skip
