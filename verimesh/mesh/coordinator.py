@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -609,7 +609,8 @@ class Coordinator:
             doc.get("srs", {}).get("digest") if isinstance(doc, dict) and isinstance(doc.get("srs"), dict) else None
         )
         if pinned != self.srs_digest:
-            raise HTTPError(422, "wrong-srs", "the circuit pins another SRS than the one this coordinator holds")
+            raise HTTPError(422, "wrong-srs", f"the circuit pins SRS {str(pinned)[:80]}, this coordinator holds "
+                            f"{self.srs_digest}: build the circuit with the mesh's SRS")  # fmt: skip
         return body
 
     def _ledger_job_owner(self, job_id: str) -> str | None:
@@ -1030,7 +1031,9 @@ class Coordinator:
         if job.mode == "zk":
             verdict_doc["decided_by"] = "zk"
         if verdict.status == "accept":
-            chain = whole_verdict(verdict, bundle=bundle, job=job, public=public)
+            # A zk verdict re-runs no step, and its proofs cover every one: the receipt says so.
+            proven = replace(verdict, sampled_steps=tuple(range(len(job.steps)))) if job.mode == "zk" else verdict
+            chain = whole_verdict(proven, bundle=bundle, job=job, public=public)
             finish = self._finish(chain, outputs.read_bytes())
             how = "zk proof" if job.mode == "zk" else "spot check"
             self.state.decide(item.task_id, accepted=True, verdict=verdict_doc, outcome=f"accepted ({how})",

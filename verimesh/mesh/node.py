@@ -145,6 +145,8 @@ class Node:
                 if lease.get("challenge") is not None and not kept.is_file():
                     raise InvalidInputError("it committed to this task and no longer has the bundle (restarted "
                                             "without its work folder)", code="lost-commitment")  # fmt: skip
+                if job.mode == "zk":
+                    self._check_srs(job)
                 if not kept.is_file():
                     self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
                     self._prove(folder, lease, model, inputs_from, bundle, in_process=job.mode == "zk")
@@ -180,6 +182,13 @@ class Node:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return True
+
+    def _check_srs(self, job: Job) -> None:
+        """A zk job needs the SRS its circuit pins; a node started without one gives it back."""
+        if self.worker.srs is None:
+            raise InvalidInputError("a zk job, and this node has no SRS (start it with `node run --srs FILE`)",
+                                    code="no-srs")  # fmt: skip
+        job.load_circuit().resolve_srs(self.worker.srs)
 
     def _answer_challenge(self, task_id: str, lease_id: str, bundle: Path, job: Job,
                           challenge: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip

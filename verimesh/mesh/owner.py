@@ -53,10 +53,16 @@ def submit(
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
         job_path = Path(tmp) / "job.json"
+        given = circuit
         if circuit is not None:  # inside the job's folder, where the mesh's file layout keeps it
             shutil.copytree(circuit, Path(tmp) / "circuit")
             circuit = Path(tmp) / "circuit"
-        job = new_job(model, input_path, job_path, samples=samples, mode=mode, circuit=circuit)
+        try:
+            job = new_job(model, input_path, job_path, samples=samples, mode=mode, circuit=circuit)
+        except InvalidInputError as exc:  # name the owner's own folder, not the copy
+            if circuit is not None and given is not None:
+                exc.message = exc.message.replace(str(circuit), str(given))
+            raise
         input_blob = job.resolve(job.input_path).read_bytes()
         files = upload_job(client, job_path, input_blob=input_blob)
         ranges = [list(r) for r in plan_segments(job, segments)] if segments else None
