@@ -482,6 +482,23 @@ def test_sigterm_stops_the_coordinator_cleanly(mesh: Mesh) -> None:
     assert "coordinator stopped" in log and "error" not in log
 
 
+def test_sigterm_stops_a_node_cleanly_and_a_busy_port_is_a_one_line_refusal(mesh: Mesh) -> None:
+    """`kill` is how an operator stops `node run`: it says how many tasks it did and exits 0.
+    A second coordinator on the same port is refused with verimesh's own one-line error."""
+    node = subprocess.Popen([sys.executable, "-m", "verimesh", "node", "run", "--coordinator", mesh.url, "--key",
+                             "honest.key", "--poll", "0.2", "--json"], cwd=mesh.root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    mesh.procs.append(node)
+    mesh.wait_for(lambda: mesh.status()["nodes"], "the node")
+    node.send_signal(signal.SIGTERM)
+    out, err = node.communicate(timeout=30)
+    assert node.returncode == 0, err
+    assert json.loads(out) == {"node_id": _node_id(mesh, "honest"), "tasks": 0} and "error" not in err
+    busy = _cli("serve", "--ledger", f"sqlite:///{mesh.root / 'other.db'}", "--operator-key", "op.key", "--port",
+                str(mesh.port), cwd=mesh.root)  # fmt: skip
+    assert busy.returncode == 3 and "error[cannot-listen]" in busy.stderr and "Traceback" not in busy.stderr
+
+
 def test_a_job_for_a_device_is_leased_only_to_nodes_of_that_device(mesh: Mesh) -> None:
     from verimesh.mesh import Node
 

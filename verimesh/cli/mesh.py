@@ -150,13 +150,18 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
              max_tasks: int | None, idle_exit: float | None, poll: float, heartbeat: float, srs: Path | None,
              as_json: bool) -> None:  # fmt: skip
     """Register (once), heartbeat, lease tasks, prove, upload; until stopped."""
+    import signal
+
     from verimesh.mesh.node import Node
 
     daemon = Node(coordinator, load_signing_key(key_file), stake=stake, device=device, work_dir=work_dir,
                   poll=poll, heartbeat=heartbeat, threads=threads, on_event=note, srs=srs)  # fmt: skip
+    # SIGTERM is how an operator stops the daemon: it finishes the task in hand and exits 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         done = daemon.run(max_tasks=max_tasks, idle_exit=idle_exit)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         daemon.close()
     emit(as_json, {"node_id": daemon.key.node_id, "tasks": done}, f"node {daemon.key.node_id}: {done} task(s) done")
 
@@ -254,6 +259,8 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
             emit(as_json, payload, f"job {sent.job_id} failed: {doc['error']}")
             raise SystemExit(EXIT_REJECTED)
         human = f"job {sent.job_id} done"
+        if out_dir is None:
+            note("the verified outputs were not written: submit with --wait -o DIR to keep them")
         if out_dir is not None:
             payload.update(collect(client, sent.job_id, out_dir, verifier_key=pinned))
             human += f"; verified outputs in {payload['outputs']}, receipt {payload['receipt']}"

@@ -1405,6 +1405,7 @@ class Coordinator:
         if not is_loopback(host) and self.read_token is None:
             raise InvalidInputError(f"--host {host} is beyond loopback: give --read-token for the read-only views",
                                     code="read-token-needed")  # fmt: skip
+        _check_bindable(host, port)
         config = uvicorn.Config(self.app(), host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=5)  # fmt: skip
         server = uvicorn.Server(config)
@@ -1418,6 +1419,28 @@ class Coordinator:
 
             server.startup = startup  # type: ignore[method-assign]
         server.run()
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """A port another process holds is a one-line refusal before uvicorn starts (uvicorn's own
+    message is its log line, not verimesh's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {exc}", code="cannot-listen") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                code="cannot-listen",
+                hint="another process holds the port: stop it, or pick --port",
+            ) from exc
 
 
 def _bundle_outputs(path: Path, job: Job) -> dict[str, np.ndarray]:
