@@ -83,6 +83,10 @@ def test_a_challenged_job_moves_less_than_the_bundle_and_its_verdict_is_the_chal
         moved = challenge["bytes"]["commitment"] + challenge["bytes"]["answer"]
         shown = _cli("status", "--coordinator", mesh.url, doc["job_id"], cwd=tmp_path)
         assert shown.returncode == 0 and f"challenged steps {challenge['steps']} ({moved} bytes up)" in shown.stdout
+        short = _cli("status", "--coordinator", mesh.url, doc["job_id"][7:19], cwd=tmp_path)  # a prefix, no sha256:
+        assert short.returncode == 0 and short.stdout == shown.stdout
+        unknown = _cli("status", "--coordinator", mesh.url, "ffff", cwd=tmp_path)
+        assert unknown.returncode == 3 and "unknown-job" in unknown.stderr
         # The full bundle of the same job, for comparison: what --transfer full would have moved.
         local = _cli("job", "new", model_path("rescnn"), "--input", input_path("rescnn"), "-o", "j.json",
                      cwd=tmp_path)  # fmt: skip
@@ -98,6 +102,8 @@ def test_a_challenged_job_moves_less_than_the_bundle_and_its_verdict_is_the_chal
         assert challenge["samples"] < len(challenge["steps"]) + 1 < 8  # the last step and 1/16 of the others
         check = _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=tmp_path)
         assert check.returncode == 0, check.stderr
+        again = mesh.submit("--wait", "-o", "out", model="rescnn")  # refused before anything is posted
+        assert again.returncode == 2 and "already exists" in again.stderr and len(mesh.status()["jobs"]) == 2
         # --transfer full still ships the whole bundle (kept for offline audit).
         sent = mesh.submit("--wait", "--transfer", "full", "--timeout", "120s", "--deposit", "11", model="rescnn")
         assert sent.returncode == 0, sent.stderr

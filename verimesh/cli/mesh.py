@@ -210,6 +210,7 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
               "it; full (the default with --segments, --shards or --replicas): its whole bundle, kept for offline "
               "audit.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait for the verdict, then write -o DIR.")
+@click.option("--force", is_flag=True, help="With -o: overwrite outputs.npz and receipt.json already there.")
 @click.option("--timeout", type=Duration(), default="600s", show_default=True, help="With --wait: give up after.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --wait: write outputs.npz and receipt.json here.")  # fmt: skip
@@ -220,7 +221,7 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
            samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int,
            shards_file: Path | None, min_level: int, job_mode: str, circuit: Path | None, transfer: str | None,
-           wait: bool, timeout: float,
+           wait: bool, force: bool, timeout: float,
            out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
@@ -231,6 +232,9 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
 
     if out_dir is not None and not wait:
         raise click.UsageError("-o/--out goes with --wait")
+    kept = [out_dir / n for n in ("outputs.npz", "receipt.json") if out_dir is not None and (out_dir / n).exists()]
+    if kept and not force:  # refused before the job is posted, not after it ran
+        raise click.UsageError(f"{kept[0]} already exists: pass --force to overwrite it")
     if replicas > 1 and segments is not None:
         raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
     if shards_file is not None and (segments is not None or replicas > 1):
@@ -267,6 +271,22 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         emit(as_json, payload, human)
 
 
+def _full_job_id(client: Any, job_id: str) -> str:
+    """A job id as given, or the one job among the coordinator's recent jobs it is a prefix of
+    (with or without ``sha256:``, as `status` prints it shortened)."""
+    from verimesh.mesh.client import MeshError
+
+    wanted = job_id if job_id.startswith("sha256:") else f"sha256:{job_id}"
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", wanted):
+        return wanted
+    matches = [str(j["job_id"]) for j in client.status()["jobs"] if str(j["job_id"]).startswith(wanted.rstrip("…"))]
+    if len(matches) != 1:
+        raise MeshError(f"{'no job' if not matches else f'{len(matches)} jobs'} of this coordinator's recent jobs "
+                        f"start with {job_id!r}", code="unknown-job",
+                        hint="give the whole id (`verimesh status --json` lists them)")  # fmt: skip
+    return matches[0]
+
+
 @click.command("status", epilog=EXIT_CODES_HELP)
 @coordinator_option
 @click.argument("job_id", required=False)
@@ -285,7 +305,7 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
         end = time.monotonic() + (wait_ready or 0)
         while True:
             try:
-                doc = client.status(job_id)
+                doc = client.status(_full_job_id(client, job_id) if job_id else None)
                 break
             except MeshError as exc:
                 if exc.status != 0 or time.monotonic() >= end:
