@@ -85,12 +85,16 @@ class Bundle:
 
     def inclusion(self, name: str) -> tuple[int, list[bytes]]:
         """A sealed member's position and its inclusion proof under the root of every member."""
-        names = [n for n, _ in self.members]
+        return self.inclusions([name])[0]
+
+    def inclusions(self, names: Sequence[str]) -> list[tuple[int, list[bytes]]]:
+        """``inclusion`` of each of ``names``, the leaf hashes computed once (full bundle) or the
+        carried proofs taken (opened bundle)."""
+        position = {n: i for i, (n, _) in enumerate(self.members)}
         if self.opened is not None:
-            index, proof = self.opened[names.index(name)]
-            return index, list(proof)
-        index = names.index(name)
-        return index, merkle.inclusion_proof([merkle.leaf_hash(leaf) for leaf in self.leaves], index)
+            return [(self.opened[position[n]][0], list(self.opened[position[n]][1])) for n in names]
+        hashes = [merkle.leaf_hash(leaf) for leaf in self.leaves]
+        return [(position[n], merkle.inclusion_proof(hashes, position[n])) for n in names]
 
 
 def trace_document(entries: tuple[TensorRef, ...], version: int = 1) -> bytes:
@@ -371,8 +375,8 @@ def write_opening(bundle: Bundle, names: Sequence[str]) -> bytes:
     if missing:
         raise InvalidInputError(f"the bundle has no member {missing[0]!r} to open")
     records, parts = [], []
-    for name in sorted(wanted, key=lambda n: bundle.inclusion(n)[0]):
-        index, proof = bundle.inclusion(name)
+    for name, (index, proof) in sorted(zip(wanted, bundle.inclusions(list(wanted)), strict=True),
+                                       key=lambda item: item[1][0]):  # fmt: skip
         records.append({"name": name, "index": index, "inclusion_proof": [b64encode(p) for p in proof]})
         parts.append((f"sealed/{name}", bundle.member(name)))
     doc = {"type": OPENING_TYPE, "version": 1, "members": records}

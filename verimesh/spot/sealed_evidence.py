@@ -89,8 +89,8 @@ def write_sealed_evidence(
 ) -> None:
     """Write evidence carrying ``members`` of the sealed ``bundle`` with their inclusion proofs."""
     records = []
-    for name in dict.fromkeys(members):  # each member once, in the order given
-        index, proof = bundle.inclusion(name)
+    names = list(dict.fromkeys(members))  # each member once, in the order given
+    for name, (index, proof) in zip(names, bundle.inclusions(names), strict=True):
         records.append({"name": name, "index": index, "inclusion_proof": [b64encode(p) for p in proof]})
     job_bytes, split = job_document(job)
     doc = {
