@@ -71,7 +71,7 @@ from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.reputation import MAX_LEVEL, Standing
 from verimesh.ledger.store import Ledger, inclusion_document
 from verimesh.mesh.auth import AuthError, Signed, Verifier
-from verimesh.mesh.files import JOB_NAME, check_files, job_files, materialize
+from verimesh.mesh.files import JOB_NAME, MAX_CIRCUIT_JSON, check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
 from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying, challenge_view
 from verimesh.settlement import (
@@ -604,7 +604,7 @@ class Coordinator:
         if missing:
             raise HTTPError(422, "missing-blobs", f"upload these first: {missing}")
         body = self._stored(files["circuit"][0])
-        doc = parse_json(body, what="circuit.json", max_bytes=1024 * 1024)
+        doc = parse_json(body, what="circuit.json", max_bytes=MAX_CIRCUIT_JSON)
         pinned = (
             doc.get("srs", {}).get("digest") if isinstance(doc, dict) and isinstance(doc.get("srs"), dict) else None
         )
@@ -787,8 +787,7 @@ class Coordinator:
         except InvalidInputError as exc:
             raise HTTPError(422, "bad-opening", f"the answer is not the challenge's opening: {exc.message}") from exc
         digest = self.state.put_blob(merged)
-        self.state.submit(signed.node_id, task_id, lease_id, digest, challenged=True)
-        self.state.answered(task_id, len(body))
+        self.state.submit(signed.node_id, task_id, lease_id, digest, answer_bytes=len(body))
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
 

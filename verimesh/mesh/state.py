@@ -610,18 +610,25 @@ class MeshState:
             raise StateError(409, f"the task is {row.state}, not waiting for a result")
         return row
 
-    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str, *, challenged: bool = False) -> None:
-        """Store a node's result for its own live lease (StateError otherwise). ``challenged``:
-        the result is the opened bundle that answers the lease's challenge; a full bundle is
-        refused once the holder committed (it would answer a sample it chose)."""
+    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str, *,
+               answer_bytes: int | None = None) -> None:  # fmt: skip
+        """Store a node's result for its own live lease (StateError otherwise). ``answer_bytes``
+        (the size of what it opened): the result is the opened bundle that answers the lease's
+        challenge, the size noted beside it; a full bundle is refused once the holder committed
+        (it would answer a sample it chose)."""
         now = time.time()
         with self._txn() as conn:
             row = self._held(conn, node_id, task_id, lease_id)
+            challenged = answer_bytes is not None
             if challenged != (row.challenge is not None):
                 raise StateError(409, "this lease is waiting for the answer to its challenge" if row.challenge
                                  else "this lease has no challenge to answer: commit first")  # fmt: skip
-            conn.execute(tasks.update().where(tasks.c.task_id == task_id)
-                         .values(state="verifying", bundle=bundle, updated=now))  # fmt: skip
+            values: dict[str, Any] = {"state": "verifying", "bundle": bundle, "updated": now}
+            if challenged:
+                doc = json.loads(row.challenge)
+                doc["bytes"] = {**doc.get("bytes", {}), "answer": answer_bytes}
+                values["challenge"] = json.dumps(doc, sort_keys=True)
+            conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(**values))
 
     def challenge(self, node_id: str, task_id: str, lease_id: str, challenge: dict[str, Any],
                   answer_within: float) -> dict[str, Any]:  # fmt: skip
@@ -641,16 +648,6 @@ class MeshState:
             conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
                 challenge=json.dumps(doc, sort_keys=True), lease_deadline=deadline, updated=now))  # fmt: skip
             return doc
-
-    def answered(self, task_id: str, answer_bytes: int) -> None:
-        """Note the answer's size beside its challenge (for status and the bench)."""
-        with self._txn() as conn:
-            row = conn.execute(self._locked(sa.select(tasks.c.challenge).where(tasks.c.task_id == task_id))).first()
-            if row is not None and row.challenge is not None:
-                doc = json.loads(row.challenge)
-                doc["bytes"] = {**doc.get("bytes", {}), "answer": answer_bytes}
-                conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
-                    challenge=json.dumps(doc, sort_keys=True)))  # fmt: skip
 
     def verifying(self) -> list[Verifying]:
         with self._read() as conn:
