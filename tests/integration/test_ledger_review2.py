@@ -378,6 +378,37 @@ def test_a_checkpoint_checks_the_whole_log_before_signing(mesh: Ledger, tmp_path
     assert mesh.checkpoint(operator(mesh)).tree_size == mesh.size() - 2  # the log as it is: signed
 
 
+def test_a_checkpoint_after_one_this_process_signed_checks_the_rest_and_still_finds_old_edits(
+    mesh: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole-log check is skipped only for rows this process checked before, byte for byte the
+    same: an edit to any of them (or another process, which remembers nothing) checks it all."""
+    from verimesh.ledger import store
+
+    full = []
+    real = store._verify
+    monkeypatch.setattr(store, "_verify", lambda *a, **k: full.append(1) or real(*a, **k))
+    mesh.checkpoint(operator(mesh))
+    assert len(full) == 1  # nothing remembered yet: the whole log
+    join(mesh, generate_key(), 5)
+    second = mesh.checkpoint(operator(mesh))
+    assert len(full) == 1  # the same rows as before, and the new ones in the view's check
+    row = max(e.seq for e in mesh.entries(kinds=["register"]))
+    assert row < second.tree_size
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:  # a row the remembered check covered, relabelled
+        conn.execute("UPDATE ledger_entries SET kind = 'receipt' WHERE seq = ?", (row,))
+    with pytest.raises(IntegrityError, match=f"entry {row} does not match its own body"):
+        mesh.checkpoint(operator(mesh))
+    assert len(full) == 2
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:
+        conn.execute("UPDATE ledger_entries SET kind = 'register' WHERE seq = ?", (row,))
+    other = Ledger.open(mesh.url)  # another process: checks everything before its first checkpoint
+    other.checkpoint(operator(mesh))
+    assert len(full) == 3
+    mesh.checkpoint(operator(mesh))  # what this one remembers ends before the other's checkpoint
+    assert len(full) == 4
+
+
 # -- A7: evidence rows deleted ------------------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ from verimesh.signing.keys import PublicKey, SecretKey, node_id_for
 _INCLUDED = Memo()
 
 CHECKPOINT_TYPE = "verimesh/checkpoint"
+GOVERNANCE_KINDS = frozenset({"genesis", "settings", "verifier-add", "verifier-remove"})
 READ_ONLY = "verimesh_read_only"  # a connection execution option: reads only, a snapshot
 MAX_BODY_BYTES = 1024 * 1024
 MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
@@ -284,6 +285,23 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) or value is None else str(value)
 
 
+def _rows_digest(conn: sa.Connection, count: int) -> bytes:
+    """SHA-256 over entries 0..count-1 as stored: every column, each value length-prefixed."""
+    h = hashlib.sha256()
+    query = sa.select(entries_table).where(entries_table.c.seq < count).order_by(entries_table.c.seq)
+    for row in conn.execute(query.execution_options(yield_per=10_000)):
+        for value in row:
+            if value is None:
+                tag, data = b"N", b""
+            elif isinstance(value, (bytes, memoryview)):
+                tag, data = b"B", bytes(value)
+            else:
+                tag, data = b"S" if isinstance(value, str) else b"V", str(value).encode("utf-8", "surrogateescape")
+            h.update(tag + len(data).to_bytes(8, "big"))
+            h.update(data)
+    return h.digest()
+
+
 def _entry(row: Any) -> Entry:
     return Entry(
         int(row.seq), str(row.kind), _text(row.node_id), _as_bytes(row.body), _text(row.job_id), _text(row.claim)
@@ -318,6 +336,10 @@ class Ledger:
         except (KeyError, ValueError, InvalidInputError) as exc:
             raise InvalidInputError(f"{display_url(url)}: the ledger's operator key is unreadable") from exc
         self.ledger_id = meta.get("ledger_id", "")
+        # (n, digest): entries 0..n-1, byte for byte as this process last checked them whole before
+        # signing a checkpoint over them (``checkpoint``). Memory only: another process, or a
+        # restart, checks the whole log again first.
+        self._checked_rows: tuple[int, bytes] | None = None
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -625,33 +647,65 @@ class Ledger:
         return key
 
     def checkpoint(self, key: SecretKey) -> Checkpoint:
-        """Check the log since the last checkpoint, then sign the current tree head and log it.
+        """Check the log, then sign the current tree head and log it.
 
-        An operator never signs what it has not checked: a row nobody signed, an edited setting
-        or a broken hash makes this refuse (IntegrityError) instead of covering it."""
+        An operator never signs what it has not checked: a row nobody signed, an edited setting,
+        a broken hash, or a row before the last checkpoint edited since (a relabelled kind would
+        hide it from every query by kind) makes this refuse (IntegrityError) instead of covering
+        it. The whole log is checked, except that rows this process checked whole before (and
+        signed over) are compared byte for byte with what they were then (``_rows_digest``):
+        the same rows need no second check, and an edited one sends the check through the whole
+        log. The view checks the rows since the last checkpoint, as every decision does."""
         with self.transaction(key) as txn:
             view = txn.view()
             if key.public.key != view.genesis.operator.key:
                 raise InvalidInputError("only the ledger operator's key can sign checkpoints")
-            # The view checked the log since the last checkpoint, taking what lies before it on that
-            # checkpoint's word: a new head covers the whole log, so the whole log is checked first.
-            report = _verify(self, txn.conn, checkpoint=None, operator=None, rules=None, progress=None)
-            if not report.ok:
-                raise tampered(report.problems[0] if report.problems else "the log does not verify")
-            size, root = txn.size, txn.root()
+            size = txn.size
+            remembered = self._checked_rows
+            unchanged = False
+            if remembered is not None and remembered[0] >= view.anchor:
+                # What lies before the view's anchor is what this process checked (and nobody edited).
+                unchanged = _rows_digest(txn.conn, remembered[0]) == remembered[1]
+            if not unchanged:
+                report = _verify(self, txn.conn, checkpoint=None, operator=None, rules=None, progress=None)
+                if not report.ok:
+                    raise tampered(report.problems[0] if report.problems else "the log does not verify")
+            checked = _rows_digest(txn.conn, size)
+            root = txn.root()
             governance = governance_digest(view.verifiers, view.settings)
             cp = Checkpoint(view.genesis.ledger_id, size, root, txn.time, b"", governance)
             cp = Checkpoint(cp.ledger_id, size, root, cp.time, key.sign(cp.statement()), governance)
             txn.append({"kind": "checkpoint", **{k: v for k, v in cp.to_json().items()}})
+        self._checked_rows = (size, checked)
         return cp
 
     def latest_checkpoint(self, covering: int = 0) -> Checkpoint | None:
-        best = None
-        for entry in self.entries(kinds=["checkpoint"]):
+        """The newest checkpoint entry, if it covers more than ``covering`` entries (checkpoints are
+        appended in order, so a later one never covers fewer)."""
+        for entry in self.last_entries(kinds=["checkpoint"], limit=1):
             cp = Checkpoint.from_json(entry.event, what=f"checkpoint entry {entry.seq}")
-            if cp.tree_size > covering:
-                best = cp
-        return best
+            return cp if cp.tree_size > covering else None
+        return None
+
+    def changed_nodes(self, since: int, kinds: Sequence[str]) -> set[str] | None:
+        """The node ids of entries of ``kinds`` at ``since`` or later; None when a governance entry
+        (settings, a writer added or removed) is among them. Read from the columns, unchecked: it
+        says which standings to read again (in a checked view), never what they are."""
+        query = sa.select(entries_table.c.kind, entries_table.c.node_id).where(entries_table.c.seq >= since)
+        changed: set[str] = set()
+        with self.reading() as c:
+            for kind, node_id in c.execute(query):
+                if kind in GOVERNANCE_KINDS:
+                    return None
+                if kind in kinds and node_id is not None:
+                    changed.add(str(node_id))
+        return changed
+
+    def last_entries(self, *, kinds: Sequence[str], limit: int) -> list[Entry]:
+        """The newest ``limit`` entries of these kinds, oldest first, as stored (unchecked)."""
+        query = self._query(kinds=kinds).order_by(None).order_by(entries_table.c.seq.desc()).limit(limit)
+        with self.reading() as c:
+            return [_entry(row) for row in c.execute(query)][::-1]
 
     def change_settings(self, operator: SecretKey, changes: Mapping[str, Any]) -> int:
         """Log a settings change signed by the operator; ``ledger_meta`` follows in the same transaction."""
