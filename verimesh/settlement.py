@@ -57,6 +57,7 @@ MAX_EVIDENCE_BYTES = 256 * 1024 * 1024
 NODE_KINDS = ("register", "top-up", "withdraw", "release", "verdict", "reward", "slash")
 
 __all__ = [
+    "NODE_KINDS",
     "Prefetched",
     "Settlement",
     "SlashResult",

@@ -8,6 +8,7 @@ with an error, raises ``MeshError`` (exit 3) carrying the HTTP status and the se
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ import httpx
 from verimesh.core.canonical import canonical_json, parse_json
 from verimesh.errors import InvalidInputError
 from verimesh.ledger.events import sign_request
-from verimesh.mesh.auth import sign_headers
+from verimesh.mesh.auth import AuthError, ClientSession, sign_headers
 from verimesh.signing.keys import SecretKey
 
 MAX_RESPONSE_JSON = 64 * 1024 * 1024
+SESSION_PATH = "/v1/nodes/session"
+_SIGNED_ONLY = frozenset({"/v1/nodes/register", SESSION_PATH})  # these carry the key's own signature
+_SESSION_GONE = frozenset({"session-unknown", "session-expired"})
 
 
 class MeshError(InvalidInputError):
@@ -35,8 +39,15 @@ class Client:
     """One party (a node, or a job owner) talking to one coordinator."""
 
     def __init__(
-        self, url: str, key: SecretKey | None = None, *, timeout: float = 60.0, token: str | None = None
+        self,
+        url: str,
+        key: SecretKey | None = None,
+        *,
+        timeout: float = 60.0,
+        token: str | None = None,
+        sessions: bool = False,
     ) -> None:
+        """``sessions``: a node's client MACs its requests in a session (mesh.auth) after it registered."""
         if not url.startswith(("http://", "https://")):
             raise InvalidInputError(f"coordinator URL must start with http:// or https://, got {url!r:.80}")
         self.url = url.rstrip("/")
@@ -44,6 +55,9 @@ class Client:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, trust_env=False)
         self._info: dict[str, Any] | None = None
+        self.sessions = sessions
+        self._session: ClientSession | None = None
+        self._session_lock = threading.RLock()
         # (route kind, seconds, bytes sent, bytes received) of each call, for `verimesh bench`
         self.timings: list[tuple[str, float, int, int]] = []
 
@@ -60,30 +74,59 @@ class Client:
 
     def _call(self, method: str, path: str, body: bytes = b"", *, signed: bool = True,
               ok: tuple[int, ...] = (200, 201, 202)) -> httpx.Response:  # fmt: skip
-        headers: dict[str, str] = {}
-        if signed:
-            if self.key is None:
-                raise InvalidInputError("this call needs a key (--key)")
-            headers = sign_headers(self.key, coordinator=self.coordinator_id, method=method, path=path, body=body)
-        started = time.perf_counter()
-        try:
-            response = self._http.request(method, path, content=body, headers=headers)
-            if len(self.timings) < 100_000:
-                kind = f"{method} " + "/".join("*" if len(p) >= 16 else p for p in path.split("/"))
-                self.timings.append((kind, time.perf_counter() - started, len(body), len(response.content)))
-        except httpx.HTTPError as exc:
-            raise MeshError(f"cannot reach the coordinator at {self.url}: {exc}", code="coordinator-unreachable",
-                            hint="is `verimesh serve` running there?") from exc  # fmt: skip
-        if response.status_code not in ok:
+        """One request: signed with the key, or (a node's client, once registered) MACed in a
+        session; a session the coordinator no longer knows (it restarted) is opened again, once."""
+        in_session = signed and self.sessions and path not in _SIGNED_ONLY
+        for attempt in (0, 1):
+            headers: dict[str, str] = {}
+            if signed:
+                if self.key is None:
+                    raise InvalidInputError("this call needs a key (--key)")
+                if in_session:
+                    headers = self._session_for().headers(method=method, path=path, body=body)
+                else:
+                    headers = sign_headers(self.key, coordinator=self.coordinator_id, method=method, path=path,
+                                           body=body)  # fmt: skip
+            started = time.perf_counter()
+            try:
+                response = self._http.request(method, path, content=body, headers=headers)
+                if len(self.timings) < 100_000:
+                    kind = f"{method} " + "/".join("*" if len(p) >= 16 else p for p in path.split("/"))
+                    self.timings.append((kind, time.perf_counter() - started, len(body), len(response.content)))
+            except httpx.HTTPError as exc:
+                raise MeshError(f"cannot reach the coordinator at {self.url}: {exc}", code="coordinator-unreachable",
+                                hint="is `verimesh serve` running there?") from exc  # fmt: skip
+            if response.status_code in ok:
+                return response
             message, code = response.text[:300], None
             try:
                 error = response.json()["error"]
                 message, code = str(error["message"])[:300], str(error["code"])[:64]
             except (ValueError, KeyError, TypeError):
                 pass
-            raise MeshError(f"the coordinator refused {method} {path}: {response.status_code} {message}",
-                            status=response.status_code, code=code)  # fmt: skip
-        return response
+            if in_session and attempt == 0 and response.status_code == 401 and code in _SESSION_GONE:
+                with self._session_lock:
+                    self._session = None
+                continue
+            break
+        raise MeshError(f"the coordinator refused {method} {path}: {response.status_code} {message}",
+                        status=response.status_code, code=code)  # fmt: skip
+
+    def _session_for(self) -> ClientSession:
+        """The open session, or a new one (one signed request) when there is none or it ends soon."""
+        with self._session_lock:
+            current = self._session
+            if current is not None and time.time() < current.expires - 60:
+                return current
+            assert self.key is not None
+            fresh = ClientSession(self.key, self.coordinator_id)
+            answer = self._post_json(SESSION_PATH, fresh.offer())
+            try:
+                fresh.accept(answer)
+            except AuthError as exc:
+                raise MeshError(str(exc), code="bad-session") from exc
+            self._session = fresh
+            return fresh
 
     def _json(self, response: httpx.Response) -> Any:
         return parse_json(response.content, what="coordinator response", max_bytes=MAX_RESPONSE_JSON)
@@ -105,8 +148,9 @@ class Client:
     def coordinator_id(self) -> str:
         return str(self.info()["coordinator"])
 
-    def status(self, job_id: str | None = None) -> Any:
-        path = f"/v1/jobs/{job_id}" if job_id else "/v1/status"
+    def status(self, job_id: str | None = None, *, jobs: int | None = None) -> Any:
+        """One job, or the mesh (``jobs``: how many of the newest jobs to list; the coordinator's default)."""
+        path = f"/v1/jobs/{job_id}" if job_id else "/v1/status" + ("" if jobs is None else f"?jobs={jobs}")
         return self._json(self._call("GET", path, signed=False))
 
     def receipt(self, job_id: str) -> bytes:

@@ -3,7 +3,7 @@
 HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
 
     GET  /v1/info                              who this is: ledger id, operator key
-    GET  /v1/status                            nodes, jobs, ledger head (read-only)
+    GET  /v1/status[?jobs=N]                   nodes, the N newest jobs (200), ledger head (read-only)
     GET  /v1/jobs/{job_id}                     one job and its tasks (read-only)
     GET  /v1/jobs/{job_id}/receipt       owner the signed receipt of a done job
     GET  /v1/jobs/{job_id}/outputs       owner the verified outputs (.npz)
@@ -12,6 +12,9 @@ HTTP API (JSON unless noted; every state change signed, ``mesh.auth``)::
     PUT  /v1/blobs/{digest}              any   a file a job will pin (bytes; digest checked)
     POST /v1/jobs                        owner {job, files, request, deadline, max_attempts}
     POST /v1/nodes/register              node  {request: signed ledger registration, device}
+    POST /v1/nodes/session               node  {ephemeral} -> {session, ephemeral, expires}: later
+                                               node requests may carry a session MAC instead of a
+                                               signature (mesh.auth; 401 session-unknown: open another)
     POST /v1/nodes/heartbeat             node  {}
     POST /v1/lease                       node  {} -> 200 a lease, or 204 nothing to do
     GET  /v1/tasks/{task}/files/{digest} node  a file of a task it holds a live lease on
@@ -70,11 +73,12 @@ from verimesh.jobs.tolerance import DEFAULT_TOLERANCES, Tolerance, compare_tenso
 from verimesh.ledger.events import SignedRequest
 from verimesh.ledger.reputation import MAX_LEVEL, Standing
 from verimesh.ledger.store import Ledger, inclusion_document
-from verimesh.mesh.auth import AuthError, Signed, Verifier
+from verimesh.mesh.auth import HEADER_SESSION, AuthError, SessionError, Sessions, Signed, Verifier
 from verimesh.mesh.files import JOB_NAME, MAX_CIRCUIT_JSON, check_files, job_files, materialize
 from verimesh.mesh.sandbox import Sandbox
 from verimesh.mesh.state import CHURN, Decision, MeshState, StateError, Verifying, challenge_view
 from verimesh.settlement import (
+    NODE_KINDS,
     Prefetched,
     all_standings,
     node_standing,
@@ -95,7 +99,8 @@ from verimesh.workflows import verify
 
 log = logging.getLogger("verimesh.mesh")
 
-BOND_CACHE = 5000  # nodes whose standing the lease gate keeps, read again together when the ledger grows
+BOND_CACHE = 5000  # nodes whose standing the lease gate keeps (those the ledger's growth names are read again)
+BOND_REFRESH_S = 30.0  # and every cached standing at least this often
 TRANSFERS = ("challenge", "full")  # what a node uploads: commitment then sampled openings, or the full bundle
 
 MAX_JSON = 12 * 1024 * 1024  # a submission: a job document (8 MiB at most) and its requests
@@ -103,6 +108,7 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
+STATUS_JOBS = 200  # the newest jobs /v1/status shows (counts cover every job; /v1/jobs/ID shows any one)
 SETTLED_KINDS = ("receipt", "verdict", "reward")  # what the ledger records of a settled job
 
 
@@ -188,6 +194,7 @@ class Coordinator:
         self.state = MeshState(self.ledger.engine, heartbeat_timeout=heartbeat_timeout,
                                churn=None if admission == "open" else CHURN)  # fmt: skip
         self.auth = Verifier(self.ledger.ledger_id)
+        self.sessions = Sessions(self.ledger.ledger_id)
         self._buckets = _Buckets(rate, burst)
         self._registered: dict[str, PublicKey] = {}
         self._wake = threading.Event()
@@ -195,6 +202,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._standings: tuple[float, dict[str, Any]] = (0.0, {})
         self._bonds: tuple[int, dict[str, Standing]] = (-1, {})  # ledger size, node id -> standing then
+        self._bonds_read = 0.0  # when every cached standing was last read again
         self.verify_timeout = verify_timeout
         self._retried: set[str] = set()
         self.blob_quota, self.blob_ttl = blob_quota, blob_ttl
@@ -247,6 +255,7 @@ class Coordinator:
             Route("/v1/blobs/missing", self._wrap(self._missing), methods=["POST"]),
             Route("/v1/blobs/{digest}", self._wrap(self._put_blob, upload=True), methods=["PUT"]),
             Route("/v1/nodes/register", self._wrap(self._register), methods=["POST"]),
+            Route("/v1/nodes/session", self._wrap(self._session), methods=["POST"]),
             Route("/v1/nodes/heartbeat", self._wrap(self._heartbeat), methods=["POST"]),
             Route("/v1/lease", self._wrap(self._lease), methods=["POST"]),
             Route("/v1/tasks/{task_id}/files/{digest}", self._wrap(self._file), methods=["GET"]),
@@ -281,6 +290,8 @@ class Coordinator:
                 result = await run_in_threadpool(handler, request, body)
             except HTTPError as exc:
                 return _error(exc.status, exc.code, exc.message)
+            except SessionError as exc:
+                return _error(401, exc.code, str(exc))
             except AuthError as exc:
                 return _error(401, "unauthenticated", str(exc))
             except StateError as exc:
@@ -315,7 +326,17 @@ class Coordinator:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _signed(self, request: Request, body: bytes) -> Signed:
+    def _signed(self, request: Request, body: bytes, *, session: bool = False) -> Signed:
+        """The signer of a request: a BLS-signed one (its nonce recorded in the database), or, where
+        ``session`` allows it, one MACed in a session the signer opened (its counter taken in memory)."""
+        if request.headers.get(HEADER_SESSION):
+            if not session:
+                raise AuthError("this request must be signed with the key (X-Verimesh-Signature), not a session")
+            # The counter is taken before the rate bucket is charged: a replay drains nothing.
+            signed = self.sessions.check(request.headers, method=request.method, path=request.url.path, body=body)
+            if not self._buckets.take(signed.node_id):
+                raise HTTPError(429, "rate-limited", "too many requests from this key; slow down")
+            return signed
         signed = self.auth.check(request.headers, method=request.method, path=request.url.path, body=body)
         # A replay is refused before it is charged to its key: whoever saw one signed request of a
         # node must not drain that node's rate (and make it miss a challenge's deadline).
@@ -327,9 +348,9 @@ class Coordinator:
             raise AuthError("this request was already seen (replayed nonce)")
         return signed
 
-    def _node(self, request: Request, body: bytes) -> Signed:
-        """A signed request by a registered, unbanned node with this key."""
-        signed = self._signed(request, body)
+    def _node(self, request: Request, body: bytes, *, session: bool = True) -> Signed:
+        """A signed (or session) request by a registered, unbanned node with this key."""
+        signed = self._signed(request, body, session=session)
         key = self._registered_key(signed.node_id)
         if key is None or key.key != signed.public.key:
             raise HTTPError(403, "unknown-node", "this key is not a node registered with this coordinator")
@@ -361,7 +382,8 @@ class Coordinator:
             self._standings = (time.monotonic(), cached)
         return cached
 
-    def status(self) -> dict[str, Any]:
+    def status(self, jobs: int = STATUS_JOBS) -> dict[str, Any]:
+        """Nodes, the ``jobs`` newest jobs, task counts over all jobs, the ledger head, recent slashes."""
         now = time.time()
         standings = self._standing_view()
         node_rows = [
@@ -379,15 +401,14 @@ class Coordinator:
             {"seq": e.seq, "time": e.event.get("time"), "node_id": e.event.get("node_id"),
              "job_id": e.event.get("job_id"), "amount": e.event.get("amount"), "reason": e.event.get("reason"),
              "evidence_digest": e.event.get("evidence_digest")}
-            for e in self.ledger.entries(kinds=["slash"])
-        ][-20:]  # fmt: skip
-        checkpoints = [(e.seq, e.event) for e in self.ledger.entries(kinds=["checkpoint"])]
+            for e in self.ledger.last_entries(kinds=["slash"], limit=20)
+        ]  # fmt: skip
         checkpoint = None
-        if checkpoints:
-            seq, event = checkpoints[-1]
-            checkpoint = {"seq": seq, "tree_size": event.get("tree_size"), "time": event.get("time")}
+        for e in self.ledger.last_entries(kinds=["checkpoint"], limit=1):
+            checkpoint = {"seq": e.seq, "tree_size": e.event.get("tree_size"), "time": e.event.get("time")}
+        views = [self._job_view(j) for j in self.state.jobs(jobs)] if jobs else []
         return {"coordinator": self.ledger.ledger_id, "time": round(now, 3), "nodes": node_rows,
-                "jobs": [self._job_view(j) for j in self.state.jobs()], "tasks": self.state.counts(),
+                "jobs": views, "tasks": self.state.counts(),
                 "ledger": {"size": size, "root": head, "checkpoint": checkpoint}, "slashes": slashes}  # fmt: skip
 
     @staticmethod
@@ -413,7 +434,10 @@ class Coordinator:
         }  # fmt: skip
 
     def _status(self, request: Request, body: bytes) -> Any:
-        return self.status()
+        raw = request.query_params.get("jobs", str(STATUS_JOBS))
+        if not raw.isdigit() or not 0 <= int(raw) <= STATUS_JOBS:
+            raise HTTPError(422, "bad-jobs", f"jobs is a count of the newest jobs to show, 0..{STATUS_JOBS}")
+        return self.status(int(raw))
 
     def _job(self, request: Request, body: bytes) -> Any:
         doc = self.state.job(request.path_params["job_id"])
@@ -650,6 +674,11 @@ class Coordinator:
                         str(doc["device"]))  # fmt: skip
         return {"node_id": signed.node_id, "registered": created}
 
+    def _session(self, request: Request, body: bytes) -> Any:
+        """Open a session (mesh.auth): a request signed with the node's key, carrying its ephemeral key."""
+        signed = self._node(request, body, session=False)
+        return self.sessions.open(signed.public, self._json_body(body))
+
     def _heartbeat(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)
         return {"leases": self.state.heartbeat(signed.node_id)}
@@ -677,17 +706,29 @@ class Coordinator:
         return standing.stake, standing.audit_level
 
     def _standing_now(self, node_id: str) -> Standing:
-        """The node's standing as of the ledger's current size. When the ledger grew, every node
-        asked about lately is read again, in one view (each settlement changes the size, and 20
-        polling nodes would otherwise build 20 views after each one)."""
+        """The node's standing as of the ledger's current size. When the ledger grew, the nodes
+        whose entries it grew by are read again, together in one view (a standing is a function of
+        the node's own entries; a governance entry, or BOND_REFRESH_S without a full read, reads
+        every node asked about lately again)."""
         size = self.ledger.size()
         known_size, table = self._bonds
         if known_size == size and node_id in table:
             return table[node_id]
-        others = [n for n in table if n != node_id][-(BOND_CACHE - 1) :] if known_size != size else []
-        fresh = standings_of(self.ledger, [*others, node_id])
-        self._bonds = (size, fresh if known_size != size else {**table, **fresh})
-        return fresh[node_id]
+        full = known_size < 0 or time.monotonic() - self._bonds_read > BOND_REFRESH_S
+        changed = None if full else self.ledger.changed_nodes(known_size, NODE_KINDS) if known_size != size else set()
+        if changed is None:
+            keep: dict[str, Standing] = {}
+            read = [*[n for n in table if n != node_id][-(BOND_CACHE - 1) :], node_id]
+            self._bonds_read = time.monotonic()
+        else:
+            keep = {n: s for n, s in table.items() if n not in changed}
+            read = [n for n in table if n in changed] + ([] if node_id in keep else [node_id])
+        fresh = standings_of(self.ledger, read) if read else {}
+        merged = {**keep, **fresh}
+        if len(merged) > BOND_CACHE:
+            merged = dict(list(merged.items())[-BOND_CACHE:])
+        self._bonds = (size, merged)
+        return merged[node_id]
 
     def _file(self, request: Request, body: bytes) -> Any:
         signed = self._node(request, body)

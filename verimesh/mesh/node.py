@@ -61,7 +61,7 @@ class Node:
         isolate: bool = True,
         srs: Path | None = None,
     ) -> None:
-        self.client = Client(coordinator, key)
+        self.client = Client(coordinator, key, sessions=True)
         self.key = key
         self.stake = stake
         self.device = device

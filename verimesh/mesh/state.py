@@ -337,23 +337,30 @@ class MeshState:
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self._read() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).first()
-            if row is None:
-                return None
-            doc = dict(row._mapping)
-            doc["spec"] = json.loads(doc["spec"])
-            doc["tasks"] = [
-                self._task_doc(r)
-                for r in conn.execute(
-                    sa.select(tasks).where(tasks.c.job_id == job_id).order_by(tasks.c.position, tasks.c.replica)
-                )
-            ]
-        return doc  # fmt: skip
+            found = self._job_docs(conn, sa.select(jobs).where(jobs.c.job_id == job_id))
+        return found[0] if found else None
 
     def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The ``limit`` newest jobs with their tasks, in two queries (one snapshot)."""
         with self._read() as conn:
-            rows = conn.execute(sa.select(jobs.c.job_id).order_by(jobs.c.created.desc()).limit(limit)).all()
-        return [doc for r in rows if (doc := self.job(r.job_id)) is not None]
+            return self._job_docs(conn, sa.select(jobs).order_by(jobs.c.created.desc()).limit(limit))
+
+    def _job_docs(self, conn: sa.Connection, query: sa.Select[Any]) -> list[dict[str, Any]]:
+        docs = []
+        for row in conn.execute(query):
+            doc = dict(row._mapping)
+            doc["spec"] = json.loads(doc["spec"])
+            doc["tasks"] = []
+            docs.append(doc)
+        by_id = {d["job_id"]: d for d in docs}
+        ids = list(by_id)
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            for r in conn.execute(
+                sa.select(tasks).where(tasks.c.job_id.in_(chunk)).order_by(tasks.c.position, tasks.c.replica)
+            ):
+                by_id[r.job_id]["tasks"].append(self._task_doc(r))
+        return docs
 
     @staticmethod
     def _task_doc(row: Any) -> dict[str, Any]:
