@@ -531,6 +531,10 @@ def verify_parsed(
                 raise InvalidInputError("samples must be a non-negative integer or 'all'")
             state.sampled = sample_steps(job, k, seeded_rng(seed))
             detail = f"seed {seed}: steps {list(state.sampled)} of {len(job.steps)}"
+        if job.policy.window >= 2:
+            beside = sorted({i + 1 for i in state.sampled if i + 1 < len(job.steps)} - set(state.sampled))
+            if beside:
+                detail += f", and for the window check steps {beside} after them"
         state.checks.append(Check("sampling", True, detail))
         if parsed.opened is not None:
             _require_opened(parsed, job, state.sampled)

@@ -67,7 +67,7 @@ def test_plan_json(model: str) -> None:
     plan = json.loads(result.stdout)
     assert len(plan["steps"]) > 1 and all(s["digest"].startswith("sha256:") for s in plan["steps"])
     table = run("plan", model_path(model), "--steps", "2")
-    assert table.exit_code == 0 and "2 step(s)" in table.stdout
+    assert table.exit_code == 0 and "2 steps" in table.stdout
 
 
 @pytest.mark.parametrize("model", MODELS)

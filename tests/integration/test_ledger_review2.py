@@ -409,6 +409,24 @@ def test_a_checkpoint_after_one_this_process_signed_checks_the_rest_and_still_fi
     assert len(full) == 4
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE ledger_tree_nodes SET hash = zeroblob(32) WHERE level = 0 AND idx = 2",  # below the anchor
+        "INSERT INTO ledger_evidence VALUES ('sha256:' || hex(zeroblob(32)), x'00')",  # evidence nobody hashed
+    ],
+)
+def test_a_remembered_check_still_sees_an_edited_tree_node_or_evidence_row(
+    mesh: Ledger, tmp_path: Path, sql: str
+) -> None:
+    mesh.checkpoint(operator(mesh))
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:
+        conn.execute(sql)
+    join(mesh, generate_key(), 5)
+    with pytest.raises(IntegrityError):
+        mesh.checkpoint(operator(mesh))
+
+
 # -- A7: evidence rows deleted ------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import input_path, model_path
 from tests.integration.mesh_harness import Mesh, _cli, _node_id
+from verimesh.core.packing import MAGIC, pack
 from verimesh.jobs.bundle import read_bundle, write_opening
 from verimesh.jobs.job import Job
 from verimesh.ledger.store import Ledger
@@ -171,6 +172,16 @@ def test_the_challenge_protocol_refuses_fishing_late_foreign_and_partial_answers
             # The same commitment again gets the same challenge; another one is refused (no fishing).
             again = client.commit(task_id, lease_id, write_opening(full, commitment_members(job)))
             assert again == challenge
+            # However it travels (plain, or packed either way), it is the same commitment: the seed is
+            # drawn over the commitment itself, so packing cannot fish for another sample.
+            plain, path = write_opening(full, commitment_members(job)), f"/v1/tasks/{task_id}/commit/{lease_id}"
+            for body in (plain, pack(plain, widths=(4,)), pack(plain, widths=(1,), level=9)):
+                assert client._json(client._call("POST", path, body))["challenge"] == challenge
+            bomb = MAGIC + b"\x01" + (1 << 40).to_bytes(8, "big") + b"x"
+            for body, status in ((bomb, 413), (pack(plain)[:-5], 400)):  # refused; the lease still stands
+                with pytest.raises(MeshError) as refused:
+                    client._call("POST", path, body)
+                assert refused.value.status == status
             names = list(commitment_members(job))
             with pytest.raises(MeshError) as refused:
                 client.commit(task_id, lease_id, write_opening(full, [names[0]]))

@@ -176,6 +176,8 @@ def test_sessions_unit_rules() -> None:
         check(late, now=1101.0)
     assert expired.value.code == "session-expired"
     assert check(late) == node.node_id  # the expired try did not take the counter
+    state = sessions._open[client.session]
+    assert state.window.bit_length() <= REPLAY_WINDOW  # a bounded window, however many counters
     opened = [sessions.open(node.public, ClientSession(node, coordinator).offer(), now=1000.0)["session"]
               for _ in range(SESSIONS_PER_KEY)]  # fmt: skip
     with pytest.raises(SessionError) as gone:  # the first session was the oldest of this key's

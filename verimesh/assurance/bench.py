@@ -798,8 +798,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     challenges = report.get("challenges")
     if challenges:
         default = challenges["levels"][challenges["default_level"]]
-        add("challenge upload / full bundle, median at the default policy", f"≤ {challenges['target_share']:.0%}",
-            default["median_share"], default["median_share"] <= challenges["target_share"],
+        add("challenge upload (sent packed) / full bundle, median at the default policy",
+            f"≤ {challenges['target_share']:.0%}", default["median_sent_share"],
+            default["median_sent_share"] <= challenges["target_share"],
             f"{challenges['model']}, audit level {default['level']} (the job's samples {default['samples']}), "
             f"{challenges['seeds']} challenges")  # fmt: skip
     sim = report.get("simulate")

@@ -132,6 +132,7 @@ def bench_challenges(model: Path, input_file: Path, *, seeds: int = 64) -> dict[
     """Upload bytes per job in challenge mode at each audit level, against the full bundle: the
     commitment plus the answer, for ``seeds`` challenges (median and largest). The default policy
     is the job's own (``samples`` 1) at the level a node in good standing reaches (MAX_LEVEL)."""
+    from verimesh.core.packing import pack
     from verimesh.jobs.bundle import read_bundle, write_opening
     from verimesh.jobs.job import new_job
     from verimesh.ledger.reputation import MAX_LEVEL, samples_at
@@ -143,35 +144,51 @@ def bench_challenges(model: Path, input_file: Path, *, seeds: int = 64) -> dict[
         job = new_job(model, input_file, Path(tmp) / "job.json")
         bundle = prove(job, key=generate_key(), out=Path(tmp) / "r.vmb", device="cpu").bundle
         full_bytes = bundle.stat().st_size
+        full_packed = len(pack(bundle.read_bytes()))
         full = read_bundle(bundle, version=job.version)
-        commitment = len(write_opening(full, commitment_members(job)))
+        body = write_opening(full, commitment_members(job))
+        commitment, commitment_packed = len(body), len(pack(body))
+        answers: dict[tuple[str, ...], tuple[int, int]] = {}  # members -> (bytes, packed bytes)
         levels = []
         for level in range(MAX_LEVEL + 1):
             samples = samples_at(level, len(job.steps), job.policy.samples)
-            moved = []
+            moved, sent = [], []
             for seed in range(seeds):
-                steps = sample_steps(job, samples, seeded_rng(seed))
-                moved.append(commitment + len(write_opening(full, challenged_members(job, steps))))
+                members = tuple(challenged_members(job, sample_steps(job, samples, seeded_rng(seed))))
+                if members not in answers:
+                    opening = write_opening(full, list(members))
+                    answers[members] = (len(opening), len(pack(opening)))
+                moved.append(commitment + answers[members][0])
+                sent.append(commitment_packed + answers[members][1])
             levels.append({"level": level, "samples": samples, "median_bytes": statistics.median(moved),
                            "max_bytes": max(moved), "median_share": statistics.median(moved) / full_bytes,
-                           "max_share": max(moved) / full_bytes})  # fmt: skip
+                           "max_share": max(moved) / full_bytes, "median_sent": statistics.median(sent),
+                           "max_sent": max(sent), "median_sent_share": statistics.median(sent) / full_bytes,
+                           "max_sent_share": max(sent) / full_bytes,
+                           "median_sent_share_of_packed": statistics.median(sent) / full_packed})  # fmt: skip
     return {"model": model.name, "steps": len(job.steps), "full_bundle_bytes": full_bytes,
-            "input_bytes": input_file.stat().st_size, "commitment_bytes": commitment, "seeds": seeds,
+            "full_bundle_packed_bytes": full_packed, "input_bytes": input_file.stat().st_size,
+            "commitment_bytes": commitment, "commitment_packed_bytes": commitment_packed, "seeds": seeds,
             "levels": levels, "default_level": MAX_LEVEL, "target_share": CHALLENGE_TARGET}  # fmt: skip
 
 
 def challenge_table(row: dict[str, Any]) -> list[str]:
     lines = [
-        f"{row['model']}: {row['steps']} steps, full bundle {row['full_bundle_bytes']} bytes, commitment "
-        f"{row['commitment_bytes']} bytes; {row['seeds']} challenges per level.",
+        f"{row['model']}: {row['steps']} steps, full bundle {row['full_bundle_bytes']} bytes "
+        f"({row['full_bundle_packed_bytes']} packed, as a full transfer sends it), commitment "
+        f"{row['commitment_bytes']} bytes ({row['commitment_packed_bytes']} packed); {row['seeds']} challenges "
+        "per level. Shares are of the full bundle's bytes; the last column, of the full bundle packed.",
         "",
-        "| audit level | steps checked beside the last | upload median bytes (share) | largest (share) |",
-        "|---|---|---|---|",
+        "| audit level | steps checked beside the last | upload median bytes (share) | largest (share) "
+        "| sent packed, median (share) | largest packed (share) | median packed / full packed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in row["levels"]:
         note = " (every step: leased as a full transfer)" if r["level"] == 0 else ""
         lines.append(f"| {r['level']}{note} | {r['samples']} | {r['median_bytes']:.0f} ({r['median_share']:.1%}) | "
-                     f"{r['max_bytes']} ({r['max_share']:.1%}) |")  # fmt: skip
+                     f"{r['max_bytes']} ({r['max_share']:.1%}) | {r['median_sent']:.0f} "
+                     f"({r['median_sent_share']:.1%}) | {r['max_sent']} ({r['max_sent_share']:.1%}) | "
+                     f"{r['median_sent_share_of_packed']:.1%} |")  # fmt: skip
     return lines
 
 

@@ -15,6 +15,7 @@ from verimesh.cli.common import (
     init_runtime,
     input_option,
     json_option,
+    plural,
     steps_option,
     write_report,
 )
@@ -160,7 +161,7 @@ def calibrate(ctx: click.Context, model: Path, input_file: Path | None, prompt_f
         cheat = "-" if st.cheat_rel_frobenius == float("inf") else f"{st.cheat_rel_frobenius:.3g}"
         click.echo(f"{st.index:>4}  {st.honest_rel_frobenius:>11.3g}  {st.tolerance.max_rel_frobenius:>10.3g}  "
                    f"{cheat:>13}  {margin:>8}  {st.cheat_name}")  # fmt: skip
-    click.echo(f"wrote {out} ({len(profile.steps)} steps; honest: {', '.join(profile.honest)})")
+    click.echo(f"wrote {out} ({plural(len(profile.steps), 'step')}; honest: {', '.join(profile.honest)})")
 
 
 @click.command(epilog=EXIT_CODES_HELP)

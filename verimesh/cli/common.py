@@ -36,6 +36,11 @@ Errors are one line on stderr; with --json, also one {"error": ...} object on st
 """
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 step``, ``2 steps``: a count and its noun (nouns here take an s)."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def input_option(*, required: bool, help: str) -> Callable[[F], F]:
     """The model-input option shared by plan, job new and circuit build (.npy, .npz or .json)."""
 

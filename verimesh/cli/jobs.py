@@ -17,6 +17,7 @@ from verimesh.cli.common import (
     json_option,
     load_signing_key,
     note,
+    plural,
     progress_bar,
     srs_option,
     steps_option,
@@ -56,7 +57,7 @@ def plan(model: Path, steps: int | None, input_file: Path | None, as_json: bool)
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{model.name}: {len(rows)} step(s), est. {planned.plan.total_cost / 1e6:.3g} MFLOP")
+    table = Table(title=f"{model.name}: {plural(len(rows), 'step')}, est. {planned.plan.total_cost / 1e6:.3g} MFLOP")
     for col in ("step", "nodes", "est. MFLOP", "boundary tensors", "digest"):
         table.add_column(col)
     for r in rows:
@@ -184,7 +185,9 @@ def job_new(
         "model_digest": j.model_digest,
         "input_digest": j.input_digest,
     }
-    emit(as_json, payload, f"{j.job_id}\nwrote {out} ({len(j.steps)} steps, mode {mode}) and {out.stem}.files/")
+    emit(
+        as_json, payload, f"{j.job_id}\nwrote {out} ({plural(len(j.steps), 'step')}, mode {mode}) and {out.stem}.files/"
+    )
 
 
 def _generate_job(model: Path, out: Path, force: bool, as_json: bool, prompt_file: Path | None,
@@ -238,7 +241,7 @@ def job_show(job_file: Path, as_json: bool) -> None:
         model_state = "checked"
     except InvalidInputError:  # not there: a worker passes --model; a mismatch is still an error
         model_state = "not found (prove and calibrate take --model)"
-    checked = f"{len(j.steps)} step files and the input match their digests; model file {model_state}"
+    checked = f"{plural(len(j.steps), 'step file')} and the input match their digests; model file {model_state}"
     doc = {**j.document(), "job_id": j.job_id, "checked": checked}
     lines = [
         f"job id     {j.job_id}",
@@ -248,7 +251,9 @@ def job_show(job_file: Path, as_json: bool) -> None:
         f"files      {checked}",
         f"policy     samples={j.policy.samples} precision={j.policy.precision} optimization={j.policy.optimization}",
     ]
-    lines += [f"step {s.index:<4}  {s.digest}  {s.nodes} nodes -> {', '.join(s.outputs)[:50]}" for s in j.steps]
+    lines += [
+        f"step {s.index:<4}  {s.digest}  {plural(s.nodes, 'node')} -> {', '.join(s.outputs)[:50]}" for s in j.steps
+    ]
     emit(as_json, doc, "\n".join(lines))
 
 

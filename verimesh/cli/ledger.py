@@ -22,6 +22,7 @@ from verimesh.cli.common import (
     json_option,
     ledger_option,
     load_signing_key,
+    plural,
     progress_bar,
     write_report,
 )
@@ -157,7 +158,8 @@ def ledger_settings(ledger_url: str, changes: tuple[str, ...], operator_key: Pat
         seq = led.change_settings(_operator(led, operator_key), parsed)
     with led.view() as view:
         settings, ledger_id = dict(view.settings), view.ledger_id
-    lines = [f"{k:<20} {json.dumps(v)}" for k, v in sorted(settings.items())]
+    # Fractions are kept as decimal strings (the log's JSON has no floats); shown as the values they are.
+    lines = [f"{k:<20} {v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(settings.items())]
     if seq is not None:
         lines.insert(0, f"settings changed (entry {seq}); in force now:")
     emit(as_json, {"ledger_id": ledger_id, "settings": settings, "changed_entry": seq}, "\n".join(lines))
@@ -388,7 +390,7 @@ def ledger_reputation(ledger_url: str, steps: int, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"reputation ({len(rows)} nodes; audit rate for {steps}-step jobs)")
+    t = Table(title=f"reputation ({plural(len(rows), 'node')}; audit rate for {steps}-step jobs)")
     for col in ("node", "score", "streak", "accepted", "rejected", "stake", "unbonding", "slashed", "rewards",
                 "audit"):  # fmt: skip
         t.add_column(col)

@@ -132,7 +132,9 @@ def node() -> None:
               help="The node's secret key (its identity in the ledger).")  # fmt: skip
 @click.option("--stake", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Stake declared in the node's signed registration (first run only).")  # fmt: skip
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where this node runs its steps (auto: CUDA when onnxruntime has it); it registers the "
+              "device it resolves to, and jobs pinned to another device are not leased to it.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime threads (0: its default).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where job files are cached (default: a temporary folder).")  # fmt: skip

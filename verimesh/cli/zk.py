@@ -15,6 +15,7 @@ from verimesh.cli.common import (
     init_runtime,
     input_option,
     json_option,
+    plural,
     write_report,
 )
 from verimesh.errors import InvalidInputError
@@ -99,7 +100,7 @@ def circuit_build(ctx: click.Context, model: Path, input_file: Path, srs_file: P
         "steps": len(built.steps),
         "onboarding": built.onboarding,
     }
-    emit(as_json, payload, f"{built.digest}\nwrote {folder}/ ({len(built.steps)} step(s)); onboarding "
+    emit(as_json, payload, f"{built.digest}\nwrote {folder}/ ({plural(len(built.steps), 'step')}); onboarding "
           f"{json.dumps(built.onboarding['outputs'])}")  # fmt: skip
 
 

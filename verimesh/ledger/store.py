@@ -286,10 +286,12 @@ def _text(value: Any) -> str | None:
 
 
 def _rows_digest(conn: sa.Connection, count: int) -> bytes:
-    """SHA-256 over entries 0..count-1 as stored: every column, each value length-prefixed."""
+    """SHA-256 over what the whole-log check reads of entries 0..count-1 as stored: those rows,
+    the tree nodes over them alone, and every evidence row; each column's value tagged and
+    length-prefixed (``checkpoint``)."""
     h = hashlib.sha256()
-    query = sa.select(entries_table).where(entries_table.c.seq < count).order_by(entries_table.c.seq)
-    for row in conn.execute(query.execution_options(yield_per=10_000)):
+
+    def feed(row: Any) -> None:
         for value in row:
             if value is None:
                 tag, data = b"N", b""
@@ -299,6 +301,22 @@ def _rows_digest(conn: sa.Connection, count: int) -> bytes:
                 tag, data = b"S" if isinstance(value, str) else b"V", str(value).encode("utf-8", "surrogateescape")
             h.update(tag + len(data).to_bytes(8, "big"))
             h.update(data)
+
+    entries = sa.select(entries_table).where(entries_table.c.seq < count).order_by(entries_table.c.seq)
+    for row in conn.execute(entries.execution_options(yield_per=10_000)):
+        feed(row)
+    h.update(b"\x00nodes")
+    nodes = sa.select(nodes_table).order_by(nodes_table.c.level, nodes_table.c.idx)
+    for row in conn.execute(nodes.execution_options(yield_per=50_000)):
+        # a node wholly over entries 0..count-1 (or one whose key is not a count at all)
+        if not isinstance(row.level, int) or not isinstance(row.idx, int) or row.level < 0 or row.idx < 0 \
+                or (row.idx + 1) << min(row.level, 64) <= count:  # fmt: skip
+            feed(row)
+    h.update(b"\x00evidence")
+    for row in conn.execute(
+        sa.select(evidence_table).order_by(evidence_table.c.digest).execution_options(yield_per=64)
+    ):
+        feed(row)
     return h.digest()
 
 
@@ -651,11 +669,13 @@ class Ledger:
 
         An operator never signs what it has not checked: a row nobody signed, an edited setting,
         a broken hash, or a row before the last checkpoint edited since (a relabelled kind would
-        hide it from every query by kind) makes this refuse (IntegrityError) instead of covering
-        it. The whole log is checked, except that rows this process checked whole before (and
-        signed over) are compared byte for byte with what they were then (``_rows_digest``):
-        the same rows need no second check, and an edited one sends the check through the whole
-        log. The view checks the rows since the last checkpoint, as every decision does."""
+        hide it from every query by kind), an edited tree node or evidence row makes this refuse
+        (IntegrityError) instead of covering it. The whole store is checked, except that what
+        this process checked whole before (and signed over) is compared byte for byte with what
+        it was then (``_rows_digest``: those entries, the tree nodes over them, every evidence
+        row): the same bytes need no second check, and any change (a slash's new evidence too)
+        sends the check through the whole log. The view checks the rows since the last
+        checkpoint, as every decision does."""
         with self.transaction(key) as txn:
             view = txn.view()
             if key.public.key != view.genesis.operator.key:

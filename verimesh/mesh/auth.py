@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from verimesh.core.canonical import b64decode_strict, b64encode, canonical_json
@@ -173,8 +173,8 @@ HEADER_COUNTER = "x-verimesh-counter"
 HEADER_MAC = "x-verimesh-mac"
 SESSION_SECONDS = 3600
 REPLAY_WINDOW = 4096
-SESSIONS_PER_KEY = 8
-MAX_SESSIONS = 100_000
+SESSIONS_PER_KEY = 4
+MAX_SESSIONS = 50_000  # about 40 MB of sessions at most: the oldest goes first
 _SESSION = re.compile(r"^[0-9a-f]{32}$")
 _COUNTER = re.compile(r"^[1-9][0-9]{0,15}$")
 _EPHEMERAL = re.compile(r"^[0-9a-f]{64}$")
@@ -271,8 +271,20 @@ class _Session:
     public: PublicKey
     key: bytes
     expires: float
-    highest: int = 0
-    seen: set[int] = field(default_factory=set)
+    highest: int = 0  # the highest counter taken
+    window: int = 0  # bit i: counter highest - i was taken (REPLAY_WINDOW bits: 512 bytes a session)
+
+    def take(self, counter: int) -> bool:
+        """Take ``counter`` once; False for one taken before or further than the window behind."""
+        if counter > self.highest:
+            self.window = ((self.window << (counter - self.highest)) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self.highest = counter
+            return True
+        behind = self.highest - counter
+        if behind >= REPLAY_WINDOW or self.window >> behind & 1:
+            return False
+        self.window |= 1 << behind
+        return True
 
 
 class Sessions:
@@ -282,6 +294,7 @@ class Sessions:
         self.coordinator = coordinator
         self.lifetime = lifetime
         self._open: OrderedDict[str, _Session] = OrderedDict()
+        self._by_key: dict[bytes, list[str]] = {}  # each key's sessions, oldest first
         self._lock = threading.Lock()
 
     def open(self, public: PublicKey, offer: Any, *, now: float | None = None) -> dict[str, Any]:
@@ -303,12 +316,18 @@ class Sessions:
                            node_half=offer["ephemeral"], ours=ours)  # fmt: skip
         expires = (time.time() if now is None else now) + self.lifetime
         with self._lock:
-            mine = [s for s, v in self._open.items() if v.public.key == public.key]
-            for stale in mine[: max(0, len(mine) - SESSIONS_PER_KEY + 1)]:
-                del self._open[stale]
+            mine = self._by_key.setdefault(public.key, [])
+            while len(mine) >= SESSIONS_PER_KEY:
+                self._open.pop(mine.pop(0), None)
             while len(self._open) >= MAX_SESSIONS:
-                self._open.popitem(last=False)
+                oldest, state = self._open.popitem(last=False)
+                theirs = self._by_key.get(state.public.key, [])
+                if oldest in theirs:
+                    theirs.remove(oldest)
+                if not theirs:
+                    self._by_key.pop(state.public.key, None)
             self._open[session] = _Session(public, key, expires)
+            mine.append(session)
         return {"session": session, "ephemeral": ours, "expires": round(expires, 3)}
 
     def check(self, headers: Mapping[str, str], *, method: str, path: str, body: bytes,
@@ -336,11 +355,6 @@ class Sessions:
         if not hmac.compare_digest(_mac(state.key, signed), mac):
             raise SessionError("the MAC does not verify for this session, method, path, counter and body")
         with self._lock:  # the counter is taken once, whichever of two racing requests comes first
-            if counter in state.seen or counter <= state.highest - REPLAY_WINDOW:
+            if not state.take(counter):
                 raise SessionError("this request was already seen (replayed session counter)")
-            state.seen.add(counter)
-            if counter > state.highest:
-                state.highest = counter
-                if len(state.seen) > 2 * REPLAY_WINDOW:
-                    state.seen = {c for c in state.seen if c > state.highest - REPLAY_WINDOW}
         return Signed(state.public, f"session:{session}:{counter}", int(current))

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.core.packing import pack
 from verimesh.errors import InvalidInputError
 from verimesh.ledger.events import sign_request
 from verimesh.mesh.auth import AuthError, ClientSession, sign_headers
@@ -185,13 +186,22 @@ class Client:
     def file(self, task_id: str, digest: str) -> bytes:
         return self._call("GET", f"/v1/tasks/{task_id}/files/{digest}").content
 
+    def packed(self, upload: bytes) -> bytes:
+        """An upload as it travels: packed (core/packing.py) when the coordinator takes it so and
+        that is smaller."""
+        if "vmz1" not in (self.info().get("uploads") or ()):
+            return upload
+        packed = pack(upload)
+        return packed if len(packed) < len(upload) else upload
+
     def result(self, task_id: str, lease_id: str, bundle: bytes) -> dict[str, Any]:
-        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/result/{lease_id}", bundle)))
+        body = self.packed(bundle)
+        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/result/{lease_id}", body)))
 
     def commit(self, task_id: str, lease_id: str, commitment: bytes) -> dict[str, Any]:
         """Challenge mode: upload the commitment (an opened bundle of trace.json and the outputs);
         the challenge: the members to open and the deadline."""
-        doc = self._json(self._call("POST", f"/v1/tasks/{task_id}/commit/{lease_id}", commitment))
+        doc = self._json(self._call("POST", f"/v1/tasks/{task_id}/commit/{lease_id}", self.packed(commitment)))
         if not isinstance(doc, dict) or not isinstance(doc.get("challenge"), dict):
             raise MeshError("the coordinator's challenge is malformed", code="bad-challenge")
         challenge = doc["challenge"]
@@ -201,7 +211,7 @@ class Client:
 
     def open(self, task_id: str, lease_id: str, opening: bytes) -> dict[str, Any]:
         """Challenge mode: the answer, the challenged members opened under the committed root."""
-        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/open/{lease_id}", opening)))
+        return dict(self._json(self._call("POST", f"/v1/tasks/{task_id}/open/{lease_id}", self.packed(opening))))
 
     def release(self, task_id: str, lease_id: str, reason: str) -> None:
         self._post_json(f"/v1/tasks/{task_id}/release/{lease_id}", {"reason": reason[:300]})

@@ -63,6 +63,7 @@ from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
 from verimesh.core.container import DEFAULT_LIMITS
 from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
+from verimesh.core.packing import is_packed, unpack
 from verimesh.core.tensors import TensorRef, write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
 from verimesh.fleet.verifiers import Verifiers
@@ -108,6 +109,7 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
+UPLOAD_PACKINGS = ("vmz1",)  # what a node's uploads may be packed as (core/packing.py), besides plain bytes
 STATUS_JOBS = 200  # the newest jobs /v1/status shows (counts cover every job; /v1/jobs/ID shows any one)
 SETTLED_KINDS = ("receipt", "verdict", "reward")  # what the ledger records of a settled job
 
@@ -228,6 +230,7 @@ class Coordinator:
             "operator_key": self.operator.public.to_json(),
             "heartbeat_timeout": self.state.heartbeat_timeout,
             "admission": self.admission,
+            "uploads": list(UPLOAD_PACKINGS),
             "version": __version__,
         }
 
@@ -756,6 +759,7 @@ class Coordinator:
         if not body:
             raise HTTPError(400, "malformed", "the body is the bundle's bytes")
         self.state.check_lease(signed.node_id, task_id, lease_id)  # before anything is stored
+        body = self._unpacked(body)
         held = self.state.lease_of(signed.node_id, task_id)
         if held is not None and held.challenge is not None:  # another bundle now would fish for another sample
             raise HTTPError(409, "challenged", "this lease is waiting for the answer to its challenge")
@@ -763,6 +767,15 @@ class Coordinator:
         self.state.submit(signed.node_id, task_id, lease_id, digest)
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
+
+    def _unpacked(self, body: bytes) -> bytes:
+        """An upload as the node made it: packed ones (core/packing.py) unpacked within the upload limit."""
+        if not is_packed(body):
+            return body
+        try:
+            return unpack(body, limit=self.max_upload)
+        except InvalidInputError as exc:
+            raise HTTPError(413 if exc.code == "too-large" else 400, exc.code, exc.message) from exc
 
     # -- challenges: commit, then open only the sampled steps (docs/design.md §10) -----------------
 
@@ -792,6 +805,8 @@ class Coordinator:
         task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
         self.state.check_lease(signed.node_id, task_id, lease_id)
         job = self._challenged_job(task_id)
+        sent = len(body)
+        body = self._unpacked(body)  # the seed is drawn over the commitment itself, however it travelled
         try:
             carried = opened_names(body, limits=DEFAULT_LIMITS)
         except InvalidInputError as exc:
@@ -804,7 +819,7 @@ class Coordinator:
         samples = self._standing_now(signed.node_id).samples_for(len(job.steps), job.policy.samples)
         steps = sample_steps(job, samples, seeded_rng(seed))
         drawn = {"commitment": digest, "seed": seed, "samples": samples, "steps": list(steps),
-                 "members": list(challenged_members(job, steps)), "bytes": {"commitment": len(body)}}  # fmt: skip
+                 "members": list(challenged_members(job, steps)), "bytes": {"commitment": sent}}  # fmt: skip
         self.state.put_blob(body)
         challenge = self.state.challenge(signed.node_id, task_id, lease_id, drawn, self.answer_within)
         return {"task_id": task_id, "challenge": challenge_view(challenge)}
@@ -819,6 +834,8 @@ class Coordinator:
         challenge = lease.challenge if lease is not None else None
         if challenge is None:
             raise HTTPError(409, "no-challenge", "this lease has no challenge to answer: commit first")
+        sent = len(body)
+        body = self._unpacked(body)
         try:
             carried = opened_names(body, limits=DEFAULT_LIMITS)
             if sorted(carried) != sorted(challenge["members"]):
@@ -828,7 +845,7 @@ class Coordinator:
         except InvalidInputError as exc:
             raise HTTPError(422, "bad-opening", f"the answer is not the challenge's opening: {exc.message}") from exc
         digest = self.state.put_blob(merged)
-        self.state.submit(signed.node_id, task_id, lease_id, digest, answer_bytes=len(body))
+        self.state.submit(signed.node_id, task_id, lease_id, digest, answer_bytes=sent)
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
 
