@@ -50,7 +50,9 @@ def _words(data: bytes, width: int) -> bytes:
 
 def pack(data: bytes, *, widths: tuple[int, ...] = (1, 4), level: int = 1) -> bytes:
     """``data`` packed: deflated as it is (width 1) or by byte planes, whichever is smaller;
-    ``unpack`` gives it back."""
+    ``unpack`` gives it back. ``level``: 0 to 3 (ISA-L's levels)."""
+    if not 0 <= level <= 3:
+        raise ValueError("level must be 0 to 3")
     best = b""
     for width in widths:
         if width not in WIDTHS:
