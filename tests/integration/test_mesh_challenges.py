@@ -7,7 +7,9 @@ other bytes, or walk away from a commitment for free."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from tests.conftest import input_path, model_path
 from tests.integration.mesh_harness import Mesh, _cli, _node_id
+from verimesh.core.container import container_bytes, read_container
 from verimesh.core.packing import MAGIC, pack
 from verimesh.jobs.bundle import read_bundle, write_opening
 from verimesh.jobs.job import Job
@@ -57,6 +60,11 @@ def trusted_mesh(root: Path, *extra: str, accepts: int = 10, names: tuple[str, .
         join(led, key, 1000)
         history(led, key, accepts)
     return mesh
+
+
+def _blob_count(mesh: Mesh) -> int:
+    with sqlite3.connect(mesh.db.removeprefix("sqlite:///")) as conn:
+        return int(conn.execute("SELECT count(*) FROM mesh_blobs").fetchone()[0])
 
 
 def _done(mesh: Mesh, job_id: str, timeout: float = 90) -> dict[str, Any]:
@@ -178,10 +186,23 @@ def test_the_challenge_protocol_refuses_fishing_late_foreign_and_partial_answers
             for body in (plain, pack(plain, widths=(4,)), pack(plain, widths=(1,), level=3)):
                 assert client._json(client._call("POST", path, body))["challenge"] == challenge
             bomb = MAGIC + b"\x01" + (1 << 40).to_bytes(8, "big") + b"x"
-            for body, status in ((bomb, 413), (pack(plain)[:-5], 400)):  # refused; the lease still stands
+            zeros = MAGIC + b"\x01" + (1 << 20).to_bytes(8, "big") + zlib.compress(bytes(1 << 20))  # 1000x
+            for body, status in ((bomb, 413), (zeros, 400), (pack(plain)[:-5], 400)):  # refused; the lease stands
                 with pytest.raises(MeshError) as refused:
                     client._call("POST", path, body)
                 assert refused.value.status == status
+            # Another commitment (one member's bytes changed) is refused and not kept: review, a node
+            # could fill the coordinator's disk with refused commitments, each kept forever.
+            members = read_container(plain, what="commitment")
+            other = [(n, bytes(members[n]) + (b"\x00" if n.startswith("sealed/") else b"")) for n in members]
+            blobs_before = _blob_count(mesh)
+            with pytest.raises(MeshError) as refused:
+                client._call("POST", path, container_bytes(other))
+            assert refused.value.status == 409 and _blob_count(mesh) == blobs_before
+            empty = MAGIC + b"\x01" + (0).to_bytes(8, "big") + zlib.compress(b"")
+            with pytest.raises(MeshError) as refused:  # packed nothing is no bundle either
+                client._call("POST", f"/v1/tasks/{task_id}/result/{lease_id}", empty)
+            assert refused.value.status in (400, 409)
             names = list(commitment_members(job))
             with pytest.raises(MeshError) as refused:
                 client.commit(task_id, lease_id, write_opening(full, [names[0]]))

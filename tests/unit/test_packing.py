@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verimesh.core.packing import MAGIC, WIDTHS, is_packed, pack, unpack
+from verimesh.core.packing import MAGIC, MAX_RATIO, WIDTHS, is_packed, pack, unpack, worth_packing
 from verimesh.errors import InvalidInputError
 
 
@@ -18,7 +18,21 @@ from verimesh.errors import InvalidInputError
 @given(st.binary(max_size=4096), st.sampled_from(WIDTHS))
 def test_unpack_gives_back_exactly_the_upload(data: bytes, width: int) -> None:
     packed = pack(data, widths=(width,))
-    assert is_packed(packed) and unpack(packed, limit=len(data)) == data
+    assert is_packed(packed)
+    if len(data) <= MAX_RATIO * len(packed):
+        assert unpack(packed, limit=len(data)) == data
+    else:  # packs too well to be taken: sent as it is
+        assert not worth_packing(data, packed)
+        with pytest.raises(InvalidInputError):
+            unpack(packed, limit=len(data))
+
+
+def test_an_upload_that_inflates_beyond_the_ratio_is_refused_before_inflating() -> None:
+    zeros = bytes(10_000_000)
+    packed = pack(zeros)
+    assert len(zeros) > MAX_RATIO * len(packed) and not worth_packing(zeros, packed)
+    with pytest.raises(InvalidInputError, match="inflate"):
+        unpack(packed, limit=len(zeros))
 
 
 def test_pack_keeps_the_smaller_of_interleaved_and_byte_planes() -> None:
@@ -42,7 +56,8 @@ def _header(width: int, length: int) -> bytes:
         (MAGIC + b"\x04", "bad-packing"),  # truncated header
         (_header(3, 4) + zlib.compress(b"\x00" * 4), "bad-packing"),  # width 3
         (_header(4, 1 << 40) + zlib.compress(b""), "too-large"),  # over the limit: refused before inflating
-        (_header(1, 100) + zlib.compress(b"\x00" * 10_000_000), "bad-packing"),  # a bomb: inflates past its length
+        (_header(1, 100) + zlib.compress(b"\x00" * 10_000_000), "bad-packing"),  # inflates past its length
+        (_header(1, 1 << 20) + zlib.compress(b"\x00" * (1 << 20)), "bad-packing"),  # a bomb: over the ratio
         (_header(1, 100) + zlib.compress(b"\x00" * 50), "bad-packing"),  # short
         (_header(1, 4) + zlib.compress(b"abcd") + b"trailing", "bad-packing"),
         (_header(1, 4) + zlib.compress(b"abcd")[:-3], "bad-packing"),  # cut

@@ -32,6 +32,10 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the port
 
 _ERRORS: tuple[type[BaseException], ...] = (zlib.error, ValueError, getattr(_zlib, "error", zlib.error))
 MAGIC = b"VMZ1"
+# A packed upload inflates to at most this many times its own size: a deflate stream can reach
+# ~1000x, which would let a 1 MB request cost the receiver a gigabyte. Real tensors stay far
+# below it (fp32 activations: under 2x); an upload that packs better than this travels as it is.
+MAX_RATIO = 32
 _HEADER = len(MAGIC) + 1 + 8
 WIDTHS = (1, 2, 4, 8)
 
@@ -64,9 +68,15 @@ def pack(data: bytes, *, widths: tuple[int, ...] = (1, 4), level: int = 1) -> by
     return best
 
 
+def worth_packing(data: bytes, packed: bytes) -> bool:
+    """Whether to send ``packed`` instead of ``data``: smaller, and within what ``unpack`` takes."""
+    return len(packed) < len(data) <= MAX_RATIO * len(packed)
+
+
 def unpack(data: bytes, *, limit: int, what: str = "upload") -> bytes:
     """The upload ``data`` packs; InvalidInputError (code ``bad-packing``, or ``too-large`` over
-    ``limit`` bytes) for anything that is not exactly one packed upload."""
+    ``limit`` bytes) for anything that is not exactly one packed upload, or one that would
+    inflate to more than MAX_RATIO times its size."""
     if len(data) < _HEADER or not is_packed(data):
         raise InvalidInputError(f"{what} is not a packed upload (VMZ1)", code="bad-packing")
     width, length = data[len(MAGIC)], int.from_bytes(data[len(MAGIC) + 1 : _HEADER], "big")
@@ -74,6 +84,9 @@ def unpack(data: bytes, *, limit: int, what: str = "upload") -> bytes:
         raise InvalidInputError(f"{what}: packing width {width} is not one of {WIDTHS}", code="bad-packing")
     if length > limit:
         raise InvalidInputError(f"{what} unpacks to {length} bytes, over the {limit} byte limit", code="too-large")
+    if length > MAX_RATIO * len(data):
+        raise InvalidInputError(f"{what} would inflate {length // len(data)}x, over {MAX_RATIO}x: send it as it is",
+                                code="bad-packing")  # fmt: skip
     padded = length + (-length % width)
     inflater = _zlib.decompressobj()
     try:
@@ -82,7 +95,9 @@ def unpack(data: bytes, *, limit: int, what: str = "upload") -> bytes:
         raise InvalidInputError(f"{what}: the packed stream is corrupt ({exc})", code="bad-packing") from exc
     if len(out) != padded or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
         raise InvalidInputError(f"{what}: the packed stream is not exactly {length} bytes", code="bad-packing")
-    words = _words(out, width)
+    words = out if width == 1 else _words(out, width)
+    if padded == length:
+        return words
     if any(words[length:]):
         raise InvalidInputError(f"{what}: the packing's padding is not zero", code="bad-packing")
     return words[:length]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from verimesh.core.canonical import canonical_json, parse_json
-from verimesh.core.packing import pack
+from verimesh.core.packing import pack, worth_packing
 from verimesh.errors import InvalidInputError
 from verimesh.ledger.events import sign_request
 from verimesh.mesh.auth import AuthError, ClientSession, sign_headers
@@ -192,7 +192,7 @@ class Client:
         if "vmz1" not in (self.info().get("uploads") or ()):
             return upload
         packed = pack(upload)
-        return packed if len(packed) < len(upload) else upload
+        return packed if worth_packing(upload, packed) else upload
 
     def result(self, task_id: str, lease_id: str, bundle: bytes) -> dict[str, Any]:
         body = self.packed(bundle)

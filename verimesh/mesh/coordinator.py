@@ -758,13 +758,14 @@ class Coordinator:
         task_id, lease_id = request.path_params["task_id"], request.path_params["lease_id"]
         if not body:
             raise HTTPError(400, "malformed", "the body is the bundle's bytes")
-        self.state.check_lease(signed.node_id, task_id, lease_id)  # before anything is stored
-        body = self._unpacked(body)
+        self.state.check_lease(signed.node_id, task_id, lease_id)  # before anything is unpacked or stored
         held = self.state.lease_of(signed.node_id, task_id)
         if held is not None and held.challenge is not None:  # another bundle now would fish for another sample
             raise HTTPError(409, "challenged", "this lease is waiting for the answer to its challenge")
-        digest = self.state.put_blob(body)
-        self.state.submit(signed.node_id, task_id, lease_id, digest)
+        body = self._unpacked(body)
+        if not body:
+            raise HTTPError(400, "malformed", "the body is the bundle's bytes")
+        digest = self.state.submit(signed.node_id, task_id, lease_id, body)
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
 
@@ -820,8 +821,7 @@ class Coordinator:
         steps = sample_steps(job, samples, seeded_rng(seed))
         drawn = {"commitment": digest, "seed": seed, "samples": samples, "steps": list(steps),
                  "members": list(challenged_members(job, steps)), "bytes": {"commitment": sent}}  # fmt: skip
-        self.state.put_blob(body)
-        challenge = self.state.challenge(signed.node_id, task_id, lease_id, drawn, self.answer_within)
+        challenge = self.state.challenge(signed.node_id, task_id, lease_id, drawn, self.answer_within, body)
         return {"task_id": task_id, "challenge": challenge_view(challenge)}
 
     def _open(self, request: Request, body: bytes) -> Any:
@@ -844,8 +844,7 @@ class Coordinator:
             merged = merge_openings(self._stored(challenge["commitment"]), body, limits=DEFAULT_LIMITS)
         except InvalidInputError as exc:
             raise HTTPError(422, "bad-opening", f"the answer is not the challenge's opening: {exc.message}") from exc
-        digest = self.state.put_blob(merged)
-        self.state.submit(signed.node_id, task_id, lease_id, digest, answer_bytes=sent)
+        digest = self.state.submit(signed.node_id, task_id, lease_id, merged, answer_bytes=sent)
         self._wake.set()
         return JSONResponse({"task_id": task_id, "state": "verifying", "bundle": digest}, status_code=202)
 

@@ -215,13 +215,17 @@ class MeshState:
 
     def put_blob(self, data: bytes) -> str:
         """Keep a blob the coordinator itself refers to (a result, outputs, a receipt)."""
-        digest = sha256_bytes(data)
         with self._txn() as conn:
-            if conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest == digest)).first() is None:
-                conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data, created=time.time(),
-                                                   referenced=True))  # fmt: skip
-            else:
-                conn.execute(blobs.update().where(blobs.c.digest == digest).values(referenced=True))
+            return self._keep(conn, data)
+
+    @staticmethod
+    def _keep(conn: sa.Connection, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        if conn.execute(sa.select(blobs.c.digest).where(blobs.c.digest == digest)).first() is None:
+            conn.execute(blobs.insert().values(digest=digest, size=len(data), data=data, created=time.time(),
+                                               referenced=True))  # fmt: skip
+        else:
+            conn.execute(blobs.update().where(blobs.c.digest == digest).values(referenced=True))
         return digest
 
     def upload(self, uploader: str, data: bytes, *, quota: int) -> str:
@@ -617,12 +621,13 @@ class MeshState:
             raise StateError(409, f"the task is {row.state}, not waiting for a result")
         return row
 
-    def submit(self, node_id: str, task_id: str, lease_id: str, bundle: str, *,
-               answer_bytes: int | None = None) -> None:  # fmt: skip
-        """Store a node's result for its own live lease (StateError otherwise). ``answer_bytes``
-        (the size of what it opened): the result is the opened bundle that answers the lease's
-        challenge, the size noted beside it; a full bundle is refused once the holder committed
-        (it would answer a sample it chose)."""
+    def submit(self, node_id: str, task_id: str, lease_id: str, data: bytes, *,
+               answer_bytes: int | None = None) -> str:  # fmt: skip
+        """Store a node's result (``data``: its bundle) for its own live lease, blob and task in
+        one transaction, and return the bundle's digest (StateError otherwise, nothing stored).
+        ``answer_bytes`` (the size of what it opened): the result is the opened bundle that
+        answers the lease's challenge, the size noted beside it; a full bundle is refused once
+        the holder committed (it would answer a sample it chose)."""
         now = time.time()
         with self._txn() as conn:
             row = self._held(conn, node_id, task_id, lease_id)
@@ -630,18 +635,21 @@ class MeshState:
             if challenged != (row.challenge is not None):
                 raise StateError(409, "this lease is waiting for the answer to its challenge" if row.challenge
                                  else "this lease has no challenge to answer: commit first")  # fmt: skip
+            bundle = self._keep(conn, data)
             values: dict[str, Any] = {"state": "verifying", "bundle": bundle, "updated": now}
             if challenged:
                 doc = json.loads(row.challenge)
                 doc["bytes"] = {**doc.get("bytes", {}), "answer": answer_bytes}
                 values["challenge"] = json.dumps(doc, sort_keys=True)
             conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(**values))
+        return bundle
 
     def challenge(self, node_id: str, task_id: str, lease_id: str, challenge: dict[str, Any],
-                  answer_within: float) -> dict[str, Any]:  # fmt: skip
-        """Record the holder's commitment and the challenge drawn for it; the lease now ends at the
-        answer's deadline. One commitment per lease: a second, other one is refused (a node must
-        not re-commit until a sample suits it); the same one again gets the same challenge."""
+                  answer_within: float, commitment: bytes) -> dict[str, Any]:  # fmt: skip
+        """Record the holder's commitment (its bytes kept in the same transaction) and the
+        challenge drawn for it; the lease now ends at the answer's deadline. One commitment per
+        lease: a second, other one is refused, and not kept (a node must not re-commit until a
+        sample suits it); the same one again gets the same challenge."""
         now = time.time()
         with self._txn() as conn:
             row = self._held(conn, node_id, task_id, lease_id)
@@ -650,6 +658,8 @@ class MeshState:
                 if held["commitment"] != challenge["commitment"]:
                     raise StateError(409, "this lease has a commitment already; its challenge stands")
                 return dict(held)
+            if self._keep(conn, commitment) != challenge["commitment"]:
+                raise ValueError("the challenge names another commitment than the one kept")
             deadline = min(float(row.lease_deadline), now + answer_within)
             doc = {**challenge, "deadline": deadline}
             conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(
