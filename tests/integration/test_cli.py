@@ -281,3 +281,9 @@ def test_bench_commands_print_a_table_and_write_json(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     ledger = json.loads((workdir / "ledger.json").read_text())
     assert ledger["entries"] == 300 and ledger["appends_per_s"] > 0 and ledger["inclusion_ms"] > 0
+
+
+def test_redteam_against_a_mesh_nobody_reaches_is_an_error_not_a_report(tmp_path: Path) -> None:
+    result = run("redteam", "--mesh", "http://127.0.0.1:1", "--strategy", "lazy", "--nodes", "2",
+                 "--keys-dir", str(tmp_path / "rk"), "--idle-exit", "1")  # fmt: skip
+    assert result.exit_code == 3 and "coordinator-unreachable" in result.output, result.output

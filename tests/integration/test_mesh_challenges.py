@@ -112,7 +112,7 @@ def test_a_challenged_job_moves_less_than_the_bundle_and_its_verdict_is_the_chal
         check = _cli("receipt", "check", "out/receipt.json", "--verifier-key", "op.key.pub", cwd=tmp_path)
         assert check.returncode == 0, check.stderr
         again = mesh.submit("--wait", "-o", "out", model="rescnn")  # refused before anything is posted
-        assert again.returncode == 2 and "already exists" in again.stderr and len(mesh.status()["jobs"]) == 2
+        assert again.returncode == 3 and "already exists" in again.stderr and len(mesh.status()["jobs"]) == 2
         # --transfer full still ships the whole bundle (kept for offline audit).
         sent = mesh.submit("--wait", "--transfer", "full", "--timeout", "120s", "--deposit", "11", model="rescnn")
         assert sent.returncode == 0, sent.stderr

@@ -799,7 +799,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     if challenges:
         default = challenges["levels"][challenges["default_level"]]
         add("challenge upload (sent packed) / full bundle, median at the default policy",
-            f"≤ {challenges['target_share']:.0%}", default["median_sent_share"],
+            f"≤ {challenges['target_share']:g}", default["median_sent_share"],
             default["median_sent_share"] <= challenges["target_share"],
             f"{challenges['model']}, audit level {default['level']} (the job's samples {default['samples']}), "
             f"{challenges['seeds']} challenges")  # fmt: skip

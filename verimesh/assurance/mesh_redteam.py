@@ -71,10 +71,13 @@ def run_mesh_redteam(
                             on_event=on_event))  # fmt: skip
     results: dict[str, Any] = {}
 
+    failures: list[InvalidInputError] = []
+
     def serve(daemon: Node) -> None:
         try:
             results[daemon.key.node_id] = {"tasks": daemon.run(max_tasks=max_tasks, idle_exit=idle_exit)}
         except InvalidInputError as exc:
+            failures.append(exc)
             results[daemon.key.node_id] = {"tasks": daemon.done, "stopped": exc.message}
         finally:
             daemon.close()
@@ -84,4 +87,6 @@ def run_mesh_redteam(
         t.start()
     for t in threads:
         t.join()
+    if failures and len(failures) == len(daemons) and not any(r["tasks"] for r in results.values()):
+        raise failures[0]  # no node got anywhere (the coordinator unreachable, say): an error, not a report
     return {"coordinator": coordinator, "strategy": strategy, "nodes": results}

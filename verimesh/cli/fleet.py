@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from verimesh.cli.common import EXIT_CODES_HELP, SamplesType, emit, init_runtime, json_option
+from verimesh.cli.common import EXIT_CODES_HELP, SamplesType, emit, init_runtime, json_option, plural
 from verimesh.errors import EXIT_INVALID_INPUT, EXIT_REJECTED, InvalidInputError
 
 MAX_JOB_FILES = 10_000
@@ -170,7 +170,7 @@ def verify_many(ctx: click.Context, bundles: tuple[Path, ...], jobs_from: Path, 
         for r in results:
             job = (r["job_id"] or "-")[:19]
             click.echo(f"{r['verdict'].upper():<7} {r['bundle']}  job {job}  {r['reason']}")
-        click.echo(f"{len(results)} bundles: {counts['accept']} accepted, {counts['reject']} rejected, "
+        click.echo(f"{plural(len(results), 'bundle')}: {counts['accept']} accepted, {counts['reject']} rejected, "
                    f"{counts['error']} not verified; {wall:.2f} s on {fleet_note}"
                    + (f" (after {start_s:.1f} s to start it)" if start_s else ""))  # fmt: skip
     if counts["reject"]:

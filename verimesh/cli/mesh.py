@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note
-from verimesh.errors import EXIT_REJECTED, TerminatedError
+from verimesh.errors import EXIT_REJECTED, InvalidInputError, TerminatedError
 from verimesh.ledger.reputation import MAX_LEVEL
 
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)?$")
@@ -236,7 +236,7 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         raise click.UsageError("-o/--out goes with --wait")
     kept = [out_dir / n for n in ("outputs.npz", "receipt.json") if out_dir is not None and (out_dir / n).exists()]
     if kept and not force:  # refused before the job is posted, not after it ran
-        raise click.UsageError(f"{kept[0]} already exists: pass --force to overwrite it")
+        raise InvalidInputError(f"{kept[0]} already exists", hint="pass --force to overwrite it")
     if replicas > 1 and segments is not None:
         raise click.UsageError("--replicas runs a whole job on R nodes; it does not go with --segments (yet)")
     if shards_file is not None and (segments is not None or replicas > 1):
@@ -284,7 +284,7 @@ def _full_job_id(client: Any, job_id: str) -> str:
     matches = [str(j["job_id"]) for j in client.status()["jobs"] if str(j["job_id"]).startswith(wanted.rstrip("…"))]
     if len(matches) != 1:
         raise MeshError(f"{'no job' if not matches else f'{len(matches)} jobs'} of this coordinator's recent jobs "
-                        f"start with {job_id!r}", code="unknown-job",
+                        f"{'start' if len(matches) > 1 else 'starts'} with {job_id!r}", code="unknown-job",
                         hint="give the whole id (`verimesh status --json` lists them)")  # fmt: skip
     return matches[0]
 
@@ -310,6 +310,9 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
                 doc = client.status(_full_job_id(client, job_id) if job_id else None)
                 break
             except MeshError as exc:
+                if exc.status == 404 and job_id:
+                    raise MeshError(f"this coordinator has no job {job_id}", code="unknown-job",
+                                    hint="`verimesh status` lists its recent jobs") from exc  # fmt: skip
                 if exc.status != 0 or time.monotonic() >= end:
                     raise
                 time.sleep(0.2)
@@ -334,6 +337,9 @@ def status(coordinator: str, job_id: str | None, read_token: str | None, wait_re
             last = t["history"][-1]["outcome"] if t["history"] else ""
             replica = f" replica {t.get('replica', 0)}" if j.get("replicas", 1) > 1 else ""
             decided = (t["verdict"] or {}).get("decided_by") if t["state"] == "done" else None
+            where = (t["verdict"] or {}).get("verified_by") if t["state"] == "done" else None
+            if decided and where and where != "here":
+                decided += f" (verified by {where})"
             challenge = t.get("challenge")
             opened = ""
             if challenge:

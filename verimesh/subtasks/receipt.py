@@ -185,7 +185,8 @@ def check_receipt(doc: dict[str, Any], verifier_keys: Sequence[PublicKey]) -> Re
     if problem:
         return fail(problem)
     subtasks = body["subtasks"]
-    return ReceiptCheck(True, f"{len(subtasks)} sub-tasks, signed by {len(signers)} verifier(s)", body["job_id"],
+    return ReceiptCheck(True, f"{len(subtasks)} sub-task{'' if len(subtasks) == 1 else 's'}, signed by {len(signers)} "
+                        f"verifier{'' if len(signers) == 1 else 's'}", body["job_id"],
                         tuple(signers), len(subtasks))  # fmt: skip
 
 
