@@ -87,3 +87,23 @@ def test_keys_that_walk_away_fail_a_task_only_on_an_admitted_mesh(tmp_path: Path
             assert len(doc["tasks"][0]["history"]) == 20
         else:
             assert doc["state"] == "failed" and len(doc["tasks"][0]["history"]) == fails_after
+
+
+def test_a_heartbeat_after_the_timeout_does_not_bring_a_lost_lease_back(tmp_path: Path) -> None:
+    """Review: the late node's own beat refreshed its last_seen before leases were expired, so on a
+    mesh where nobody else asked in between, a node silent past the timeout kept its lease."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    state = MeshState(engine, heartbeat_timeout=3.0)
+    state.join("late", "key", "cpu")
+    job = f"sha256:{'a' * 64}"
+    state.add_job(job, "owner", _spec("any"))
+    lease = state.lease("late", deadline_default=60)
+    assert lease is not None and state.heartbeat("late") == [lease.task_id]  # in time: it stands
+    with engine.begin() as conn:  # silent for 10 s, and no other node asked meanwhile
+        conn.execute(sa.text("UPDATE mesh_nodes SET last_seen = last_seen - 10"))
+    assert state.heartbeat("late") == []
+    again = state.lease("late", deadline_default=60)
+    assert again is None  # the task is pending again, for another node: never the same
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT state, excluded FROM mesh_tasks")).one()
+    assert row.state == "pending" and "late" in row.excluded

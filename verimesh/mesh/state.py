@@ -302,8 +302,8 @@ class MeshState:
         """The node is alive: its leases stand (until their deadlines). Returns its live task ids."""
         now = time.time()
         with self._txn() as conn:
+            self._expire(conn, now)  # first: a beat after the timeout does not bring a lost lease back
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
-            self._expire(conn, now)
             rows = conn.execute(
                 sa.select(tasks.c.task_id).where(tasks.c.node_id == node_id, tasks.c.state == "leased")
             ).all()
@@ -443,8 +443,8 @@ class MeshState:
         if busy is None:
             return None
         with self._txn() as conn:
+            self._expire(conn, now)  # first, as for a heartbeat
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
-            self._expire(conn, now)
             held = conn.execute(
                 sa.select(tasks).where(tasks.c.node_id == node_id, tasks.c.state == "leased").limit(1)
             ).first()
