@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the port
 
 _ERRORS: tuple[type[BaseException], ...] = (zlib.error, ValueError, getattr(_zlib, "error", zlib.error))
 MAGIC = b"VMZ1"
+NAME = "vmz1"  # how a coordinator lists this packing among the uploads it takes (GET /v1/info)
 # A packed upload inflates to at most this many times its own size: a deflate stream can reach
 # ~1000x, which would let a 1 MB request cost the receiver a gigabyte. Real tensors stay far
 # below it (fp32 activations: under 2x); an upload that packs better than this travels as it is.

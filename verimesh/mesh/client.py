@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from verimesh.core.canonical import canonical_json, parse_json
+from verimesh.core.packing import NAME as PACKING
 from verimesh.core.packing import pack, worth_packing
 from verimesh.errors import InvalidInputError
 from verimesh.ledger.events import sign_request
@@ -189,7 +190,7 @@ class Client:
     def packed(self, upload: bytes) -> bytes:
         """An upload as it travels: packed (core/packing.py) when the coordinator takes it so and
         that is smaller."""
-        if "vmz1" not in (self.info().get("uploads") or ()):
+        if PACKING not in (self.info().get("uploads") or ()):
             return upload
         packed = pack(upload)
         return packed if worth_packing(upload, packed) else upload

@@ -63,6 +63,7 @@ from verimesh import __version__
 from verimesh.core.canonical import canonical_json, parse_json
 from verimesh.core.container import DEFAULT_LIMITS
 from verimesh.core.digest import parse_digest, sha256_bytes, sha256_file
+from verimesh.core.packing import NAME as PACKING
 from verimesh.core.packing import is_packed, unpack
 from verimesh.core.tensors import TensorRef, write_tensor_file
 from verimesh.errors import InvalidInputError, VerificationFailedError
@@ -109,7 +110,7 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
-UPLOAD_PACKINGS = ("vmz1",)  # what a node's uploads may be packed as (core/packing.py), besides plain bytes
+UPLOAD_PACKINGS = (PACKING,)  # what a node's uploads may be packed as (core/packing.py), besides plain bytes
 STATUS_JOBS = 200  # the newest jobs /v1/status shows (counts cover every job; /v1/jobs/ID shows any one)
 SETTLED_KINDS = ("receipt", "verdict", "reward")  # what the ledger records of a settled job
 
