@@ -15,6 +15,7 @@ per audit level, over many challenges drawn as the coordinator draws them.
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -30,6 +31,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (Linux /proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:  # a child is listed under the thread that started it
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (thread / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _cpu_now(server: int) -> dict[str, float]:
+    """CPU seconds so far of the coordinator's main process, its children (the verifier), and
+    this process (the node daemons' threads)."""
+    return {"coordinator": _cpu_seconds(server), "verifier": sum(_cpu_seconds(c) for c in _children(server)),
+            "nodes": _cpu_seconds(os.getpid())}  # fmt: skip
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -84,6 +111,7 @@ def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4
                 d.join()
             threads = [threading.Thread(target=d.run, kwargs={"idle_exit": 3.0}, daemon=True) for d in daemons]
             t0 = time.perf_counter()
+            cpu0 = _cpu_now(server.pid)
             for t in threads:
                 t.start()
             while True:  # task counts only: the poll is the bench's, not load the mesh should carry
@@ -92,6 +120,7 @@ def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4
                     break
                 time.sleep(0.1)
             elapsed = time.perf_counter() - t0
+            cpu1 = _cpu_now(server.pid)
             status = owner.status()
             for d in daemons:
                 d.stop()
@@ -111,13 +140,17 @@ def bench_mesh(model: Path, input_file: Path, *, tasks: int = 40, nodes: int = 4
             return {
                 "model": model.name, "tasks": tasks, "nodes": nodes, "done": done,
                 "failed": status["tasks"].get("failed", 0), "elapsed_s": elapsed, "tasks_per_s": done / elapsed,
-                "requests": {k: {"count": len(v), "p50_ms": _pct(v, 0.5) * 1e3, "p99_ms": _pct(v, 0.99) * 1e3}
+                "requests": {k: {"count": len(v), "p50_ms": _pct(v, 0.5) * 1e3, "p99_ms": _pct(v, 0.99) * 1e3,
+                                 "mean_ms": statistics.fmean(v) * 1e3, "total_s": sum(v)}
                              for k, v in sorted(calls.items())},
                 "settle_p50_ms": _pct(settle, 0.5) * 1e3, "settle_p99_ms": _pct(settle, 0.99) * 1e3,
                 "bare_verify_ms": bare_verify * 1e3, "bundle_bytes": bundle_bytes,
                 "bytes_to_nodes_per_task": moved_in / max(done, 1),
                 "bytes_from_nodes_per_task": moved_out / max(done, 1),
                 "settle_median_ms": statistics.median(settle) * 1e3 if settle else 0.0,
+                # CPU per task done, from /proc (Linux): the bench's own polling is in "nodes".
+                "cpu_ms_per_task": {k: (cpu1[k] - cpu0[k]) * 1e3 / max(done, 1) for k in cpu0},
+                "cpu_cores_busy": sum(cpu1[k] - cpu0[k] for k in cpu0) / elapsed,
             }  # fmt: skip
         finally:
             server.terminate()
