@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,6 +108,52 @@ evidence_table = sa.Table(
     sa.Column("digest", sa.String(71), primary_key=True),
     sa.Column("body", sa.LargeBinary, nullable=False),
 )
+
+
+# SQLite engines -> the lock their writing threads queue on (``writing``).
+_WRITE_GATES: weakref.WeakKeyDictionary[sa.Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_BUSY_TIMEOUT_MS = 60000
+
+
+@contextmanager
+def writing(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """One write transaction on ``engine`` (``engine.begin()``). On SQLite the threads of one
+    process queue for the database's write lock here, each woken the moment the one before it
+    is done, and only the first asks SQLite for it (``_begin_immediate``): under SQLite's own
+    busy handler a waiting writer sleeps in growing steps (up to 100 ms a try) and kept
+    sleeping long after the lock came free (measured on the mesh bench: a lease waited 111 ms
+    on average for a lock held 43% of the time)."""
+    gate = _WRITE_GATES.get(engine)
+    if gate is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    with gate, engine.begin() as conn:
+        yield conn
+
+
+def _begin_immediate(conn: sa.Connection) -> None:
+    """``BEGIN IMMEDIATE``, asked again every 0.2-2 ms while another process holds the write lock
+    (for up to the busy timeout; then once more under SQLite's own handler, whose error the
+    caller reports)."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1e3
+    delay = 0.0002
+    raw.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.002)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def normalize_url(url: str) -> str:
@@ -285,13 +335,13 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) or value is None else str(value)
 
 
-def _rows_digest(conn: sa.Connection, count: int) -> bytes:
-    """SHA-256 over what the whole-log check reads of entries 0..count-1 as stored: those rows,
-    the tree nodes over them alone, and every evidence row; each column's value tagged and
-    length-prefixed (``checkpoint``)."""
-    h = hashlib.sha256()
+def _rows_digests(conn: sa.Connection, counts: Sequence[int]) -> list[bytes]:
+    """For each count n, a SHA-256 over what the whole-log check reads of entries 0..n-1 as
+    stored: those rows, the tree nodes over them alone, and every evidence row; each column's
+    value tagged and length-prefixed (``checkpoint``). One pass over the rows for all of them."""
+    hashes = [hashlib.sha256() for _ in counts]
 
-    def feed(row: Any) -> None:
+    def feed(row: Any, into: Sequence[Any]) -> None:
         for value in row:
             if value is None:
                 tag, data = b"N", b""
@@ -299,25 +349,28 @@ def _rows_digest(conn: sa.Connection, count: int) -> bytes:
                 tag, data = b"B", bytes(value)
             else:
                 tag, data = b"S" if isinstance(value, str) else b"V", str(value).encode("utf-8", "surrogateescape")
-            h.update(tag + len(data).to_bytes(8, "big"))
-            h.update(data)
+            for h in into:
+                h.update(tag + len(data).to_bytes(8, "big"))
+                h.update(data)
 
-    entries = sa.select(entries_table).where(entries_table.c.seq < count).order_by(entries_table.c.seq)
+    entries = sa.select(entries_table).where(entries_table.c.seq < max(counts)).order_by(entries_table.c.seq)
     for row in conn.execute(entries.execution_options(yield_per=10_000)):
-        feed(row)
-    h.update(b"\x00nodes")
+        feed(row, [h for h, n in zip(hashes, counts, strict=True) if row.seq < n])
+    for h in hashes:
+        h.update(b"\x00nodes")
     nodes = sa.select(nodes_table).order_by(nodes_table.c.level, nodes_table.c.idx)
     for row in conn.execute(nodes.execution_options(yield_per=50_000)):
-        # a node wholly over entries 0..count-1 (or one whose key is not a count at all)
-        if not isinstance(row.level, int) or not isinstance(row.idx, int) or row.level < 0 or row.idx < 0 \
-                or (row.idx + 1) << min(row.level, 64) <= count:  # fmt: skip
-            feed(row)
-    h.update(b"\x00evidence")
+        # a node wholly over entries 0..n-1 (or one whose key is not a count at all)
+        odd = not isinstance(row.level, int) or not isinstance(row.idx, int) or row.level < 0 or row.idx < 0
+        end = 0 if odd else (row.idx + 1) << min(row.level, 64)
+        feed(row, [h for h, n in zip(hashes, counts, strict=True) if end <= n])
+    for h in hashes:
+        h.update(b"\x00evidence")
     for row in conn.execute(
         sa.select(evidence_table).order_by(evidence_table.c.digest).execution_options(yield_per=64)
     ):
-        feed(row)
-    return h.digest()
+        feed(row, hashes)
+    return [h.digest() for h in hashes]
 
 
 def _entry(row: Any) -> Entry:
@@ -358,6 +411,11 @@ class Ledger:
         # signing a checkpoint over them (``checkpoint``). Memory only: another process, or a
         # restart, checks the whole log again first.
         self._checked_rows: tuple[int, bytes] | None = None
+        # The last checked view's walk of the log since its checkpoint (``LedgerView.build``): the
+        # next view walks only what was appended since, once the rows it walked read the same.
+        self._tail: _Tail | None = None
+        self._tail_lock = threading.Lock()
+        self.tail_stats = {"extended": 0, "walked": 0}
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -382,7 +440,7 @@ class Ledger:
                 # raising, keeping every byte (verify then reports the entry instead of crashing).
                 dbapi_conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
                 cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA busy_timeout = 60000")
+                cur.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
                 cur.execute("PRAGMA journal_mode = WAL")
                 cur.execute("PRAGMA synchronous = FULL")
                 cur.close()
@@ -390,9 +448,12 @@ class Ledger:
             @sa_event.listens_for(engine, "begin")
             def _sqlite_begin(conn: sa.Connection) -> None:
                 # Writers: one at a time, no lock upgrades. Readers: a snapshot (WAL), never waiting.
-                reading = conn.get_execution_options().get(READ_ONLY, False)
-                conn.exec_driver_sql("BEGIN DEFERRED" if reading else "BEGIN IMMEDIATE")
+                if conn.get_execution_options().get(READ_ONLY, False):
+                    conn.exec_driver_sql("BEGIN DEFERRED")
+                else:
+                    _begin_immediate(conn)
 
+            _WRITE_GATES[engine] = threading.RLock()
         return engine
 
     @classmethod
@@ -428,7 +489,7 @@ class Ledger:
         engine = cls._engine(url)
         meta = meta_for(genesis, values)
         try:
-            with engine.begin() as conn:
+            with writing(engine) as conn:
                 if sa.inspect(conn).has_table("ledger_meta"):
                     raise InvalidInputError(f"a ledger already exists at {display_url(url)}")
                 metadata.create_all(conn)
@@ -480,7 +541,7 @@ class Ledger:
         batch ends with ``writer``'s signed commit. ``writer`` must be the operator or a verifier
         registered in the log."""
         try:
-            with self.engine.begin() as conn:
+            with writing(self.engine) as conn:
                 if self.engine.dialect.name == "postgresql":
                     conn.exec_driver_sql("LOCK TABLE ledger_entries IN SHARE ROW EXCLUSIVE MODE")
                 txn = Transaction(self, conn, writer)
@@ -585,19 +646,19 @@ class Ledger:
                 yield _entry(row)
 
     def _fetch_nodes(self, keys: set[tuple[int, int]], conn: sa.Connection) -> dict[tuple[int, int], bytes]:
-        """Stored hashes of perfect subtrees (level, idx), one indexed query per level and chunk."""
+        """Stored hashes of perfect subtrees (level, idx), in one indexed query per 400 keys."""
         found: dict[tuple[int, int], bytes] = {}
-        by_level: dict[int, list[int]] = {}
-        for level, idx in keys:
-            by_level.setdefault(level, []).append(idx)
-        for level, idxs in sorted(by_level.items()):
-            idxs.sort()
-            for at in range(0, len(idxs), 500):
-                query = sa.select(nodes_table).where(
-                    nodes_table.c.level == level, nodes_table.c.idx.in_(idxs[at : at + 500])
-                )
-                for row in conn.execute(query):
-                    found[_node_key(row)] = _as_bytes(row.hash)
+        wanted = sorted(keys)
+        for at in range(0, len(wanted), 400):
+            by_level: dict[int, list[int]] = {}
+            for level, idx in wanted[at : at + 400]:
+                by_level.setdefault(level, []).append(idx)
+            # One OR term per level: SQLite searches the primary key for each (a row-value IN scans).
+            where = sa.or_(
+                *(sa.and_(nodes_table.c.level == lv, nodes_table.c.idx.in_(ix)) for lv, ix in by_level.items())
+            )
+            for row in conn.execute(sa.select(nodes_table).where(where)):
+                found[_node_key(row)] = _as_bytes(row.hash)
         return found
 
     def _range_hashes(self, ranges: Sequence[tuple[int, int]], conn: sa.Connection | None = None) -> list[bytes]:
@@ -672,7 +733,7 @@ class Ledger:
         hide it from every query by kind), an edited tree node or evidence row makes this refuse
         (IntegrityError) instead of covering it. The whole store is checked, except that what
         this process checked whole before (and signed over) is compared byte for byte with what
-        it was then (``_rows_digest``: those entries, the tree nodes over them, every evidence
+        it was then (``_rows_digests``: those entries, the tree nodes over them, every evidence
         row): the same bytes need no second check, and any change (a slash's new evidence too)
         sends the check through the whole log. The view checks the rows since the last
         checkpoint, as every decision does."""
@@ -685,12 +746,13 @@ class Ledger:
             unchanged = False
             if remembered is not None and remembered[0] >= view.anchor:
                 # What lies before the view's anchor is what this process checked (and nobody edited).
-                unchanged = _rows_digest(txn.conn, remembered[0]) == remembered[1]
+                was, checked = _rows_digests(txn.conn, [remembered[0], size])
+                unchanged = was == remembered[1]
             if not unchanged:
                 report = _verify(self, txn.conn, checkpoint=None, operator=None, rules=None, progress=None)
                 if not report.ok:
                     raise tampered(report.problems[0] if report.problems else "the log does not verify")
-            checked = _rows_digest(txn.conn, size)
+                (checked,) = _rows_digests(txn.conn, [size])
             root = txn.root()
             governance = governance_digest(view.verifiers, view.settings)
             cp = Checkpoint(view.genesis.ledger_id, size, root, txn.time, b"", governance)
@@ -893,6 +955,9 @@ class Transaction:
             if self._entries or self.size != self.first:
                 raise RuntimeError("Transaction.view() must come before the first append")
             self._view = LedgerView.build(self.ledger, self.conn)
+            # The tree this batch extends is the one the view checked (not the stored nodes, which
+            # the view compared once and anyone with the database could edit since).
+            self._frontier = list(self._view.frontier)
         return self._view
 
     def append(self, event: Mapping[str, Any]) -> int:
@@ -1063,6 +1128,18 @@ class _Walk:
     keep_claims: bool = False
     last_time: str = ""  # the time of the entry before the next one fed
     cited: list[tuple[int, str]] = field(default_factory=list)  # (seq, evidence digest) verdicts and slashes cite
+    roots: dict[int, bytes] | None = None  # tree size -> root after each commit, where kept (a view's walk)
+
+    def copy(self) -> _Walk:
+        """An independent walk in the same state (to walk further without changing this one)."""
+        frontier = _Frontier(self.frontier.parts)
+        frontier.completed = None if self.frontier.completed is None else dict(self.frontier.completed)
+        return replace(
+            self, frontier=frontier, verifiers=dict(self.verifiers), settings=dict(self.settings),
+            problems=list(self.problems), claims=set(self.claims), tail_claims=dict(self.tail_claims),
+            pending=list(self.pending), leaves=list(self.leaves), cited=list(self.cited),
+            roots=None if self.roots is None else dict(self.roots),
+        )  # fmt: skip
 
     def bad(self, seq: int | None, message: str, exact: bool = True) -> None:
         self.problems.append((seq, message, exact))
@@ -1128,6 +1205,8 @@ class _Walk:
             self.bad(0, "entry 0 is not the genesis")
         if kind == "commit":
             self._commit(entry.seq, event, self.frontier.root() if root_before is None else root_before)
+            if self.roots is not None:
+                self.roots[entry.seq + 1] = self.frontier.root()
         else:
             self.pending.append((entry.seq, kind, event))
         if self.rules is not None and kind != "commit":
@@ -1195,6 +1274,31 @@ class _Walk:
             self.bad(s, f"entries {s}..{self.pending[-1][0]} are not signed by any writer (no commit follows them)")
 
 
+_NODES_AFTER: dict[int, sa.TextClause] = {}
+
+
+def _nodes_after(bits: int) -> sa.TextClause:
+    """Counts the stored tree nodes whose range ends after the anchor (parameters a0..a{bits}: the
+    anchor shifted by each level), and any at a level no tree of this size has."""
+    if bits not in _NODES_AFTER:
+        ranges = " OR ".join(f"(level = {lv} AND idx >= :a{lv})" for lv in range(bits + 1))
+        _NODES_AFTER[bits] = sa.text(f"SELECT count(*) FROM ledger_tree_nodes WHERE {ranges} OR level > :bits")
+    return _NODES_AFTER[bits]
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """What one checked view walked (``LedgerView._remember``): the log from its checkpoint entry
+    on, entry by entry, and the walk's state after them; leaves proven under the checkpoint."""
+
+    genesis_body: bytes
+    checkpoint: Entry | None
+    walk: _Walk
+    walked: list[Entry]
+    size: int
+    proven: dict[int, bytes]
+
+
 class LedgerView:
     """What a decision may rely on: the log from its last checkpoint on, checked.
 
@@ -1232,6 +1336,11 @@ class LedgerView:
         self.ledger, self.conn, self.size, self.genesis = ledger, conn, size, genesis
         self.anchor, self.anchor_root, self._tail_leaves = anchor, anchor_root, tail_leaves
         self.settings, self.verifiers = settings, verifiers
+        self.frontier: tuple[tuple[int, int, bytes], ...] = ()  # the checked tree's right edge at ``size``
+        self._proven: dict[int, bytes] = {}  # seq -> leaf hash proven included under the anchor's root
+        self._checkpoint_entry: Entry | None = None
+        self._walked: list[Entry] = []  # entries anchor..size-1, as walked (checked)
+        self._claims: dict[str, int] = {}  # their claims -> seq
 
     @property
     def ledger_id(self) -> str:
@@ -1262,8 +1371,9 @@ class LedgerView:
         ).first()
         anchor, anchor_root, parts = 0, merkle.EMPTY_ROOT, []
         cp: Checkpoint | None = None
+        cp_entry: Entry | None = None
         if row is not None:
-            entry = _entry(row)
+            entry = cp_entry = _entry(row)
             try:
                 event = entry.event
                 cp = Checkpoint.from_json(event, what=f"checkpoint entry {entry.seq}")
@@ -1274,16 +1384,6 @@ class LedgerView:
             if cp.tree_size > entry.seq:
                 raise tampered(f"checkpoint entry {entry.seq} claims a tree of {cp.tree_size} entries before it")
             anchor, anchor_root = cp.tree_size, cp.root
-            if anchor:
-                keys = merkle.perfect_parts(0, anchor)
-                found = ledger._fetch_nodes(set(keys), conn)
-                if any(k not in found for k in keys):
-                    raise tampered(f"stored hashes of the tree below checkpoint entry {entry.seq} are missing")
-                parts = [(lv, i, found[(lv, i)]) for lv, i in keys]
-                if merkle.fold_parts([h for _, _, h in parts]) != cp.root:
-                    raise tampered(f"the stored tree does not give the root signed by checkpoint entry {entry.seq}")
-        # 4. The verifiers and settings in force at the checkpoint (after it, the walk follows them).
-        walk = _Walk(_Frontier(parts, keep=True), keep_leaves=True, keep_claims=True, start=anchor, expected=anchor)
         view = cls(
             ledger,
             conn,
@@ -1295,10 +1395,40 @@ class LedgerView:
             settings=dict(genesis.settings),
             verifiers={},
         )
+        view._checkpoint_entry = cp_entry
+        with ledger._tail_lock:
+            tail = ledger._tail
+        extended = tail is not None and view._extend(tail, genesis_entry, cp_entry)
+        if not extended:
+            if anchor and cp_entry is not None:  # the tree below the checkpoint (kept with the walk after)
+                keys = merkle.perfect_parts(0, anchor)
+                found = ledger._fetch_nodes(set(keys), conn)
+                if any(k not in found for k in keys):
+                    raise tampered(f"stored hashes of the tree below checkpoint entry {cp_entry.seq} are missing")
+                parts = [(lv, i, found[(lv, i)]) for lv, i in keys]
+                if merkle.fold_parts([h for _, _, h in parts]) != anchor_root:
+                    raise tampered(f"the stored tree does not give the root signed by checkpoint entry {cp_entry.seq}")
+            view._walk_tail(cp, genesis_entry, parts, tail)
+        # 5.
+        meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
+        expected = meta_for(genesis.event, view.settings)
+        if meta != expected:
+            changed = sorted(k for k in set(meta) | set(expected) if meta.get(k) != expected.get(k))
+            raise tampered(f"ledger_meta disagrees with the log on {changed[:4]}")
+        ledger.tail_stats["extended" if extended else "walked"] += 1
+        return view
+
+    def _walk_tail(self, cp: Checkpoint | None, genesis_entry: Entry, parts: list[tuple[int, int, bytes]],
+                   before: _Tail | None) -> None:  # fmt: skip
+        """Steps 3 and 4 from the checkpoint on, every entry since it walked."""
+        ledger, conn, anchor, genesis = self.ledger, self.conn, self.anchor, self.genesis
+        walk = _Walk(_Frontier(parts, keep=True), keep_leaves=True, keep_claims=True, start=anchor, expected=anchor,
+                     roots={})  # fmt: skip
+        walk.genesis, walk.settings = genesis, dict(genesis.settings)
+        # 4. The verifiers and settings in force at the checkpoint (after it, the walk follows them).
         if anchor and cp is not None:
-            walk.genesis, walk.settings = genesis, dict(genesis.settings)
-            before = view._governance_before(cp, genesis_entry)
-            for e in before:
+            before_anchor = self._governance_before(cp, genesis_entry)
+            for e in before_anchor:
                 ev = e.event
                 if e.kind == "settings":
                     walk.settings.update(ev["changes"])
@@ -1316,59 +1446,102 @@ class LedgerView:
                     f"settings or genesis entry before entry {anchor} hidden or edited)"
                 )
             last = ledger.entry(anchor - 1, conn)
-            view._check_included([last])
+            self._check_included([last])
             try:
                 walk.last_time = str(last.event.get("time", ""))
             except InvalidInputError as exc:
                 raise tampered(exc.message) from exc
         # 3.
-        for entry in ledger.entries(conn=conn, since=anchor):
+        walked = list(ledger.entries(conn=conn, since=anchor))
+        for entry in walked:
             walk.feed(entry)
+        computed = walk.frontier.completed or {}
+        self._settle_walk(walk, walked, list(computed), list(walk.tail_claims))
+        # Leaves proven under an earlier checkpoint stay proven under this one when the tree this
+        # process walked up to it has this checkpoint's root (this tree extends that one).
+        if before is not None and before.genesis_body == genesis_entry.body and before.walk.roots is not None \
+                and before.walk.roots.get(anchor) == self.anchor_root and before.walk.start <= anchor:  # fmt: skip
+            proven = before.proven
+            for seq in range(before.walk.start, anchor):
+                proven[seq] = before.walk.leaves[seq - before.walk.start]
+            self._proven = proven
+        self._remember(walk, walked, genesis_entry)
+
+    def _extend(self, tail: _Tail, genesis_entry: Entry, cp_entry: Entry | None) -> bool:
+        """Steps 3 and 4 from what this process checked last (``tail``), when that was the walk from
+        this view's checkpoint and the entries it walked read the same now: only the entries
+        appended since are walked (False: nothing done, the tail is walked whole)."""
+        if (tail.genesis_body != genesis_entry.body or tail.checkpoint != cp_entry or tail.walk.start != self.anchor
+                or tail.size > self.size):  # fmt: skip
+            return False  # another checkpoint, or an older snapshot than the walk's: walked whole
+        self._proven = tail.proven
+        if tail.size == self.size:
+            self._take(tail.walk, tail.walked)
+            return True
+        walk = tail.walk.copy()
+        done_keys = len(walk.frontier.completed or {})
+        done_claims = len(walk.tail_claims)
+        fresh = list(self.ledger.entries(conn=self.conn, since=tail.size))
+        for entry in fresh:
+            walk.feed(entry)
+        added = list(walk.frontier.completed or {})[done_keys:]
+        walked = tail.walked + fresh
+        self._settle_walk(walk, walked, added, list(walk.tail_claims)[done_claims:])
+        self._remember(walk, walked, genesis_entry)
+        return True
+
+    def _settle_walk(self, walk: _Walk, walked: list[Entry], new_nodes: list[tuple[int, int]],
+                     new_claims: list[str]) -> None:  # fmt: skip
+        """The end of step 3: no problem found; the stored tree nodes from the anchor on are as many
+        as the walk computed and the new ones are the computed ones (those compared before were
+        the computed ones then: a writer here signs over the tree it computed, ``Transaction.view``);
+        the new claims were not taken before the anchor."""
+        conn, anchor, size = self.conn, self.anchor, self.size
         walk.finish()
         if walk.problems:
             raise tampered(walk.problems[0][1])
         computed = walk.frontier.completed or {}
-        stored = conn.execute(
-            sa.select(nodes_table).where(
-                sa.or_(
-                    *(
-                        sa.and_(nodes_table.c.level == lv, nodes_table.c.idx >= (anchor >> lv))
-                        for lv in range(max(size, 1).bit_length() + 1)
-                    ),
-                    nodes_table.c.level > max(size, 1).bit_length(),
-                )
+        bits = max(size, 1).bit_length()
+        bounds = {f"a{lv}": anchor >> lv for lv in range(bits + 1)}
+        stored = int(conn.execute(_nodes_after(bits), {**bounds, "bits": bits}).scalar() or 0)
+        expected = sum(1 for lv, i in computed if i >= anchor >> lv)
+        found = self.ledger._fetch_nodes(set(new_nodes), conn) if new_nodes else {}
+        for key in new_nodes:
+            if found.get(key) != computed[key]:
+                raise tampered(f"the stored hash of tree node ({key[0]}, {key[1]}) is not the recomputed one")
+        if stored != expected:
+            raise tampered("stored tree nodes after the last checkpoint are missing" if stored < expected
+                           else "stored tree nodes after the last checkpoint are not the recomputed ones")  # fmt: skip
+        for at in range(0, len(new_claims), 500):
+            q = sa.select(entries_table.c.seq, entries_table.c.claim).where(
+                entries_table.c.claim.in_(new_claims[at : at + 500]), entries_table.c.seq < anchor
             )
-        )
-        seen = 0
-        for r in stored:
-            seen += 1
-            if computed.get(_node_key(r)) != _as_bytes(r.hash):
-                raise tampered(f"the stored hash of tree node ({r.level}, {r.idx}) is not the recomputed one")
-        if seen != len(computed):
-            raise tampered("stored tree nodes after the last checkpoint are missing")
-        if walk.tail_claims:
-            claims = list(walk.tail_claims)
-            for at in range(0, len(claims), 500):
-                q = sa.select(entries_table.c.seq, entries_table.c.claim).where(
-                    entries_table.c.claim.in_(claims[at : at + 500]), entries_table.c.seq < anchor
-                )
-                for r in conn.execute(q):
-                    raise tampered(f"entry {walk.tail_claims[str(r.claim)]} takes {r.claim!r}, taken by entry {r.seq}")
-        # 5.
-        meta = {str(r.key): str(r.value) for r in conn.execute(sa.select(meta_table))}
-        expected = meta_for(genesis.event, walk.settings)
-        if meta != expected:
-            changed = sorted(k for k in set(meta) | set(expected) if meta.get(k) != expected.get(k))
-            raise tampered(f"ledger_meta disagrees with the log on {changed[:4]}")
-        view._tail_leaves = walk.leaves
-        view.settings, view.verifiers = walk.settings, walk.verifiers
-        return view
+            for r in conn.execute(q):
+                raise tampered(f"entry {walk.tail_claims[str(r.claim)]} takes {r.claim!r}, taken by entry {r.seq}")
+        self._take(walk, walked)
+
+    def _take(self, walk: _Walk, walked: list[Entry]) -> None:
+        """This view's tail: the walk's (checked) entries, leaves and state; queries read the
+        entries from the anchor on from here, never again from the store."""
+        self._tail_leaves = walk.leaves
+        self._walked = walked
+        self._claims = walk.tail_claims
+        self.settings, self.verifiers = dict(walk.settings), dict(walk.verifiers)
+        self.frontier = tuple(walk.frontier.parts)
+
+    def _remember(self, walk: _Walk, walked: list[Entry], genesis_entry: Entry) -> None:
+        """Keep this walk for the next view (unless another thread kept a longer one meanwhile)."""
+        tail = _Tail(genesis_entry.body, self._checkpoint_entry, walk, walked, self.size, self._proven)
+        with self.ledger._tail_lock:
+            held = self.ledger._tail
+            if held is None or held.size <= self.size:
+                self.ledger._tail = tail
 
     def _governance_before(self, cp: Checkpoint, genesis_entry: Entry) -> list[Entry]:
         """The settings and verifier entries before the anchor, each checked against its body. A
         version 2 checkpoint pins their digest, so they are looked up by kind (and each proven
         included); under a version 1 checkpoint every body before it is read and the root recomputed."""
-        governance = ("settings", "verifier-add", "verifier-remove")
+        governance = sorted(GOVERNANCE_KINDS - {"genesis"})
         if cp.governance is not None:
             rows = [e for e in self.ledger.entries(kinds=list(governance), conn=self.conn) if e.seq < self.anchor]
             self._check_included([genesis_entry, *rows])
@@ -1400,8 +1573,15 @@ class LedgerView:
         (whose signature the view checked). Whether a leaf is included at a position under a root
         is a fact about those bytes alone: one proven before, in this process, is not proven again."""
         size, root = self.anchor.to_bytes(8, "big"), self.anchor_root
+        proven = self._proven
+        entries = [e for e in entries if e.seq < self.anchor and proven.get(e.seq) != e.leaf_hash]
         memo = {e.seq: Memo.key("inclusion", size, root, e.seq.to_bytes(8, "big"), e.leaf_hash) for e in entries}
-        early = [e for e in entries if e.seq < self.anchor and _INCLUDED.get(memo[e.seq]) is None]
+        early = []
+        for e in entries:
+            if _INCLUDED.get(memo[e.seq]) is None:
+                early.append(e)
+            else:
+                proven[e.seq] = e.leaf_hash
         if not early:
             return
         wanted: set[tuple[int, int]] = set()
@@ -1418,6 +1598,7 @@ class LedgerView:
             if not merkle.verify_inclusion(e.leaf_hash, e.seq, self.anchor, path, self.anchor_root):
                 raise tampered(f"entry {e.seq} is not the one the last checkpoint signed (edited)")
             _INCLUDED.put(memo[e.seq], True)
+            proven[e.seq] = e.leaf_hash
 
     def _check(self, entries: list[Entry]) -> list[Entry]:
         for e in entries:
@@ -1437,10 +1618,30 @@ class LedgerView:
     def entries(
         self, *, node_id: str | None = None, kinds: Sequence[str] | None = None, job_id: str | None = None
     ) -> list[Entry]:
-        return self._check(list(self.ledger.entries(node_id=node_id, kinds=kinds, job_id=job_id, conn=self.conn)))
+        """Entries (oldest first) by their columns: before the anchor, and appended by the caller's
+        own transaction, as stored (those before the anchor checked one by one); from the anchor
+        to ``size``, the view's own walked entries (an edited or relabelled row there changes
+        nothing a decision reads)."""
+        query = self.ledger._query(node_id=node_id, kinds=kinds, job_id=job_id).where(
+            sa.or_(entries_table.c.seq < self.anchor, entries_table.c.seq >= self.size)
+        )
+        stored = [_entry(r) for r in self.conn.execute(query)]
+        wanted = None if kinds is None else set(kinds)
+        walked = [
+            e for e in self._walked
+            if (node_id is None or e.node_id == node_id) and (wanted is None or e.kind in wanted)
+            and (job_id is None or e.job_id == job_id)
+        ]  # fmt: skip
+        before = self._check([e for e in stored if e.seq < self.anchor])
+        return [*before, *walked, *(e for e in stored if e.seq >= self.size)]
 
     def claimed(self, claim: str) -> Entry | None:
-        rows = [_entry(r) for r in self.conn.execute(self.ledger._query(claim=claim))]
+        if claim in self._claims:
+            return self._walked[self._claims[claim] - self.anchor]
+        query = self.ledger._query(claim=claim).where(
+            sa.or_(entries_table.c.seq < self.anchor, entries_table.c.seq >= self.size)
+        )
+        rows = [_entry(r) for r in self.conn.execute(query)]
         return self._check(rows)[0] if rows else None
 
     def scan(self) -> Iterator[Entry]:

@@ -1,0 +1,126 @@
+"""The checked tail a process keeps (``LedgerView`` walks only what was appended since its last
+view): each view is the one a process that remembers nothing builds, an edited or relabelled row
+changes nothing a decision here reads and is found by every other reader, and a writer signs over
+the tree it checked, never over stored nodes edited since."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Keys
+from tests.integration.test_ledger import fraud_bundle, join, new_ledger, operator, post, settle
+from verimesh.errors import IntegrityError
+from verimesh.jobs.job import Job
+from verimesh.ledger.events import sign_request
+from verimesh.ledger.store import Ledger, LedgerView, verify_ledger
+from verimesh.settlement import node_standing, top_up
+from verimesh.signing.keys import SecretKey, generate_key
+
+
+def _same(a: LedgerView, b: LedgerView, node_ids: list[str]) -> None:
+    assert (a.size, a.anchor, a.anchor_root, a.frontier) == (b.size, b.anchor, b.anchor_root, b.frontier)
+    assert a.settings == b.settings and a.verifiers.keys() == b.verifiers.keys()
+    assert a._tail_leaves == b._tail_leaves
+    for node_id in node_ids:
+        assert a.entries(node_id=node_id) == b.entries(node_id=node_id)
+        assert a.entries(node_id=node_id, kinds=["register", "top-up"]) == b.entries(
+            node_id=node_id, kinds=["register", "top-up"]
+        )
+    assert a.entries(kinds=["settings"]) == b.entries(kinds=["settings"])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_view_is_the_one_a_fresh_process_builds(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    led = new_ledger(tmp_path / "l.db", reward=3)
+    op = operator(led)
+    nodes: list[SecretKey] = []
+    for step in range(40):
+        action = rng.choice(["join", "top-up", "settings", "checkpoint", "none"] if nodes else ["join"])
+        if action == "join":
+            nodes.append(generate_key())
+            join(led, nodes[-1], 100)
+        elif action == "top-up":
+            key = rng.choice(nodes)
+            top_up(led, sign_request(key, action="top-up", ledger_id=led.ledger_id, amount=5), writer=op)
+        elif action == "settings":
+            led.change_settings(op, {"reward": rng.randint(1, 9)})
+        elif action == "checkpoint":
+            led.checkpoint(op)
+        ids = [k.public.node_id for k in nodes]
+        with led.view() as kept, Ledger.open(led.url).view() as fresh:
+            _same(kept, fresh, ids)
+        if step % 7 == 0:  # a standing read here equals one read by another process
+            assert node_standing(led, ids[0]) == node_standing(Ledger.open(led.url), ids[0])
+    assert led.tail_stats["extended"] > led.tail_stats["walked"]
+    assert verify_ledger(led).ok
+
+
+def test_a_view_walks_only_the_entries_appended_since(tmp_path: Path, keys: Keys) -> None:
+    led = new_ledger(tmp_path / "l.db")
+    join(led, keys.node, 100)
+    with led.view():
+        pass
+    fed: list[int] = []
+    original = Ledger.entries
+
+    def counting(self: Ledger, **kwargs: object) -> object:
+        for e in original(self, **kwargs):  # type: ignore[arg-type]
+            fed.append(e.seq)
+            yield e
+
+    size = led.size()
+    top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=5), writer=operator(led))
+    Ledger.entries = counting  # type: ignore[assignment,method-assign]
+    try:
+        with led.view() as view:
+            assert view.size == size + 2
+    finally:
+        Ledger.entries = original  # type: ignore[method-assign]
+    assert fed == [size, size + 1]  # the top-up and its commit (the view's own transaction walked the rest)
+
+
+def test_a_relabelled_slash_still_counts_here_and_is_found_everywhere_else(
+    tmp_path: Path, keys: Keys, jobs: dict[str, Job]
+) -> None:
+    """A row after the checkpoint whose node column is edited would hide a slash from a query by
+    node: this process answers from the rows it walked; every other process refuses the ledger."""
+    led = new_ledger(tmp_path / "mesh.db", fraud_fraction="0.5", reward=3)
+    join(led, keys.node, 1000)
+    post(led, jobs["mlp"].job_id, deposit=100)
+    led.checkpoint(operator(led))
+    settled = settle(fraud_bundle(jobs["mlp"], keys.node, tmp_path / "cheat.vmb"), jobs["mlp"], led)
+    assert settled.verdict.status == "reject"
+    slash = next(seq for seq, kind in settled.appended if kind == "slash")
+    before = node_standing(led, keys.node.node_id)
+    assert before.stake == 500 and before.slashes
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:
+        conn.execute("UPDATE ledger_entries SET node_id = 'vm-nobody' WHERE seq = ?", (slash,))
+    assert node_standing(led, keys.node.node_id) == before  # the slash still counts here
+    with pytest.raises(IntegrityError):
+        node_standing(Ledger.open(led.url), keys.node.node_id)
+    with pytest.raises(IntegrityError):  # nor does this process sign a checkpoint over it
+        led.checkpoint(operator(led))
+    assert not verify_ledger(led).ok
+
+
+def test_a_writer_signs_over_the_tree_it_checked_not_an_edited_stored_node(tmp_path: Path, keys: Keys) -> None:
+    led = new_ledger(tmp_path / "l.db")
+    join(led, keys.node, 100)
+    with led.view():
+        pass  # this process has checked the tree
+    with sqlite3.connect(tmp_path / "l.db") as conn:  # the right edge's top node, edited
+        level, idx, original = conn.execute(
+            "SELECT level, idx, hash FROM ledger_tree_nodes ORDER BY level DESC LIMIT 1"
+        ).fetchone()
+        conn.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (b"\x00" * 32, level, idx))
+    top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=5), writer=operator(led))
+    assert not verify_ledger(Ledger.open(led.url)).ok  # the edited node is found
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (original, level, idx))
+    report = verify_ledger(Ledger.open(led.url))
+    assert report.ok, report.problems  # and the commit written meanwhile signs the true root
