@@ -217,6 +217,12 @@ def verify(pk: bytes, message: bytes, signature: bytes) -> bool:
     return known if known is not None else _MEMO.put(key, chosen.verify(pk, message, signature))
 
 
+def signed(pk: bytes, message: bytes, signature: bytes) -> None:
+    """Remember a signature this process just made with the secret key of ``pk``: it verifies
+    (BLS signing is deterministic), so a view walking its own commit does not check it again."""
+    _MEMO.put(Memo.key("verify:" + backend().name, pk, message, signature), True)
+
+
 def pop_verify(pk: bytes, proof: bytes) -> bool:
     """Proof of possession (memoized like ``verify``)."""
     key = Memo.key("pop:" + os.environ.get("VERIMESH_BLS_BACKEND", ""), pk, proof)

@@ -73,7 +73,9 @@ class SecretKey:
     public: PublicKey
 
     def sign(self, message: bytes) -> bytes:
-        return _bls.backend().sign(self.secret, message)
+        signature = _bls.backend().sign(self.secret, message)
+        _bls.signed(self.public.key, message, signature)  # ``public`` is this secret's (both constructors check)
+        return signature
 
     @property
     def node_id(self) -> str:
