@@ -107,3 +107,31 @@ def test_a_heartbeat_after_the_timeout_does_not_bring_a_lost_lease_back(tmp_path
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT state, excluded FROM mesh_tasks")).one()
     assert row.state == "pending" and "late" in row.excluded
+
+
+def test_beats_close_together_are_written_once_and_a_lapsed_deadline_still_counts(tmp_path: Path) -> None:
+    """A beat within a tenth of the timeout of the last one written changes nothing stored (the
+    write lock is the mesh's busiest resource); one later is written; and a lease whose deadline
+    passed is lost at the node's next beat however close together its beats come."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    state = MeshState(engine, heartbeat_timeout=30.0)
+
+    def seen() -> float:
+        with engine.connect() as conn:
+            return float(conn.execute(sa.text("SELECT last_seen FROM mesh_nodes")).scalar_one())
+
+    state.join("n", "key", "cpu")
+    job = f"sha256:{'b' * 64}"
+    state.add_job(job, "owner", _spec("any"))
+    lease = state.lease("n", deadline_default=60)
+    assert lease is not None
+    first = seen()
+    assert state.heartbeat("n") == [lease.task_id] and seen() == first  # read only
+    with engine.begin() as conn:  # the last written beat, 4 s ago (a tenth of the timeout is 3 s)
+        conn.execute(sa.text("UPDATE mesh_nodes SET last_seen = last_seen - 4"))
+    assert state.heartbeat("n") == [lease.task_id] and seen() >= first  # written again (it was first - 4)
+    with engine.begin() as conn:  # its deadline passed a moment ago
+        conn.execute(sa.text("UPDATE mesh_tasks SET lease_deadline = :t"), {"t": seen() - 1})
+    assert state.heartbeat("n") == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT state FROM mesh_tasks")).scalar_one() == "pending"

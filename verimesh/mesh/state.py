@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from verimesh.core.digest import sha256_bytes
-from verimesh.ledger.store import READ_ONLY
+from verimesh.ledger.store import READ_ONLY, writing
 
 metadata = sa.MetaData()
 
@@ -182,6 +182,7 @@ class MeshState:
     def __init__(self, engine: sa.Engine, *, heartbeat_timeout: float = 15.0, churn: int | None = CHURN) -> None:
         self.engine = engine
         self.heartbeat_timeout = heartbeat_timeout
+        self.beat_written_every = heartbeat_timeout / 10  # ``heartbeat``; a node beats every third of it
         self.churn = churn  # None: leases that end without an answer never fail a task (an open mesh)
         self._postgres = engine.dialect.name == "postgresql"
         metadata.create_all(engine)
@@ -205,18 +206,13 @@ class MeshState:
 
     @contextmanager
     def _txn(self) -> Iterator[sa.Connection]:
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             yield conn
 
     def _locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update() if self._postgres else query
 
     # -- blobs -----------------------------------------------------------------------------------
-
-    def put_blob(self, data: bytes) -> str:
-        """Keep a blob the coordinator itself refers to (a result, outputs, a receipt)."""
-        with self._txn() as conn:
-            return self._keep(conn, data)
 
     @staticmethod
     def _keep(conn: sa.Connection, data: bytes) -> str:
@@ -299,8 +295,19 @@ class MeshState:
         return None if row is None else dict(row._mapping)
 
     def heartbeat(self, node_id: str) -> list[str]:
-        """The node is alive: its leases stand (until their deadlines). Returns its live task ids."""
+        """The node is alive: its leases stand (until their deadlines). Returns its live task ids.
+
+        A beat within ``beat_written_every`` of the last one written is not written (it would
+        move ``last_seen`` by less than a tenth of the timeout; the write lock is the mesh's
+        busiest resource): its node is live and none of its leases lapsed, so nothing is lost."""
         now = time.time()
+        with self._read() as conn:
+            seen = conn.execute(sa.select(nodes.c.last_seen).where(nodes.c.node_id == node_id)).scalar_one_or_none()
+            if seen is not None and 0 <= now - float(seen) < self.beat_written_every:
+                held = conn.execute(sa.select(tasks.c.task_id, tasks.c.lease_deadline).where(
+                    tasks.c.node_id == node_id, tasks.c.state == "leased")).all()  # fmt: skip
+                if all(float(r.lease_deadline) >= now for r in held):
+                    return [r.task_id for r in held]
         with self._txn() as conn:
             self._expire(conn, now)  # first: a beat after the timeout does not bring a lost lease back
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
@@ -435,50 +442,89 @@ class MeshState:
 
     def lease(self, node_id: str, *, deadline_default: float, level: int = 0) -> Lease | None:
         """The node's current lease, else the oldest pending task it may take (of its device, for
-        its audit ``level``, never a second sub-task of one job), leased to it now."""
+        its audit ``level``, never a second sub-task of one job), leased to it now.
+
+        The task is chosen from a snapshot, without the write lock (the scan is most of a
+        lease's work); under the lock the choice is taken only if that task row is unchanged
+        since (same ``updated``) and its job's other tasks still allow it, else the scan runs
+        again there."""
         now = time.time()
-        with self._read() as conn:  # the common idle case without the write lock
+        with self._read() as conn:  # the common idle case, and the choice, without the write lock
             busy = conn.execute(sa.select(tasks.c.task_id).where(
                 sa.or_(tasks.c.state == "pending", tasks.c.state == "leased")).limit(1)).first()  # fmt: skip
-        if busy is None:
-            return None
+            if busy is None:
+                return None
+            held = conn.execute(self._held_by(node_id)).first()
+            chosen = None if held is not None else next(self._eligible(conn, node_id, level), None)
         with self._txn() as conn:
             self._expire(conn, now)  # first, as for a heartbeat
             conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(last_seen=now))
-            held = conn.execute(
-                sa.select(tasks).where(tasks.c.node_id == node_id, tasks.c.state == "leased").limit(1)
-            ).first()
+            held = conn.execute(self._held_by(node_id)).first()
             if held is not None:
                 return self._lease_of(conn, held)
-            device = conn.execute(sa.select(nodes.c.device).where(nodes.c.node_id == node_id)).scalar_one_or_none()
-            for row in self._pending(conn):
-                if node_id in json.loads(row.excluded):
-                    continue
-                spec = json.loads(conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one())
-                if spec.get("device", "any") not in ("any", device):
-                    continue  # the job asked for another device than this node's
-                if int(spec.get("min_level", 0)) > level:
-                    continue  # the job asked for nodes the ledger trusts more
-                siblings = conn.execute(
-                    sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
-                    .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
-                ).all()  # fmt: skip
-                if spec.get("segments") and any(t.position < row.position and t.state != "done" for t in siblings):
-                    continue  # a segment starts from its predecessors' verified outputs (shards run in parallel)
-                if any(t.node_id == node_id or node_id in {h["node_id"] for h in json.loads(t.history)}
-                       for t in siblings):  # fmt: skip
-                    continue  # one node never runs two sub-tasks of one job
-                deadline = now + float(spec.get("deadline", deadline_default))
-                lease_id = secrets.token_hex(16)
-                conn.execute(
-                    tasks.update()
-                    .where(tasks.c.task_id == row.task_id, tasks.c.state == "pending")
-                    .values(state="leased", node_id=node_id, lease_id=lease_id, leased_at=now,
-                            lease_deadline=deadline, attempts=row.attempts + 1, updated=now)
-                )  # fmt: skip
-                return Lease(row.task_id, row.job_id, lease_id, deadline, spec, row.position,
-                             self._inputs(conn, row.job_id, row.position))  # fmt: skip
+            if chosen is not None:
+                row = conn.execute(self._locked(sa.select(tasks).join(jobs, jobs.c.job_id == tasks.c.job_id).where(
+                    tasks.c.task_id == chosen[0].task_id, tasks.c.updated == chosen[0].updated,
+                    jobs.c.state == "open"))).first()  # fmt: skip
+                if row is not None and self._may_take(
+                    conn, row, node_id, level, chosen[1], self._device(conn, node_id)
+                ):
+                    return self._take(conn, row, chosen[1], node_id, now, deadline_default)
+            for row, spec in self._eligible(conn, node_id, level):
+                return self._take(conn, row, spec, node_id, now, deadline_default)
         return None
+
+    @staticmethod
+    def _held_by(node_id: str) -> sa.Select[Any]:
+        return sa.select(tasks).where(tasks.c.node_id == node_id, tasks.c.state == "leased").limit(1)
+
+    def _eligible(self, conn: sa.Connection, node_id: str, level: int) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """Pending tasks this node may take, oldest first, each with its job's spec."""
+        specs: dict[str, dict[str, Any]] = {}
+        device = self._device(conn, node_id)
+        for row in self._pending(conn):
+            if row.job_id not in specs:
+                specs[row.job_id] = json.loads(
+                    conn.execute(sa.select(jobs.c.spec).where(jobs.c.job_id == row.job_id)).scalar_one()
+                )
+            if self._may_take(conn, row, node_id, level, specs[row.job_id], device):
+                yield row, specs[row.job_id]
+
+    @staticmethod
+    def _device(conn: sa.Connection, node_id: str) -> str | None:
+        return conn.execute(sa.select(nodes.c.device).where(nodes.c.node_id == node_id)).scalar_one_or_none()
+
+    @staticmethod
+    def _may_take(conn: sa.Connection, row: Any, node_id: str, level: int, spec: dict[str, Any],
+                  device: str | None) -> bool:  # fmt: skip
+        if row.state != "pending" or node_id in json.loads(row.excluded):
+            return False
+        if spec.get("device", "any") not in ("any", device):
+            return False  # the job asked for another device than this node's
+        if int(spec.get("min_level", 0)) > level:
+            return False  # the job asked for nodes the ledger trusts more
+        siblings = conn.execute(
+            sa.select(tasks.c.position, tasks.c.state, tasks.c.node_id, tasks.c.history)
+            .where(tasks.c.job_id == row.job_id, tasks.c.task_id != row.task_id)
+        ).all()  # fmt: skip
+        if spec.get("segments") and any(t.position < row.position and t.state != "done" for t in siblings):
+            return False  # a segment starts from its predecessors' verified outputs (shards run in parallel)
+        # one node never runs two sub-tasks of one job
+        return not any(t.node_id == node_id or node_id in {h["node_id"] for h in json.loads(t.history)}
+                       for t in siblings)  # fmt: skip
+
+    def _take(self, conn: sa.Connection, row: Any, spec: dict[str, Any], node_id: str, now: float,
+              deadline_default: float) -> Lease:  # fmt: skip
+        deadline = now + float(spec.get("deadline", deadline_default))
+        lease_id = secrets.token_hex(16)
+        conn.execute(
+            tasks.update()
+            .where(tasks.c.task_id == row.task_id, tasks.c.state == "pending")
+            .values(state="leased", node_id=node_id, lease_id=lease_id, leased_at=now,
+                    lease_deadline=deadline, attempts=row.attempts + 1, updated=now)
+        )  # fmt: skip
+        return Lease(row.task_id, row.job_id, lease_id, deadline, spec, row.position,
+                     self._inputs(conn, row.job_id, row.position))  # fmt: skip
 
     def _pending(self, conn: sa.Connection, page: int = 64) -> Iterator[Any]:
         """Pending tasks of open jobs, oldest first, a page at a time: tasks no node may take (a
@@ -674,10 +720,10 @@ class MeshState:
 
     def decide(
         self, task_id: str, *, accepted: bool, verdict: dict[str, Any], outcome: str,
-        finish: tuple[str, str] | None = None, ban: str | None = None, fail_job: str | None = None,
+        finish: tuple[bytes, bytes] | None = None, ban: str | None = None, fail_job: str | None = None,
     ) -> None:  # fmt: skip
         """Record the verdict of a stored result: done (with ``finish``: the job's outputs and
-        receipt blobs, the job done in the same transaction), or pending again without that node
+        receipt, kept as blobs with the job done, in the same transaction), or pending again without that node
         (``ban``: the node excluded from the mesh, in the same transaction; ``fail_job``: the job
         itself fails, blamed on no node)."""
         now = time.time()
@@ -701,12 +747,13 @@ class MeshState:
                     state="done", verdict=json.dumps(verdict, sort_keys=True), history=json.dumps(history), updated=now
                 ))  # fmt: skip
                 if finish is not None:
+                    outputs, receipt = self._keep(conn, finish[0]), self._keep(conn, finish[1])
                     conn.execute(jobs.update().where(jobs.c.job_id == row.job_id, jobs.c.state == "open")
-                                 .values(state="done", outputs=finish[0], receipt=finish[1], updated=now))  # fmt: skip
+                                 .values(state="done", outputs=outputs, receipt=receipt, updated=now))  # fmt: skip
             else:
                 self._free(conn, row, outcome, now, verdict)
 
-    def decide_replicas(self, job_id: str, decisions: Sequence[Decision], finish: tuple[str, str] | None) -> None:
+    def decide_replicas(self, job_id: str, decisions: Sequence[Decision], finish: tuple[bytes, bytes] | None) -> None:
         """A quorum's decision over a job's replicas, in one transaction: each replica's outcome
         (only those still done or verifying: a repeat after a crash changes nothing), and with
         ``finish`` the job done with those outputs and receipt."""
@@ -727,8 +774,9 @@ class MeshState:
                     state="done" if decision.action == "done" else "rejected", updated=now,
                     verdict=json.dumps(decision.verdict, sort_keys=True), history=json.dumps(history)))  # fmt: skip
             if finish is not None:
+                outputs, receipt = self._keep(conn, finish[0]), self._keep(conn, finish[1])
                 conn.execute(jobs.update().where(jobs.c.job_id == job_id, jobs.c.state == "open")
-                             .values(state="done", outputs=finish[0], receipt=finish[1], updated=now))  # fmt: skip
+                             .values(state="done", outputs=outputs, receipt=receipt, updated=now))  # fmt: skip
 
     def release(self, node_id: str, task_id: str, lease_id: str, reason: str) -> None:
         """A node gives back a task it cannot run (it is not offered that task again)."""
