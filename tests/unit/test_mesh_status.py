@@ -54,3 +54,28 @@ def test_the_lease_gate_reads_again_only_the_nodes_the_ledger_grew_by(
     assert ledger.changed_nodes(before, NODE_KINDS) is None
     assert coordinator._bonded(b.node_id)[0] == 20
     assert sorted(read[-1]) == sorted([a.node_id, b.node_id, c.node_id])
+
+
+def test_blobs_are_kept_in_memory_only_when_they_match_their_name(
+    coordinator: Coordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from verimesh.core.digest import sha256_bytes
+
+    good, bad = b"step bytes" * 100, b"the real bytes"
+    digest = coordinator.state.upload("owner", good, quota=1 << 20)
+    forged = sha256_bytes(b"what the name promises")
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        conn.execute("INSERT INTO mesh_blobs (digest, size, data, created, referenced) VALUES (?, ?, ?, 0, 1)",
+                     (forged, len(bad), bad))  # fmt: skip
+    reads: list[str] = []
+    real = coordinator.state.blob
+    monkeypatch.setattr(coordinator.state, "blob", lambda d: reads.append(d) or real(d))
+    assert coordinator._stored(digest) == good and coordinator._stored(digest) == good
+    assert reads == [digest]  # read from the database once
+    with sqlite3.connect(tmp_path / "m.db") as conn:  # edited since: the bytes its name pins are served
+        conn.execute("UPDATE mesh_blobs SET data = ? WHERE digest = ?", (b"edited", digest))
+    assert coordinator._stored(digest) == good
+    assert coordinator._stored(forged) == bad and coordinator._stored(forged) == bad
+    assert reads == [digest, forged, forged]  # a blob that does not match its name is never kept

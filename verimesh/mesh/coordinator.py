@@ -46,6 +46,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
@@ -112,6 +113,8 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
+BLOB_CACHE_BYTES = 256 * 1024 * 1024  # blobs kept in memory by a coordinator process (``_stored``)
+BLOB_CACHE_ITEM = 64 * 1024 * 1024  # and the largest one kept
 HANDLER_THREADS = 8  # request handlers at once (the rest queue on the event loop)
 UPLOAD_THREADS = 4  # upload handlers at once, beside those
 UPLOAD_PACKINGS = (PACKING,)  # what a node's uploads may be packed as (core/packing.py), besides plain bytes
@@ -225,6 +228,9 @@ class Coordinator:
         self.answer_within = answer_within  # seconds a node has to open its challenged members
         self._jobs: dict[str, Job] = {}  # job document digest -> parsed job (challenges sample on it)
         self._upload_threads: anyio.CapacityLimiter | None = None  # made on the server's event loop
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()  # digest -> bytes that match it (``_stored``)
+        self._blobs_size = 0
+        self._blobs_lock = threading.Lock()
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -662,9 +668,22 @@ class Coordinator:
         return None
 
     def _stored(self, digest: str) -> bytes:
+        """A stored blob's bytes. Blobs are named by their SHA-256: those that match their name
+        are kept in memory (``_blobs``), so the model steps every job of one model shares are read
+        from the database once, not once per lease and per verification."""
+        with self._blobs_lock:
+            if digest in self._blobs:
+                self._blobs.move_to_end(digest)
+                return self._blobs[digest]
         data = self.state.blob(digest)
         if data is None:
             raise InvalidInputError(f"blob {digest[:19]}… is not stored")
+        if len(data) <= BLOB_CACHE_ITEM and sha256_bytes(data) == digest:
+            with self._blobs_lock:
+                self._blobs[digest] = data
+                self._blobs_size += len(data)
+                while self._blobs_size > BLOB_CACHE_BYTES:
+                    self._blobs_size -= len(self._blobs.popitem(last=False)[1])
         return data
 
     # -- nodes -----------------------------------------------------------------------------------
