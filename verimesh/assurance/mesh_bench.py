@@ -228,8 +228,8 @@ def challenge_table(row: dict[str, Any]) -> list[str]:
 def mesh_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| model | nodes | tasks done | tasks/s | lease p50/p99 ms | result p50/p99 ms | verify+settle p50/p99 ms "
-        "| bare verify ms | bytes to node / task | bundle bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bare verify ms | bytes to node / task | bundle bytes | CPU ms / task: coordinator, verifier, nodes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         req = r["requests"]
@@ -239,6 +239,13 @@ def mesh_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['model']} | {r['nodes']} | {r['done']}/{r['tasks']} | {r['tasks_per_s']:.1f} | "
             f"{lease['p50_ms']:.1f} / {lease['p99_ms']:.1f} | {result['p50_ms']:.1f} / {result['p99_ms']:.1f} | "
             f"{r['settle_p50_ms']:.1f} / {r['settle_p99_ms']:.1f} | {r['bare_verify_ms']:.1f} | "
-            f"{r['bytes_to_nodes_per_task']:.0f} | {r['bundle_bytes']} |"
+            f"{r['bytes_to_nodes_per_task']:.0f} | {r['bundle_bytes']} | {_cpu_cell(r)} |"
         )
     return lines
+
+
+def _cpu_cell(row: dict[str, Any]) -> str:
+    cpu = row.get("cpu_ms_per_task") or {}
+    if not cpu:
+        return "-"
+    return ", ".join(f"{cpu.get(k, 0.0):.0f}" for k in ("coordinator", "verifier", "nodes"))
