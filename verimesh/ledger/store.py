@@ -848,9 +848,7 @@ class Transaction:
             self.time = self._floor
         if not authorized:
             self._authorize()
-        keys = merkle.perfect_parts(0, self.size) if self.size else []
-        hashes = ledger._range_hashes([(i << lv, (i + 1) << lv) for lv, i in keys], conn) if keys else []
-        self._frontier = [(lv, i, h) for (lv, i), h in zip(keys, hashes, strict=True)]
+        self._edge: list[tuple[int, int, bytes]] | None = None  # the tree's right edge (``_frontier``)
         self._entries: list[dict[str, Any]] = []
         self._nodes: list[dict[str, Any]] = []
         self._settings: dict[str, Any] = {}
@@ -957,7 +955,7 @@ class Transaction:
             self._view = LedgerView.build(self.ledger, self.conn)
             # The tree this batch extends is the one the view checked (not the stored nodes, which
             # the view compared once and anyone with the database could edit since).
-            self._frontier = list(self._view.frontier)
+            self._edge = list(self._view.frontier)
         return self._view
 
     def append(self, event: Mapping[str, Any]) -> int:
@@ -1003,19 +1001,30 @@ class Transaction:
             self._settings.update(stamped["changes"])
         level, idx, h = 0, seq, merkle.leaf_hash(body)
         self._nodes.append({"level": 0, "idx": seq, "hash": h})
-        while self._frontier and self._frontier[-1][0] == level:
-            _, _, left = self._frontier.pop()
+        frontier = self._frontier()
+        while frontier and frontier[-1][0] == level:
+            _, _, left = frontier.pop()
             level, idx, h = level + 1, idx >> 1, merkle.node_hash(left, h)
             self._nodes.append({"level": level, "idx": idx, "hash": h})
-        self._frontier.append((level, idx, h))
+        frontier.append((level, idx, h))
         self.size += 1
         self._floor = stamped["time"]
         return seq
 
+    def _frontier(self) -> list[tuple[int, int, bytes]]:
+        """The right edge of the tree this batch extends: the checked view's, or (a batch that
+        builds no view) read from the stored perfect subtrees."""
+        if self._edge is None:
+            keys = merkle.perfect_parts(0, self.first) if self.first else []
+            ranges = [(i << lv, (i + 1) << lv) for lv, i in keys]
+            hashes = self.ledger._range_hashes(ranges, self.conn) if keys else []
+            self._edge = [(lv, i, h) for (lv, i), h in zip(keys, hashes, strict=True)]
+        return self._edge
+
     def root(self) -> bytes:
-        if not self._frontier:
+        if not self._frontier():
             return merkle.EMPTY_ROOT
-        return merkle.fold_parts([h for _, _, h in self._frontier])
+        return merkle.fold_parts([h for _, _, h in self._frontier()])
 
     def flush(self) -> None:
         if self._entries:
