@@ -113,6 +113,7 @@ DEVICES = ("cpu", "cuda", "auto")
 JOB_DEVICES = ("any", "cpu", "cuda")  # which nodes a job's tasks may be leased to
 _SEED_TAG = b"verimesh.mesh.seed.v1\x00"
 CHECKPOINT_EVERY = 32
+CHECKPOINT_SHARE = 16  # and at least a sixteenth of the log between checkpoints (``_checkpoint_if_due``)
 BLOB_CACHE_BYTES = 256 * 1024 * 1024  # blobs kept in memory by a coordinator process (``_stored``)
 BLOB_CACHE_ITEM = 64 * 1024 * 1024  # and the largest one kept
 HANDLER_THREADS = 8  # request handlers at once (the rest queue on the event loop)
@@ -1056,11 +1057,14 @@ class Coordinator:
         return holder
 
     def _checkpoint_if_due(self) -> None:
-        """Sign a checkpoint every CHECKPOINT_EVERY entries: decisions check the log from the last
-        checkpoint on, so without them every settlement reads a longer log."""
+        """Sign a checkpoint every CHECKPOINT_EVERY entries, or every 1/CHECKPOINT_SHARE of the log
+        when that is more: a process that starts walks the log from the last checkpoint on (the
+        coordinator's own processes keep what they walked), and a checkpoint reads the whole store
+        first (to sign nothing it has not checked), so at a fixed interval its cost per entry
+        grew with the log."""
         size = self.ledger.size()
         latest = self.ledger.latest_checkpoint()  # the verifier's child process checkpoints too
-        if size - (latest.tree_size if latest is not None else 0) >= CHECKPOINT_EVERY:
+        if size - (latest.tree_size if latest is not None else 0) >= max(CHECKPOINT_EVERY, size // CHECKPOINT_SHARE):
             self.ledger.checkpoint(self.operator)
 
     def _verify_one(self, item: Verifying, prefetched: Prefetched | None = None) -> None:
