@@ -17,7 +17,7 @@ from verimesh.errors import IntegrityError
 from verimesh.jobs.job import Job
 from verimesh.ledger.events import sign_request
 from verimesh.ledger.store import Ledger, LedgerView, verify_ledger
-from verimesh.settlement import node_standing, top_up
+from verimesh.settlement import node_standing, top_up, withdraw
 from verimesh.signing.keys import SecretKey, generate_key
 
 
@@ -124,3 +124,61 @@ def test_a_writer_signs_over_the_tree_it_checked_not_an_edited_stored_node(tmp_p
         conn.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (original, level, idx))
     report = verify_ledger(Ledger.open(led.url))
     assert report.ok, report.problems  # and the commit written meanwhile signs the true root
+
+
+def test_a_checkpoint_walks_the_kept_stretch_from_the_store_again(tmp_path: Path, keys: Keys) -> None:
+    """Review: a row relabelled after this process walked it (a withdrawal hidden from queries by
+    node) was in neither the store digest the checkpoint compares (it ends at the previous
+    checkpoint) nor a walk (the view answered from memory): the operator signed over it, and the
+    node could withdraw the same stake again in any other process."""
+    led = new_ledger(tmp_path / "l.db")
+    join(led, keys.node, 1000)
+    op = operator(led)
+    led.checkpoint(op)
+    seq = withdraw(led, sign_request(keys.node, action="withdraw", ledger_id=led.ledger_id, amount=1000), writer=op)
+    assert node_standing(led, keys.node.node_id).stake == 0
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("UPDATE ledger_entries SET node_id = 'vm-nobody' WHERE seq = ?", (seq,))
+    with pytest.raises(IntegrityError, match=f"entry {seq}"):
+        led.checkpoint(op)
+    assert node_standing(led, keys.node.node_id).stake == 0  # and nothing here forgot the withdrawal
+
+
+def test_a_row_deleted_and_a_filler_at_a_negative_seq_is_found(
+    tmp_path: Path, keys: Keys, jobs: dict[str, Job]
+) -> None:
+    """Review: the count of rows equalled max(seq) + 1 with a slash before the checkpoint deleted
+    and a row at seq -1 inserted, so no view saw the gap and the slash vanished everywhere."""
+    led = new_ledger(tmp_path / "mesh.db", fraud_fraction="0.5", reward=3)
+    join(led, keys.node, 1000)
+    post(led, jobs["mlp"].job_id, deposit=100)
+    settled = settle(fraud_bundle(jobs["mlp"], keys.node, tmp_path / "cheat.vmb"), jobs["mlp"], led)
+    slash = next(seq for seq, kind in settled.appended if kind == "slash")
+    led.checkpoint(operator(led))
+    with sqlite3.connect(tmp_path / "mesh.db") as conn:
+        conn.execute("DELETE FROM ledger_entries WHERE seq = ?", (slash,))
+        conn.execute("INSERT INTO ledger_entries (seq, kind, node_id, job_id, claim, body) "
+                     "VALUES (-1, 'zzz', NULL, NULL, NULL, x'00')")  # fmt: skip
+    for process in (led, Ledger.open(led.url)):
+        with pytest.raises(IntegrityError, match="not all there"):
+            node_standing(process, keys.node.node_id)
+
+
+def test_a_log_cut_short_after_this_process_checked_it_is_refused(tmp_path: Path, keys: Keys) -> None:
+    """Review: the last batches deleted (rows and the tree nodes over them) rolled a withdrawal
+    back; the process that had checked the longer log now refuses the shorter one (a process that
+    never saw it cannot tell: a saved checkpoint or `ledger verify --checkpoint` anchors that)."""
+    led = new_ledger(tmp_path / "l.db")
+    op = operator(led)
+    join(led, keys.node, 1000)
+    led.checkpoint(op)
+    cut = led.size()
+    withdraw(led, sign_request(keys.node, action="withdraw", ledger_id=led.ledger_id, amount=1000), writer=op)
+    assert node_standing(led, keys.node.node_id).stake == 0
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("DELETE FROM ledger_entries WHERE seq >= ?", (cut,))
+        conn.execute("DELETE FROM ledger_tree_nodes WHERE ((idx + 1) << level) > ?", (cut,))
+    with pytest.raises(IntegrityError, match="checked it up to entry"):
+        node_standing(led, keys.node.node_id)
+    with pytest.raises(IntegrityError):
+        top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=1), writer=op)

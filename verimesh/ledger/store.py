@@ -738,7 +738,10 @@ class Ledger:
         sends the check through the whole log. The view checks the rows since the last
         checkpoint, as every decision does."""
         with self.transaction(key) as txn:
-            view = txn.view()
+            # The entries since the last checkpoint walked from the store again (the kept tail
+            # answers what this process decides, not what the store holds now), the rest below
+            # compared with what this process checked or walked whole.
+            view = txn.view(kept=False)
             if key.public.key != view.genesis.operator.key:
                 raise InvalidInputError("only the ledger operator's key can sign checkpoints")
             size = txn.size
@@ -947,12 +950,13 @@ class Transaction:
     def operator(self) -> bool:
         return self.writer.public.key == self.ledger.operator.key
 
-    def view(self) -> LedgerView:
-        """The log checked from its last checkpoint on, read under this transaction's lock."""
+    def view(self, *, kept: bool = True) -> LedgerView:
+        """The log checked from its last checkpoint on, read under this transaction's lock
+        (``kept``: ``LedgerView.build``)."""
         if self._view is None:
             if self._entries or self.size != self.first:
                 raise RuntimeError("Transaction.view() must come before the first append")
-            self._view = LedgerView.build(self.ledger, self.conn)
+            self._view = LedgerView.build(self.ledger, self.conn, kept=kept)
             # The tree this batch extends is the one the view checked (not the stored nodes, which
             # the view compared once and anyone with the database could edit since).
             self._edge = list(self._view.frontier)
@@ -1306,6 +1310,7 @@ class _Tail:
     walked: list[Entry]
     size: int
     proven: dict[int, bytes]
+    kept_at: float  # time.monotonic() when it was kept: after its last entry was committed
 
 
 class LedgerView:
@@ -1361,12 +1366,17 @@ class LedgerView:
         )
 
     @classmethod
-    def build(cls, ledger: Ledger, conn: sa.Connection) -> LedgerView:
+    def build(cls, ledger: Ledger, conn: sa.Connection, *, kept: bool = True) -> LedgerView:
+        """The checked view (``kept``: from this process's kept tail where it fits; else every
+        entry since the checkpoint walked from the store, as ``Ledger.checkpoint`` asks)."""
         # 1.
-        size = ledger.size(conn)
-        count = int(conn.execute(sa.select(sa.func.count()).select_from(entries_table)).scalar() or 0)
-        if count != size:
-            raise tampered(f"{size - count} of entries 0..{size - 1} are missing")
+        begun = time.monotonic()
+        stored = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(entries_table.c.seq), sa.func.max(entries_table.c.seq))
+        ).one()
+        count, size = int(stored[0] or 0), 0 if stored[2] is None else int(stored[2]) + 1
+        if count != size or (count and int(stored[1]) != 0):
+            raise tampered(f"entries 0..{size - 1} are not all there, once each (stored: {count} rows)")
         if size == 0:
             raise tampered("the log is empty (no genesis)")
         # 2.
@@ -1407,7 +1417,10 @@ class LedgerView:
         view._checkpoint_entry = cp_entry
         with ledger._tail_lock:
             tail = ledger._tail
-        extended = tail is not None and view._extend(tail, genesis_entry, cp_entry)
+        if tail is not None and tail.kept_at < begun and tail.size > size:
+            # This snapshot began after the process had checked a longer log: entries were removed.
+            raise tampered(f"the log ends at entry {size - 1}; this process checked it up to entry {tail.size - 1}")
+        extended = kept and tail is not None and view._extend(tail, genesis_entry, cp_entry)
         if not extended:
             if anchor and cp_entry is not None:  # the tree below the checkpoint (kept with the walk after)
                 keys = merkle.perfect_parts(0, anchor)
@@ -1468,7 +1481,10 @@ class LedgerView:
         self._settle_walk(walk, walked, list(computed), list(walk.tail_claims))
         # Leaves proven under an earlier checkpoint stay proven under this one when the tree this
         # process walked up to it has this checkpoint's root (this tree extends that one).
-        if before is not None and before.genesis_body == genesis_entry.body and before.walk.roots is not None \
+        if before is not None and before.genesis_body == genesis_entry.body and before.walk.start == anchor \
+                and before.checkpoint == self._checkpoint_entry:  # fmt: skip
+            self._proven = before.proven  # the same checkpoint: proven under the same root
+        elif before is not None and before.genesis_body == genesis_entry.body and before.walk.roots is not None \
                 and before.walk.roots.get(anchor) == self.anchor_root and before.walk.start <= anchor:  # fmt: skip
             proven = before.proven
             for seq in range(before.walk.start, anchor):
@@ -1540,7 +1556,8 @@ class LedgerView:
 
     def _remember(self, walk: _Walk, walked: list[Entry], genesis_entry: Entry) -> None:
         """Keep this walk for the next view (unless another thread kept a longer one meanwhile)."""
-        tail = _Tail(genesis_entry.body, self._checkpoint_entry, walk, walked, self.size, self._proven)
+        tail = _Tail(genesis_entry.body, self._checkpoint_entry, walk, walked, self.size, self._proven,
+                     time.monotonic())  # fmt: skip
         with self.ledger._tail_lock:
             held = self.ledger._tail
             if held is None or held.size <= self.size:
