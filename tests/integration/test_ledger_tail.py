@@ -16,7 +16,7 @@ from tests.integration.test_ledger import fraud_bundle, join, new_ledger, operat
 from verimesh.errors import IntegrityError
 from verimesh.jobs.job import Job
 from verimesh.ledger.events import sign_request
-from verimesh.ledger.store import Ledger, LedgerView, verify_ledger
+from verimesh.ledger.store import Ledger, LedgerView, verify_ledger, writing
 from verimesh.settlement import node_standing, top_up, withdraw
 from verimesh.signing.keys import SecretKey, generate_key
 
@@ -81,7 +81,8 @@ def test_a_view_walks_only_the_entries_appended_since(tmp_path: Path, keys: Keys
             assert view.size == size + 2
     finally:
         Ledger.entries = original  # type: ignore[method-assign]
-    assert fed == [size, size + 1]  # the top-up and its commit (the view's own transaction walked the rest)
+    # the entry it walked last (read again: still as walked?), then the top-up and its commit
+    assert fed == [size - 1, size, size + 1]
 
 
 def test_a_relabelled_slash_still_counts_here_and_is_found_everywhere_else(
@@ -108,7 +109,9 @@ def test_a_relabelled_slash_still_counts_here_and_is_found_everywhere_else(
     assert not verify_ledger(led).ok
 
 
-def test_a_writer_signs_over_the_tree_it_checked_not_an_edited_stored_node(tmp_path: Path, keys: Keys) -> None:
+def test_a_writer_never_signs_over_an_edited_stored_node(tmp_path: Path, keys: Keys) -> None:
+    """An edited node on the stored tree's right edge: the process that checked the tree sees its
+    edge differ, walks the store and refuses to write; restored, it writes a commit that verifies."""
     led = new_ledger(tmp_path / "l.db")
     join(led, keys.node, 100)
     with led.view():
@@ -118,10 +121,13 @@ def test_a_writer_signs_over_the_tree_it_checked_not_an_edited_stored_node(tmp_p
             "SELECT level, idx, hash FROM ledger_tree_nodes ORDER BY level DESC LIMIT 1"
         ).fetchone()
         conn.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (b"\x00" * 32, level, idx))
-    top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=5), writer=operator(led))
-    assert not verify_ledger(Ledger.open(led.url)).ok  # the edited node is found
+    request = sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=5)
+    with pytest.raises(IntegrityError):
+        top_up(led, request, writer=operator(led))
+    assert not verify_ledger(Ledger.open(led.url)).ok  # the edited node is found everywhere
     with sqlite3.connect(tmp_path / "l.db") as conn:
         conn.execute("UPDATE ledger_tree_nodes SET hash = ? WHERE level = ? AND idx = ?", (original, level, idx))
+    top_up(led, request, writer=operator(led))
     report = verify_ledger(Ledger.open(led.url))
     assert report.ok, report.problems  # and the commit written meanwhile signs the true root
 
@@ -182,3 +188,44 @@ def test_a_log_cut_short_after_this_process_checked_it_is_refused(tmp_path: Path
         node_standing(led, keys.node.node_id)
     with pytest.raises(IntegrityError):
         top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=1), writer=op)
+
+
+@pytest.mark.parametrize("regrown", [2, 4])
+def test_a_log_cut_and_grown_again_is_walked_from_the_store(tmp_path: Path, keys: Keys, regrown: int) -> None:
+    """Review: the last batch deleted and as many entries or more appended by another process:
+    this process extended its memory of the deleted entries (a withdrawal the store no longer
+    holds) and signed its next commit over a tree that is not the stored one. It now sees the
+    stored end differ from the one it walked and walks the store: its view is every other
+    process's, and what it writes next verifies."""
+    led = new_ledger(tmp_path / "l.db")
+    op = operator(led)
+    join(led, keys.node, 1000)
+    led.checkpoint(op)
+    cut = led.size()
+    withdraw(led, sign_request(keys.node, action="withdraw", ledger_id=led.ledger_id, amount=1000), writer=op)
+    assert node_standing(led, keys.node.node_id).stake == 0
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("DELETE FROM ledger_entries WHERE seq >= ?", (cut,))
+        conn.execute("DELETE FROM ledger_tree_nodes WHERE ((idx + 1) << level) > ?", (cut,))
+    other = Ledger.open(led.url)
+    for _ in range(regrown // 2):  # each top-up is two entries (it and its commit)
+        top_up(other, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=5), writer=op)
+    assert led.size() >= cut + 2
+    with led.view() as kept, Ledger.open(led.url).view() as fresh:
+        _same(kept, fresh, [keys.node.node_id])
+    assert node_standing(led, keys.node.node_id).stake == 1000 + 5 * (regrown // 2)
+    top_up(led, sign_request(keys.node, action="top-up", ledger_id=led.ledger_id, amount=1), writer=op)
+    report = verify_ledger(Ledger.open(led.url))
+    assert report.ok, report.problems
+
+
+def test_a_write_inside_another_on_one_thread_fails_at_once(tmp_path: Path) -> None:
+    """SQLite's write lock is held by the outer transaction: the inner one would poll for it until
+    the busy timeout (a minute) and then fail; it is refused at once, and the lock is free after."""
+    led = new_ledger(tmp_path / "l.db")
+    with writing(led.engine):
+        with pytest.raises(RuntimeError, match="inside another"):
+            with writing(led.engine):
+                pass
+    with writing(led.engine) as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1

@@ -111,7 +111,8 @@ evidence_table = sa.Table(
 
 
 # SQLite engines -> the lock their writing threads queue on (``writing``).
-_WRITE_GATES: weakref.WeakKeyDictionary[sa.Engine, threading.RLock] = weakref.WeakKeyDictionary()
+_WRITE_GATES: weakref.WeakKeyDictionary[sa.Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_WRITING = threading.local()  # .engines: ids of the engines this thread is writing on
 _BUSY_TIMEOUT_MS = 60000
 
 
@@ -128,8 +129,16 @@ def writing(engine: sa.Engine) -> Iterator[sa.Connection]:
         with engine.begin() as conn:
             yield conn
         return
-    with gate, engine.begin() as conn:
-        yield conn
+    held: set[int] = _WRITING.__dict__.setdefault("engines", set())
+    if id(engine) in held:  # SQLite's write lock is this thread's already: it would wait for itself
+        raise RuntimeError("a write transaction inside another on the same database and thread")
+    with gate:
+        held.add(id(engine))
+        try:
+            with engine.begin() as conn:
+                yield conn
+        finally:
+            held.discard(id(engine))
 
 
 def _begin_immediate(conn: sa.Connection) -> None:
@@ -146,8 +155,9 @@ def _begin_immediate(conn: sa.Connection) -> None:
             try:
                 raw.execute("BEGIN IMMEDIATE")
                 return
-            except sqlite3.OperationalError as exc:
-                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+            except sqlite3.Error as exc:  # any other error is asked again below, for SQLAlchemy to report
+                if not isinstance(exc, sqlite3.OperationalError) or time.monotonic() > deadline \
+                        or ("locked" not in str(exc) and "busy" not in str(exc)):  # fmt: skip
                     break
             time.sleep(delay)
             delay = min(delay * 1.5, 0.002)
@@ -453,7 +463,7 @@ class Ledger:
                 else:
                     _begin_immediate(conn)
 
-            _WRITE_GATES[engine] = threading.RLock()
+            _WRITE_GATES[engine] = threading.Lock()
         return engine
 
     @classmethod
@@ -1499,6 +1509,9 @@ class LedgerView:
         if (tail.genesis_body != genesis_entry.body or tail.checkpoint != cp_entry or tail.walk.start != self.anchor
                 or tail.size > self.size):  # fmt: skip
             return False  # another checkpoint, or an older snapshot than the walk's: walked whole
+        fresh = self._appended_since(tail)
+        if fresh is None:
+            return False
         self._proven = tail.proven
         if tail.size == self.size:
             self._take(tail.walk, tail.walked)
@@ -1506,7 +1519,6 @@ class LedgerView:
         walk = tail.walk.copy()
         done_keys = len(walk.frontier.completed or {})
         done_claims = len(walk.tail_claims)
-        fresh = list(self.ledger.entries(conn=self.conn, since=tail.size))
         for entry in fresh:
             walk.feed(entry)
         added = list(walk.frontier.completed or {})[done_keys:]
@@ -1514,6 +1526,25 @@ class LedgerView:
         self._settle_walk(walk, walked, added, list(walk.tail_claims)[done_claims:])
         self._remember(walk, walked, genesis_entry)
         return True
+
+    def _appended_since(self, tail: _Tail) -> list[Entry] | None:
+        """The entries stored after ``tail``'s, when the store still ends that stretch as it was
+        walked: its last entry byte for byte, and the stored tree's right edge over it the walked
+        one. None: it does not (entries removed, then as many or more appended again, say), and
+        the tail is walked whole, so a log cut and grown again is never extended from a memory
+        of entries the store no longer holds."""
+        start = tail.size - 1 if tail.walked else tail.size
+        fresh = list(self.ledger.entries(conn=self.conn, since=start))
+        if tail.walked:
+            if not fresh or fresh[0] != tail.walked[-1]:
+                return None
+            fresh = fresh[1:]
+        edge = tail.walk.frontier.parts
+        if edge:
+            stored = self.ledger._fetch_nodes({(lv, i) for lv, i, _ in edge}, self.conn)
+            if any(stored.get((lv, i)) != h for lv, i, h in edge):
+                return None
+        return fresh
 
     def _settle_walk(self, walk: _Walk, walked: list[Entry], new_nodes: list[tuple[int, int]],
                      new_claims: list[str]) -> None:  # fmt: skip
