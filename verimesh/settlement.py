@@ -514,7 +514,7 @@ def registered_signer(
         public = _registered_signer(view, bundle, envelope, "register the node with `verimesh ledger register`, "
                                     "or give --node-key")  # fmt: skip
         standing = _standing(view, public.node_id)
-    return public, standing.samples_for(len(job.steps), job.policy.samples)
+    return public, standing.samples_for(job.audit_units, job.policy.samples)
 
 
 def _fleet_reject_holds(verdict: Verdict, envelope: Envelope | None, public: PublicKey, job_id: str) -> bool:
@@ -593,7 +593,7 @@ def verify_and_settle(
         standing = _standing(view, public.node_id)
     _require_stake(public, standing)
     # 2.
-    in_force = samples if samples is not None else standing.samples_for(len(job.steps), job.policy.samples)
+    in_force = samples if samples is not None else standing.samples_for(job.audit_units, job.policy.samples)
     # 3.
     verified_by = "here"
     taken = prefetched is not None and prefetched.fits(bundle, job, public, in_force, seed)
@@ -708,7 +708,7 @@ def settle_chain(
             _refuse_self(public, writer)
             standing = _standing(view, public.node_id)
             _require_stake(public, standing)
-            strictest = max(strictest, standing.samples_for(len(parent.steps), parent.policy.samples))
+            strictest = max(strictest, standing.samples_for(parent.audit_units, parent.policy.samples))
             publics.append(public)
         if in_force is None:
             in_force = strictest

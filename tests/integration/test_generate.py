@@ -79,7 +79,7 @@ def test_the_fixture_lm_has_decisive_logits(greedy: Job) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["retrained-model", "fp16-weights", "int8-weights", "smaller-model",
-                                      "edited-token", "truncated", "extended", "prompt-swapped",
+                                      "edited-token", "steered", "truncated", "extended", "prompt-swapped",
                                       "temperature-changed", "lazy"])  # fmt: skip
 def test_every_cheat_is_rejected_with_evidence_that_rechecks(greedy: Job, strategy: str, tmp_path: Path) -> None:
     key = generate_key()
@@ -156,6 +156,24 @@ def test_the_ledger_pays_the_honest_answer_and_slashes_the_cheat(greedy: Job, tm
     assert cheated.verdict.status == "reject" and "slash" in [k for _, k in cheated.appended]
     assert node_standing(led, cheat_key.node_id).slashed > 0
     assert node_standing(led, honest_key.node_id).slashed == 0
+
+
+def test_the_ledger_checks_every_position_of_a_steered_answer(greedy: Job, tmp_path: Path) -> None:
+    """Review: the ledger's audit level sampled the job's steps, and a generate job has one (the
+    model): settlement checked only the last position, and an answer with one token the node chose
+    (the rest generated on from it, every later record consistent) was accepted and paid. The
+    audit level now samples generated positions: every one for this new node."""
+    led = new_ledger(tmp_path / "ledger.db", unbonding_seconds=0)
+    key = generate_key()
+    join(led, key, 100)
+    post(led, greedy.job_id)
+    cheater = _Cheater(greedy, key, tmp_path, random.Random(7))
+    trace, predicted = cheater.steered(cheater.honest["tokens"][0].tolist(), greedy.policy.tolerance_for(0))
+    assert predicted == 1.0 and trace["tokens"][0].tolist() != cheater.honest["tokens"][0].tolist()
+    settled = verify_and_settle(cheater.seal(trace), job=greedy, ledger=led, writer=led.operator_key())
+    assert settled.samples_in_force == greedy.generate.max_new_tokens - 1  # type: ignore[union-attr]
+    assert settled.verdict.status == "reject" and "slash" in [k for _, k in settled.appended]
+    assert node_standing(led, key.node_id).slashed > 0
 
 
 def _bigram_model(path: Path, vocab: int = 64, dim: int = 16) -> None:

@@ -2,7 +2,8 @@
 
 Each strategy is what a dishonest node could ship for a generate job, sealed and signed with
 its own key: another model's answer (weights retrained, in fp16 or int8, a rank-reduced
-"smaller" model), edited tokens, a truncated or extended answer, a swapped prompt, another
+"smaller" model), edited tokens, a steered answer (one token the node chose, the rest generated
+on from it, so that only that position's record is wrong), a truncated or extended answer, a swapped prompt, another
 sampling seed or temperature, and a lazy node that generates with the cheap model and commits
 the real model's records at a few positions only. Every trial is verified with fresh verifier
 randomness at the job's policy; honest bundles made with other thread counts must all pass.
@@ -11,7 +12,8 @@ Predictions: a cheat that changes the model changes every position's logits beyo
 tolerance (checked per trial on the first position, else the trial is not played), and every
 position is checked, so it is caught with probability 1. An edited token is caught unless its
 position is a near-tie (the verifier allows either candidate there): the prediction is the
-share of trials whose edited position is not one.
+share of trials whose edited position is not one; a steered answer, times the share of
+positions the job's policy checks.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from verimesh.jobs.generate_job import new_generate_job
 from verimesh.jobs.generation import Sampling, allowed_tokens, generate, record, sketch_matrix
 from verimesh.jobs.job import Job
 from verimesh.jobs.runtime import StepRunner
-from verimesh.jobs.tolerance import compare_tensors
+from verimesh.jobs.tolerance import Tolerance, compare_tensors
 from verimesh.signing.keys import SecretKey, generate_key
 from verimesh.workflows import Worker, seal_trace, verify
 
 STRATEGIES = (
-    "retrained-model", "fp16-weights", "int8-weights", "smaller-model", "edited-token", "truncated", "extended",
-    "prompt-swapped", "seed-changed", "temperature-changed", "lazy",
+    "retrained-model", "fp16-weights", "int8-weights", "smaller-model", "edited-token", "steered", "truncated",
+    "extended", "prompt-swapped", "seed-changed", "temperature-changed", "lazy",
 )  # fmt: skip
 MODEL_CHEATS = ("retrained-model", "fp16-weights", "int8-weights", "smaller-model")
 Trace = dict[str, np.ndarray]
@@ -108,6 +110,30 @@ class _Cheater:
         seal_trace(self.job, trace, key=self.key, runner=self.runner, out=out)
         return out
 
+    def steered(self, tokens: Sequence[int], tol: Tolerance) -> tuple[Trace, float]:
+        """One token chosen by the node (the most plausible other one, at a random position), then
+        the answer generated on from it by the real model: every record but that one is what the
+        verifier's pass over the steered sequence recomputes, so only a check of that very
+        position catches it. Predicted: the share of positions a verifier at the job's policy
+        checks (unless the edit is at a near-tie, where either token is allowed)."""
+        from verimesh.jobs.generation import choose, sequence_logits
+
+        t = self.rng.randrange(len(tokens))
+        row = self.logits[t]
+        other = next(int(i) for i in np.argsort(-row, kind="stable") if int(i) != tokens[t])
+        run, layout, spec = self.run_with(self.model), self.spec.layout, self.spec
+        answer = [*tokens[:t], other]
+        while answer[-1] not in spec.stop_tokens and len(answer) < spec.max_new_tokens:
+            ids = np.concatenate([self.prompt, np.array([answer], dtype=np.int64)], axis=1)
+            answer.append(choose(sequence_logits(run, layout, ids)[-1], spec.sampling, self.job.nonce, len(answer)))
+        full = np.concatenate([self.prompt, np.array([answer[:-1]], dtype=np.int64)], axis=1)
+        rows = sequence_logits(run, layout, full)[self.prompt.shape[1] - 1 :]
+        if other in allowed_tokens(spec, tol, self.job.nonce, t, row):
+            return self.trace(answer, list(rows)), 0.0
+        others = len(answer) - 1
+        checked = 1.0 if t == others else min(self.job.policy.samples, others) / others
+        return self.trace(answer, list(rows)), checked
+
     def play(self, strategy: str, np_rng: np.random.Generator) -> tuple[Trace, float] | None:
         """(the cheat's trace, its predicted detection), or None when the job offers it nothing."""
         honest, n = self.honest, self.honest["tokens"].shape[1]
@@ -129,6 +155,8 @@ class _Cheater:
             if other in self.spec.stop_tokens and t < n - 1:
                 return edited, 1.0  # an early stop token is caught by the stop rule
             return edited, 0.0 if other in allowed_tokens(self.spec, tol, self.job.nonce, t, row) else 1.0
+        if strategy == "steered":
+            return self.steered(tokens, tol)
         if strategy == "truncated":
             if n < 2:
                 return None

@@ -184,7 +184,7 @@ def bench_challenges(model: Path, input_file: Path, *, seeds: int = 64) -> dict[
         answers: dict[tuple[str, ...], tuple[int, int]] = {}  # members -> (bytes, packed bytes)
         levels = []
         for level in range(MAX_LEVEL + 1):
-            samples = samples_at(level, len(job.steps), job.policy.samples)
+            samples = samples_at(level, job.audit_units, job.policy.samples)
             moved, sent = [], []
             for seed in range(seeds):
                 members = tuple(challenged_members(job, sample_steps(job, samples, seeded_rng(seed))))

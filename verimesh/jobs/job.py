@@ -206,6 +206,13 @@ class Job:
     def output_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.model_outputs)
 
+    @property
+    def audit_units(self) -> int:
+        """What an audit level samples a share of (``Standing.samples_for``): the job's steps, or
+        a generate job's generated positions (its one step is the model, re-run once over the
+        whole answer: counted as one, a node's audit level would check only the last token)."""
+        return self.generate.max_new_tokens if self.generate is not None else len(self.steps)
+
     def document(self) -> dict[str, Any]:
         """The job document without ``job_id`` (what ``job_id`` is the digest of)."""
         return {

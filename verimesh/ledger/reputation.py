@@ -80,7 +80,8 @@ class Standing:
         return min(MAX_LEVEL, 1 + (self.streak - NEW_NODE_STREAK) // STREAK_PER_LEVEL)
 
     def samples_for(self, steps: int, job_samples: int) -> int:
-        """Steps to check beside the last, for a job of ``steps`` steps."""
+        """Steps to check beside the last, for a job of ``steps`` steps (``Job.audit_units``: a
+        generate job's generated positions)."""
         return samples_at(self.audit_level, steps, job_samples)
 
     def audit_rate(self, steps: int, job_samples: int) -> float:

@@ -851,7 +851,7 @@ class Coordinator:
                             + ", ".join(commitment_members(job)))  # fmt: skip
         digest = sha256_bytes(body)
         seed = self.seed_for(task_id, digest)
-        samples = self._standing_now(signed.node_id).samples_for(len(job.steps), job.policy.samples)
+        samples = self._standing_now(signed.node_id).samples_for(job.audit_units, job.policy.samples)
         steps = sample_steps(job, samples, seeded_rng(seed))
         drawn = {"commitment": digest, "seed": seed, "samples": samples, "steps": list(steps),
                  "members": list(challenged_members(job, steps)), "bytes": {"commitment": sent}}  # fmt: skip
@@ -1005,7 +1005,7 @@ class Coordinator:
                 public = self._registered_key(item.node_id)
                 if public is None:
                     continue
-                samples = node_standing(self.ledger, item.node_id).samples_for(len(job.steps), job.policy.samples)
+                samples = node_standing(self.ledger, item.node_id).samples_for(job.audit_units, job.policy.samples)
                 seed = self.seed_for(item.task_id, item.bundle)
                 keys[item.task_id] = (sha256_file(bundle), job.job_id, public.key.hex(), samples, seed)
             except Exception:  # noqa: BLE001 (anything wrong with one result: the child verifies and decides it)
@@ -1180,7 +1180,7 @@ class Coordinator:
 
     def _spot_samples(self, node_id: str, job: Job) -> int:
         """Steps a replica's spot check re-runs beside the last: the node's audit policy."""
-        return node_standing(self.ledger, node_id).samples_for(len(job.steps), job.policy.samples)
+        return node_standing(self.ledger, node_id).samples_for(job.audit_units, job.policy.samples)
 
     def _cannot_settle(self, node_id: str) -> str | None:
         """Why a node that passed its spot check can no longer be settled with (excluded since, or
