@@ -269,7 +269,7 @@ class Worker:
         runner = self.runner(job)
         checked = (digest, canonical_json(spec.layout.to_json()))
         if checked not in self._layouts:  # parsing a large model costs more than a short answer
-            _check_layout(job, load())
+            check_generate_layout(job, load())
             self._layouts.add(checked)
         prompt = job.read_input()["input_ids"]
         matrix = sketch_matrix(job.nonce, spec.layout.vocab, spec.sketch)
@@ -564,7 +564,7 @@ def _require_opened(parsed: Bundle, job: Job, sampled: Sequence[int]) -> None:
         )
 
 
-def _check_layout(job: Job, model_bytes: bytes) -> None:
+def check_generate_layout(job: Job, model_bytes: bytes) -> None:
     """The job's layout is the one its model's graph has (a job document may pair a past input
     with another layer's present output, and the decode would then be wrong by the job's hand)."""
     import onnx

@@ -105,3 +105,45 @@ def test_a_circuit_in_the_jobs_own_folder_cannot_overwrite_job_json(zk_job: Any,
         laid_out(doc, blobs, circuit, tmp_path, in_the_job_folder)
     written = tmp_path / "job" / "job.json"
     assert not written.exists() or json.loads(written.read_bytes())["mode"] == "zk"
+
+
+def _generate_laid_out(root: Path, out: Path, model_path: str | None = None, with_model: bool = True) -> Any:
+    """A generate job whose model sits where ``job new`` found it (above the job's folder), or at
+    ``model_path`` as a hostile owner names it, laid out in ``out``."""
+    from verimesh.jobs.generate_job import new_generate_job
+
+    job = new_generate_job(FIXTURES / "lm.onnx", FIXTURES / "lm.prompt.json", root / "deep" / "job.json",
+                           max_new_tokens=4, overwrite=True)  # fmt: skip
+    doc = json.loads(job.canonical_bytes())
+    if model_path is not None:
+        doc["steps"][0]["path"] = doc["model"]["path"] = model_path
+        doc.pop("job_id")
+        doc["job_id"] = compute_job_id(doc)
+    job_bytes = canonical_json(doc)
+    model, prompt = (FIXTURES / "lm.onnx").read_bytes(), job.resolve(job.input_path).read_bytes()
+    store = {sha256_bytes(b): b for b in (model, prompt, job_bytes)}
+    files = {"job": sha256_bytes(job_bytes), "model": doc["model"]["digest"], "input": sha256_bytes(prompt),
+             "steps": [doc["steps"][0]["digest"]]}  # fmt: skip
+    return doc, materialize(files, store.__getitem__, out, with_model=with_model)
+
+
+def test_a_generate_jobs_model_above_its_folder_lands_inside_the_layout(tmp_path: Path) -> None:
+    doc, (job, model) = _generate_laid_out(tmp_path / "owner", tmp_path / "out")
+    assert doc["steps"][0]["path"].startswith("../")  # the owner's job names the model where it lies
+    assert model == job.resolve(job.steps[0].path) and model.is_relative_to((tmp_path / "out" / "job").resolve())
+    assert job.read_step_model(0) == (FIXTURES / "lm.onnx").read_bytes()  # what the verifier re-runs
+    assert (job.base_dir / "job.json").is_file() and job.read_input()["input_ids"].shape[0] == 1
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(written) == 3  # job.json, the model once (it is the job's one step), the prompt
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/".join([".."] * 33) + "/lm.onnx", "33 folders above"),
+        ("../up/job.json", "two of its files"),  # from job/up: job/up/job.json is the job document itself
+    ],
+)
+def test_a_generate_jobs_hostile_model_path_is_refused(tmp_path: Path, path: str, why: str) -> None:
+    with pytest.raises(InvalidInputError, match=why):
+        _generate_laid_out(tmp_path / "owner", tmp_path / "out", model_path=path)

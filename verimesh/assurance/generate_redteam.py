@@ -116,9 +116,12 @@ class _Cheater:
         verifier's pass over the steered sequence recomputes, so only a check of that very
         position catches it. Predicted: the share of positions a verifier at the job's policy
         checks (unless the edit is at a near-tie, where either token is allowed)."""
+        return self.steered_at(tokens, self.rng.randrange(len(tokens)), tol)
+
+    def steered_at(self, tokens: Sequence[int], t: int, tol: Tolerance) -> tuple[Trace, float]:
+        """``steered`` at position ``t``."""
         from verimesh.jobs.generation import choose, sequence_logits
 
-        t = self.rng.randrange(len(tokens))
         row = self.logits[t]
         other = next(int(i) for i in np.argsort(-row, kind="stable") if int(i) != tokens[t])
         run, layout, spec = self.run_with(self.model), self.spec.layout, self.spec

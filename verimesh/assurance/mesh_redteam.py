@@ -25,6 +25,9 @@ from verimesh.mesh.node import Node
 from verimesh.signing.keys import SecretKey, generate_key, write_key_pair
 
 MESH_STRATEGIES = ("lazy", "perturb-final", "perturb-intermediate")
+# A generate job's cheat of the same kind (assurance/generate_redteam.py): the cheap model's answer,
+# one token steered mid-answer (the rest generated on from it); perturb-final edits the last token.
+GENERATE_CHEATS = {"lazy": "lazy", "perturb-intermediate": "steered"}
 
 
 def cheat_hook(strategy: str, key: SecretKey, rng: random.Random) -> Callable[[Path, Job], None]:
@@ -37,6 +40,9 @@ def cheat_hook(strategy: str, key: SecretKey, rng: random.Random) -> Callable[[P
             return  # the strategies cheat on whole jobs (a shard is one, on its row); a segment is answered honestly
         work = Path(tempfile.mkdtemp(prefix="verimesh-cheat-"))
         try:
+            if job.mode == "generate":
+                shutil.copyfile(_generate_cheat(job, key, work, rng, strategy), bundle)
+                return
             cheater = _Cheater(job, key, work, rng)
             last = len(job.steps) - 1
             if strategy == "lazy":
@@ -50,6 +56,28 @@ def cheat_hook(strategy: str, key: SecretKey, rng: random.Random) -> Callable[[P
             shutil.rmtree(work, ignore_errors=True)
 
     return hook
+
+
+def _generate_cheat(job: Job, key: SecretKey, work: Path, rng: random.Random, strategy: str) -> Path:
+    """A generate job's cheat, sealed and signed: one a verifier at every position catches where
+    the answer offers one (an edit at a near-tie, where either token is allowed, is drawn again)."""
+    import numpy as np
+
+    from verimesh.assurance.generate_redteam import _Cheater as _GenerateCheater
+
+    cheater = _GenerateCheater(job, key, work, rng)
+    tokens = cheater.honest["tokens"][0].tolist()
+    if strategy == "perturb-final":
+        return cheater.seal(cheater.steered_at(tokens, len(tokens) - 1, job.policy.tolerance_for(0))[0])
+    np_rng = np.random.default_rng(rng.randrange(1 << 32))
+    played = None
+    for _ in range(20):
+        played = cheater.play(GENERATE_CHEATS[strategy], np_rng)
+        if played is not None and played[1] == 1.0:
+            break
+    if played is None:
+        raise InvalidInputError(f"the generate cheat {strategy} has nothing to change in this answer")
+    return cheater.seal(played[0])
 
 
 def run_mesh_redteam(

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note
+from verimesh.cli.common import EXIT_CODES_HELP, emit, json_option, ledger_option, load_signing_key, note, plural
 from verimesh.errors import EXIT_REJECTED, InvalidInputError, TerminatedError
 from verimesh.ledger.reputation import MAX_LEVEL
 
@@ -199,10 +199,19 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @click.option("--min-level", type=click.IntRange(min=0, max=MAX_LEVEL), default=0, show_default=True,
               help="Lease the job only to nodes the ledger trusts at this audit level or above (level L: a streak "
               "of accepted jobs, docs/design.md §6); 0: any staked node.")  # fmt: skip
-@click.option("--mode", "job_mode", type=click.Choice(["spot", "zk"]), default="spot", show_default=True,
+@click.option("--mode", "job_mode", type=click.Choice(["spot", "zk", "generate"]), default="spot", show_default=True,
               help="spot: the coordinator re-runs sampled steps; zk: the node proves with ezkl and the "
               "coordinator checks the proof (needs --circuit; the coordinator and the nodes hold its "
-              "SRS).")  # fmt: skip
+              "SRS); generate: MODEL is a decoder, --input its prompt.json, a node generates up to "
+              "--max-new-tokens and the coordinator checks its records with one prefill pass.")  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="generate: tokens to make at most.")
+@click.option("--sampling", default="greedy", show_default=True,
+              help='generate: "greedy" or "temperature=T[,top_p=P]" (reproducible from the job\'s nonce).')  # fmt: skip
+@click.option("--stop-token", "stop_tokens", type=click.IntRange(min=0), multiple=True,
+              help="generate: a token id that ends the answer (repeatable).")  # fmt: skip
+@click.option("--tokenizer", "tokenizer_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="generate: a Hugging Face tokenizers JSON file (pinned in the job; with a prompt "
+              '{"text": ...}, and to print the verified answer as text).')  # fmt: skip
 @click.option("--circuit", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="zk mode: the circuit folder built by `verimesh circuit build` (it travels with the "
               "job).")  # fmt: skip
@@ -222,13 +231,14 @@ def node_run(coordinator: str, key_file: Path, stake: int, device: str, threads:
 @json_option
 def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, deposit: int, deadline: float,
            samples: int, max_attempts: int, segments: int | None, job_device: str, replicas: int,
-           shards_file: Path | None, min_level: int, job_mode: str, circuit: Path | None, transfer: str | None,
+           shards_file: Path | None, min_level: int, job_mode: str, max_new_tokens: int | None, sampling: str,
+           stop_tokens: tuple[int, ...], tokenizer_file: Path | None, circuit: Path | None, transfer: str | None,
            wait: bool, force: bool, timeout: float,
            out_dir: Path | None, verifier_key: Path | None, as_json: bool) -> None:  # fmt: skip
     """Plan MODEL on its input, hand the job to the mesh; with --wait, take back verified outputs
     (exit 1 when every node tried was rejected)."""
     from verimesh.mesh.client import Client
-    from verimesh.mesh.owner import collect
+    from verimesh.mesh.owner import collect, generated
     from verimesh.mesh.owner import submit as submit_job
     from verimesh.signing.keys import load_public_key, public_key_from_json
 
@@ -249,12 +259,17 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
                                     or job_mode == "zk"):  # fmt: skip
         raise click.UsageError("--transfer challenge is for whole spot jobs run once: --segments, --shards, "
                                "--replicas and --mode zk ship full bundles")  # fmt: skip
+    generation = _generation(job_mode, max_new_tokens, sampling, stop_tokens, tokenizer_file, segments, replicas,
+                             shards_file, transfer)  # fmt: skip
+    source = click.get_current_context().get_parameter_source("samples")
+    # A generate job checks every generated position unless asked otherwise (one prefill pass checks them all).
+    checked = None if generation is not None and source is click.core.ParameterSource.DEFAULT else samples
     with Client(coordinator, load_signing_key(key_file)) as client:
         pinned = load_public_key(verifier_key) if verifier_key else public_key_from_json(client.info()["operator_key"])
-        sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=samples,
+        sent = submit_job(client, model, input_path, deposit=deposit, deadline=deadline, samples=checked,
                           max_attempts=max_attempts, segments=segments, device=job_device,
                           replicas=replicas, min_level=min_level, shards=shards_file,
-                          transfer=transfer, mode=job_mode, circuit=circuit)  # fmt: skip
+                          transfer=transfer, mode=job_mode, circuit=circuit, generation=generation)  # fmt: skip
         payload: dict[str, Any] = {"job_id": sent.job_id, "created": sent.created}
         if not wait:
             emit(as_json, {**payload, "state": "open"}, f"submitted job {sent.job_id}")
@@ -270,7 +285,34 @@ def submit(model: Path, input_path: Path, coordinator: str, key_file: Path, depo
         if out_dir is not None:
             payload.update(collect(client, sent.job_id, out_dir, verifier_key=pinned))
             human += f"; verified outputs in {payload['outputs']}, receipt {payload['receipt']}"
+            if generation is not None:
+                answer = generated(out_dir / "outputs.npz", generation.tokenizer)
+                payload.update(answer)
+                count = len(answer["token_ids"])
+                human += f"\n{plural(count, 'token')}: " + (repr(answer["text"]) if "text" in answer
+                                                           else str(answer["token_ids"]))  # fmt: skip
         emit(as_json, payload, human)
+
+
+def _generation(mode: str, max_new_tokens: int | None, sampling: str, stop_tokens: tuple[int, ...],
+                tokenizer: Path | None, segments: int | None, replicas: int, shards: Path | None,
+                transfer: str | None) -> Any:  # fmt: skip
+    """A generate submission's decode, its flags checked (None for another mode, whose flags these are not)."""
+    from verimesh.mesh.owner import Generation
+
+    given = {"--max-new-tokens": max_new_tokens, "--tokenizer": tokenizer, "--stop-token": stop_tokens or None,
+             "--sampling": None if sampling == "greedy" else sampling}  # fmt: skip
+    if mode != "generate":
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            raise click.UsageError(f"{', '.join(named)} go with --mode generate")
+        return None
+    if max_new_tokens is None:
+        raise click.UsageError("--mode generate needs --max-new-tokens N (and --input prompt.json)")
+    if segments is not None or replicas > 1 or shards is not None or transfer == "challenge":
+        raise click.UsageError("a generate job runs whole, once, with its full bundle: not with --segments, "
+                               "--shards, --replicas or --transfer challenge")  # fmt: skip
+    return Generation(max_new_tokens, sampling, tuple(stop_tokens), tokenizer)
 
 
 def _full_job_id(client: Any, job_id: str) -> str:

@@ -100,7 +100,7 @@ from verimesh.signing.keys import PublicKey, SecretKey
 from verimesh.spot.spotcheck import challenged_members, commitment_members, sample_steps, seeded_rng
 from verimesh.subtasks.chain import ChainVerdict, whole_verdict
 from verimesh.subtasks.receipt import MAX_REPLICAS, receipt_body, sign_receipt
-from verimesh.workflows import verify
+from verimesh.workflows import check_generate_layout, verify
 
 log = logging.getLogger("verimesh.mesh")
 
@@ -451,8 +451,8 @@ class Coordinator:
                     if t.get("challenge") else {}),
                  "verdict": None if t["verdict"] is None else {k: t["verdict"].get(k) for k in
                                                                ("verdict", "reason", "node_id", "decided_by",
-                                                                "settle_s", "distance_to_referee",
-                                                                "verified_by")}}
+                                                                "samples_in_force", "settle_s",
+                                                                "distance_to_referee", "verified_by")}}
                 for t in doc["tasks"]
             ],
         }  # fmt: skip
@@ -593,9 +593,11 @@ class Coordinator:
             raise HTTPError(422, "digest-mismatch", "files.job is not the digest of the job document")
         with tempfile.TemporaryDirectory(prefix="verimesh-submit-") as tmp:
             probe = job_from_bytes(job_bytes, Path(tmp), what="submitted job")
-            if probe.mode not in ("spot", "zk"):  # generate jobs are verified offline (`verimesh verify`), not here yet
-                raise HTTPError(422, "bad-mode", f"this mesh runs spot and zk jobs; a {probe.mode} job is verified "
-                                "with `verimesh prove` and `verimesh verify`")  # fmt: skip
+            if probe.mode == "generate" and (doc["segments"] is not None or shard_docs is not None or replicas != 1
+                                             or transfer != "full"):  # fmt: skip
+                raise HTTPError(422, "bad-mode", "a generate job runs whole, once, and ships its full bundle "
+                                "(a record per token is small): not with segments, shards, replicas or "
+                                "challenges")  # fmt: skip
             if (probe.mode == "zk") != zk:
                 raise HTTPError(422, "files-mismatch", "a zk job's files name its circuit, and only a zk job's do")
             circuit_json = self._zk_circuit(files) if zk else None
@@ -619,8 +621,10 @@ class Coordinator:
             _refuse_strict_tolerance(probe)
             # What the nodes and the verifier will run: every step safe and as pinned, the input as pinned.
             job, _ = materialize(files, self._stored, Path(tmp), with_model=False)
-            job.read_step_models()
+            models = job.read_step_models()
             job.read_input()
+            if job.mode == "generate":  # the decode layout it pins must be its model's graph
+                check_generate_layout(job, models[0])
         existing = self.state.job(job.job_id)
         if existing is not None:
             if existing["owner"] != signed.node_id:
@@ -1010,7 +1014,7 @@ class Coordinator:
                 keys[item.task_id] = (sha256_file(bundle), job.job_id, public.key.hex(), samples, seed)
             except Exception:  # noqa: BLE001 (anything wrong with one result: the child verifies and decides it)
                 continue
-            tasks.append(VerifyTask(item.task_id, bundle, place / "job" / JOB_NAME, public, samples, seed, job.job_id))
+            tasks.append(VerifyTask(item.task_id, bundle, job.base_dir / JOB_NAME, public, samples, seed, job.job_id))
         ahead: dict[str, Prefetched] = {}
         try:
             for outcome in self.fleet.run(tasks, timeout=self.verify_timeout):

@@ -5,16 +5,19 @@ the digest the job pins), the model (by its digest) and the input file (by the s
 bytes; the job pins the input's tensors, which ``Job.read_input`` checks); a zk job also its
 circuit: circuit.json (by the digest the job pins) and the settings and verifying key of each
 step (by the digests circuit.json pins), in the circuit folder the job names (inside its own
-folder: the owner copies it there). ``materialize`` writes them into a private folder, each under
-the relative path the job names (checked to stay inside the job's folder) and each checked
-against its digest before it is written. No SRS travels: the node and the coordinator hold their
+folder: the owner copies it there); a generate job's one step is its model, by the path the
+owner's job names (often above the job's folder). ``materialize`` writes them into a private
+folder, each under the relative path the job names (the job document placed as deep as those
+paths climb, each checked to stay inside that folder) and each checked against its digest
+before it is written. No SRS travels: the node and the coordinator hold their
 own (``--srs``), which must be the one the circuit pins.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from verimesh.core.canonical import parse_json
@@ -60,6 +63,7 @@ def circuit_files(circuit_json: bytes) -> list[str]:
 
 MAX_CIRCUIT_JSON = 1024 * 1024
 MAX_RELATIVE_BYTES = 1024  # a path inside the job's folder (jobs pin at most this much, jobs/job.py)
+MAX_REACH = 32  # folders above its own a job's file may be named
 
 
 def plain_name(name: Any) -> str:
@@ -88,16 +92,38 @@ def check_files(doc: Any) -> dict[str, Any]:
     return dict(doc)
 
 
-def _inside(folder: Path, relative: str) -> Path:
+def _inside(folder: Path, relative: str, bound: Path | None = None) -> Path:
+    """``folder / relative``, which must lie inside ``bound`` (default: ``folder``) and be neither."""
     if "\x00" in relative or len(relative.encode("utf-8", "surrogatepass")) > MAX_RELATIVE_BYTES:
         raise InvalidInputError(f"the job names a file path that is not one: {relative!r:.80}")
     try:
         target = (folder / relative).resolve()
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"the job names a file path that is not one: {relative!r:.80}") from exc
-    if not target.is_relative_to(folder.resolve()) or target == folder.resolve():
+    top = (bound or folder).resolve()
+    if not target.is_relative_to(top) or target in (top, folder.resolve()):
         raise InvalidInputError(f"the job names a file outside its folder: {relative!r:.80}")
     return target
+
+
+def _reach(relative: str) -> int:
+    """How many folders above its own a path climbs at most (``../a/../../b``: 2)."""
+    depth = lowest = 0
+    for part in PurePosixPath(relative).parts:
+        depth += -1 if part == ".." else 1
+        lowest = min(lowest, depth)
+    return -lowest
+
+
+def _job_folder(job: Job, folder: Path) -> Path:
+    """Where the job document goes under ``folder/job``: as deep as the files it names climb
+    (a generate job names its model where the owner keeps it, ``../models/lm.onnx`` say), so
+    that every one of them still lands inside ``folder/job``."""
+    named = (*(s.path for s in job.steps), job.input_path, job.circuit_path or "")
+    reach = max(_reach(p) for p in named)
+    if reach > MAX_REACH:
+        raise InvalidInputError(f"the job names a file {reach} folders above its own (at most {MAX_REACH})")
+    return folder.joinpath("job", *(["up"] * reach))
 
 
 def materialize(
@@ -108,19 +134,19 @@ def materialize(
     data = fetch(files["job"])
     if sha256_bytes(data) != files["job"]:
         raise IntegrityError("the job document does not match its digest")
-    job_dir = folder / "job"
+    top = folder / "job"
+    job = job_from_bytes(data, top, what="mesh job")
+    job_dir = _job_folder(job, folder)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / JOB_NAME).write_bytes(data)
-    job = job_from_bytes(data, job_dir.resolve(), what="mesh job")
-    if job.mode not in ("spot", "zk"):
-        raise InvalidInputError(f"mode {job.mode} jobs do not run over the mesh yet (spot and zk only)")
+    job = replace(job, base_dir=job_dir.resolve())
     if [s.digest for s in job.steps] != list(files["steps"]) or job.model_digest != files["model"]:
         raise IntegrityError("the job's files are not the ones the job pins")
 
     written: set[Path] = {(job_dir / JOB_NAME).resolve()}
 
     def put(relative: str, digest: str, base: Path = job_dir) -> Path:
-        target = _inside(base, relative)
+        target = _inside(base, relative, top if base == job_dir else None)
         if target in written:  # one file the job names twice would overwrite another (job.json, say)
             raise InvalidInputError(f"the job names {relative!r:.80} for two of its files")
         written.add(target)
@@ -139,6 +165,8 @@ def materialize(
     put(job.input_path, files["input"])
     if job.mode == "zk":
         _put_circuit(job, files, put)
+    if job.mode == "generate":  # its one step is the model: the file just written
+        return job, job.resolve(job.steps[0].path) if with_model else None
     model = put(MODEL_NAME, files["model"], folder) if with_model else None
     return job, model
 

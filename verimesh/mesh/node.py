@@ -32,7 +32,7 @@ from verimesh.jobs.bundle import read_bundle, write_opening
 from verimesh.jobs.job import Job
 from verimesh.jobs.segments import check_ranges, segment_view
 from verimesh.mesh.client import Client, MeshError
-from verimesh.mesh.files import materialize
+from verimesh.mesh.files import JOB_NAME, materialize
 from verimesh.mesh.sandbox import Sandbox
 from verimesh.signing.keys import SecretKey
 from verimesh.spot.spotcheck import commitment_members
@@ -129,7 +129,7 @@ class Node:
                 job, model = materialize(lease["files"], fetch, folder, with_model=not ranges)
                 inputs_from: list[Path] = []
                 if shard:  # the whole job on one row of a batch: the row, checked against what it pins
-                    (folder / "job" / _shard_name(lease)).write_bytes(fetch(str(shard["input"])))
+                    (job.base_dir / _shard_name(lease)).write_bytes(fetch(str(shard["input"])))
                     job = _shard_job(job, lease)
                 if ranges:  # a segment: the parent's view, from its predecessors' verified bundles
                     job = segment_view(job, check_ranges(ranges, len(job.steps)), int(lease["position"]))
@@ -149,7 +149,7 @@ class Node:
                     self._check_srs(job)
                 if not kept.is_file():
                     self.on_event(f"task {task_id[:8]}: proving job {job.job_id[:19]}… ({len(job.steps)} steps)")
-                    self._prove(folder, lease, model, inputs_from, bundle, in_process=job.mode == "zk")
+                    self._prove(job.base_dir / JOB_NAME, lease, model, inputs_from, bundle, in_process=job.mode == "zk")
                     # The coordinator excludes a node whose upload it cannot read within its limits.
                     read_bundle(bundle, version=job.version)
                     if self.on_bundle is not None:
@@ -205,12 +205,12 @@ class Node:
                             code="bad-challenge") from exc  # fmt: skip
         return self.client.open(task_id, lease_id, opening)
 
-    def _prove(self, folder: Path, lease: dict[str, Any], model: Path | None, inputs_from: list[Path],
+    def _prove(self, job_file: Path, lease: dict[str, Any], model: Path | None, inputs_from: list[Path],
                bundle: Path, *, in_process: bool = False) -> None:  # fmt: skip
         """Prove in the prover's child process, bounded by the lease's deadline (a job's model may
         run forever: the child is killed then, and the task given back). A zk job is proven here
         (``in_process``): ezkl runs in its own worker process already, bounded by its timeout."""
-        message = (str(folder / "job" / "job.json"), lease.get("segments"), int(lease.get("position", 0)),
+        message = (str(job_file), lease.get("segments"), int(lease.get("position", 0)),
                    None if model is None else str(model), [str(p) for p in inputs_from], str(bundle),
                    lease.get("shard"))  # fmt: skip
         if self._sandbox is None or in_process:

@@ -34,11 +34,21 @@ class Submitted:
     created: bool
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A generate job's decode (``job new --mode generate``): the prompt is the submission's input."""
+
+    max_new_tokens: int
+    sampling: str = "greedy"  # or "temperature=T[,top_p=P]"
+    stop_tokens: tuple[int, ...] = ()
+    tokenizer: Path | None = None  # pinned in the job by digest; the owner decodes the answer with it
+
+
 def submit(
     client: Client, model: Path, input_path: Path, *, deposit: int = 10, deadline: float = 300.0,
-    samples: int = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
+    samples: int | None = 1, max_attempts: int = 3, segments: int | None = None, device: str = "any",
     replicas: int = 1, min_level: int = 0, shards: Path | None = None, transfer: str | None = None,
-    mode: str = "spot", circuit: Path | None = None,
+    mode: str = "spot", circuit: Path | None = None, generation: Generation | None = None,
 ) -> Submitted:  # fmt: skip
     """Plan and post a job (``segments``: cut into that many segments, each run by another node
     from its predecessors' verified outputs, each posted in the ledger with ``deposit``; ``device``:
@@ -48,8 +58,14 @@ def submit(
     job by another node, each row posted in the ledger with ``deposit``; ``transfer``: ``challenge``
     or ``full``, None for challenge where it applies, a whole job run once, else full; ``mode`` zk
     with ``circuit``: the node proves with ezkl, the coordinator checks the proof, no step re-run;
-    the circuit travels with the job, each node and the coordinator hold the SRS it pins)."""
+    the circuit travels with the job, each node and the coordinator hold the SRS it pins); ``mode``
+    generate with ``generation``: ``input_path`` is the prompt, a node decodes, the coordinator
+    checks the records with one prefill pass (``samples``: positions, None: every one), run
+    whole and once with its full bundle)."""
     from verimesh.jobs.segments import plan_segments, views_of
+
+    if (mode == "generate") != (generation is not None):
+        raise InvalidInputError("a generate job needs its generation (max_new_tokens), and only a generate job")
 
     with tempfile.TemporaryDirectory(prefix="verimesh-owner-") as tmp:
         job_path = Path(tmp) / "job.json"
@@ -58,7 +74,11 @@ def submit(
             shutil.copytree(circuit, Path(tmp) / "circuit")
             circuit = Path(tmp) / "circuit"
         try:
-            job = new_job(model, input_path, job_path, samples=samples, mode=mode, circuit=circuit)
+            if generation is not None:
+                job = _generate_job(model, input_path, job_path, generation, samples)
+            else:
+                job = new_job(model, input_path, job_path, samples=1 if samples is None else samples, mode=mode,
+                              circuit=circuit)  # fmt: skip
         except InvalidInputError as exc:  # name the owner's own folder, not the copy
             if circuit is not None and given is not None:
                 exc.message = exc.message.replace(str(circuit), str(given))
@@ -80,6 +100,30 @@ def submit(
                                    device=device, replicas=replicas, min_level=min_level, shards=rows,
                                    transfer=transfer)  # fmt: skip
     return Submitted(str(answer["job_id"]), bool(answer.get("created")))
+
+
+def _generate_job(model: Path, prompt: Path, out: Path, generation: Generation, samples: int | None) -> Job:
+    from verimesh.jobs.generate_job import new_generate_job
+    from verimesh.jobs.generation import parse_sampling
+
+    return new_generate_job(model, prompt, out, max_new_tokens=generation.max_new_tokens,
+                            sampling=parse_sampling(generation.sampling), stop_tokens=generation.stop_tokens,
+                            tokenizer=generation.tokenizer, samples=samples)  # fmt: skip
+
+
+def generated(outputs: Path, tokenizer: Path | None) -> dict[str, Any]:
+    """A generate job's verified answer (``outputs.npz``): its token ids, and its text where the
+    owner has the tokenizer."""
+    from verimesh.jobs.generation import load_tokenizer
+
+    tokens = parse_npz(outputs.read_bytes(), what=str(outputs)).get("tokens")
+    if tokens is None:
+        raise InvalidInputError(f"{outputs} holds no generated tokens")
+    ids = [int(t) for t in tokens.reshape(-1)]
+    found: dict[str, Any] = {"token_ids": ids}
+    if tokenizer is not None:
+        found["text"] = str(load_tokenizer(tokenizer).decode(ids, skip_special_tokens=False))
+    return found
 
 
 def _upload_shards(client: Client, job: Job, batch_file: Path) -> tuple[list[dict[str, Any]], list[str]]:
